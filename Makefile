@@ -46,6 +46,7 @@ $(HELM):
 	$@ version --short
 
 helm: $(HELM) ## fetch a helm binary into .tools/helm (for the chart tests)
+
 venv: $(VENV)/.stamp ## create the platform environment (.venv)
 venv-vllm: $(VENV_VLLM)/.stamp ## create the vLLM sidecar environment (.venv-vllm)
 
