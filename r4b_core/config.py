@@ -136,9 +136,15 @@ class CurateConfig(Section):
     annotator_train_steps: int = Field(150, ge=0)
     engine: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(64, ge=1)
-    # -- drop reasoning traces containing any of these strings (keyword filter).
+    # -- drop items whose question, answer or kept reasoning trace contains any of these strings
+    # (case-insensitive keyword filter).
     banned_keywords: list[str] = Field(default_factory=list)
     dedup: bool = True
+    # -- reasoning teacher (model path/URI) that writes traces for reasoning items that have none;
+    # a trace is kept only if the teacher's own answer is correct. None: such items are rejected.
+    teacher: str | None = None
+    # -- token budget of a teacher trace (think mode, greedy).
+    teacher_max_new_tokens: int = Field(256, ge=1)
 
 
 class OptimConfig(Section):
