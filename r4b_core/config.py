@@ -257,19 +257,48 @@ class VLLMConfig(Section):
 
 
 class LauncherConfig(Section):
+    """How anneal/BPO run on Kubernetes (r4b_core/launch/pytorchjob.py, docs/kubernetes.md)."""
+
     # -- how anneal/BPO run: "local" (process / torchrun here) or "pytorchjob" (Kubernetes).
     kind: Literal["local", "pytorchjob"] = "local"
+    # -- platform image (docker/platform.Dockerfile): trainer container and weight-fetch init step.
     image: str = "ghcr.io/r4b-project/r4b-platform:0.1.0"
+    # -- vLLM image (docker/vllm.Dockerfile): the BPO rollout sidecar.
     vllm_image: str = "ghcr.io/r4b-project/r4b-vllm:0.1.0"
+    # -- namespace of the PyTorchJobs (where the Helm chart's RBAC lets the pipeline runner create them).
     namespace: str = "kubeflow"
+    # -- GPUs per trainer pod (0 = CPU, gloo); must cover distributed.nproc_per_node.
     gpus_per_node: int = Field(0, ge=0)
+    # -- GPUs of the vLLM sidecar in each BPO pod (its own, not shared with the trainer).
     sidecar_gpus: int = Field(0, ge=0)
+    # -- Kubernetes resource name of a GPU (nvidia.com/gpu, amd.com/gpu, ...).
+    gpu_resource: str = "nvidia.com/gpu"
+    # -- memory request = limit of the trainer container (includes weights it writes to /dev/shm).
     memory: str = "8Gi"
+    # -- CPU request of the trainer container; empty = none.
+    cpu: str | None = None
+    # -- memory request = limit of the vLLM sidecar container.
+    sidecar_memory: str = "8Gi"
+    # -- size of the memory-backed /dev/shm shared by trainer and sidecar (NCCL, weight hand-off).
     shm_size: str = "2Gi"
+    # -- Secret whose keys become env of every container (AWS_*, MLFLOW_TRACKING_*); never literal values.
     secret_name: str = "r4b-credentials"
+    # -- ConfigMap of platform defaults from the Helm chart (<release>-defaults), added as optional env.
+    defaults_configmap: str | None = "r4b-defaults"
+    # -- service account of the training pods (for IRSA / workload identity); empty = namespace default.
+    service_account: str | None = None
+    # -- loopback port of the vLLM sidecar inside the pod (never exposed: no containerPort, no Service).
+    sidecar_port: int = Field(8100, ge=1024, le=65535)
+    # -- weights the BPO sidecar starts from (a save_pretrained folder URI); empty = <run>/anneal/model.
+    sidecar_model_uri: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
+    # -- Kubernetes tolerations, camelCase keys as in a pod spec (key, operator, value, effect, tolerationSeconds).
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    # -- wall-clock limit of a job; also set as the job's activeDeadlineSeconds.
     timeout_s: float = Field(86400.0, gt=0)
+    # -- seconds between job status polls while waiting.
+    poll_interval_s: float = Field(10.0, gt=0)
+    # -- delete the PyTorchJob (and its pods) once it finished; failed jobs are kept for inspection unless set.
     cleanup: bool = False
 
 
