@@ -1,0 +1,478 @@
+"""Three-mode evaluation: one model, every benchmark item answered in auto, think and no-think mode.
+
+    r4b eval --config configs/tiny.yaml --tag bpo [--compare runs/tiny/eval/anneal/report.json]
+    from r4b_core.evaluate import run_eval          run_eval(cfg, model_uri, eval_uri, out_uri, tag)
+
+For each item and each mode in `eval.modes` the prompt is `modes.chat_prompt(question, n_images,
+mode)` (auto ends in `<think>`, think in `<think>\\n`, no-think in `<think>\\n\\n</think>\\n\\n`),
+decoded greedily up to `eval.max_new_tokens` through a RolloutEngine (`eval.engine`), all modes of
+a batch in one `generate` call. The completion is split with `modes.parse_response`; the answer
+after the think block is scored with `rewards.is_correct`, the function the BPO reward uses; a think
+block that never closed has no answer and scores 0.
+
+Benchmarks: the run's eval split (our record schema) and, when `eval.external_uri` is set, an
+external JSONL + images (MathVista-style) whose fields `eval.field_map` maps onto ours — see
+`map_external`. Metrics (`compute_metrics`) per mode, per category and per difficulty: accuracy,
+mean output tokens, think-rate, hybrid accuracy, oracle accuracy, tokens at matched accuracy.
+
+Outputs under `out_uri` (`<run>/eval/<tag>/` by default): `report.json`, `predictions.jsonl`,
+`report.md` with PNG plots (r4b_core/report.py), `manifest.json` last; all logged to MLflow.
+`compare` (another report.json or its URI) puts two models side by side in one report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from r4b_core import modes
+from r4b_core.config import RunConfig
+from r4b_core.data.schema import DataError, Record, parse_jsonl
+from r4b_core.errors import R4BError
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import GenerationRequest, RolloutEngine
+
+MODE_ORDER = ("auto", "think", "no_think")
+MANIFEST_VERSION = 1
+
+# External answer_type values (MathVista and friends) -> ours.
+ANSWER_TYPES = {
+    "integer": "integer", "int": "integer",
+    "float": "number", "number": "number", "numeric": "number",
+    "choice": "choice", "multi_choice": "choice", "multiple_choice": "choice", "mcq": "choice",
+    "text": "text", "free_form": "text", "string": "text", "list": "text",
+}
+# Our fields an external field_map may fill.
+MAPPABLE = ("id", "question", "answer", "images", "answer_type", "category", "difficulty", "choices",
+            "objective", "source")
+
+
+class EvalError(R4BError):
+    """An evaluation input or setting that cannot be used."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------
+def _get(obj: dict, path: str) -> Any:
+    """A value by dotted path ("metadata.category"); KeyError when absent."""
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(path)
+        cur = cur[part]
+    return cur
+
+
+def map_external(obj: dict, field_map: dict[str, str], where: str, name: str, lineno: int,
+                 found: set[str] | None = None) -> Record:
+    """One external JSONL object -> Record, with `field_map` = {our field: their field (dotted ok)}.
+
+    Unmapped fields use their own name when present (so a file already in our schema needs no map).
+    Conversions: a single image string becomes a list; numbers become strings; `answer_type`
+    values are translated (MathVista `float` -> number, `multi_choice` -> choice, `list` -> text);
+    no answer_type but choices -> choice; no id -> "<name>-<line>"; no category -> the benchmark
+    name; no difficulty -> 0 (unknown). `question` and `answer` must be on every line; other
+    mapped fields may be absent on some lines (`found` collects the ones seen, so the loader can
+    reject a map entry that matches no line at all — a typo).
+    """
+    unknown = sorted(set(field_map) - set(MAPPABLE))
+    if unknown:
+        raise EvalError(f"eval.field_map: unknown target field(s) {unknown}; allowed: {', '.join(MAPPABLE)}")
+    out: dict[str, Any] = {}
+    for ours in MAPPABLE:
+        theirs = field_map.get(ours, ours)
+        try:
+            out[ours] = _get(obj, theirs)
+        except KeyError:
+            if ours in ("question", "answer"):
+                hint = f"set eval.field_map.{ours} to the field holding it" if ours not in field_map \
+                    else f"eval.field_map.{ours} = {theirs!r} is not in this line; fix the map"
+                raise EvalError(f"{where}:{lineno}: {theirs}: missing field for our {ours!r}; {hint} "
+                                f"(fields here: {', '.join(sorted(obj))})") from None
+        else:
+            if found is not None:
+                found.add(ours)
+    if out.get("images") is None:
+        out["images"] = []
+    elif isinstance(out["images"], str):
+        out["images"] = [out["images"]]
+    for key in ("id", "answer"):
+        if out.get(key) is not None and not isinstance(out[key], str):
+            out[key] = json.dumps(out[key]) if isinstance(out[key], (list, dict)) else str(out[key])
+    out.setdefault("id", None)
+    if out["id"] is None:
+        out["id"] = f"{name}-{lineno}"
+    if out.get("answer_type") is not None:
+        at = str(out["answer_type"]).strip().lower()
+        if at not in ANSWER_TYPES:
+            raise EvalError(f"{where}:{lineno}: {field_map.get('answer_type', 'answer_type')}: unknown answer "
+                            f"type {out['answer_type']!r}; known: {', '.join(sorted(ANSWER_TYPES))} "
+                            f"(or drop answer_type from eval.field_map)")
+        out["answer_type"] = ANSWER_TYPES[at]
+    if out.get("choices") and out.get("answer_type") in (None, "text"):
+        out["answer_type"] = "choice"
+    if out.get("answer_type") is None:
+        out.pop("answer_type", None)
+    if out.get("category") is None:
+        out["category"] = name
+    if out.get("difficulty") is None:
+        out["difficulty"] = 0
+    out.setdefault("source", name)
+    if out.get("source") is None:
+        out["source"] = name
+    for k in ("choices", "objective"):
+        if out.get(k) is None:
+            out.pop(k, None)
+    try:
+        return Record.model_validate(out)
+    except Exception as exc:  # pydantic ValidationError: name the first field
+        errs = getattr(exc, "errors", lambda: [])()
+        if errs:
+            e = errs[0]
+            fld = ".".join(str(p) for p in e["loc"])
+            raise EvalError(f"{where}:{lineno}: {field_map.get(fld, fld)}: {e['msg']} (got {e.get('input')!r}); "
+                            f"fix the line or eval.field_map.{fld}") from None
+        raise
+
+
+def load_benchmark(text: str, uri: str, field_map: dict[str, str] | None = None, name: str | None = None,
+                   limit: int = 0) -> list[Record]:
+    """Benchmark items from JSONL text; image references made absolute against `uri`.
+
+    field_map None: our own schema, validated strictly (any bad line is an error with file:line).
+    """
+    from r4b_core.curate import resolve_ref
+
+    name = name or Path(uri.rsplit("/", 1)[-1]).stem
+    if field_map is None:
+        records = parse_jsonl(text.splitlines(), uri, on_error="raise").records
+    else:
+        records, seen, found = [], set(), set()
+        for lineno, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{uri}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                "fix or drop the line") from None
+            if not isinstance(obj, dict):
+                raise EvalError(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rec = map_external(obj, field_map, uri, name, lineno, found)
+            if rec.id in seen:
+                raise EvalError(f"{uri}:{lineno}: id: duplicate id {rec.id!r}; map eval.field_map.id to a unique field")
+            seen.add(rec.id)
+            records.append(rec)
+        never = sorted(set(field_map) - found)
+        if records and never:
+            raise EvalError(f"{uri}: eval.field_map entries match no line: "
+                            + ", ".join(f"{k} -> {field_map[k]!r}" for k in never) + "; fix or drop them")
+    if limit:
+        records = records[:limit]
+    return [r.model_copy(update={"images": [resolve_ref(uri, im) for im in r.images]}) for r in records]
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions and metrics (pure)
+# ---------------------------------------------------------------------------------------------
+def score_completion(text: str, mode: str, record: Record, token_count: int, finish_reason: str,
+                     is_correct: Callable[[str, Record], bool], benchmark: str) -> dict:
+    """One prediction row: what the model said in `mode` and whether it was right."""
+    parsed = modes.parse_response(text, prefix_mode=Mode.parse(mode))
+    correct = bool(parsed.closed and parsed.answer and is_correct(parsed.answer, record))
+    return {
+        "benchmark": benchmark, "id": record.id, "category": record.category,
+        "difficulty": record.difficulty, "mode": mode, "prediction": parsed.answer,
+        "reference": record.answer, "correct": correct, "tokens": token_count,
+        "thought": parsed.mode == Mode.THINK, "closed": parsed.closed,
+        "finish_reason": finish_reason, "text": text,
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def compute_metrics(predictions: Iterable[dict], mode_names: Iterable[str] = MODE_ORDER) -> dict:
+    """Metrics of one set of predictions (rows of `score_completion`).
+
+    Per mode: `accuracy` (share correct), `mean_tokens` (generated tokens, the forced prefix not
+    counted), `think_rate` (share of outputs whose think block is non-empty: in auto mode the
+    model's own choice to reason; in think mode the share that really reasoned; 0 in no-think).
+
+    Over items answered in all three modes:
+      `hybrid_accuracy` = |{i : auto correct on i} ∩ S| / |S| with S = {i : think correct on i or
+        no-think correct on i}. It asks: where some mode could solve the item, did auto mode's own
+        choice solve it? 1.0 = auto always picked a mode that works; None when S is empty.
+      `oracle_accuracy` = |S| / items (the best a perfect per-item mode choice could score).
+      `tokens_at_matched_accuracy` = mean tokens per mode over the items EVERY evaluated mode got
+        right (same items, same accuracy 100 %), with their count: the token price of each mode
+        when accuracy is held equal.
+    """
+    mode_names = [m for m in MODE_ORDER if m in set(mode_names)]
+    by_item: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    per_mode: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        per_mode[p["mode"]].append(p)
+        by_item[(p.get("benchmark"), p["id"])][p["mode"]] = p
+    out: dict[str, Any] = {"n_items": len(by_item), "modes": {}}
+    for m in mode_names:
+        rows = per_mode.get(m, [])
+        out["modes"][m] = {
+            "n": len(rows),
+            "accuracy": _mean([float(r["correct"]) for r in rows]),
+            "mean_tokens": _mean([float(r["tokens"]) for r in rows]),
+            "think_rate": _mean([float(r["thought"]) for r in rows]),
+        }
+    full = [v for v in by_item.values() if all(m in v for m in ("auto", "think", "no_think"))]
+    solvable = [v for v in full if v["think"]["correct"] or v["no_think"]["correct"]]
+    out["hybrid_items"] = len(solvable)
+    out["hybrid_accuracy"] = _mean([float(v["auto"]["correct"]) for v in solvable])
+    out["oracle_accuracy"] = (len(solvable) / len(full)) if full else None
+    matched = [v for v in by_item.values() if mode_names and all(m in v and v[m]["correct"] for m in mode_names)]
+    tam: dict[str, Any] = {"items": len(matched)}
+    for m in mode_names:
+        tam[m] = _mean([float(v[m]["tokens"]) for v in matched])
+    out["tokens_at_matched_accuracy"] = tam
+    return out
+
+
+def build_report(predictions: list[dict], mode_names: Iterable[str] = MODE_ORDER) -> dict:
+    """The report body: overall metrics plus per category, per difficulty and per benchmark."""
+    mode_names = list(mode_names)
+    report = compute_metrics(predictions, mode_names)
+    for key, name in (("category", "by_category"), ("difficulty", "by_difficulty"), ("benchmark", "by_benchmark")):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for p in predictions:
+            groups[str(p[key])].append(p)
+        report[name] = {g: compute_metrics(rows, mode_names) for g, rows in sorted(groups.items())}
+    # (category, difficulty) cells: the points of the auto-vs-forced scatter.
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        cells[f"{p['category']}/{p['difficulty']}"].append(p)
+    report["cells"] = {k: compute_metrics(rows, mode_names) for k, rows in sorted(cells.items())}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], max_new_tokens: int,
+            batch_size: int, is_correct: Callable[[str, Record], bool], benchmark: str,
+            load_images: Callable[[Record], list[Any]]) -> tuple[list[dict], dict]:
+    """Greedy answers of every item in every mode; one `generate` call per batch of items."""
+    rows: list[dict] = []
+    t0, gen_s, n_tokens = time.perf_counter(), 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        reqs = []
+        for rec in batch:
+            imgs = load_images(rec)
+            for m in mode_names:
+                reqs.append(GenerationRequest(
+                    prompt=modes.chat_prompt(rec.question, len(imgs), mode=m), images=imgs,
+                    mode=Mode.parse(m), max_new_tokens=max_new_tokens, temperature=0.0, n=1,
+                    key=f"{rec.id}\x1f{m}"))
+        tg = time.perf_counter()
+        completions = engine.generate(reqs)
+        gen_s += time.perf_counter() - tg
+        if len(completions) != len(reqs):
+            raise EvalError(f"rollout engine returned {len(completions)} completions for {len(reqs)} requests")
+        for req, comp in zip(reqs, completions):
+            rid, _, m = req.key.partition("\x1f")
+            rec = next(r for r in batch if r.id == rid)
+            n_tokens += len(comp.token_ids)
+            rows.append(score_completion(comp.text, m, rec, len(comp.token_ids), comp.finish_reason,
+                                         is_correct, benchmark))
+        done = start + len(batch)
+        print(f"eval[{benchmark}]: {done}/{len(items)} items x {len(mode_names)} modes "
+              f"({done / max(time.perf_counter() - t0, 1e-9):.2f} items/s)", flush=True)
+    wall = time.perf_counter() - t0
+    return rows, {"items": len(items), "seconds": round(wall, 3),
+                  "items_per_s": len(items) / wall if wall > 0 else None,
+                  "tokens_per_s": n_tokens / gen_s if gen_s > 0 else None, "generated_tokens": n_tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def config_hash(cfg: RunConfig, model_uri: str, eval_uri: str | None, tag: str, compare: str | None) -> str:
+    blob = json.dumps({"eval": cfg.eval.model_dump(mode="json"), "model": model_uri, "data": eval_uri,
+                       "tag": tag, "compare": compare, "v": MANIFEST_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_report(source: str | dict, store=None) -> dict:
+    """A report.json given as a dict, a URI of the file, or the URI of its eval folder."""
+    if isinstance(source, dict):
+        return source
+    uri = source if source.endswith(".json") else source.rstrip("/") + "/report.json"
+    try:
+        text = store.read_text(uri) if store is not None else Path(uri).read_text()
+    except (OSError, R4BError) as exc:
+        raise EvalError(f"{uri}: cannot read the report to compare against ({exc}); run `r4b eval` "
+                        "for that model first or fix --compare") from None
+    try:
+        rep = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{uri}:{exc.lineno}: not valid JSON ({exc.msg}); is it a report.json?") from None
+    if "modes" not in rep:
+        raise EvalError(f"{uri}: not an r4b eval report (no 'modes' key); point --compare at eval/<tag>/report.json")
+    return rep
+
+
+def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str, tag: str, tracker=None,
+             compare: str | dict | None = None, engine: RolloutEngine | None = None) -> dict:
+    """Evaluate `model_uri` on `eval_uri` (+ `eval.external_uri`) in every mode; return the report.
+
+    `engine`: an already open RolloutEngine serving the model (e.g. BPO's); None = open one.
+    """
+    from r4b_core import storage
+    from r4b_core.curate import _scorer, open_engine
+    from r4b_core.data.images import load_image
+
+    e = cfg.eval
+    store = storage.Store.from_config(cfg.storage)
+    prefix = out_uri.rstrip("/")
+    if isinstance(compare, dict):
+        compare_key = f"{compare.get('tag')}@{compare.get('model')}"
+    else:
+        compare_key = compare
+    chash = config_hash(cfg, model_uri, eval_uri, tag, compare_key)
+    if storage.is_complete(prefix, chash, store=store):
+        print(f"eval: {prefix} is complete for config {chash}; skipping")
+        return json.loads(store.read_text(store.join(prefix, "report.json")))
+    other = load_report(compare, store) if compare is not None else None
+
+    benchmarks: list[tuple[str, str, list[Record]]] = []
+    if eval_uri:
+        if not store.exists(eval_uri):
+            raise EvalError(f"{eval_uri}: eval data not found; generate it (r4b data generate) or set data.eval_uri")
+        benchmarks.append(("eval", eval_uri, load_benchmark(store.read_text(eval_uri), eval_uri, None, "eval", e.limit)))
+    if e.external_uri:
+        if not store.exists(e.external_uri):
+            raise EvalError(f"{e.external_uri}: external benchmark not found; fix eval.external_uri")
+        name = Path(e.external_uri.rsplit("/", 1)[-1]).stem
+        benchmarks.append((name, e.external_uri, load_benchmark(store.read_text(e.external_uri), e.external_uri,
+                                                                e.field_map, name, e.limit)))
+    if not benchmarks:
+        raise EvalError("nothing to evaluate: no eval split and no eval.external_uri; set one")
+
+    is_correct = _scorer()
+
+    def images_of(rec: Record) -> list[Any]:
+        return [load_image(ref, store=store) for ref in rec.images]
+
+    predictions: list[dict] = []
+    throughput: dict[str, dict] = {}
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        if engine is None:
+            engine = stack.enter_context(open_engine(cfg, model_uri, e.engine))
+        for name, _, items in benchmarks:
+            rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, is_correct,
+                               name, images_of)
+            predictions.extend(rows)
+            throughput[name] = tp
+
+    primary = benchmarks[0][0]
+    report = build_report([p for p in predictions if p["benchmark"] == primary], e.modes)
+    report["benchmarks"] = {name: build_report([p for p in predictions if p["benchmark"] == name], e.modes)
+                            for name, _, _ in benchmarks}
+    report["tag"] = tag
+    report["model"] = model_uri
+    report["primary_benchmark"] = primary
+    report["data"] = {name: uri for name, uri, _ in benchmarks}
+    report["settings"] = {"modes": list(e.modes), "max_new_tokens": e.max_new_tokens, "greedy": True,
+                          "engine": e.engine if engine is None else type(engine).__name__}
+    report["throughput"] = throughput
+    if other is not None:
+        report["compare"] = {"tag": other.get("tag", "other"), "model": other.get("model"),
+                             **{k: other[k] for k in ("modes", "by_category", "by_difficulty", "cells",
+                                                      "hybrid_accuracy", "hybrid_items", "oracle_accuracy",
+                                                      "tokens_at_matched_accuracy", "n_items")
+                                if k in other}}
+
+    _write_outputs(store, prefix, report, predictions)
+    manifest = {"stage": "eval", "tag": tag, "config_hash": chash,
+                "inputs": {"model": model_uri, "data": report["data"], "compare": compare_key},
+                "outputs": {"report": store.join(prefix, "report.json"),
+                            "predictions": store.join(prefix, "predictions.jsonl"),
+                            "report_md": store.join(prefix, "report.md")},
+                "counts": {"items": report["n_items"], "predictions": len(predictions)},
+                "metrics": headline(report), "throughput": throughput}
+    _log(tracker, report, prefix, tag)
+    storage.commit(prefix, manifest, store=store)
+    print(f"eval[{tag}]: {format_headline(report)}")
+    return report
+
+
+def headline(report: dict) -> dict[str, float]:
+    """Flat metric dict (MLflow names are sanitised by the tracker)."""
+    out: dict[str, float] = {}
+    for m, d in report["modes"].items():
+        for k in ("accuracy", "mean_tokens", "think_rate"):
+            if d.get(k) is not None:
+                out[f"{m}/{k}"] = d[k]
+    for k in ("hybrid_accuracy", "oracle_accuracy"):
+        if report.get(k) is not None:
+            out[k] = report[k]
+    for cat, block in report.get("by_category", {}).items():
+        for m, d in block["modes"].items():
+            if d.get("accuracy") is not None:
+                out[f"{m}/{cat}/accuracy"] = d["accuracy"]
+            if m == "auto" and d.get("think_rate") is not None:
+                out[f"auto/{cat}/think_rate"] = d["think_rate"]
+    for diff, block in report.get("by_difficulty", {}).items():
+        d = block["modes"].get("auto")
+        if d and d.get("think_rate") is not None:
+            out[f"auto/difficulty_{diff}/think_rate"] = d["think_rate"]
+    return out
+
+
+def format_headline(report: dict) -> str:
+    parts = []
+    for m, d in report["modes"].items():
+        acc, tok, tr = d.get("accuracy"), d.get("mean_tokens"), d.get("think_rate")
+        parts.append(f"{m} acc {acc:.3f} tokens {tok:.1f} think-rate {tr:.2f}" if acc is not None else f"{m} n/a")
+    h = report.get("hybrid_accuracy")
+    parts.append(f"hybrid {h:.3f} over {report.get('hybrid_items')} items" if h is not None else "hybrid n/a")
+    return "; ".join(parts)
+
+
+def _write_outputs(store, prefix: str, report: dict, predictions: list[dict]) -> None:
+    """report.json, predictions.jsonl, report.md + plots: rendered locally, then stored."""
+    import tempfile
+
+    from r4b_core.report import write_report
+
+    store.write_text(store.join(prefix, "predictions.jsonl"),
+                     "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    store.write_text(store.join(prefix, "report.json"), json.dumps(report, indent=2, sort_keys=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_report(report, Path(tmp))
+        for f in files:
+            data = f.read_bytes()
+            store.write_bytes(store.join(prefix, f.name), data)
+
+
+def _log(tracker, report: dict, prefix: str, tag: str) -> None:
+    if tracker is None:
+        return
+    with tracker.stage(f"eval-{tag}"):
+        tracker.log_params({"eval": report["settings"], "eval_model": report["model"], "eval_tag": tag})
+        tracker.log_metrics({f"eval/{k}": v for k, v in headline(report).items()})
+        tracker.log_dict(report, f"eval/{tag}/report.json")
+        import tempfile
+
+        from r4b_core.report import write_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in write_report(report, Path(tmp)):
+                tracker.log_artifact(str(f), f"eval/{tag}")

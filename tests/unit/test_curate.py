@@ -1,0 +1,204 @@
+"""Curation logic on hand-made completions: labelling, judge parsing, consistency filter, dedup,
+keyword filter, quarantine of bad lines, and a whole run_curate with a replaying engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from r4b_core import curate, modes
+from r4b_core.config import RunConfig
+from r4b_core.data.schema import Record
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import Completion, GenerationRequest
+
+
+def exact(answer: str, record: Record) -> bool:
+    return answer.strip() == record.answer
+
+
+def rec(i: int, **kw) -> Record:
+    base = dict(id=f"r{i}", question=f"What is {i} + {i}?", answer=str(2 * i), answer_type="integer",
+                category="math", difficulty=1)
+    base.update(kw)
+    return Record(**base)
+
+
+def comp(key: str, text: str, mode=Mode.NO_THINK) -> Completion:
+    return Completion(key=key, mode=mode, text=text, token_ids=list(range(len(text.split()) + 1)),
+                      logprobs=[0.0] * (len(text.split()) + 1), finish_reason="stop")
+
+
+# --- labelling ---------------------------------------------------------------------------------
+def test_label_threshold():
+    assert curate.label_for_passes(0, 0) == "reasoning"
+    assert curate.label_for_passes(1, 0) == "direct"
+    assert curate.label_for_passes(8, 0) == "direct"
+    assert curate.label_for_passes(2, 2) == "reasoning"
+    assert curate.label_for_passes(3, 2) == "direct"
+
+
+def _label(records, groups, max_correct=0, n=4):
+    cfg = RunConfig().curate.model_copy(update={"num_samples": n, "max_correct_for_reasoning": max_correct})
+    items = [curate.Item(record=r, where=f"x.jsonl:{i + 1}", raw="{}") for i, r in enumerate(records)]
+    stats = curate.CurateStats(num_samples=n)
+    curate.apply_labels(items, groups, cfg, exact, stats)
+    return items, stats
+
+
+def test_all_wrong_is_reasoning_any_right_is_direct():
+    a, b, c = rec(1), rec(2), rec(3)
+    groups = [
+        [comp("r1", "7"), comp("r1", "3"), comp("r1", ""), comp("r1", "5")],      # 0/4 -> reasoning
+        [comp("r2", "1"), comp("r2", "4"), comp("r2", "9"), comp("r2", "0")],     # 1/4 -> direct
+        [comp("r3", "6")] * 4,                                                     # 4/4 -> direct
+    ]
+    items, stats = _label([a, b, c], groups)
+    assert [it.label for it in items] == ["reasoning", "direct", "direct"]
+    assert [it.num_correct for it in items] == [0, 1, 4]
+    assert stats.pass_hist["math"] == [1, 1, 0, 0, 1]
+
+
+def test_threshold_two_correct_still_reasoning():
+    groups = [[comp("r5", "10"), comp("r5", "10"), comp("r5", "0"), comp("r5", "1")]]
+    items, _ = _label([rec(5)], groups, max_correct=2)
+    assert items[0].label == "reasoning" and items[0].num_correct == 2
+    items, _ = _label([rec(5)], groups, max_correct=1)
+    assert items[0].label == "direct"
+
+
+def test_no_think_sample_that_opens_a_think_block_is_not_an_answer():
+    # After the no-think prefix the block is closed; a sample that re-opens one and never closes
+    # it has no final answer (parse_response drops junk after the answer).
+    groups = [[comp("r1", "<think>\n2"), comp("r1", "3"), comp("r1", "3"), comp("r1", "3")]]
+    items, _ = _label([rec(1)], groups)
+    assert items[0].num_correct == 0
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("yes", True), ("Yes.", True), ("**YES** it does", True), ("  no", False), ("No, it is a lookup.", False),
+    ("true", True), ("False", False), ("<think>\nhmm\n</think>\n\nyes", True),
+    ("42", None), ("", None), ("maybe", None), ("yesterday nothing", None), ("<think>\nyes", None),
+])
+def test_parse_judge(text, verdict):
+    assert curate.parse_judge(text) is verdict
+
+
+def test_judge_path_yes_no_garbage():
+    subj = [rec(i, objective=False, category="general", question=f"Describe picture {i}") for i in (1, 2, 3)]
+    groups = [[comp("r1", "yes")], [comp("r2", "no")], [comp("r3", "blue 7")]]
+    items, stats = _label(subj, groups)
+    assert [it.label for it in items] == ["reasoning", "direct", "direct"]
+    assert [it.judge for it in items] == [True, False, None]
+    assert stats.judge["general"] == {"yes": 1, "no": 1, "unparsed": 1}
+    assert "general" not in stats.pass_hist
+
+
+def test_judge_prompt_is_no_think_and_contains_question():
+    p = curate.judge_prompt("Why is the sky blue?", 1)
+    assert p.endswith(modes.generation_prefix(Mode.NO_THINK))
+    assert "Why is the sky blue?" in p and modes.IMAGE_TOKEN in p
+
+
+def test_build_requests_objective_and_subjective():
+    cfg = RunConfig().curate.model_copy(update={"num_samples": 8, "temperature": 0.7})
+    items = [curate.Item(record=rec(1), where="f:1", raw=""),
+             curate.Item(record=rec(2, objective=False), where="f:2", raw="")]
+    reqs = curate.build_requests(items, [["img"], []], cfg, seed=5)
+    assert (reqs[0].n, reqs[0].temperature, reqs[0].mode, reqs[0].seed) == (8, 0.7, Mode.NO_THINK, 5)
+    assert reqs[0].prompt == modes.chat_prompt("What is 1 + 1?", 1, mode=Mode.NO_THINK)
+    assert (reqs[1].n, reqs[1].temperature) == (1, 0.0)
+    assert curate.JUDGE_INSTRUCTION.split("?")[0] in reqs[1].prompt
+
+
+def test_split_completions_checks_the_contract():
+    reqs = [GenerationRequest(prompt="a", n=2, key="a"), GenerationRequest(prompt="b", n=1, key="b")]
+    groups = curate.split_completions(reqs, [comp("a", "1"), comp("a", "2"), comp("b", "3")])
+    assert [[c.text for c in g] for g in groups] == [["1", "2"], ["3"]]
+    with pytest.raises(curate.CurateError, match="2 completions for 3"):
+        curate.split_completions(reqs, [comp("a", "1"), comp("b", "3")])
+    with pytest.raises(curate.CurateError, match="out of order"):
+        curate.split_completions(reqs, [comp("a", "1"), comp("b", "2"), comp("a", "3")])
+
+
+# --- consistency filter -------------------------------------------------------------------------
+def test_consistency_check():
+    r = rec(4)  # answer 8
+    trace, why = curate.consistency_check("4 + 4 = 8\n</think>\n\n8", r, exact)
+    assert trace == "4 + 4 = 8" and why is None
+    trace, why = curate.consistency_check("4 + 4 = 9\n</think>\n\n9", r, exact)
+    assert trace is None and why.startswith("teacher_inconsistent") and "'9'" in why
+    trace, why = curate.consistency_check("4 + 4 = ", r, exact)
+    assert trace is None and why.startswith("teacher_truncated")
+    trace, why = curate.consistency_check("</think>\n\n8", r, exact)
+    assert trace is None and why.startswith("teacher_empty_trace")
+
+
+# --- dedup and keyword filter -------------------------------------------------------------------
+def test_dedup_key_normalises_question_and_hashes_pixels(tmp_path):
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    red.save(tmp_path / "a.png")
+    red.save(tmp_path / "b.png", optimize=True, compress_level=1)   # same pixels, other bytes
+    blue = Image.new("RGB", (8, 8), (0, 0, 255))
+    da = curate.image_digest(Image.open(tmp_path / "a.png").convert("RGB"))
+    db = curate.image_digest(Image.open(tmp_path / "b.png").convert("RGB"))
+    assert da == db
+    assert curate.dedup_key("What is  the FIRST number?", [da]) == curate.dedup_key("what is the first number", [db])
+    assert curate.dedup_key("What is the first number?", [da]) != curate.dedup_key("What is the second number?", [da])
+    assert curate.dedup_key("q", [da]) != curate.dedup_key("q", [curate.image_digest(blue)])
+
+
+def test_find_banned():
+    assert curate.find_banned(["As an AI language model, I"], ["as an ai", "sorry"]) == "as an ai"
+    assert curate.find_banned(["fine", None], ["sorry"]) is None
+    assert curate.find_banned(["SORRY"], ["", "sorry"]) == "sorry"
+
+
+# --- reading raw input --------------------------------------------------------------------------
+def test_read_raw_quarantines_bad_lines_with_file_line():
+    lines = [
+        json.dumps(rec(1).model_dump()),
+        "{not json",
+        "",
+        json.dumps({"id": "x", "question": "q"}),            # answer missing
+        json.dumps(rec(2).model_dump() | {"images": ["images/a.png"]}),
+    ]
+    items, rejects = curate.read_raw("\n".join(lines) + "\n", "/data/raw.jsonl")
+    assert [it.record.id for it in items] == ["r1", "r2"]
+    assert [it.where for it in items] == ["/data/raw.jsonl:1", "/data/raw.jsonl:5"]
+    assert items[1].image_refs == ["/data/images/a.png"]
+    assert [r["where"] for r in rejects] == ["/data/raw.jsonl:2", "/data/raw.jsonl:4"]
+    assert rejects[0]["reason"].startswith("bad_line: (line): not valid JSON")
+    assert rejects[1]["reason"] == "bad_line: answer: missing required field"
+    assert rejects[0]["line"] == "{not json"
+
+
+def test_resolve_ref():
+    assert curate.resolve_ref("s3://b/run/data/train.jsonl", "images/x.png") == "s3://b/run/data/images/x.png"
+    assert curate.resolve_ref("s3://b/run/data/train.jsonl", "/abs/x.png") == "/abs/x.png"
+    assert curate.resolve_ref("/r/data/train.jsonl", "images/x.png") == "/r/data/images/x.png"
+
+
+def test_stage_prefix():
+    assert curate.stage_prefix("runs/t/curate/sft.jsonl") == ("runs/t/curate", "runs/t/curate/sft.jsonl")
+    assert curate.stage_prefix("s3://b/t/curate/") == ("s3://b/t/curate", "s3://b/t/curate/sft.jsonl")
+
+
+def test_stats_summary():
+    s = curate.CurateStats(num_samples=2)
+    for label, cat in (("reasoning", "math"), ("direct", "math"), ("direct", "perception")):
+        s.add_kept(curate.Item(record=rec(1, category=cat), where="", raw="", label=label))
+    s.add_passes("math", 0)
+    s.add_passes("math", 2)
+    s.add_reject("duplicate: same as f:1")
+    s.add_reject("duplicate: same as f:2")
+    s.add_reject("bad_line: x")
+    d = s.to_dict()
+    assert d["reasoning_ratio"] == pytest.approx(1 / 3)
+    assert d["by_category"]["math"]["reasoning_ratio"] == 0.5
+    assert d["by_category"]["perception"]["reasoning_ratio"] == 0.0
+    assert d["pass_hist"] == [1, 0, 1] and d["pass_hist_bins"] == ["0/2", "1/2", "2/2"]
+    assert d["rejected"] == {"bad_line": 1, "duplicate": 2} and d["rejected_total"] == 3
