@@ -1,0 +1,415 @@
+"""Seeded synthetic visual-math data: the task the tiny end-to-end run learns.
+
+Each item is one small image that shows up to four coloured numbers, one per row, one digit
+glyph per ViT patch (64×64 image, 16×16 patches → a 4×4 grid of cells), plus a question about it:
+
+* **perception** — read a number or a colour ("What is the second number?", "What colour is the
+  first number?", "What is the red number?"). One look answers it; thinking does not help.
+* **math** — multi-step arithmetic over the numbers shown ("Let A, B, C be the numbers from top to
+  bottom. Compute A + B × C."). Level 1 is one operation on single digits (a tiny model can answer
+  directly); level 3 is three operations on up to two-digit numbers (it cannot, but it can follow
+  a step-by-step trace).
+
+Every item carries a short programmatic trace (`reasoning`): the numbers read, then one small
+operation per line, ending with the answer::
+
+    A = 37
+    B = 25
+    C = 4
+    37 + 25 = 62
+    62 - 4 = 58
+
+Multiplication only ever multiplies two single digits and nothing goes negative, so each line
+is a step a ~1M-parameter model can learn. Curation decides which items train with their trace.
+
+Splits `train`, `rl`, `eval` come from disjoint derived seeds, and every (image content,
+question) pair is hashed into exactly one split, so no pair crosses splits (generate_all checks
+it). The eval split is balanced over category × difficulty. Same config → byte-identical JSONL
+and PNGs.
+
+    from r4b_core.data.synthetic import generate_all
+    paths = generate_all(cfg.data.synthetic, "runs/tiny/data", image_size=64, patch_size=16)
+    # or: r4b data generate --config configs/tiny.yaml --out runs/tiny/data
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from r4b_core.config import SyntheticDataConfig
+from r4b_core.data.schema import Record, write_jsonl
+from r4b_core.errors import R4BError
+
+SPLITS = ("train", "rl", "eval")
+CATEGORIES = ("perception", "math")
+SOURCE = "synthetic-visual-math"
+
+# Share of the (image content, question) space owned by each split. A drawn item whose hash falls
+# outside its split's range is redrawn, which makes the splits disjoint by construction.
+_SPLIT_RANGES = {"train": (0.0, 0.6), "rl": (0.6, 0.8), "eval": (0.8, 1.0)}
+_MAX_TRIES = 20_000
+
+# A 5×7 bitmap font (one string per row, '#' = ink). Hand-drawn so every digit differs from every
+# other in several pixels: a patch embedding separates them linearly.
+FONT: dict[str, tuple[str, ...]] = {
+    "0": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    "3": ("####.", "....#", "....#", ".###.", "....#", "....#", "####."),
+    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+}
+GLYPH_W, GLYPH_H = 5, 7
+
+# Named colours, far apart in RGB; each number gets a small random shift of its shade.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (60, 90, 250),
+    "yellow": (235, 220, 40),
+    "magenta": (215, 50, 215),
+    "cyan": (40, 210, 220),
+    "white": (235, 235, 235),
+    "orange": (250, 140, 20),
+}
+COLOUR_JITTER = 16
+ROWS = COLS = 4                       # the task layout: 4 numbers × 4 digits
+LETTERS = "ABCD"                      # math variables, top to bottom
+ORDINALS = ("first", "second", "third", "fourth")
+
+
+class SyntheticDataError(R4BError, ValueError):
+    """The generator cannot produce what was asked (sizes, split name, item space)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and rendering
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where glyphs go: a 4×4 block of patch-sized cells, centred on the patch grid."""
+
+    image_size: int
+    patch_size: int
+    scale: int          # font pixels per bitmap pixel
+    origin: int         # top-left pixel of the 4×4 block (patch-aligned)
+
+    @classmethod
+    def for_sizes(cls, image_size: int, patch_size: int) -> Layout:
+        if patch_size < 8 or image_size % patch_size or image_size // patch_size < ROWS:
+            raise SyntheticDataError(
+                f"model.tiny image_size={image_size}, patch_size={patch_size}: the synthetic task draws one "
+                f"digit per patch in a {ROWS}×{COLS} grid, so it needs patch_size >= 8, image_size a multiple "
+                f"of patch_size and image_size/patch_size >= {ROWS} (e.g. 64/16, 32/8, 128/16)")
+        scale = max(1, min((patch_size - 2) // GLYPH_H, (patch_size - 2) // GLYPH_W))
+        grid = image_size // patch_size
+        return cls(image_size, patch_size, scale, ((grid - ROWS) // 2) * patch_size)
+
+    def cell(self, row: int, col: int) -> tuple[int, int]:
+        """Top-left pixel (y, x) of a glyph cell."""
+        return self.origin + row * self.patch_size, self.origin + col * self.patch_size
+
+    def glyph_offset(self) -> tuple[int, int]:
+        """(dy, dx) of the glyph inside its cell: centred."""
+        return ((self.patch_size - GLYPH_H * self.scale) // 2, (self.patch_size - GLYPH_W * self.scale) // 2)
+
+
+def glyph_mask(digit: str, scale: int) -> np.ndarray:
+    """The bitmap of one digit as a bool array of shape (7·scale, 5·scale)."""
+    rows = FONT[digit]
+    base = np.array([[ch == "#" for ch in row] for row in rows], dtype=bool)
+    return np.kron(base, np.ones((scale, scale), dtype=bool))
+
+
+def render(rows: Iterable[tuple[int, str, tuple[int, int, int]]], layout: Layout) -> np.ndarray:
+    """Draw (number, colour name, rgb) rows, left-aligned, top to bottom, on black: uint8 HxWx3."""
+    img = np.zeros((layout.image_size, layout.image_size, 3), dtype=np.uint8)
+    dy, dx = layout.glyph_offset()
+    masks = {d: glyph_mask(d, layout.scale) for d in FONT}
+    for r, (number, _, rgb) in enumerate(rows):
+        for c, ch in enumerate(str(number)):
+            y, x = layout.cell(r, c)
+            m = masks[ch]
+            view = img[y + dy:y + dy + m.shape[0], x + dx:x + dx + m.shape[1]]
+            view[m] = rgb
+    return img
+
+
+def _write_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Items
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One generated question before it becomes a Record."""
+
+    numbers: tuple[int, ...]          # top to bottom
+    colours: tuple[str, ...]
+    question: str
+    answer: str
+    answer_type: str
+    category: str
+    difficulty: int
+    reasoning: str
+
+    def key(self) -> str:
+        """Identity of (image content, question); colour shade jitter is not content."""
+        rows = ",".join(f"{n}:{c}" for n, c in zip(self.numbers, self.colours))
+        return f"{rows}|{self.question}"
+
+
+def _bucket(key: str) -> float:
+    h = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def split_of(key: str) -> str:
+    """The split that owns an (image content, question) key."""
+    u = _bucket(key)
+    for name, (lo, hi) in _SPLIT_RANGES.items():
+        if lo <= u < hi:
+            return name
+    return SPLITS[-1]
+
+
+def _rand_number(rng: random.Random, digits: int) -> int:
+    return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _colours(rng: random.Random, k: int) -> tuple[str, ...]:
+    return tuple(rng.sample(sorted(PALETTE), k))
+
+
+# --- perception ------------------------------------------------------------------------------
+# Difficulty = how much there is to read: digits of the number asked for (1, 2, 3–4), or for
+# colour questions how many numbers the image holds (2, 3, 4).
+def _perception(rng: random.Random, level: int) -> Item:
+    kind = rng.choices(("read", "colour_of", "read_by_colour"), weights=(2, 1, 1))[0]
+    if kind == "colour_of":
+        count = {1: 2, 2: 3, 3: 4}[level]
+        numbers = tuple(_rand_number(rng, rng.randint(1, 4)) for _ in range(count))
+    else:
+        count = rng.randint(1 if kind == "read" else 2, ROWS)
+        numbers = [_rand_number(rng, rng.randint(1, 4)) for _ in range(count)]
+    colours = _colours(rng, count)
+    target = rng.randrange(count)
+    if kind != "colour_of":
+        digits = level if level < 3 else rng.randint(3, 4)
+        numbers[target] = _rand_number(rng, digits)
+        numbers = tuple(numbers)
+    var = LETTERS[target]
+    if kind == "read":
+        q = f"What is the {ORDINALS[target]} number?"
+        answer, atype, trace = str(numbers[target]), "integer", f"{var} = {numbers[target]}"
+    elif kind == "colour_of":
+        q = f"What colour is the {ORDINALS[target]} number?"
+        answer, atype, trace = colours[target], "text", f"{var} is {colours[target]}"
+    else:
+        q = f"What is the {colours[target]} number?"
+        answer, atype, trace = str(numbers[target]), "integer", f"{colours[target]}: {var} = {numbers[target]}"
+    return Item(numbers, colours, q, answer, atype, "perception", level, trace)
+
+
+# --- math ------------------------------------------------------------------------------------
+# Templates per level: an expression over A..D (standard precedence) and each variable's range.
+# Products are always single digit × single digit; additive operands grow with the level.
+_D1, _D2 = (0, 9), (10, 99)
+MATH_TEMPLATES: dict[int, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]] = {
+    1: (
+        ("A + B", (_D1, _D1)),
+        ("A - B", (_D1, _D1)),
+        ("A × B", (_D1, _D1)),
+    ),
+    2: (
+        ("A + B + C", (_D2, _D1, _D2)),
+        ("A + B × C", (_D2, _D1, _D1)),
+        ("A × B + C", (_D1, _D1, _D2)),
+        ("A × B - C", (_D1, _D1, _D1)),
+        ("A + B - C", (_D2, _D2, _D2)),
+    ),
+    3: (
+        ("A + B + C + D", (_D2, _D2, _D2, _D2)),
+        ("A × B + C × D", (_D1, _D1, _D1, _D1)),
+        ("A × B + C - D", (_D1, _D1, _D2, _D2)),
+        ("A + B - C + D", (_D2, _D2, _D2, _D2)),
+        ("A × B - C × D", (_D1, _D1, _D1, _D1)),
+        ("A + B × C - D", (_D2, _D1, _D1, _D2)),
+    ),
+}
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+def evaluate_steps(expr: str, values: dict[str, int]) -> tuple[int, list[str]]:
+    """Evaluate `expr` (variables A–D, + - ×, standard precedence, left to right) and return the
+    result with one trace line per operation, in the order a person would work it out."""
+    tokens = expr.split()
+    pos = 0
+    steps: list[str] = []
+
+    def apply(op: str, a: int, b: int) -> int:
+        r = _OPS[op](a, b)
+        steps.append(f"{a} {op} {b} = {r}")
+        return r
+
+    def term() -> int:
+        nonlocal pos
+        v = values[tokens[pos]]
+        pos += 1
+        while pos < len(tokens) and tokens[pos] == "×":
+            v = apply("×", v, values[tokens[pos + 1]])
+            pos += 2
+        return v
+
+    v = term()
+    while pos < len(tokens):
+        op = tokens[pos]
+        pos += 1
+        v = apply(op, v, term())
+    return v, steps
+
+
+def _math(rng: random.Random, level: int) -> Item:
+    expr, ranges = rng.choice(MATH_TEMPLATES[level])
+    while True:   # keep every intermediate result non-negative (a few redraws at most)
+        numbers = tuple(rng.randint(lo, hi) for lo, hi in ranges)
+        values = dict(zip(LETTERS, numbers))
+        result, steps = evaluate_steps(expr, values)
+        if all(int(s.rsplit("= ", 1)[1]) >= 0 for s in steps):
+            break
+    names = ", ".join(LETTERS[: len(numbers)])
+    question = f"Let {names} be the numbers from top to bottom. Compute {expr}."
+    reads = [f"{LETTERS[i]} = {n}" for i, n in enumerate(numbers)]
+    return Item(numbers, _colours(rng, len(numbers)), question, str(result), "integer", "math", level,
+                "\n".join(reads + steps))
+
+
+def draw_item(rng: random.Random, category: str, level: int) -> Item:
+    return _math(rng, level) if category == "math" else _perception(rng, level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------
+def split_seed(seed: int, name: str) -> str:
+    """The derived seed of a split (a string: random.Random hashes it with SHA-512)."""
+    return f"r4b-synthetic/{seed}/{name}"
+
+
+def _cells(cfg: SyntheticDataConfig) -> list[tuple[str, int]]:
+    cats = [c for c in CATEGORIES if (c == "math" and cfg.math_fraction > 0) or
+            (c == "perception" and cfg.math_fraction < 1)]
+    return [(c, d) for c in cats for d in sorted(set(cfg.difficulties))]
+
+
+def _check(name: str, cfg: SyntheticDataConfig) -> None:
+    if name not in SPLITS:
+        raise SyntheticDataError(f"unknown split {name!r}; allowed: {', '.join(SPLITS)}")
+    bad = [d for d in cfg.difficulties if d not in MATH_TEMPLATES]
+    if bad or not cfg.difficulties:
+        raise SyntheticDataError(f"data.synthetic.difficulties={cfg.difficulties}: allowed levels are "
+                                 f"{sorted(MATH_TEMPLATES)} (a non-empty subset)")
+
+
+def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
+    """The items of one split, without images: deterministic in (cfg.seed, name, n)."""
+    _check(name, cfg)
+    rng = random.Random(split_seed(cfg.seed, name))
+    cells = _cells(cfg)
+    seen: set[str] = set()
+    items: list[Item] = []
+    for i in range(n):
+        if name == "eval":
+            category, level = cells[i % len(cells)]      # balanced: round-robin over the cells
+        else:
+            category = "math" if rng.random() < cfg.math_fraction else "perception"
+            level = rng.choice(cfg.difficulties)
+        for _ in range(_MAX_TRIES):
+            item = draw_item(rng, category, level)
+            key = item.key()
+            if key not in seen and split_of(key) == name:
+                break
+        else:
+            raise SyntheticDataError(
+                f"split {name}: found no new {category} item of difficulty {level} after {_MAX_TRIES} draws "
+                f"(item {i} of {n}); the item space is exhausted: lower data.synthetic.{name}_size")
+        seen.add(key)
+        items.append(item)
+    return items
+
+
+def _record(name: str, i: int, item: Item) -> Record:
+    return Record(id=f"{name}-{i:05d}", images=[f"images/{name}-{i:05d}.png"], question=item.question,
+                  answer=item.answer, answer_type=item.answer_type, category=item.category,
+                  difficulty=item.difficulty, source=SOURCE, objective=True, reasoning=item.reasoning)
+
+
+def _generate(name: str, n: int, cfg: SyntheticDataConfig, out_dir: str | Path, image_size: int,
+              patch_size: int) -> tuple[Path, list[Item]]:
+    layout = Layout.for_sizes(image_size, patch_size)
+    items = draw_split(name, n, cfg)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    # Shades come from their own stream so they never change which items are drawn.
+    shade = random.Random(split_seed(cfg.seed, name) + "/shade")
+    records = []
+    for i, item in enumerate(items):
+        rows = []
+        for number, colour in zip(item.numbers, item.colours):
+            rgb = tuple(min(255, max(0, v + shade.randint(-COLOUR_JITTER, COLOUR_JITTER))) for v in PALETTE[colour])
+            rows.append((number, colour, rgb))
+        rec = _record(name, i, item)
+        _write_png(render(rows, layout), out / rec.images[0])
+        records.append(rec)
+    path = out / f"{name}.jsonl"
+    write_jsonl(path, records)     # last, atomically: a JSONL on disk means its images are there
+    return path, items
+
+
+def generate_split(name: str, n: int, cfg: SyntheticDataConfig, out_dir: str | Path, image_size: int = 64,
+                   patch_size: int = 16) -> Path:
+    """Write `<out_dir>/<name>.jsonl` and its PNGs under `<out_dir>/images/`; return the JSONL path."""
+    return _generate(name, n, cfg, out_dir, image_size, patch_size)[0]
+
+
+def generate_all(cfg: SyntheticDataConfig, out_dir: str | Path, image_size: int = 64,
+                 patch_size: int = 16) -> dict[str, Path]:
+    """All three splits (sizes from cfg); checks that no (image content, question) crosses splits."""
+    sizes = {"train": cfg.train_size, "rl": cfg.rl_size, "eval": cfg.eval_size}
+    paths: dict[str, Path] = {}
+    owner: dict[str, str] = {}
+    for name in SPLITS:
+        paths[name], items = _generate(name, sizes[name], cfg, out_dir, image_size, patch_size)
+        for item in items:
+            other = owner.setdefault(item.key(), name)
+            if other != name:
+                raise SyntheticDataError(f"item {item.key()!r} is in both {other} and {name}; this is a bug")
+    return paths
+
+
+def tokenizer_corpus(records: Iterable[Record | dict[str, Any]]) -> Iterator[str]:
+    """The texts a tokenizer for this task must cover: questions, answers, traces."""
+    for r in records:
+        get = r.get if isinstance(r, dict) else (lambda k, _r=r: getattr(_r, k))
+        yield get("question")
+        yield get("answer")
+        if get("reasoning"):
+            yield get("reasoning")
