@@ -172,7 +172,7 @@ class AnnealConfig(Section):
     steps: int = Field(300, ge=1)
     # -- tokens per packed sequence (paper: 16384).
     pack_length: int = Field(512, ge=32)
-    # -- packed sequences per micro-batch per process.
+    # -- packed sequences per micro-batch per process (samples per micro-batch when packing is off).
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     packing: bool = True
@@ -185,6 +185,12 @@ class AnnealConfig(Section):
     log_every: int = Field(5, ge=1)
     # -- forced-mode samples for the post-training mode-compliance check.
     compliance_samples: int = Field(32, ge=0)
+    # -- where the compliance prompts come from: "holdout" keeps min(compliance_samples, 10 %) of the
+    # records out of training; "train" reuses training prompts (tiny overfit checks).
+    compliance_from: Literal["holdout", "train"] = "holdout"
+    # -- a checkpoint written under a different config: "auto" refuses and lists the differences,
+    # "force" resumes anyway (the current config wins).
+    resume: Literal["auto", "force"] = "auto"
 
 
 class BPOConfig(Section):
@@ -401,6 +407,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_config_text(path: str) -> str:
+    """A config from a local path or a storage URI (PyTorchJob pods and KFP tasks get a URI)."""
+    if "://" in path and not path.startswith("file://"):
+        from r4b_core.storage import Store
+
+        # The endpoint of an S3-compatible store comes from AWS_ENDPOINT_URL(_S3) here: the
+        # config that names it is the file being read.
+        return Store.from_config(StorageConfig()).read_text(path)
+    local = Path(path.removeprefix("file://"))
+    if not local.exists():
+        raise ConfigError(f"{local}: config file not found")
+    return local.read_text()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load and validate a run config; raise ConfigError listing every problem with file:line."""
     data: dict = {}
@@ -408,9 +428,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
-        text = p.read_text()
+        text = _read_config_text(str(path))
         try:
             tree = yaml.compose(text)
             data = yaml.safe_load(text) or {}

@@ -1,0 +1,21 @@
+"""KFP component: bi-mode data curation (r4b_core.curate)."""
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def curate(config_uri: str, pipeline_run_id: str, raw: Input[Dataset], base_model: Input[Model], sft: Output[Dataset],
+           metrics: Output[Metrics]) -> str:
+    from r4b_core import layout
+    from r4b_core.config import load_config
+    from r4b_core.curate import run_curate
+    from r4b_core.tracking import stage_tracker
+
+    cfg = load_config(config_uri)
+    out_uri = layout.curated_uri(cfg)
+    with stage_tracker(cfg, "curate", pipeline_run_id) as tracker:
+        manifest = run_curate(cfg, raw.metadata["storage_uri"], out_uri, tracker=tracker)
+    sft.metadata["storage_uri"] = out_uri
+    for key in ("kept", "rejected", "reasoning_ratio", "items_per_s"):
+        if isinstance(manifest.get(key), (int, float)):
+            metrics.log_metric(key, float(manifest[key]))
+    return out_uri

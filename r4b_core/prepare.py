@@ -1,0 +1,75 @@
+"""Stage 0 — prepare a run: publish the resolved config, the data splits and the base model.
+
+    r4b prepare --config configs/tiny.yaml
+
+- `config.yaml` under the run prefix: what every later task and PyTorchJob pod reads.
+- data: the seeded synthetic visual-math splits (train / rl / eval) with their images, or the user's
+  JSONL URIs as given (validated later by the stages that read them).
+- base model: for `model.base: tiny`, a tokenizer trained on the training split and a randomly
+  initialised tiny LLaVA-style VLM saved as an HF folder; otherwise the HF id / URI as given.
+
+Every part is skipped when its manifest exists with the same config hash.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from r4b_core import layout
+from r4b_core.config import RunConfig, dump_config
+
+
+def _data_hash(cfg: RunConfig) -> str:
+    return cfg.stage_hash("data")
+
+
+def prepare_data(cfg: RunConfig, store) -> dict[str, str]:
+    splits = {s: layout.split_uri(cfg, s) for s in ("train", "rl", "eval")}
+    if cfg.data.source != "synthetic":
+        return splits
+    from r4b_core.data.synthetic import generate_all
+
+    prefix = layout.data_dir(cfg)
+    if store.is_complete(prefix, _data_hash(cfg)):
+        return splits
+    t0 = time.time()
+    with store.atomic_dir(prefix) as staging:
+        paths = generate_all(cfg.data.synthetic, Path(staging), image_size=cfg.model.tiny.image_size,
+                             patch_size=cfg.model.tiny.patch_size)
+        counts = {s: sum(1 for _ in open(p, encoding="utf-8")) for s, p in paths.items()}
+    store.commit(prefix, {"stage": "data", "config_hash": _data_hash(cfg), "source": "synthetic",
+                          "splits": splits, "counts": counts, "seconds": round(time.time() - t0, 2)})
+    return splits
+
+
+def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
+    if cfg.model.base != "tiny":
+        return cfg.model.base
+    from r4b_core.data.schema import parse_jsonl
+    from r4b_core.data.synthetic import tokenizer_corpus
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    prefix = layout.base_model_dir(cfg)
+    model_hash = cfg.stage_hash("data")  # the tokenizer is trained on the data; model cfg is in the hash
+    if store.is_complete(prefix, model_hash):
+        return prefix
+    records = parse_jsonl(store.read_text(train_uri).splitlines(), train_uri).records
+    t0 = time.time()
+    with store.atomic_dir(prefix) as staging:
+        build_tiny_vlm(cfg.model.tiny, tokenizer_corpus(records), Path(staging), seed=cfg.seed)
+    store.commit(prefix, {"stage": "base_model", "config_hash": model_hash, "kind": "tiny",
+                          "tiny": cfg.model.tiny.model_dump(), "seconds": round(time.time() - t0, 2)})
+    return prefix
+
+
+def run_prepare(cfg: RunConfig, store=None) -> dict[str, str]:
+    """Publish config, data and base model; returns their URIs."""
+    from r4b_core.storage import Store
+
+    store = store or Store.from_config(cfg.storage)
+    config_uri = layout.config_uri(cfg)
+    store.write_text(config_uri, dump_config(cfg))
+    splits = prepare_data(cfg, store)
+    base = prepare_base_model(cfg, store, splits["train"])
+    return {"config_uri": config_uri, **splits, "base_model": base}
