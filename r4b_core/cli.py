@@ -50,6 +50,146 @@ def _add_config(sub) -> None:
     c.set_defaults(func=_cmd_config_check)
 
 
+# --- curate / eval ----------------------------------------------------------------------------
+def _stage_tracker(cfg):
+    from r4b_core.tracking import Tracker
+
+    return Tracker.from_config(cfg)
+
+
+def _cmd_curate(args) -> int:
+    from r4b_core import layout
+    from r4b_core.curate import run_curate
+
+    cfg = _load(args)
+    run_curate(cfg, args.input or layout.split_uri(cfg, "train"), args.out or layout.curated_uri(cfg),
+               tracker=_stage_tracker(cfg))
+    return 0
+
+
+def _add_curate(sub) -> None:
+    p = sub.add_parser("curate", help="label raw records reasoning/direct with an annotator model -> bi-mode SFT data")
+    _config_args(p)
+    p.add_argument("--input", help="raw JSONL URI (default: the run's train split)")
+    p.add_argument("--out", help="curated JSONL URI (default: <run>/curate/sft.jsonl)")
+    p.set_defaults(func=_cmd_curate)
+
+
+def _cmd_eval(args) -> int:
+    from r4b_core import layout
+    from r4b_core.evaluate import run_eval
+
+    cfg = _load(args)
+    tag = args.tag
+    model = args.model or (layout.base_model_dir(cfg) if tag == "base" else layout.model_dir(cfg, tag))
+    run_eval(cfg, model, args.data or layout.split_uri(cfg, "eval"), args.out or layout.eval_dir(cfg, tag), tag,
+             tracker=_stage_tracker(cfg), compare=args.compare)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model in auto / think / no-think mode -> report.json + report.md")
+    _config_args(p)
+    p.add_argument("--tag", default="bpo",
+                   help="name of this evaluation; without --model also the stage whose model is evaluated "
+                        "(base, anneal, bpo, grpo; default: %(default)s)")
+    p.add_argument("--model", help="model folder / URI (default: <run>/<tag>/model)")
+    p.add_argument("--data", help="eval JSONL URI (default: the run's eval split)")
+    p.add_argument("--out", help="output folder URI (default: <run>/eval/<tag>)")
+    p.add_argument("--compare", metavar="OTHER_REPORT_URI",
+                   help="another model's report.json (or its eval folder) to show side by side")
+    p.set_defaults(func=_cmd_eval)
+
+
+# --- the whole pipeline ---------------------------------------------------------------------
+def _apply_service_flags(args, cfg):
+    if getattr(args, "s3_endpoint", None):
+        cfg.storage.s3_endpoint_url = args.s3_endpoint
+    if getattr(args, "mlflow_uri", None):
+        cfg.tracking.uri = args.mlflow_uri
+    return cfg
+
+
+def _cmd_run(args) -> int:
+    from pipelines.local_run import run_pipeline_locally
+
+    cfg = _apply_service_flags(args, _load(args))
+    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control)
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from r4b_core.prepare import run_prepare
+
+    out = run_prepare(_apply_service_flags(args, _load(args)))
+    for key, value in out.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_pipeline_compile(args) -> int:
+    from pipelines.r4b_pipeline import compile_pipeline
+
+    cfg = _load(args)
+    compile_pipeline(cfg, args.out, with_grpo_control=args.grpo_control)
+    print(f"wrote {args.out} (pipeline r4b-{cfg.name}, image {cfg.launcher.image}); upload it in the KFP UI "
+          "or run `r4b pipeline submit`")
+    return 0
+
+
+def _cmd_pipeline_submit(args) -> int:
+    import json
+    import tempfile
+
+    import kfp
+
+    from pipelines.r4b_pipeline import compile_pipeline
+
+    host = args.host or os.environ.get("KFP_HOST")
+    if not host:
+        raise R4BError("no KFP endpoint: pass --host URL or set KFP_HOST (e.g. http://ml-pipeline-ui.kubeflow)")
+    cfg = _load(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compile_pipeline(cfg, f"{tmp}/r4b.yaml", with_grpo_control=args.grpo_control)
+        client = kfp.Client(host=host, namespace=args.namespace)
+        run = client.create_run_from_pipeline_package(
+            path, arguments={"config_yaml": json.dumps(cfg.model_dump(mode="json"))},
+            run_name=args.run_name or f"r4b-{cfg.name}", experiment_name=args.experiment or f"r4b-{cfg.name}",
+            namespace=args.namespace)
+    print(f"submitted run {run.run_id} to {host}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local): what `make run` does")
+    _config_args(p)
+    p.add_argument("--s3-endpoint", help="write artifacts to this S3 endpoint (storage.root must be s3://...)")
+    p.add_argument("--mlflow-uri", help="log to this MLflow server instead of the SQLite file in the run dir")
+    p.add_argument("--grpo-control", action="store_true", help="also train the plain-GRPO control and evaluate it")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("prepare", help="publish the run config, data splits and base model")
+    _config_args(p)
+    p.add_argument("--s3-endpoint")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("pipeline", help="compile or submit the Kubeflow pipeline")
+    s = p.add_subparsers(dest="action", required=True)
+    c = s.add_parser("compile", help="write KFP IR YAML (upload it in the KFP UI)")
+    _config_args(c)
+    c.add_argument("--out", required=True, help="output YAML file")
+    c.add_argument("--grpo-control", action="store_true")
+    c.set_defaults(func=_cmd_pipeline_compile)
+    c = s.add_parser("submit", help="compile and submit a run to a KFP endpoint")
+    _config_args(c)
+    c.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
+    c.add_argument("--namespace", default=None)
+    c.add_argument("--experiment", default=None)
+    c.add_argument("--run-name", default=None)
+    c.add_argument("--grpo-control", action="store_true")
+    c.set_defaults(func=_cmd_pipeline_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r4b",
@@ -58,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"r4b {__import__('r4b_core').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
     _add_config(sub)
+    _add_curate(sub)
+    _add_eval(sub)
     return parser
 
 
