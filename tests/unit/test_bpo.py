@@ -1,0 +1,229 @@
+"""BPO on a real tiny VLM: the loss wiring, the mode-token gradient, a few-step run, resume.
+
+The model is the project's tiny LLaVA (models/tiny.py), built once for the module; the run tests
+use the synthetic visual-math data and the in-process HF engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from r4b_core import bpo, modes
+from r4b_core.config import BPOConfig, RunConfig, load_config
+from r4b_core.data.schema import Record
+from r4b_core.modes import Mode
+
+QUESTIONS = [f"What is {a} + {b}?" for a in range(3) for b in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from r4b_core.config import TinyModelConfig
+    from r4b_core.models.loading import load_model
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    texts = [f"{q} The answer is {i}. Step one, then two." for i, q in enumerate(QUESTIONS * 20)]
+    path = build_tiny_vlm(TinyModelConfig(), texts, tmp_path_factory.mktemp("bpo-tiny") / "model", seed=0)
+    model, processor = load_model(str(path))
+    return path, model.eval(), processor
+
+
+def _prompt(i: int) -> bpo.Prompt:
+    rec = Record(id=f"q{i}", question=QUESTIONS[i], answer="0", images=["x.png"], category="math")
+    img = Image.new("RGB", (64, 64), (40 * i % 255, 90, 200))
+    return bpo.Prompt(rec, [img])
+
+
+def _decision_logprobs(model, encoder, prompt) -> torch.Tensor:
+    """log p(next token | prompt up to `<think>`) over the vocabulary, in auto mode."""
+    enc = encoder.encode(prompt, Mode.AUTO)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([enc.ids]), pixel_values=enc.pixel_values)
+    return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+
+def _items(encoder, prompt, gen_think, gen_no_think, adv_think, adv_no_think, model, g=2):
+    """Train items for one prompt: g think + g no-think rollouts with fixed generated tokens, and
+    rollout logprobs taken from the model itself (an on-policy batch)."""
+    items = []
+    for mode, gen, adv in ((Mode.THINK, gen_think, adv_think), (Mode.NO_THINK, gen_no_think, adv_no_think)):
+        enc = encoder.encode(prompt, mode)
+        tmp = bpo.TrainItem(enc, list(gen), [0.0] * len(gen), adv, mode == Mode.THINK)
+        mb = bpo.collate([tmp], [0], encoder.pad_id, True)
+        with torch.no_grad():
+            logp, _ = bpo.sequence_logprobs(model, mb, 1.0)
+        lp = logp[mb.generated_mask].tolist()
+        items += [bpo.TrainItem(enc, list(gen), lp, adv, mode == Mode.THINK) for _ in range(g)]
+    return items
+
+
+def _update(model, items, encoder, lr=0.5, **over):
+    b = BPOConfig(**{"micro_batch_size": 4, "kl_beta": 0.0, **over})
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return bpo.policy_update(model, None, opt, None, items, b, encoder.pad_id)
+
+
+# --- the mode token -----------------------------------------------------------------------------
+def test_prompt_encoding_splits_at_think(tiny):
+    _, _, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    p = _prompt(0)
+    auto, think, nothink = (enc.encode(p, m) for m in (Mode.AUTO, Mode.THINK, Mode.NO_THINK))
+    assert auto.n_forced == 0 and think.n_forced == 1 and nothink.n_forced == 3
+    assert auto.prompt_len == think.prompt_len == nothink.prompt_len == len(auto.ids)
+    assert think.ids[:auto.prompt_len] == auto.ids
+    # the decision: first forced token after <think> differs between the modes
+    assert tok.decode(think.ids[think.prompt_len:]) == "\n"
+    assert tok.decode(nothink.ids[nothink.prompt_len:]) == "\n\n" + modes.THINK_CLOSE + "\n\n"
+    assert think.ids[think.prompt_len] != nothink.ids[nothink.prompt_len]
+
+
+def test_mixed_advantage_raises_better_modes_decision_token_only_when_trainable(tiny):
+    """Think rollouts won (A=+1), no-think lost (A=-1). Only the forced tokens are in the
+    rollouts (nothing generated), so any change of p(think | <think>) comes from them:
+    trainable -> it rises; prompt-only -> the loss has no tokens and nothing moves at all."""
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    p = _prompt(1)
+    think_id = enc.encode(p, Mode.THINK).ids[-1]
+    before = _decision_logprobs(base, enc, p)[think_id].item()
+
+    on = copy.deepcopy(base)
+    _update(on, _items(enc, p, [], [], 1.0, -1.0, on), enc, mode_token_trainable=True)
+    after_on = _decision_logprobs(on, enc, p)[think_id].item()
+    assert after_on > before + 0.05, (before, after_on)
+
+    off = copy.deepcopy(base)
+    _update(off, _items(enc, p, [], [], 1.0, -1.0, off), enc, mode_token_trainable=False)
+    for a, c in zip(base.parameters(), off.parameters()):
+        assert torch.equal(a, c)
+    assert _decision_logprobs(off, enc, p)[think_id].item() == before
+
+
+def test_decision_token_gradient_with_generated_tokens(tiny):
+    """With real generated answers in the loss as well, the trainable prefix still moves the
+    decision much more than the prompt-only variant (which only shifts it through shared weights)."""
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    p = _prompt(2)
+    think_id = enc.encode(p, Mode.THINK).ids[-1]
+    gen_think = tok.encode("2 + 2 = 4\n</think>\n\n4<|im_end|>", add_special_tokens=False)
+    gen_direct = tok.encode("5<|im_end|>", add_special_tokens=False)
+    before = _decision_logprobs(base, enc, p)[think_id].item()
+    moved = {}
+    for trainable in (True, False):
+        m = copy.deepcopy(base)
+        stats = _update(m, _items(enc, p, gen_think, gen_direct, 1.0, -1.0, m), enc,
+                        mode_token_trainable=trainable, lr=0.2)
+        moved[trainable] = _decision_logprobs(m, enc, p)[think_id].item() - before
+        assert stats["is_ratio/max"] == pytest.approx(1.0, abs=1e-4)     # on-policy batch
+    assert moved[True] > 0.05
+    assert moved[True] > 3 * abs(moved[False]), moved
+
+
+# --- loss wiring ----------------------------------------------------------------------------------
+def _grads(model, items, encoder, **over):
+    m = copy.deepcopy(model)
+    b = BPOConfig(**{"kl_beta": 0.0, **over})
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)     # lr 0: keep the weights, inspect the grads
+    bpo.policy_update(m, None, opt, None, items, b, encoder.pad_id)
+    return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+def test_micro_batching_does_not_change_the_gradient(tiny, agg):
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = []
+    for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
+        items += _items(enc, _prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+                        tok.encode("7 7 7", add_special_tokens=False), a, b_, base)
+    whole = _grads(base, items, enc, micro_batch_size=len(items), loss_agg=agg)
+    parts = _grads(base, items, enc, micro_batch_size=1, loss_agg=agg)
+    # clip_grad_norm_ rescales both identically (same total norm), so compare directly
+    assert torch.allclose(whole, parts, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_value_matches_hand_computation(tiny):
+    """On-policy (ratio 1), no KL: token_mean loss = −Σ A·(#loss tokens) / Σ #loss tokens."""
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    gen_t = tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False)
+    gen_n = tok.encode("3", add_special_tokens=False)
+    items = _items(enc, _prompt(0), gen_t, gen_n, 0.5, -2.0, base, g=1)
+    for trainable, (n_t, n_n) in ((True, (len(gen_t) + 1, len(gen_n) + 3)), (False, (len(gen_t), len(gen_n)))):
+        m = copy.deepcopy(base)
+        stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.0), None, items,
+                                  BPOConfig(mode_token_trainable=trainable, loss_agg="token_mean"), enc.pad_id)
+        expect = -(0.5 * n_t - 2.0 * n_n) / (n_t + n_n)
+        assert stats["loss"] == pytest.approx(expect, abs=1e-5)
+        assert stats["train_tokens"] == n_t + n_n
+        # seq_mean: each rollout weighs the same: −(0.5 − 2.0) / 2
+        m = copy.deepcopy(base)
+        stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.0), None, items,
+                                  BPOConfig(mode_token_trainable=trainable, loss_agg="seq_mean"), enc.pad_id)
+        assert stats["loss"] == pytest.approx(0.75, abs=1e-5)
+
+
+def test_kl_term_is_zero_against_itself_and_positive_after_a_change(tiny):
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = _items(enc, _prompt(0), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+                   tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
+    b = BPOConfig(kl_beta=0.1, ppo_epochs=3, micro_batch_size=2)
+    m = copy.deepcopy(base)
+    stats = bpo.policy_update(m, copy.deepcopy(base).requires_grad_(False), torch.optim.SGD(m.parameters(), lr=0.5),
+                              None, items, b, enc.pad_id)
+    # KL is averaged over all three epochs: epoch 0 is exactly 0 (policy == reference), later > 0
+    assert stats["kl"] > 0
+    assert stats["clip_fraction"] > 0      # three big SGD steps push some ratios out of [0.8, 1.2]
+
+
+# --- config arithmetic ----------------------------------------------------------------------------
+def test_config_arithmetic_errors_name_the_numbers():
+    cfg = RunConfig(bpo=BPOConfig(prompts_per_step=2, group_size=2, micro_batch_size=16))
+    with pytest.raises(bpo.BPOError, match=r"micro_batch_size=16 .* = 8\)"):
+        bpo.check_bpo_config(cfg)
+    cfg = RunConfig(bpo=BPOConfig(algorithm="grpo", advantage="per_mode", micro_batch_size=4))
+    with pytest.raises(bpo.BPOError, match="per_mode needs forced modes"):
+        bpo.check_bpo_config(cfg)
+    cfg = RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=4))
+    with pytest.raises(bpo.BPOError, match="3 usable prompts"):
+        bpo.check_bpo_config(cfg, num_prompts=3)
+    with pytest.raises(bpo.BPOError, match="max_position_embeddings"):
+        bpo.check_bpo_config(cfg, num_prompts=100, max_prompt_tokens=2000)
+    bpo.check_bpo_config(cfg, num_prompts=100, max_prompt_tokens=40)
+
+
+def test_prompt_stream_is_a_pure_function_of_position():
+    prompts = [_prompt(i) for i in range(5)]
+    s = bpo.PromptStream(prompts, seed=3)
+    first = [p.record.id for p in s.take(0, 12)]
+    assert sorted(first[:5]) == sorted(p.record.id for p in prompts)      # each epoch a permutation
+    assert [p.record.id for p in s.take(7, 5)] == first[7:12]              # resume at any position
+    assert first[:5] != first[5:10] or first[5:10] != first[10:12] + first[:3]
+
+
+def test_rollout_plan_forces_both_modes_with_budgets_and_seeds():
+    b = BPOConfig(group_size=3, max_new_tokens_think=50, max_new_tokens_no_think=7, temperature=0.7)
+    reqs = bpo.plan_rollouts([_prompt(0), _prompt(1)], b, run_seed=1, step=4)
+    assert [r.mode for r in reqs] == [Mode.THINK, Mode.NO_THINK] * 2
+    assert all(r.n == 3 and r.temperature == 0.7 for r in reqs)
+    assert [r.max_new_tokens for r in reqs] == [50, 7, 50, 7]
+    assert reqs[0].prompt.endswith("<think>\n") and reqs[1].prompt.endswith("<think>\n\n</think>\n\n")
+    assert len({r.seed for r in reqs}) == 4
+    assert bpo.plan_rollouts([_prompt(0)], b, 1, 4)[0].seed == reqs[0].seed       # reproducible
+    assert bpo.plan_rollouts([_prompt(0)], b, 1, 5)[0].seed != reqs[0].seed
+    g = bpo.plan_rollouts([_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4)
+    assert len(g) == 1 and g[0].mode == Mode.AUTO and g[0].n == 6 and g[0].prompt.endswith("<think>")
