@@ -101,6 +101,29 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+# --- bpo ---------------------------------------------------------------------------------------
+def _cmd_bpo(args) -> int:
+    from r4b_core import layout
+    from r4b_core.bpo import run_bpo
+
+    cfg = _load(args)
+    out = args.out or layout.model_dir(cfg, cfg.bpo.algorithm)       # bpo/model or grpo/model
+    manifest = run_bpo(cfg, args.prompts or layout.split_uri(cfg, "rl"),
+                       args.init_model or layout.model_dir(cfg, "anneal"), out, tracker=_stage_tracker(cfg))
+    print(f"{manifest['stage']}: wrote {out} ({manifest['counts']['steps']} steps, "
+          f"{manifest.get('wall_time_s', 0)} s)")
+    return 0
+
+
+def _add_bpo(sub) -> None:
+    p = sub.add_parser("bpo", help="Bi-mode Policy Optimization (or the GRPO control: --set bpo.algorithm=grpo)")
+    _config_args(p)
+    p.add_argument("--prompts", help="RL prompts JSONL URI (default: the run's rl split)")
+    p.add_argument("--init-model", help="starting model URI (default: <run>/anneal/model)")
+    p.add_argument("--out", help="output model URI (default: <run>/bpo/model, or <run>/grpo/model for grpo)")
+    p.set_defaults(func=_cmd_bpo)
+
+
 # --- the whole pipeline ---------------------------------------------------------------------
 def _apply_service_flags(args, cfg):
     if getattr(args, "s3_endpoint", None):
@@ -202,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     _add_curate(sub)
     _add_eval(sub)
+    _add_bpo(sub)
     return parser
 
 
