@@ -223,6 +223,9 @@ class BPOConfig(Section):
     probe_size: int = Field(16, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # -- a checkpoint written under a different config: "auto" refuses and lists the differences,
+    # "force" resumes anyway (the current config wins).
+    resume: Literal["auto", "force"] = "auto"
     distributed: DistributedConfig = DistributedConfig()
 
 
