@@ -1,0 +1,9 @@
+"""How a training stage runs.
+
+- in-process / torchrun on this machine (the local launcher, `launcher.kind: local`);
+- `r4b_core.launch.pytorchjob`: a Kubeflow PyTorchJob on Kubernetes (`launcher.kind: pytorchjob`),
+  with the vLLM rollout server as a native sidecar for BPO. It is the only module of r4b_core that
+  imports the kubernetes / kubeflow-training clients, so import it explicitly:
+
+      from r4b_core.launch.pytorchjob import launch
+"""

@@ -1,0 +1,662 @@
+"""The PyTorchJob launcher (r4b_core/launch/pytorchjob.py), offline.
+
+Rendering: the job validates against the Training Operator v1.9.4 CRD schema (vendored in tests/data,
+made strict so a field the API server would silently prune is an error) plus the operator webhook's
+rules; every pod template validates with kubernetes-validate (strict) for Kubernetes 1.29 and 1.37.
+
+Launching: the real kubernetes client (ApiClient, CustomObjectsApi, CoreV1Api, its REST layer and
+model deserialization) talks HTTP to `FakeCluster`, an in-memory API server on 127.0.0.1 that keeps
+pytorchjobs, pods, pod logs (followed, chunked) and events, answers 404/409/403 like the real one,
+and plays the operator: each GET of a job advances it one step along a scripted life
+(Created -> Running -> Succeeded, or Failed with an OOM-killed master, or stuck Pending).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kubernetes import client as k8s
+
+from r4b_core.config import ConfigError, RunConfig
+from r4b_core.launch import pytorchjob as pj
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "tests/data/crds/kubeflow.org_pytorchjobs.v1.9.4.yaml"
+RUN_ID = "3f2b9c1e-7d4a-4e8b-9a51-2c6f0e8d1b77"
+CONFIG_URI = "s3://r4b-test/runs/t/config.yaml"
+
+
+def make_cfg(**launcher) -> RunConfig:
+    data = {
+        "name": "t",
+        "storage": {"root": "s3://r4b-test/runs", "s3_endpoint_url": "http://r4b-objectstore.r4b:8333"},
+        "tracking": {"uri": "http://r4b-mlflow.r4b:5000"},
+        "bpo": {"engine": "vllm", "distributed": {"nnodes": 2, "nproc_per_node": 2}},
+        "anneal": {"distributed": {"nnodes": 1, "nproc_per_node": 1}},
+        "vllm": {"python": "python3"},
+        "launcher": {"kind": "pytorchjob", "namespace": "r4b", "poll_interval_s": 0.01, "timeout_s": 20,
+                     **launcher},
+    }
+    return RunConfig.model_validate(data)
+
+
+def gpu_cfg(**launcher) -> RunConfig:
+    cfg = make_cfg(gpus_per_node=2, sidecar_gpus=1, node_selector={"nvidia.com/gpu.product": "H100"},
+                   tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                   **launcher)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation helpers
+# ---------------------------------------------------------------------------------------------
+def _strict(schema):
+    """The API server prunes fields a structural schema does not declare, silently; make them errors."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_strict(v) if k != "properties" else {n: _strict(s) for n, s in v.items()})
+           for k, v in schema.items()}
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def webhook_errors(job: dict) -> list[str]:
+    """The Training Operator v1.9 admission webhook's rules (pkg/webhooks/pytorch), restated."""
+    errs = []
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]) or len(job["metadata"]["name"]) > 63:
+        errs.append("metadata.name is not DNS-1035")
+    for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items():
+        if rtype not in ("Master", "Worker"):
+            errs.append(f"replica type {rtype}")
+        names = [c["name"] for c in spec["template"]["spec"]["containers"]]
+        if "pytorch" not in names:
+            errs.append(f"{rtype}: no container named pytorch")
+        if any(not c.get("image") for c in spec["template"]["spec"]["containers"]):
+            errs.append(f"{rtype}: container without image")
+        if rtype == "Master" and spec.get("replicas") != 1:
+            errs.append("Master replicas must be 1")
+        if rtype == "Worker" and spec.get("replicas", 1) < 1:
+            errs.append("Worker replicas must be >= 1")
+    return errs
+
+
+def as_pod(template: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **template["metadata"]},
+            "spec": template["spec"]}
+
+
+def all_env(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+def test_job_name_is_deterministic_and_dns1035():
+    a = pj.job_name(RUN_ID, "bpo")
+    assert a == pj.job_name(RUN_ID, "bpo")
+    assert a != pj.job_name(RUN_ID, "anneal")
+    assert a != pj.job_name(RUN_ID.replace("3", "4"), "bpo")
+    assert a.startswith("r4b-bpo-") and len(a) <= pj.MAX_NAME
+    # the operator names pods/services <job>-worker-<i>: they must stay valid DNS-1035 labels
+    assert len(f"{a}-worker-999") <= 63
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=200), st.sampled_from(pj.STAGES))
+def test_job_name_valid_for_any_run_id(run_id, stage):
+    name = pj.job_name(run_id, stage)
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+    assert len(name) <= pj.MAX_NAME
+    label = pj._label_value(run_id)
+    assert len(label) <= 63 and (label == "" or re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", label))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage,cfg_fn", [("bpo", gpu_cfg), ("bpo", make_cfg), ("anneal", make_cfg),
+                                          ("anneal", gpu_cfg)])
+def test_rendered_job_validates_against_crd_webhook_and_pod_schemas(stage, cfg_fn, crd_validator):
+    job = pj.manifest(pj.build_pytorchjob(stage, CONFIG_URI, cfg_fn(), RUN_ID))
+    errors = sorted(crd_validator.iter_errors(job), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
+    assert webhook_errors(job) == []
+    n = 0
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        for version in ("1.29", "1.37"):
+            kubernetes_validate.validate(as_pod(spec["template"]), version, strict=True)
+            n += 1
+    assert n == 2 * len(job["spec"]["pytorchReplicaSpecs"])
+
+
+def test_crd_validation_is_live(crd_validator):
+    """The validator rejects what the API server would: a wrong type and a field it would prune."""
+    job = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, gpu_cfg(), RUN_ID))
+    bad_type = json.loads(json.dumps(job))
+    bad_type["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "one"
+    assert any("replicas" in list(e.path) for e in crd_validator.iter_errors(bad_type))
+    pruned = json.loads(json.dumps(job))
+    pruned["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["initContainers"][1]["restartPolicyy"] = "Always"
+    assert list(crd_validator.iter_errors(pruned))
+    no_pytorch = json.loads(json.dumps(job))
+    no_pytorch["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    assert "Master: no container named pytorch" in webhook_errors(no_pytorch)
+
+
+def test_bpo_pods_carry_the_vllm_native_sidecar():
+    cfg = gpu_cfg()
+    job = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, cfg, RUN_ID))
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1   # nnodes 2
+    assert job["spec"]["nprocPerNode"] == "2"
+    for rtype in ("Master", "Worker"):
+        pod = specs[rtype]["template"]["spec"]
+        fetch, vllm = pod["initContainers"]                 # order matters: weights before the server
+        (trainer,) = pod["containers"]
+        assert fetch["name"] == pj.FETCH and "restartPolicy" not in fetch
+        assert fetch["command"][-4:] == ["--uri", "s3://r4b-test/runs/t/anneal/model", "--out", pj.SIDECAR_MODEL_DIR]
+        assert vllm["restartPolicy"] == "Always"          # native sidecar: the job ends with the trainer
+        cmd = vllm["command"]
+        assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+        assert cmd[cmd.index("--model") + 1] == pj.SIDECAR_MODEL_DIR
+        assert cmd[cmd.index("--host") + 1] == "127.0.0.1"     # dev-mode routes stay inside the pod
+        assert cmd[cmd.index("--worker-extension-cls") + 1] == pj.WORKER_EXTENSION
+        assert "ports" not in vllm                              # nothing to put behind a Service
+        assert all_env(vllm)["VLLM_SERVER_DEV_MODE"] == "1"
+        assert "VLLM_SERVER_DEV_MODE" not in all_env(trainer)
+        for probe in ("startupProbe", "readinessProbe"):
+            code = vllm[probe]["exec"]["command"][-1]
+            assert "http://127.0.0.1:8100/health" in code
+        assert vllm["startupProbe"]["failureThreshold"] * vllm["startupProbe"]["periodSeconds"] >= cfg.vllm.startup_timeout_s
+        assert "livenessProbe" not in vllm
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        # /dev/shm is one memory-backed emptyDir mounted by all three containers
+        (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+        for c in (fetch, vllm, trainer):
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        env = all_env(trainer)
+        assert env["R4B_VLLM_URL"] == "http://127.0.0.1:8100" and env["R4B_SHM_DIR"] == pj.SHM_DIR
+
+
+def test_trainer_pod_spec():
+    job = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, gpu_cfg(cpu="4", service_account="r4b-train"), RUN_ID))
+    tmpl = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    pod = tmpl["spec"]
+    (trainer,) = pod["containers"]
+    assert trainer["name"] == "pytorch"
+    assert trainer["command"] == ["torchrun", "--nproc-per-node=2", "-m", "r4b_core.cli", "bpo", "--config", CONFIG_URI]
+    assert trainer["ports"] == [{"containerPort": 23456, "name": "pytorchjob-port", "protocol": "TCP"}]
+    assert trainer["resources"]["requests"] == {"memory": "8Gi", "cpu": "4"}
+    assert tmpl["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert tmpl["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"   # the chart's NetworkPolicy
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["serviceAccountName"] == "r4b-train" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"] + pod["initContainers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["readOnlyRootFilesystem"] is True
+        # credentials only by Secret reference, never as literal env values; the sidecar gets none
+        if c["name"] == pj.SIDECAR:
+            assert "envFrom" not in c
+        else:
+            assert {"secretRef": {"name": "r4b-credentials"}} in c["envFrom"]
+        for e in c.get("env", []):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", e["name"]), e
+    env = all_env(trainer)
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://r4b-objectstore.r4b:8333"
+    assert env["MLFLOW_TRACKING_URI"] == "http://r4b-mlflow.r4b:5000"
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 20
+    assert job["metadata"]["annotations"][pj.SPEC_HASH]
+
+
+def test_single_node_anneal_has_no_workers_and_no_sidecar():
+    job = pj.manifest(pj.build_pytorchjob("anneal", CONFIG_URI, make_cfg(), RUN_ID))
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert "R4B_VLLM_URL" not in all_env(pod["containers"][0])
+    # BPO with the in-process engine has no sidecar either
+    cfg = make_cfg()
+    cfg.bpo.engine = "hf"
+    pod = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, cfg, RUN_ID))["spec"]["pytorchReplicaSpecs"]["Master"]
+    assert "initContainers" not in pod["template"]["spec"]
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda c: setattr(c.launcher, "gpus_per_node", 1), r"bpo.distributed.nproc_per_node: 2 processes but launcher.gpus_per_node is 1"),
+    (lambda c: setattr(c.storage, "root", "./runs"), r"storage.root: './runs' is a local path"),
+    (lambda c: setattr(c.vllm, "python", ".venv-vllm/bin/python"), r"vllm.python: '.venv-vllm/bin/python' is a path"),
+    (lambda c: setattr(c.bpo.distributed, "backend", "nccl"), r"backend: 'nccl' needs GPUs"),
+    (lambda c: setattr(c.launcher, "shm_size", "2 gigs"), r"launcher.shm_size: '2 gigs' is not a Kubernetes quantity"),
+    (lambda c: (setattr(c.launcher, "gpus_per_node", 2), setattr(c.launcher, "sidecar_gpus", 0)),
+     r"launcher.sidecar_gpus: 0 while trainer pods have GPUs"),
+    (lambda c: setattr(c.launcher, "tolerations", [{"key": "a", "efect": "NoSchedule"}]),
+     r"launcher.tolerations\[0\].efect: unknown key"),
+])
+def test_render_rejects_what_cannot_work_in_a_pod(change, expected):
+    cfg = make_cfg()
+    change(cfg)
+    with pytest.raises(ConfigError, match=expected):
+        pj.build_pytorchjob("bpo", CONFIG_URI, cfg, RUN_ID)
+
+
+def test_render_rejects_local_config_uri_and_unknown_stage():
+    with pytest.raises(ConfigError, match="not readable from a pod"):
+        pj.build_pytorchjob("anneal", "configs/tiny.yaml", make_cfg(), RUN_ID)
+    with pytest.raises(pj.LaunchError, match="choose one of anneal, bpo"):
+        pj.build_pytorchjob("eval", CONFIG_URI, make_cfg(), RUN_ID)
+
+
+def test_docs_show_the_current_rendering():
+    """docs/kubernetes.md pastes the 2-node BPO job; it must be what the launcher renders today."""
+    from r4b_core.config import load_config
+
+    doc = (REPO / "docs/kubernetes.md").read_text()
+    m = re.search(r"<!-- rendered: (.*?) -->\n```yaml\n(.*?)```", doc, re.S)
+    assert m, "docs/kubernetes.md lost its rendered PyTorchJob block"
+    args = m.group(1).split()
+    opts = dict(zip(args[::2], args[1::2]))
+    cfg = load_config(REPO / opts["--config"], [s for k, s in zip(args[::2], args[1::2]) if k == "--set"])
+    assert cfg.bpo.distributed.nnodes == 2 and cfg.bpo.engine == "vllm"
+    rendered = pj.render("bpo", opts["--config-uri"], cfg, opts["--run-id"])
+    assert m.group(2) == rendered, ("docs/kubernetes.md is stale; regenerate with: python -m "
+                                    f"r4b_core.launch.pytorchjob render --stage bpo {m.group(1)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fake API server
+# ---------------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+class FakeCluster:
+    """pytorchjobs + pods + logs + events over HTTP; `life` scripts what the operator does per GET."""
+
+    def __init__(self, life: str = "succeed"):
+        self.life = life
+        self.jobs: dict[str, dict] = {}
+        self.pods: dict[str, dict] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.events: list[dict] = []
+        self.steps: dict[str, int] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.forbid_create = False
+        self.crd_installed = True
+        self.race = False           # another attempt creates the job between our GET and POST
+        self.cond = threading.Condition()
+        cluster = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, obj: dict):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> dict:
+                n = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(n) or b"{}")
+
+            def do_GET(self):
+                cluster.route(self, "GET")
+
+            def do_POST(self):
+                cluster.route(self, "POST")
+
+            def do_DELETE(self):
+                cluster.route(self, "DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def api(self) -> k8s.ApiClient:
+        conf = k8s.Configuration()
+        conf.host = self.url
+        return k8s.ApiClient(conf)
+
+    def close(self):
+        with self.cond:
+            for pod in self.pods.values():
+                pod["status"]["phase"] = "Succeeded"
+            self.cond.notify_all()
+        self.server.shutdown()
+
+    # -- the operator's script -------------------------------------------------------------
+    def _pod(self, job: dict, rtype: str, i: int, phase: str) -> dict:
+        name = f"{job['metadata']['name']}-{rtype}-{i}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": job["metadata"]["namespace"],
+                            "labels": {pj.JOB_LABEL: job["metadata"]["name"],
+                                       "training.kubeflow.org/replica-type": rtype}},
+               "spec": {"containers": [{"name": "pytorch", "image": "x"}]},
+               "status": {"phase": phase}}
+        self.pods[name] = pod
+        return pod
+
+    def _condition(self, job: dict, ctype: str, reason: str, message: str):
+        conds = job.setdefault("status", {}).setdefault("conditions", [])
+        for c in conds:
+            if c["type"] in ("Running", "Created") and ctype in ("Running", "Succeeded", "Failed"):
+                c["status"] = "False" if c["type"] == "Running" else c["status"]
+        conds.append({"type": ctype, "status": "True", "reason": reason, "message": message,
+                      "lastTransitionTime": _now()})
+
+    def _event(self, obj_name: str, reason: str, message: str):
+        self.events.append({"apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason,
+                            "message": message, "lastTimestamp": _now(),
+                            "metadata": {"name": f"{obj_name}.{len(self.events)}", "namespace": "r4b"},
+                            "involvedObject": {"kind": "Pod", "name": obj_name, "namespace": "r4b"}})
+
+    def advance(self, name: str):
+        job = self.jobs[name]
+        if job["metadata"].get("deletionTimestamp"):
+            # foreground deletion: the pods go first, the job on the next look
+            for pod in [p for p in self.pods if p.startswith(name + "-")]:
+                del self.pods[pod]
+            del self.jobs[name]
+            self.steps.pop(name, None)
+            return
+        step = self.steps.get(name, 0)
+        self.steps[name] = step + 1
+        workers = job["spec"]["pytorchReplicaSpecs"].get("Worker", {}).get("replicas", 0)
+        master = f"{name}-master-0"
+        with self.cond:
+            if step == 0:
+                self._condition(job, "Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")
+                self._pod(job, "master", 0, "Pending")
+                for i in range(workers):
+                    self._pod(job, "worker", i, "Pending")
+                if self.life == "pending":
+                    self._event(master, "FailedScheduling",
+                                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+            elif self.life == "pending":
+                pass
+            elif step == 1:
+                self._condition(job, "Running", "PyTorchJobRunning", f"PyTorchJob {name} is running.")
+                for pod in self.pods.values():
+                    if pod["metadata"]["name"].startswith(name + "-"):
+                        pod["status"]["phase"] = "Running"
+                self.logs[master] = ["rank 0: loading config " + CONFIG_URI, "step 1 loss 2.31"]
+            elif step == 2:
+                self.logs[master].append("step 2 loss 1.97")
+                if self.life == "succeed":
+                    self.logs[master].append("anneal done: model saved")
+                    self._condition(job, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed.")
+                    for pod in self.pods.values():
+                        if pod["metadata"]["name"].startswith(name + "-"):
+                            pod["status"]["phase"] = "Succeeded"
+                else:   # oom
+                    self.logs[master].append("Killed")
+                    self._condition(job, "Failed", "PyTorchJobFailed",
+                                    f"PyTorchJob {name} is failed because 1 Master replica(s) failed.")
+                    pod = self.pods[master]
+                    pod["status"]["phase"] = "Failed"
+                    pod["status"]["containerStatuses"] = [{
+                        "name": "pytorch", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]
+                    self._event(master, "Evicted", "The node was low on resource: memory.")
+            self.cond.notify_all()
+
+    # -- HTTP routing ------------------------------------------------------------------------
+    def route(self, h, method: str):
+        url = urlparse(h.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.requests.append((method, url.path))
+        m = re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?", url.path)
+        if m:
+            return self.jobs_route(h, method, m.group(1), m.group(2))
+        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", url.path)
+        if m:
+            return self.log_route(h, m.group(2), q)
+        if re.fullmatch(r"/api/v1/namespaces/[^/]+/pods", url.path):
+            key, _, value = q.get("labelSelector", "").partition("=")
+            items = [p for p in self.pods.values() if p["metadata"]["labels"].get(key) == value]
+            return h._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+        if re.fullmatch(r"/api/v1/namespaces/[^/]+/events", url.path):
+            items = [e for e in self.events if q.get("fieldSelector") != "type=Warning" or e["type"] == "Warning"]
+            return h._send(200, {"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items})
+        h._send(404, _status(404, "NotFound", f"no route {url.path}"))
+
+    def jobs_route(self, h, method, ns, name):
+        if not self.crd_installed:
+            return h._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
+        if method == "POST":
+            body = h._body()
+            name = body["metadata"]["name"]
+            if self.forbid_create:
+                return h._send(403, _status(403, "Forbidden", f'pytorchjobs.kubeflow.org is forbidden: User '
+                                            f'"system:serviceaccount:{ns}:pipeline-runner" cannot create resource'))
+            if self.race and name not in self.jobs:
+                self.race = False
+                self.jobs[name] = json.loads(json.dumps(body))
+                self.advance(name)   # the other attempt's job exists (Created)
+            if name in self.jobs:
+                return h._send(409, _status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists'))
+            body["metadata"].update(uid=f"uid-{len(self.jobs)}", creationTimestamp=_now())
+            self.jobs[name] = body
+            return h._send(201, body)
+        if name not in self.jobs:
+            return h._send(404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found'))
+        if method == "GET":
+            self.advance(name)
+            if name not in self.jobs:
+                return h._send(404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found'))
+            return h._send(200, self.jobs[name])
+        if method == "DELETE":
+            self.jobs[name]["metadata"]["deletionTimestamp"] = _now()
+            return h._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})
+        h._send(405, _status(405, "MethodNotAllowed", method))
+
+    def log_route(self, h, pod, q):
+        if pod not in self.pods:
+            return h._send(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+        lines = self.logs.get(pod, [])
+        if q.get("follow", "").lower() != "true":   # the python client sends "True"; Go ParseBool takes both
+            tail = int(q["tailLines"]) if "tailLines" in q else len(lines)
+            data = "".join(line + "\n" for line in lines[-tail:]).encode()
+            h.send_response(200)
+            h.send_header("Content-Type", "text/plain")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        h.send_response(200)
+        h.send_header("Content-Type", "text/plain")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        sent = 0
+        with self.cond:
+            while True:
+                lines = self.logs.get(pod, [])
+                for line in lines[sent:]:
+                    data = (line + "\n").encode()
+                    h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                sent = len(lines)
+                h.wfile.flush()
+                if pod not in self.pods or self.pods[pod]["status"]["phase"] in ("Succeeded", "Failed"):
+                    break
+                self.cond.wait(timeout=5)
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
+
+@pytest.fixture
+def cluster(request):
+    c = FakeCluster(getattr(request, "param", "succeed"))
+    yield c
+    c.close()
+
+
+class Log(list):
+    def __call__(self, line: str):
+        self.append(line)
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def _posts(cluster: FakeCluster) -> int:
+    return sum(1 for m, p in cluster.requests if m == "POST")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------
+def test_launch_creates_waits_and_streams_the_master_log(cluster):
+    log = Log()
+    res = pj.launch("bpo", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.state == "Succeeded" and res.action == "created"
+    assert res.name == pj.job_name(RUN_ID, "bpo") and res.namespace == "r4b"
+    assert _posts(cluster) == 1
+    stored = cluster.jobs[res.name]
+    assert stored["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    text = log.text()
+    for line in ("[master] rank 0: loading config", "[master] step 2 loss 1.97", "[master] anneal done: model saved"):
+        assert line in text
+    assert f"pytorchjob {res.name}: Running" in text and "Succeeded" in text
+    assert [c["type"] for c in res.conditions][-1] == "Succeeded"
+    assert res.name in cluster.jobs            # cleanup is off by default
+
+
+def test_launch_is_idempotent_after_success(cluster):
+    cfg = make_cfg()
+    pj.launch("anneal", CONFIG_URI, cfg, RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    log = Log()
+    res = pj.launch("anneal", CONFIG_URI, cfg, RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.action == "already-succeeded" and res.state == "Succeeded"
+    assert _posts(cluster) == 1
+
+
+def test_retry_adopts_the_running_job(cluster):
+    cfg = make_cfg()
+    body = pj.manifest(pj.build_pytorchjob("anneal", CONFIG_URI, cfg, RUN_ID, {}))
+    cluster.jobs[body["metadata"]["name"]] = body
+    cluster.advance(body["metadata"]["name"])   # Created
+    log = Log()
+    res = pj.launch("anneal", CONFIG_URI, cfg, RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.action == "adopted" and res.state == "Succeeded"
+    assert _posts(cluster) == 0
+    assert "spec hash" not in log.text()        # same spec: adopted silently
+    assert "[master] step 2 loss 1.97" in log.text()
+
+
+def test_adopting_a_job_with_another_spec_says_which_wins(cluster):
+    body = pj.manifest(pj.build_pytorchjob("anneal", CONFIG_URI, make_cfg(), RUN_ID, {}))
+    body["metadata"]["annotations"][pj.SPEC_HASH] = "0000000000000000"
+    cluster.jobs[body["metadata"]["name"]] = body
+    log = Log()
+    res = pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.action == "adopted"
+    assert "exists with spec hash 0000000000000000" in log.text() and "the existing job wins" in log.text()
+
+
+def test_create_conflict_adopts_instead_of_failing(cluster):
+    cluster.race = True
+    res = pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    assert res.action == "adopted" and res.state == "Succeeded"
+    assert len(cluster.jobs) == 1
+
+
+@pytest.mark.parametrize("cluster", ["oom"], indirect=True)
+def test_failed_previous_attempt_is_deleted_and_relaunched(cluster):
+    cfg = make_cfg()
+    with pytest.raises(pj.PyTorchJobFailed):
+        pj.launch("anneal", CONFIG_URI, cfg, RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    cluster.life = "succeed"
+    log = Log()
+    res = pj.launch("anneal", CONFIG_URI, cfg, RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.action == "recreated" and res.state == "Succeeded"
+    assert ("DELETE", f"/apis/kubeflow.org/v1/namespaces/r4b/pytorchjobs/{res.name}") in cluster.requests
+    assert "previous attempt failed; deleting it" in log.text()
+    assert _posts(cluster) == 2
+
+
+@pytest.mark.parametrize("cluster", ["oom"], indirect=True)
+def test_failure_reason_names_condition_container_event_and_log(cluster):
+    with pytest.raises(pj.PyTorchJobFailed) as err:
+        pj.launch("bpo", CONFIG_URI, make_cfg(cleanup=True), RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    msg = str(err.value)
+    name = pj.job_name(RUN_ID, "bpo")
+    assert f"pytorchjob r4b/{name} (bpo) failed" in msg
+    assert "1 Master replica(s) failed" in msg
+    assert f"{name}-master-0/pytorch: terminated OOMKilled exit code 137" in msg
+    assert "Evicted: The node was low on resource: memory." in msg
+    assert "Killed" in msg.split("log lines of")[1]
+    assert ("DELETE", f"/apis/kubeflow.org/v1/namespaces/r4b/pytorchjobs/{name}") in cluster.requests   # cleanup
+
+
+@pytest.mark.parametrize("cluster", ["pending"], indirect=True)
+def test_timeout_reports_why_pods_are_pending(cluster):
+    log = Log()
+    with pytest.raises(pj.PyTorchJobTimeout) as err:
+        pj.launch("anneal", CONFIG_URI, make_cfg(timeout_s=0.3), RUN_ID, api=cluster.api(), log=log, extra_env={})
+    msg = str(err.value)
+    assert "not finished after 0s" in msg or "not finished after 1s" in msg
+    assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in msg
+    assert "kubectl -n r4b delete pytorchjob" in msg
+    # the warning was also printed live, once
+    assert log.text().count("Insufficient nvidia.com/gpu") == 1
+
+
+def test_forbidden_create_explains_the_rbac_fix(cluster):
+    cluster.forbid_create = True
+    with pytest.raises(pj.LaunchError, match=r"forbidden in namespace 'r4b'.*rbac.runnerServiceAccounts"):
+        pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+
+
+def test_missing_crd_explains_the_operator_install(cluster):
+    cluster.crd_installed = False
+    with pytest.raises(pj.LaunchError, match=r"no pytorchjobs.kubeflow.org/v1.*Training Operator v1.9"):
+        pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log(),
+                  extra_env={})
+
+
+def test_kfp_mlflow_env_is_forwarded(monkeypatch, cluster):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc123")
+    res = pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log())
+    (trainer,) = cluster.jobs[res.name]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert all_env(trainer)["MLFLOW_RUN_ID"] == "abc123"
