@@ -50,6 +50,45 @@ def _add_config(sub) -> None:
     c.set_defaults(func=_cmd_config_check)
 
 
+# --- model ----------------------------------------------------------------------------------
+def _cmd_model_init(args) -> int:
+    import time
+    from pathlib import Path
+
+    cfg = _load(args)
+    t0 = time.time()
+    if cfg.model.base == "tiny":
+        from r4b_core.data.synthetic import draw_split, tokenizer_corpus
+        from r4b_core.models.tiny import build_tiny_vlm
+
+        if args.corpus:
+            from r4b_core.data.schema import read_jsonl
+
+            records = [r for path in args.corpus for r in read_jsonl(path).records]
+        else:   # the synthetic train split's texts (no images needed for a tokenizer)
+            records = draw_split("train", cfg.data.synthetic.train_size, cfg.data.synthetic)
+            records = [{"question": i.question, "answer": i.answer, "reasoning": i.reasoning} for i in records]
+        out = build_tiny_vlm(cfg.model.tiny, tokenizer_corpus(records), Path(args.out), seed=cfg.seed)
+    else:   # a HF id / folder, or the paper-scale vision tower + LM pair: load (or compose) and save
+        from r4b_core.models.loading import load_model, save_model
+
+        model, processor = load_model(cfg.model.base, cfg.model)
+        out = save_model(model, processor, Path(args.out))
+    print(f"model ({cfg.model.base}) written to {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _add_model(sub) -> None:
+    p = sub.add_parser("model", help="build or fetch the base model folder (tiny VLM, or a composed pair)")
+    s = p.add_subparsers(dest="action", required=True)
+    c = s.add_parser("init", help="write model.base as a save_pretrained folder that transformers and vLLM load")
+    _config_args(c)
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--corpus", action="append", metavar="JSONL", default=[],
+                   help="records whose texts train the tiny tokenizer (default: the synthetic train split)")
+    c.set_defaults(func=_cmd_model_init)
+
+
 # --- curate / eval ----------------------------------------------------------------------------
 def _stage_tracker(cfg):
     from r4b_core.tracking import Tracker
@@ -223,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_config(sub)
+    _add_model(sub)
     _add_curate(sub)
     _add_eval(sub)
     _add_bpo(sub)

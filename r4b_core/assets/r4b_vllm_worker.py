@@ -1,0 +1,32 @@
+"""vLLM worker extension used by the r4b sidecar (`--worker-extension-cls
+r4b_vllm_worker.R4BWorkerExtension`; this folder is on the server's PYTHONPATH).
+
+After `POST /collective_rpc {"method": "reload_weights", ...}` vLLM re-processes every layer whose
+weights it loaded. A tied output layer (Qwen3-4B ties it to the input embedding) is never loaded
+under its own name, so on CPU it keeps the matrix it packed at start-up and the server silently
+samples from stale logits. `r4b_refresh_output_layer` re-ties the head to the (new) embedding
+and re-packs it. Call it through `/collective_rpc` after every reload; it is cheap and correct for
+untied models too.
+"""
+
+
+class R4BWorkerExtension:
+    def r4b_refresh_output_layer(self):
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+        from vllm.platforms import current_platform
+
+        model = self.model_runner.get_model()
+        text_config = self.model_runner.model_config.hf_text_config
+        tied = bool(getattr(text_config, "tie_word_embeddings", False))
+        heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+        embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
+        retied = 0
+        for head in heads:
+            if tied and len(embeddings) == 1 and head.weight is not embeddings[0].weight:
+                head.weight = embeddings[0].weight
+                retied += 1
+            if current_platform.is_cpu():
+                from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+                dispatch_cpu_unquantized_gemm(head, remove_weight=False)
+        return {"heads": len(heads), "tied": tied, "retied": retied}

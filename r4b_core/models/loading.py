@@ -1,0 +1,302 @@
+"""Load and save the policy model: tiny folders, storage URIs, Hugging Face ids, paper-scale pairs.
+
+    model, processor = load_model("runs/tiny/base", cfg.model)                 # a local folder
+    model, processor = load_model("s3://bucket/run/anneal/model", cfg.model, store=store)
+    model, processor = load_model("Qwen/Qwen2.5-VL-3B-Instruct", cfg.model)   # HF id (needs a hub)
+    model, processor = load_model(cfg.model.base, cfg.model)   # base: llava-onevision + vision_tower
+                                                               # + language_model: composed
+    save_model(model, processor, "runs/tiny/anneal/model")     # safetensors, vLLM key layout, atomic
+
+Paper scale (configs/r4b-4b.yaml) composes a LLaVA-style model from a vision tower
+(google/siglip2-so400m-patch14-384) and a language model (Qwen/Qwen3-4B): the tower and the LM keep
+their pretrained weights, the two-layer GELU projector is freshly initialised, the tokenizer is the
+LM's plus an `<image>` token, the chat template is ours. R-4B's AnyRes tiling and projector
+LayerNorm are not reproduced (transformers' and vLLM's plain Llava have neither).
+
+Saved folders use the key layout vLLM's Llava loader expects (`language_model.model.*`,
+`language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`);
+transformers maps it back on load. The same layout is what the vLLM weight sync writes
+(`state_dict_for_vllm`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from r4b_core.config import ModelConfig
+from r4b_core.errors import R4BError
+
+# Composition keywords: `model.base` values that mean "build from vision_tower + language_model".
+COMPOSED_BASES = ("llava", "llava-onevision", "compose")
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+class ModelLoadError(R4BError):
+    """A model source that cannot be loaded; the message names the source and the fix."""
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
+    except KeyError:
+        raise ModelLoadError(f"dtype {dtype!r}: allowed: float32, bfloat16, float16") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def _vision_needs_model_level(model) -> bool:
+    """transformers 5 SigLIP/CLIP towers have no `vision_model` level; vLLM's do."""
+    tower = model.model.vision_tower
+    return not hasattr(tower, "vision_model")
+
+
+def state_dict_for_vllm(model) -> dict[str, Any]:
+    """The model's tensors under vLLM's Llava key names (also loadable by transformers).
+
+    Tied output layers are written once (as the embedding): both loaders re-tie them.
+    """
+    add_level = _vision_needs_model_level(model)
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    out: dict[str, Any] = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("model.vision_tower."):
+            rest = key[len("model.vision_tower."):]
+            new = "vision_tower." + ("vision_model." if add_level else "") + rest
+        elif key.startswith("model.multi_modal_projector."):
+            new = key[len("model."):]
+        elif key.startswith("model.language_model."):
+            new = "language_model.model." + key[len("model.language_model."):]
+        elif key.startswith("lm_head."):
+            if tied:
+                continue
+            new = "language_model." + key
+        else:
+            raise ModelLoadError(f"save_model: unexpected parameter {key!r}; only LLaVA-style "
+                                 f"models (vision_tower + projector + language_model) are supported")
+        out[new] = tensor.detach().contiguous()
+    return out
+
+
+def write_safetensors(tensors: dict[str, Any], folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write tensors as model.safetensors (or shards + index) into an existing folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        paths.append(folder / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an older folder at `final` is removed only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, processor, out_dir: str | Path) -> Path:
+    """Save a loadable, servable folder: config, safetensors (vLLM layout), processor files.
+
+    Atomic: everything is written to a temporary sibling folder that is renamed at the end, so
+    a crash never leaves a half-written model where a finished one is expected.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        # config.save_pretrained alone omits `architectures`; vLLM then guesses a pooling model.
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        write_safetensors(state_dict_for_vllm(model), tmp)
+        processor.save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def _hub_error(source: str, exc: Exception, field: str = "model.base (or the stage's model input)") -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    why = "HF_HUB_OFFLINE is set" if offline else "no network or the id does not exist"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(
+        f"model source {source!r} is not a local folder or storage URI, and the Hugging Face hub is "
+        f"unreachable ({why}: {first[:160]}); download it where a hub is reachable "
+        f"(`hf download {source} --local-dir DIR`) and set {field} to DIR")
+
+
+def _is_hub_id(source: str) -> bool:
+    return "://" not in source and not source.startswith((".", "/", "~")) and source.count("/") == 1
+
+
+def _resolve_local(source: str, store=None) -> Path | None:
+    """A local folder for `source`, downloading storage URIs; None for a hub id."""
+    if source.startswith("file://"):
+        path = Path(source[len("file://"):])
+    elif "://" in source:
+        if store is None:
+            from r4b_core.config import StorageConfig
+            from r4b_core.storage import Store
+
+            store = Store.from_config(StorageConfig())   # endpoint/credentials from AWS_* env
+        cache = Path(os.environ.get("R4B_CACHE_DIR", "~/.cache/r4b")).expanduser() / "models"
+        path = Path(store.local_path(source, cache))
+    else:
+        path = Path(source).expanduser()
+        if not path.exists() and _is_hub_id(source):
+            return None
+    if not path.exists():
+        raise ModelLoadError(f"model source {source!r}: {path} does not exist; point model.base (or the "
+                             f"stage input) at a save_pretrained folder")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"model source {source!r}: {path} has no config.json; it is not a "
+                             f"save_pretrained model folder")
+    return path
+
+
+def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    trust = model_cfg.trust_remote_code
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForImageTextToText
+    model = cls.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    return model.eval(), processor
+
+
+def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtype=None, store=None):
+    """A LLaVA model from a pretrained vision tower and a pretrained causal LM (fresh projector)."""
+    import torch
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
+                              LlavaConfig, LlavaForConditionalGeneration)
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from r4b_core import modes
+    from r4b_core.models.tiny import make_processor
+
+    dtype = dtype or torch.float32
+    trust = model_cfg.trust_remote_code
+
+    def fetch(src: str):
+        local = _resolve_local(src, store)
+        return str(local) if local is not None else src
+
+    vision_src, lm_src = fetch(vision_source), fetch(lm_source)
+    try:
+        vision_full = AutoModel.from_pretrained(vision_src, dtype=dtype, trust_remote_code=trust)
+        image_processor = AutoImageProcessor.from_pretrained(vision_src, backend="pil")
+        lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(lm_src, trust_remote_code=trust)
+    except OSError as exc:
+        vision_missing = not Path(vision_src).exists()
+        raise _hub_error(vision_source if vision_missing else lm_source, exc,
+                         "model.vision_tower" if vision_missing else "model.language_model") from None
+    # A dual-encoder checkpoint (SigLIP) carries a text tower too: keep the vision half.
+    vision = getattr(vision_full, "vision_model", vision_full)
+    vision_config = getattr(vision_full.config, "vision_config", vision_full.config)
+
+    if modes.IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [modes.IMAGE_TOKEN]})
+    missing = [t for t in (modes.IM_START, modes.IM_END, modes.THINK_OPEN, modes.THINK_CLOSE)
+               if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ModelLoadError(f"model.language_model {lm_source!r}: its tokenizer lacks {missing}; the bi-mode "
+                             f"chat format needs a ChatML + think-tag tokenizer (Qwen3 family)")
+    if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(len(tokenizer))
+    image_size = vision_config.image_size
+    patch = vision_config.patch_size
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict() | {"model_type": vision_config.model_type},
+        text_config=lm.config.to_dict() | {"model_type": lm.config.model_type},
+        image_token_index=tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN),
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    # Build the shell without allocating a second copy of the towers, then move the loaded ones in.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    projector = LlavaMultiModalProjector(config).to(dtype)
+    model.model.multi_modal_projector = projector
+    model.to(dtype)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise ModelLoadError(f"compose_llava: parameters left unset: {leftover[:5]}")
+    processor = make_processor(tokenizer, image_size, patch)
+    processor.image_processor = image_processor
+    return model.eval(), processor
+
+
+def load_model(source: str | Path, model_cfg: ModelConfig | None = None, store=None, dtype=None):
+    """Load (model, processor) from a folder, a storage URI, a HF model id, or compose one.
+
+    `source` equal to a composition keyword (model.base: llava-onevision) with model.vision_tower and
+    model.language_model set builds the paper-scale pair. `dtype` defaults to model.dtype.
+    """
+    model_cfg = model_cfg or ModelConfig()
+    dtype = _torch_dtype(dtype or model_cfg.dtype)
+    source = str(source)
+    if source == "tiny":
+        raise ModelLoadError("model source 'tiny' has no weights yet: build it first with "
+                             "`r4b model init --out DIR` (models.tiny.build_tiny_vlm) and load DIR")
+    if source in COMPOSED_BASES:
+        if not (model_cfg.vision_tower and model_cfg.language_model):
+            raise ModelLoadError(f"model.base {source!r} composes a model: set model.vision_tower and "
+                                 f"model.language_model (e.g. google/siglip2-so400m-patch14-384, Qwen/Qwen3-4B)")
+        return compose_llava(model_cfg.vision_tower, model_cfg.language_model, model_cfg, dtype, store)
+    local = _resolve_local(source, store)
+    if local is not None:
+        return _load_folder(local, model_cfg, dtype)
+    try:
+        return _load_folder(source, model_cfg, dtype)
+    except OSError as exc:
+        raise _hub_error(source, exc) from None

@@ -1,0 +1,131 @@
+"""The tiny model's tokenizer and the served chat template.
+
+`train_tokenizer(texts, vocab_size)` trains a byte-level BPE tokenizer on a corpus (the synthetic
+data's questions, reasoning traces and answers) and wraps it as a transformers tokenizer that
+`save_pretrained` writes and both transformers and vLLM load. Design choices, each for a reason:
+
+- byte-level BPE: every string encodes, nothing maps to <unk>;
+- every digit is its own token: numbers are compared digit by digit by the tiny model, and a
+  number never merges with its neighbours;
+- runs of newlines are isolated pre-tokens, so "\\n\\n" is the same single token at the end of a
+  forced prefix ("<think>\\n\\n</think>\\n\\n") and inside a full SFT transcript; this is what makes
+  a forced prompt a token-exact prefix of the training sequence (tests/unit/test_tokenizer.py);
+- `<|im_start|>`, `<|im_end|>` (EOS), `<|endoftext|>` (pad) and `<image>` are special tokens;
+  `<think>` / `</think>` are ordinary added tokens (as in Qwen3) so they survive decoding with
+  `skip_special_tokens=True`.
+
+`chat_template()` is the Jinja template the model is saved and served with. For a user turn it
+renders exactly `modes.chat_prompt(...)` and takes `thinking_mode` = auto | long | short (the
+R-4B model card), with Qwen3's `enable_thinking` boolean as an alias. All strings come from
+`r4b_core.modes`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from r4b_core import modes
+
+PAD_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [PAD_TOKEN, modes.IM_START, modes.IM_END, modes.IMAGE_TOKEN]
+THINK_TOKENS = [modes.THINK_OPEN, modes.THINK_CLOSE]
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+
+
+def _lit(s: str) -> str:
+    """A Python string as a Jinja string literal (JSON quoting is valid Jinja)."""
+    return json.dumps(s)
+
+
+def chat_template() -> str:
+    """The Jinja chat template; built from modes.py so no tag string is written twice."""
+    prefixes = ", ".join(f"{_lit(name)}: {_lit(modes.GENERATION_PREFIX[mode])}"
+                         for name, mode in modes.SERVING_MODE_NAMES.items())
+    allowed = ", ".join(modes.SERVING_MODE_NAMES)
+    long_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.THINK)
+    short_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.NO_THINK)
+    auto_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.AUTO)
+    image_types = "(" + ", ".join(_lit(t) for t in IMAGE_PART_TYPES) + ")"
+    return (
+        "{#- r4b chat template: renders r4b_core.modes.chat_prompt; thinking_mode = " + allowed + " -#}\n"
+        "{%- set r4b_prefix = {" + prefixes + "} -%}\n"
+        "{%- if thinking_mode is defined and thinking_mode is not none -%}"
+        "{%- set r4b_mode = thinking_mode | string | lower -%}"
+        "{%- elif enable_thinking is defined and enable_thinking is not none -%}"
+        "{%- set r4b_mode = " + _lit(long_name) + " if enable_thinking else " + _lit(short_name) + " -%}"
+        "{%- else -%}{%- set r4b_mode = " + _lit(auto_name) + " -%}{%- endif -%}\n"
+        "{%- if r4b_mode not in r4b_prefix -%}"
+        "{{ raise_exception('unknown thinking_mode ' ~ r4b_mode ~ '; allowed: " + allowed + "') }}"
+        "{%- endif -%}\n"
+        "{%- for message in messages -%}"
+        "{{ " + _lit(modes.IM_START) + " ~ message['role'] ~ " + _lit("\n") + " }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}"
+        "{%- for part in message['content'] if part['type'] in " + image_types + " -%}"
+        "{{ " + _lit(modes.IMAGE_TOKEN + "\n") + " }}"
+        "{%- endfor -%}"
+        "{%- set ns = namespace(text=[]) -%}"
+        "{%- for part in message['content'] if part['type'] == 'text' -%}"
+        "{%- set ns.text = ns.text + [part['text']] -%}"
+        "{%- endfor -%}"
+        "{{ ns.text | join(" + _lit("\n") + ") | trim }}"
+        "{%- endif -%}"
+        "{{ " + _lit(modes.IM_END + "\n") + " }}"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}"
+        "{{ " + _lit(modes.IM_START + "assistant\n") + " ~ r4b_prefix[r4b_mode] }}"
+        "{%- endif -%}"
+    )
+
+
+def _markup_corpus() -> list[str]:
+    """Transcripts in the chat format, so BPE always learns the markup's own merges ("\\n\\n")."""
+    out = []
+    for mode in (None, modes.Mode.AUTO, modes.Mode.THINK, modes.Mode.NO_THINK):
+        out.append(modes.chat_prompt("What is 1 + 2?", num_images=1, mode=mode))
+    out.append(modes.thinking_target("1 + 2 = 3", "3") + modes.IM_END)
+    out.append(modes.direct_target("3") + modes.IM_END)
+    return out * 8
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train the byte-level BPE tokenizer; returns a `PreTrainedTokenizerFast` with the chat
+    template set. `vocab_size` counts every token, added ones included."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from r4b_core.errors import R4BError
+
+    # 256 byte symbols + our added tokens must fit, plus some room for merges.
+    minimum = 256 + len(SPECIAL_TOKENS) + len(THINK_TOKENS) + 16
+    if vocab_size < minimum:
+        raise R4BError(f"model.tiny.vocab_size: {vocab_size} is too small for a byte-level tokenizer; "
+                       f"use at least {minimum}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(THINK_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = list(texts)
+    if not corpus:
+        raise R4BError("train_tokenizer: the corpus is empty; pass the training texts (questions, traces, answers)")
+    tok.train_from_iterator(corpus + _markup_corpus(), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=modes.IM_END,
+        pad_token=PAD_TOKEN,
+        model_input_names=["input_ids", "attention_mask"],
+        chat_template=chat_template(),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
