@@ -50,6 +50,44 @@ def _add_config(sub) -> None:
     c.set_defaults(func=_cmd_config_check)
 
 
+# --- data -----------------------------------------------------------------------------------
+def _cmd_data_generate(args) -> int:
+    import time
+    from collections import Counter
+
+    from r4b_core import layout
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_all
+
+    cfg = _load(args)
+    out = args.out or layout.data_dir(cfg)
+    if out.startswith("file://"):
+        out = out[len("file://"):]
+    if "://" in out:
+        raise R4BError(f"data generate writes local files, got --out {out}; pass a local --out DIR and "
+                       "upload the folder (JSONL + images/) to object storage")
+    t0 = time.time()
+    tiny = cfg.model.tiny
+    paths = generate_all(cfg.data.synthetic, out, image_size=tiny.image_size, patch_size=tiny.patch_size)
+    print(f"{'split':<6} {'category':<11} {'difficulty':>10} {'count':>6}")
+    for split, path in paths.items():
+        counts = Counter((r.category, r.difficulty) for r in read_jsonl(path).records)
+        for (category, level), n in sorted(counts.items()):
+            print(f"{split:<6} {category:<11} {level:>10} {n:>6}")
+        print(f"{split:<6} {'total':<11} {'':>10} {sum(counts.values()):>6}   {path}")
+    print(f"synthetic data ({tiny.image_size}x{tiny.image_size} images) written to {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="generate the synthetic visual-math splits")
+    s = p.add_subparsers(dest="action", required=True)
+    c = s.add_parser("generate", help="write train/rl/eval JSONL + PNGs (sizes from data.synthetic)")
+    _config_args(c)
+    c.add_argument("--out", help="output folder (default: <run>/data)")
+    c.set_defaults(func=_cmd_data_generate)
+
+
 # --- model ----------------------------------------------------------------------------------
 def _cmd_model_init(args) -> int:
     import time
@@ -262,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_config(sub)
+    _add_data(sub)
     _add_model(sub)
     _add_curate(sub)
     _add_eval(sub)
