@@ -131,7 +131,7 @@ def _add_model(sub) -> None:
 def _stage_tracker(cfg):
     from r4b_core.tracking import Tracker
 
-    return Tracker.from_config(cfg)
+    return Tracker(cfg)
 
 
 def _cmd_curate(args) -> int:
