@@ -41,7 +41,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from r4b_core import modes
 from r4b_core.config import RunConfig
@@ -128,8 +128,23 @@ def answer_after(text: str, mode: Mode) -> modes.ParsedResponse:
     return modes.parse_response(text, prefix_mode=mode)
 
 
-def consistency_check(teacher_text: str, record: Record, is_correct: Callable[[str, Record], bool]
-                      ) -> tuple[str | None, str | None]:
+def correct_flags(scorer, texts: list[str], mode_of: list[Mode], records: list[Record]) -> list[bool]:
+    """Which completions state their record's answer, scored exactly as the BPO reward scores.
+
+    `scorer` is a `rewards.RewardScorer`; each completion is scored as its full transcript (forced
+    prefix + generated text) after the think block; a block that never closed is wrong unasked.
+    """
+    transcripts = [modes.generation_prefix(m) + t for t, m in zip(texts, mode_of)]
+    closed = [i for i, (t, m) in enumerate(zip(texts, mode_of)) if answer_after(t, m).closed]
+    out = [False] * len(texts)
+    if closed:
+        scores = scorer.score([transcripts[i] for i in closed], [records[i] for i in closed])
+        for i, sc in zip(closed, scores):
+            out[i] = sc == 1.0
+    return out
+
+
+def consistency_check(teacher_text: str, record: Record, scorer) -> tuple[str | None, str | None]:
     """A teacher completion (think mode) -> (trace, None) when usable, else (None, reason).
 
     Usable = the think block closed, the trace is non-empty, and the teacher's final answer is
@@ -140,7 +155,7 @@ def consistency_check(teacher_text: str, record: Record, is_correct: Callable[[s
         return None, "teacher_truncated: the think block never closed (raise curate.teacher_max_new_tokens)"
     if not parsed.reasoning:
         return None, "teacher_empty_trace: the teacher did not reason"
-    if not is_correct(parsed.answer, record):
+    if not correct_flags(scorer, [teacher_text], [Mode.THINK], [record])[0]:
         return None, f"teacher_inconsistent: teacher answered {parsed.answer[:60]!r}, reference {record.answer!r}"
     return parsed.reasoning, None
 
@@ -249,16 +264,22 @@ def split_completions(requests: list[GenerationRequest], completions: list[Compl
     return out
 
 
-def apply_labels(items: list[Item], groups: list[list[Completion]], cfg_curate,
-                 is_correct: Callable[[str, Record], bool], stats: CurateStats) -> None:
+def apply_labels(items: list[Item], groups: list[list[Completion]], cfg_curate, scorer,
+                 stats: CurateStats) -> None:
     """Label each item from its completions (objective: pass count; subjective: judge)."""
-    for item, group in zip(items, groups):
+    texts, recs, owner = [], [], []
+    for j, (item, group) in enumerate(zip(items, groups)):
+        if item.record.objective:
+            texts += [c.text for c in group]
+            recs += [item.record] * len(group)
+            owner += [j] * len(group)
+    passes = Counter()
+    for j, ok in zip(owner, correct_flags(scorer, texts, [Mode.NO_THINK] * len(texts), recs)):
+        passes[j] += ok
+    for j, (item, group) in enumerate(zip(items, groups)):
         r = item.record
         if r.objective:
-            k = 0
-            for c in group:
-                parsed = answer_after(c.text, Mode.NO_THINK)
-                k += bool(parsed.closed and parsed.answer and is_correct(parsed.answer, r))
+            k = passes[j]
             item.num_correct = k
             item.label = label_for_passes(k, cfg_curate.max_correct_for_reasoning)
             stats.add_passes(r.category, k)
@@ -307,16 +328,6 @@ def _load_images(item: Item, store) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 # Models: the annotator, the teacher, the engine
 # ---------------------------------------------------------------------------------------------
-def _scorer() -> Callable[[str, Record], bool]:
-    """The shared rule-based scoring function (the BPO reward and the eval use the same one)."""
-    from r4b_core.rewards import is_correct
-
-    def score(answer: str, record: Record) -> bool:
-        return bool(is_correct(answer, record.answer, record.answer_type, record.choices))
-
-    return score
-
-
 @contextlib.contextmanager
 def open_engine(cfg: RunConfig, model_uri: str, kind: str) -> Iterator[RolloutEngine]:
     """A RolloutEngine serving `model_uri`: in-process HF, or a local vLLM sidecar."""
@@ -351,8 +362,7 @@ def open_engine(cfg: RunConfig, model_uri: str, kind: str) -> Iterator[RolloutEn
             server.__exit__(None, None, None)
 
 
-def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stage_uri: str,
-                    store, tracker=None) -> str:
+def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stage_uri: str, store) -> str:
     """The tiny annotator: the base model after `annotator_train_steps` steps of direct-answer SFT.
 
     Every valid raw record becomes a direct target (empty think block), so the annotator learns to
@@ -373,7 +383,8 @@ def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stag
         "steps": steps, "compliance_samples": 0,
         "checkpoint_every": max(steps, 1), "keep_checkpoints": 1})
     acfg = cfg.model_copy(update={"anneal": anneal})
-    run_anneal(acfg, train_uri, base_model_uri, out_model, tracker=tracker)
+    # Not logged as a stage of its own: "anneal" in MLflow is the real annealing run.
+    run_anneal(acfg, train_uri, base_model_uri, out_model, tracker=None)
     return out_model
 
 
@@ -423,11 +434,13 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     prefix, sft_uri = stage_prefix(out_uri)
     annotator_name = "given" if annotator is not None else c.annotator
     chash = config_hash(cfg, raw_uri, annotator_name)
-    if storage.is_complete(prefix, chash, store=store):
-        manifest = storage.read_manifest(prefix, store=store)
+    if store.is_complete(prefix, chash):
+        manifest = store.read_manifest(prefix)
         print(f"curate: {prefix} is complete for config {chash}; skipping")
         return manifest
 
+    # Files of an earlier, different attempt must not be vouched for by its manifest.
+    store.invalidate(prefix)
     t0 = time.perf_counter()
     if not store.exists(raw_uri):
         raise CurateError(f"{raw_uri}: raw data not found; generate it (r4b data generate) or pass --input URI")
@@ -462,14 +475,16 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         else:
             kept.append(item)
 
-    is_correct = _scorer()
+    from r4b_core.rewards import RewardScorer
+
     with contextlib.ExitStack() as stack:
+        scorer = stack.enter_context(RewardScorer())
         if annotator is None:
             model_uri = c.annotator
             if c.annotator == "base":
                 model_uri = layout.base_model_dir(cfg)
                 if c.annotator_train_steps > 0:
-                    model_uri = train_annotator(cfg, kept, model_uri, prefix, store, tracker)
+                    model_uri = train_annotator(cfg, kept, model_uri, prefix, store)
             annotator = stack.enter_context(open_engine(cfg, model_uri, c.engine))
         if teacher is None and c.teacher:
             teacher = stack.enter_context(open_engine(cfg, c.teacher, c.engine))
@@ -483,13 +498,14 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
             completions = annotator.generate(reqs)
             stats.generate_seconds += time.perf_counter() - tg
             stats.generated_tokens += sum(len(x.token_ids) for x in completions)
-            apply_labels(batch, split_completions(reqs, completions), c, is_correct, stats)
+            apply_labels(batch, split_completions(reqs, completions), c, scorer, stats)
             stats.annotated_items += len(batch)
-            _attach_traces(batch, images, teacher, c, is_correct, stats)
+            _attach_traces(batch, images, teacher, c, scorer, stats)
             done = start + len(batch)
             print(f"curate: {done}/{len(kept)} items labelled "
                   f"({done / max(time.perf_counter() - t_label, 1e-9):.1f} items/s)", flush=True)
         label_seconds = time.perf_counter() - t_label
+        scoring = scorer.counters
 
     out_rows = []
     for item in kept:
@@ -528,10 +544,11 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         "counts": {"read": n_read, "kept": len(out_rows), "rejected": len(rejects)},
         "stats": summary,
         "throughput": throughput,
+        "scoring": scoring,
         "config": cfg.curate.model_dump(mode="json"),
     }
     _log(tracker, manifest)
-    storage.commit(prefix, manifest, store=store)
+    store.commit(prefix, manifest)
     print(f"curate: {n_read} read, {len(out_rows)} kept ({summary['reasoning']} reasoning, "
           f"ratio {_fmt(summary['reasoning_ratio'])}), {len(rejects)} rejected "
           f"{summary['rejected']}; {_fmt(throughput['items_per_s'])} items/s, "
@@ -544,7 +561,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutEngine | None, c,
-                   is_correct: Callable[[str, Record], bool], stats: CurateStats) -> None:
+                   scorer, stats: CurateStats) -> None:
     """Reasoning items keep their own trace; the rest ask the teacher (one batched call)."""
     need = []
     for item, imgs in zip(batch, images):
@@ -568,7 +585,7 @@ def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutE
     stats.generated_tokens += sum(len(x.token_ids) for x in completions)
     for (item, _), group in zip(need, split_completions(reqs, completions)):
         stats.teacher["generated"] += 1
-        trace, reason = consistency_check(group[0].text, item.record, is_correct)
+        trace, reason = consistency_check(group[0].text, item.record, scorer)
         if trace is None:
             item.reject = reason
             stats.teacher["rejected"] += 1

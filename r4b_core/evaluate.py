@@ -7,8 +7,8 @@ For each item and each mode in `eval.modes` the prompt is `modes.chat_prompt(que
 mode)` (auto ends in `<think>`, think in `<think>\\n`, no-think in `<think>\\n\\n</think>\\n\\n`),
 decoded greedily up to `eval.max_new_tokens` through a RolloutEngine (`eval.engine`), all modes of
 a batch in one `generate` call. The completion is split with `modes.parse_response`; the answer
-after the think block is scored with `rewards.is_correct`, the function the BPO reward uses; a think
-block that never closed has no answer and scores 0.
+after the think block is scored by `rewards.RewardScorer` exactly as the BPO reward scores a
+rollout (`curate.correct_flags`); a think block that never closed has no answer and scores 0.
 
 Benchmarks: the run's eval split (our record schema) and, when `eval.external_uri` is set, an
 external JSONL + images (MathVista-style) whose fields `eval.field_map` maps onto ours — see
@@ -180,15 +180,14 @@ def load_benchmark(text: str, uri: str, field_map: dict[str, str] | None = None,
 # ---------------------------------------------------------------------------------------------
 # Predictions and metrics (pure)
 # ---------------------------------------------------------------------------------------------
-def score_completion(text: str, mode: str, record: Record, token_count: int, finish_reason: str,
-                     is_correct: Callable[[str, Record], bool], benchmark: str) -> dict:
+def prediction_row(text: str, mode: str, record: Record, token_count: int, finish_reason: str,
+                   correct: bool, benchmark: str) -> dict:
     """One prediction row: what the model said in `mode` and whether it was right."""
     parsed = modes.parse_response(text, prefix_mode=Mode.parse(mode))
-    correct = bool(parsed.closed and parsed.answer and is_correct(parsed.answer, record))
     return {
         "benchmark": benchmark, "id": record.id, "category": record.category,
         "difficulty": record.difficulty, "mode": mode, "prediction": parsed.answer,
-        "reference": record.answer, "correct": correct, "tokens": token_count,
+        "reference": record.answer, "correct": bool(correct), "tokens": token_count,
         "thought": parsed.mode == Mode.THINK, "closed": parsed.closed,
         "finish_reason": finish_reason, "text": text,
     }
@@ -263,9 +262,13 @@ def build_report(predictions: list[dict], mode_names: Iterable[str] = MODE_ORDER
 # Generation
 # ---------------------------------------------------------------------------------------------
 def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], max_new_tokens: int,
-            batch_size: int, is_correct: Callable[[str, Record], bool], benchmark: str,
+            batch_size: int, scorer, benchmark: str,
             load_images: Callable[[Record], list[Any]]) -> tuple[list[dict], dict]:
-    """Greedy answers of every item in every mode; one `generate` call per batch of items."""
+    """Greedy answers of every item in every mode; one `generate` call per batch of items.
+
+    `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it."""
+    from r4b_core.curate import correct_flags
+
     rows: list[dict] = []
     t0, gen_s, n_tokens = time.perf_counter(), 0.0, 0
     for start in range(0, len(items), batch_size):
@@ -283,12 +286,13 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
         gen_s += time.perf_counter() - tg
         if len(completions) != len(reqs):
             raise EvalError(f"rollout engine returned {len(completions)} completions for {len(reqs)} requests")
-        for req, comp in zip(reqs, completions):
-            rid, _, m = req.key.partition("\x1f")
-            rec = next(r for r in batch if r.id == rid)
+        by_id = {r.id: r for r in batch}
+        recs = [by_id[req.key.partition("\x1f")[0]] for req in reqs]
+        flags = correct_flags(scorer, [c.text for c in completions], [r.mode for r in reqs], recs)
+        for req, comp, rec, ok in zip(reqs, completions, recs, flags):
             n_tokens += len(comp.token_ids)
-            rows.append(score_completion(comp.text, m, rec, len(comp.token_ids), comp.finish_reason,
-                                         is_correct, benchmark))
+            rows.append(prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason,
+                                       ok, benchmark))
         done = start + len(batch)
         print(f"eval[{benchmark}]: {done}/{len(items)} items x {len(mode_names)} modes "
               f"({done / max(time.perf_counter() - t0, 1e-9):.2f} items/s)", flush=True)
@@ -333,8 +337,9 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     `engine`: an already open RolloutEngine serving the model (e.g. BPO's); None = open one.
     """
     from r4b_core import storage
-    from r4b_core.curate import _scorer, open_engine
+    from r4b_core.curate import open_engine
     from r4b_core.data.images import load_image
+    from r4b_core.rewards import RewardScorer
 
     e = cfg.eval
     store = storage.Store.from_config(cfg.storage)
@@ -344,10 +349,11 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     else:
         compare_key = compare
     chash = config_hash(cfg, model_uri, eval_uri, tag, compare_key)
-    if storage.is_complete(prefix, chash, store=store):
+    if store.is_complete(prefix, chash):
         print(f"eval: {prefix} is complete for config {chash}; skipping")
         return json.loads(store.read_text(store.join(prefix, "report.json")))
     other = load_report(compare, store) if compare is not None else None
+    store.invalidate(prefix)
 
     benchmarks: list[tuple[str, str, list[Record]]] = []
     if eval_uri:
@@ -363,8 +369,6 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     if not benchmarks:
         raise EvalError("nothing to evaluate: no eval split and no eval.external_uri; set one")
 
-    is_correct = _scorer()
-
     def images_of(rec: Record) -> list[Any]:
         return [load_image(ref, store=store) for ref in rec.images]
 
@@ -372,14 +376,17 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     throughput: dict[str, dict] = {}
     import contextlib
 
+    engine_name = e.engine if engine is None else type(engine).__name__
     with contextlib.ExitStack() as stack:
+        scorer = stack.enter_context(RewardScorer())
         if engine is None:
             engine = stack.enter_context(open_engine(cfg, model_uri, e.engine))
         for name, _, items in benchmarks:
-            rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, is_correct,
+            rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, scorer,
                                name, images_of)
             predictions.extend(rows)
             throughput[name] = tp
+        scoring = scorer.counters
 
     primary = benchmarks[0][0]
     report = build_report([p for p in predictions if p["benchmark"] == primary], e.modes)
@@ -390,8 +397,9 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     report["primary_benchmark"] = primary
     report["data"] = {name: uri for name, uri, _ in benchmarks}
     report["settings"] = {"modes": list(e.modes), "max_new_tokens": e.max_new_tokens, "greedy": True,
-                          "engine": e.engine if engine is None else type(engine).__name__}
+                          "engine": engine_name}
     report["throughput"] = throughput
+    report["scoring"] = scoring
     if other is not None:
         report["compare"] = {"tag": other.get("tag", "other"), "model": other.get("model"),
                              **{k: other[k] for k in ("modes", "by_category", "by_difficulty", "cells",
@@ -408,7 +416,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                 "counts": {"items": report["n_items"], "predictions": len(predictions)},
                 "metrics": headline(report), "throughput": throughput}
     _log(tracker, report, prefix, tag)
-    storage.commit(prefix, manifest, store=store)
+    store.commit(prefix, manifest)
     print(f"eval[{tag}]: {format_headline(report)}")
     return report
 

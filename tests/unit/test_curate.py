@@ -16,8 +16,12 @@ from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest
 
 
-def exact(answer: str, record: Record) -> bool:
-    return answer.strip() == record.answer
+@pytest.fixture(scope="module")
+def scorer():
+    from r4b_core.rewards import RewardScorer
+
+    with RewardScorer(workers=1) as s:
+        yield s
 
 
 def rec(i: int, **kw) -> Record:
@@ -41,40 +45,41 @@ def test_label_threshold():
     assert curate.label_for_passes(3, 2) == "direct"
 
 
-def _label(records, groups, max_correct=0, n=4):
+def _label(scorer, records, groups, max_correct=0, n=4):
     cfg = RunConfig().curate.model_copy(update={"num_samples": n, "max_correct_for_reasoning": max_correct})
     items = [curate.Item(record=r, where=f"x.jsonl:{i + 1}", raw="{}") for i, r in enumerate(records)]
     stats = curate.CurateStats(num_samples=n)
-    curate.apply_labels(items, groups, cfg, exact, stats)
+    curate.apply_labels(items, groups, cfg, scorer, stats)
     return items, stats
 
 
-def test_all_wrong_is_reasoning_any_right_is_direct():
+def test_all_wrong_is_reasoning_any_right_is_direct(scorer):
     a, b, c = rec(1), rec(2), rec(3)
     groups = [
         [comp("r1", "7"), comp("r1", "3"), comp("r1", ""), comp("r1", "5")],      # 0/4 -> reasoning
         [comp("r2", "1"), comp("r2", "4"), comp("r2", "9"), comp("r2", "0")],     # 1/4 -> direct
         [comp("r3", "6")] * 4,                                                     # 4/4 -> direct
     ]
-    items, stats = _label([a, b, c], groups)
+    items, stats = _label(scorer, [a, b, c], groups)
     assert [it.label for it in items] == ["reasoning", "direct", "direct"]
     assert [it.num_correct for it in items] == [0, 1, 4]
     assert stats.pass_hist["math"] == [1, 1, 0, 0, 1]
 
 
-def test_threshold_two_correct_still_reasoning():
-    groups = [[comp("r5", "10"), comp("r5", "10"), comp("r5", "0"), comp("r5", "1")]]
-    items, _ = _label([rec(5)], groups, max_correct=2)
+def test_threshold_two_correct_still_reasoning(scorer):
+    # "10.0" and "The answer is 10" count as right: the BPO reward's scorer decides, not string equality.
+    groups = [[comp("r5", "10.0"), comp("r5", "The answer is 10."), comp("r5", "0"), comp("r5", "1")]]
+    items, _ = _label(scorer, [rec(5)], groups, max_correct=2)
     assert items[0].label == "reasoning" and items[0].num_correct == 2
-    items, _ = _label([rec(5)], groups, max_correct=1)
+    items, _ = _label(scorer, [rec(5)], groups, max_correct=1)
     assert items[0].label == "direct"
 
 
-def test_no_think_sample_that_opens_a_think_block_is_not_an_answer():
+def test_no_think_sample_that_opens_a_think_block_is_not_an_answer(scorer):
     # After the no-think prefix the block is closed; a sample that re-opens one and never closes
     # it has no final answer (parse_response drops junk after the answer).
     groups = [[comp("r1", "<think>\n2"), comp("r1", "3"), comp("r1", "3"), comp("r1", "3")]]
-    items, _ = _label([rec(1)], groups)
+    items, _ = _label(scorer, [rec(1)], groups)
     assert items[0].num_correct == 0
 
 
@@ -87,10 +92,10 @@ def test_parse_judge(text, verdict):
     assert curate.parse_judge(text) is verdict
 
 
-def test_judge_path_yes_no_garbage():
+def test_judge_path_yes_no_garbage(scorer):
     subj = [rec(i, objective=False, category="general", question=f"Describe picture {i}") for i in (1, 2, 3)]
     groups = [[comp("r1", "yes")], [comp("r2", "no")], [comp("r3", "blue 7")]]
-    items, stats = _label(subj, groups)
+    items, stats = _label(scorer, subj, groups)
     assert [it.label for it in items] == ["reasoning", "direct", "direct"]
     assert [it.judge for it in items] == [True, False, None]
     assert stats.judge["general"] == {"yes": 1, "no": 1, "unparsed": 1}
@@ -125,16 +130,25 @@ def test_split_completions_checks_the_contract():
 
 
 # --- consistency filter -------------------------------------------------------------------------
-def test_consistency_check():
+def test_consistency_check(scorer):
     r = rec(4)  # answer 8
-    trace, why = curate.consistency_check("4 + 4 = 8\n</think>\n\n8", r, exact)
+    trace, why = curate.consistency_check("4 + 4 = 8\n</think>\n\n8", r, scorer)
     assert trace == "4 + 4 = 8" and why is None
-    trace, why = curate.consistency_check("4 + 4 = 9\n</think>\n\n9", r, exact)
+    # The trace mentions the right number but the final answer is wrong: rejected.
+    trace, why = curate.consistency_check("4 + 4 = 8\n8 + 1 = 9\n</think>\n\n9", r, scorer)
     assert trace is None and why.startswith("teacher_inconsistent") and "'9'" in why
-    trace, why = curate.consistency_check("4 + 4 = ", r, exact)
+    trace, why = curate.consistency_check("4 + 4 = 8", r, scorer)
     assert trace is None and why.startswith("teacher_truncated")
-    trace, why = curate.consistency_check("</think>\n\n8", r, exact)
+    trace, why = curate.consistency_check("</think>\n\n8", r, scorer)
     assert trace is None and why.startswith("teacher_empty_trace")
+
+
+def test_correct_flags_score_like_the_reward(scorer):
+    r = rec(6)  # answer 12
+    texts = ["12", "\n3 steps\n</think>\n\n12", "\n12", "\n\n</think>\n\n\\boxed{12}", "13"]
+    mode_of = [Mode.NO_THINK, Mode.AUTO, Mode.THINK, Mode.AUTO, Mode.NO_THINK]
+    # THINK "\n12": the think block never closed -> no answer, wrong without asking the scorer.
+    assert curate.correct_flags(scorer, texts, mode_of, [r] * 5) == [True, True, False, True, False]
 
 
 # --- dedup and keyword filter -------------------------------------------------------------------
@@ -202,3 +216,124 @@ def test_stats_summary():
     assert d["by_category"]["perception"]["reasoning_ratio"] == 0.0
     assert d["pass_hist"] == [1, 0, 1] and d["pass_hist_bins"] == ["0/2", "1/2", "2/2"]
     assert d["rejected"] == {"bad_line": 1, "duplicate": 2} and d["rejected_total"] == 3
+
+
+# --- the whole stage, with an engine that answers by rule ----------------------------------------
+class RuleEngine:
+    """A RolloutEngine that answers like a direct-answer annotator: perception right, math wrong,
+    judge "yes" for questions containing "why", and (as teacher) a trace that is right only for
+    even answers. It stands in for a model whose outputs we must know exactly; the real tiny
+    model runs through the same code in tests/integration/test_curate_eval_run.py."""
+
+    policy_version = 0
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+        self.calls: list[list[GenerationRequest]] = []
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        out = []
+        for r in requests:
+            ans = self.answers[r.key]
+            for s in range(r.n):
+                if r.mode == Mode.THINK:
+                    text = f"steps for {r.key}\n</think>\n\n" + (ans if int(ans) % 2 == 0 else str(int(ans) + 1))
+                elif curate.JUDGE_INSTRUCTION[:20] in r.prompt:
+                    text = "yes" if "why" in r.prompt.lower() else "no"
+                elif r.key.startswith("m"):
+                    text = str(int(ans) + 1 + s)        # every sample wrong
+                else:
+                    text = ans if s == 0 else "0"      # one sample right
+                out.append(Completion(key=r.key, mode=r.mode, text=text, token_ids=[1] * (1 + len(text) // 2),
+                                      logprobs=[0.0], finish_reason="stop"))
+        return out
+
+    def update_weights(self, model_or_path, version):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+def test_run_curate_writes_sft_rejects_manifest(tmp_path):
+    from r4b_core.storage import Store
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for name, color in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255))):
+        Image.new("RGB", (16, 16), color).save(data / "images" / f"{name}.png")
+    rows = [
+        dict(id="p1", images=["images/a.png"], question="What colour is it?", answer="5", category="perception"),
+        dict(id="m1", images=["images/a.png"], question="Compute 3 + 4 x 5.", answer="23", reasoning="4 x 5 = 20\n3 + 20 = 23"),
+        dict(id="m2", images=["images/b.png"], question="Compute 2 x 3 + 4.", answer="10"),          # no trace: teacher, even -> kept
+        dict(id="m3", images=["images/c.png"], question="Compute 1 + 2 x 3.", answer="7"),           # no trace: teacher wrong -> rejected
+        dict(id="p2", images=["images/a.png"], question="what colour is it", answer="5", category="perception"),  # duplicate of p1
+        dict(id="m4", images=["images/missing.png"], question="Compute 1 + 1.", answer="2"),       # image missing
+        dict(id="s1", images=["images/b.png"], question="Why is the sky blue?", answer="scattering", answer_type="text",
+             objective=False, category="general", reasoning="Rayleigh scattering favours short wavelengths."),
+        dict(id="s2", images=["images/c.png"], question="Name this colour.", answer="blue", answer_type="text",
+             objective=False, category="general"),
+        dict(id="m5", images=["images/c.png"], question="Compute 9 - 2 x 3.", answer="3", reasoning="As an AI, 2 x 3 = 6"),
+    ]
+    lines = [json.dumps({"answer_type": "integer", "category": "math", "difficulty": 2} | r) for r in rows]
+    lines.insert(3, "{broken json")
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path / "runs")},
+                                    "curate": {"num_samples": 3, "batch_size": 4, "banned_keywords": ["as an ai"]}})
+    engine = RuleEngine({r["id"]: r["answer"] if r["answer"].isdigit() else "0" for r in rows})
+    out = tmp_path / "runs" / "tiny" / "curate" / "sft.jsonl"
+    manifest = curate.run_curate(cfg, str(data / "train.jsonl"), str(out), annotator=engine, teacher=engine)
+
+    kept = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(kept) == {"p1", "m1", "m2", "s1", "s2"}
+    assert kept["p1"]["label"] == "direct" and kept["s2"]["label"] == "direct"
+    assert kept["m1"]["label"] == "reasoning" and kept["m1"]["reasoning"] == "4 x 5 = 20\n3 + 20 = 23"
+    assert kept["m2"]["label"] == "reasoning" and kept["m2"]["reasoning"] == "steps for m2"
+    assert kept["s1"]["label"] == "reasoning"
+    assert kept["p1"]["images"] == [str(data / "images" / "a.png")]      # absolute: sft.jsonl lives elsewhere
+    assert Record.model_validate(kept["m2"]).sft_target().startswith("<think>\nsteps for m2\n</think>")
+
+    rejects = [json.loads(x) for x in (out.parent / "rejects.jsonl").read_text().splitlines()]
+    by_reason = {r["reason"].split(":")[0]: r for r in rejects}
+    assert set(by_reason) == {"bad_line", "duplicate", "image_missing", "teacher_inconsistent", "banned_keyword"}
+    assert by_reason["bad_line"]["where"] == f"{data / 'train.jsonl'}:4"
+    assert by_reason["bad_line"]["line"] == "{broken json"
+    assert json.loads(by_reason["duplicate"]["line"])["id"] == "p2"
+    assert by_reason["duplicate"]["reason"].endswith(f"{data / 'train.jsonl'}:1")
+    assert "missing.png" in by_reason["image_missing"]["reason"]
+    assert json.loads(by_reason["teacher_inconsistent"]["line"])["id"] == "m3"
+    assert json.loads(by_reason["banned_keyword"]["line"])["id"] == "m5"
+
+    # One generate call per batch for labelling (all N samples of all items), one for the teacher.
+    label_calls = [c for c in engine.calls if c[0].mode == Mode.NO_THINK]
+    assert [sum(r.n for r in c) for c in label_calls] == [3 + 3 + 3 + 3, 1 + 1 + 3]
+    teacher_calls = [c for c in engine.calls if c[0].mode == Mode.THINK]
+    assert [[r.key for r in c] for c in teacher_calls] == [["m2", "m3"]]
+
+    st = manifest["stats"]
+    assert manifest["counts"] == {"read": 10, "kept": 5, "rejected": 5}
+    assert st["by_category"]["math"]["reasoning_ratio"] == 1.0
+    assert st["by_category"]["perception"]["reasoning_ratio"] == 0.0
+    assert st["by_category"]["general"]["judge"] == {"yes": 1, "no": 1}
+    assert st["pass_hist"] == [4, 1, 0, 0]      # m1, m2, m3, m5 got 0/3; p1 got 1/3
+    assert st["rejected"] == {"bad_line": 1, "banned_keyword": 1, "duplicate": 1, "image_missing": 1,
+                              "teacher_inconsistent": 1}
+    assert st["teacher"] == {"generated": 2, "kept": 1, "rejected": 1} and st["traces_from_record"] == 3
+    assert manifest["throughput"]["items_per_s"] > 0 and manifest["throughput"]["tokens_per_s"] > 0
+    assert Store.from_config(cfg.storage).is_complete(str(out.parent), manifest["config_hash"])
+
+    # Same config again: skipped without calling the engine.
+    n_calls = len(engine.calls)
+    again = curate.run_curate(cfg, str(data / "train.jsonl"), str(out), annotator=engine, teacher=engine)
+    assert again["config_hash"] == manifest["config_hash"] and len(engine.calls) == n_calls
+
+
+def test_reasoning_item_without_trace_or_teacher_is_rejected(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(dict(id="m1", question="Compute 3 + 4 x 5.", answer="23", answer_type="integer")) + "\n")
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)}, "curate": {"num_samples": 2}})
+    m = curate.run_curate(cfg, str(data), str(tmp_path / "c"), annotator=RuleEngine({"m1": "23"}))
+    assert m["counts"]["kept"] == 0 and m["stats"]["rejected"] == {"no_trace": 1}
+    rej = json.loads((tmp_path / "c" / "rejects.jsonl").read_text())
+    assert "no curate.teacher is configured" in rej["reason"] and rej["where"].endswith("d.jsonl:1")

@@ -75,21 +75,20 @@ def test_hybrid_undefined_without_forced_success_or_modes():
     assert set(only_auto["modes"]) == {"auto"}
 
 
-def test_score_completion_uses_the_mode_prefix():
+def test_prediction_row_uses_the_mode_prefix():
     r = Record(id="x", question="q", answer="12", answer_type="integer")
-    ok = lambda a, rec: a == rec.answer  # noqa: E731
     # auto: the model opened a non-empty think block, then answered.
-    p = evaluate.score_completion("\n3 + 9 = 12\n</think>\n\n12", "auto", r, 9, "stop", ok, "eval")
-    assert p["correct"] and p["thought"] and p["prediction"] == "12" and p["closed"]
+    p = evaluate.prediction_row("\n3 + 9 = 12\n</think>\n\n12", "auto", r, 9, "stop", True, "eval")
+    assert p["thought"] and p["prediction"] == "12" and p["closed"] and p["correct"] is True
     # auto: empty block -> no thinking.
-    p = evaluate.score_completion("\n\n</think>\n\n12", "auto", r, 4, "stop", ok, "eval")
-    assert p["correct"] and not p["thought"]
-    # think: truncated block has no answer -> wrong even if the number appears.
-    p = evaluate.score_completion("3 + 9 = 12", "think", r, 6, "length", ok, "eval")
-    assert not p["correct"] and not p["closed"] and p["thought"]
+    p = evaluate.prediction_row("\n\n</think>\n\n12", "auto", r, 4, "stop", True, "eval")
+    assert not p["thought"] and p["prediction"] == "12"
+    # think: truncated block has no answer.
+    p = evaluate.prediction_row("3 + 9 = 12", "think", r, 6, "length", False, "eval")
+    assert not p["closed"] and p["thought"] and p["prediction"] == ""
     # no_think: the answer is the whole text.
-    p = evaluate.score_completion("12", "no_think", r, 1, "stop", ok, "eval")
-    assert p["correct"] and not p["thought"]
+    p = evaluate.prediction_row("12", "no_think", r, 1, "stop", True, "eval")
+    assert not p["thought"] and p["prediction"] == "12" and p["tokens"] == 1
 
 
 # --- external benchmarks ------------------------------------------------------------------------
