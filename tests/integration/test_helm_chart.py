@@ -1,0 +1,371 @@
+"""The Helm chart (charts/r4b) with a real `helm` binary, validated offline.
+
+`helm lint` and `helm template` run for the default values and every ci/*-values.yaml; every rendered
+object (hooks and test pods included) validates with kubernetes-validate in strict mode against
+Kubernetes 1.29 (the chart's kubeVersion floor) and 1.37; every pod template carries the restricted
+security settings; the schema and the `required` checks reject bad input with the value's path.
+One test starts the real `mlflow server` with the args the chart renders, to prove the rendered
+`--allowed-hosts` admits the in-cluster names and rejects others.
+
+helm is found via $R4B_HELM, then .tools/helm (`make helm`), then PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts/r4b"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+VERSIONS = ("1.29", "1.37")
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+# Kubernetes fields passed through unchanged: documented as one value, not per sub-key.
+PASSTHROUGH = {"podSecurityContext", "containerSecurityContext", "resources", "fetchResources", "nodeSelector",
+               "tolerations", "affinity", "commonLabels", "extra", "env", "runnerServiceAccounts",
+               "imagePullSecrets", "allowedHosts", "extraArgs", "mlflowFrom", "servingFrom"}
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    for cand in (os.environ.get("R4B_HELM"), str(REPO / ".tools/helm"), shutil.which("helm")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    pytest.fail("no helm binary: run `make helm` (fetches .tools/helm), put helm on PATH, or set R4B_HELM")
+
+
+def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode:
+        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def template(helm: str, *args: str, release: str = "r4b", namespace: str = "r4b") -> list[dict]:
+    out = run_helm(helm, "template", release, str(CHART), "-n", namespace, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def values_args(path: Path | None) -> list[str]:
+    return ["-f", str(path)] if path else []
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """The pod spec(s) inside a workload object."""
+    kind = obj["kind"]
+    if kind == "Pod":
+        return [obj["spec"]]
+    if kind == "CronJob":
+        return [obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    if kind in WORKLOADS:
+        return [obj["spec"]["template"]["spec"]]
+    return []
+
+
+VALUE_SETS = [None, *CI_VALUES]
+IDS = ["chart-defaults", *[p.name for p in CI_VALUES]]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_ci_values_files_exist():
+    assert {p.name for p in CI_VALUES} >= {"default-values.yaml", "minimal-values.yaml", "full-values.yaml",
+                                          "kind-values.yaml"}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
+def test_helm_lint_is_clean(helm, values):
+    proc = run_helm(helm, "lint", str(CHART), "--strict", *values_args(values))
+    assert "0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def test_every_rendered_object_validates_offline(helm):
+    counts = {}
+    for values, name in zip(VALUE_SETS, IDS):
+        objs = template(helm, *values_args(values))
+        for obj in objs:
+            for version in VERSIONS:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    raise AssertionError(f"{name}: {obj['kind']}/{obj['metadata']['name']} invalid for "
+                                         f"Kubernetes {version}: {exc.message}") from None
+        counts[name] = len(objs)
+    total = sum(counts.values())
+    print(f"\nvalidated {total} rendered objects x {len(VERSIONS)} Kubernetes versions: {counts}")
+    assert counts["chart-defaults"] >= 9 and counts["full-values.yaml"] >= 16
+    assert total == sum(counts.values()) and total >= 40
+
+
+def test_validation_catches_a_broken_object(helm):
+    """The offline validator is live: a misspelled field in a rendered Deployment is rejected."""
+    (dep,) = [o for o in template(helm) if o["kind"] == "Deployment"]
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError, match="imagePullPolicyy"):
+        kubernetes_validate.validate(dep, "1.37", strict=True)
+
+
+def test_every_pod_template_is_locked_down(helm):
+    seen = set()
+    for values in VALUE_SETS:
+        for obj in template(helm, *values_args(values)):
+            for spec in pod_specs(obj):
+                where = f"{obj['kind']}/{obj['metadata']['name']}"
+                seen.add(where)
+                psc = spec["securityContext"]
+                assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, where
+                assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+                assert spec["automountServiceAccountToken"] is False, where
+                assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
+                for c in spec["containers"] + spec.get("initContainers", []):
+                    sc = c["securityContext"]
+                    assert sc["allowPrivilegeEscalation"] is False, f"{where}/{c['name']}"
+                    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+                    assert sc["readOnlyRootFilesystem"] is True, f"{where}/{c['name']}"
+                    assert sc["runAsNonRoot"] is True and not sc.get("privileged"), where
+                    # read-only root: whatever the app writes goes to a mounted emptyDir
+                    assert any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), f"{where}/{c['name']}"
+    print(f"\nchecked pod security of {len(seen)} pod templates: {sorted(seen)}")
+    assert {"Deployment/r4b-mlflow", "Job/r4b-mlflow-db-upgrade", "Pod/r4b-test-health",
+            "Deployment/team-a-serving", "Deployment/team-a-objectstore"} <= seen
+
+
+# ---------------------------------------------------------------------------------------------
+# What the objects say
+# ---------------------------------------------------------------------------------------------
+def by_kind(objs: list[dict], kind: str) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def test_rbac_is_least_privilege_for_the_launcher(helm):
+    objs = template(helm, "-f", str(CHART / "ci/full-values.yaml"))
+    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
+    (role,) = by_kind(objs, "Role").values()
+    rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert rules == {
+        ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "delete"},
+        ("kubeflow.org", "pytorchjobs/status"): {"get"},
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "pods/log"): {"get", "list", "watch"},
+        ("", "events"): {"get", "list", "watch"},
+    }
+    (binding,) = by_kind(objs, "RoleBinding").values()
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "r4b"},
+        {"kind": "ServiceAccount", "name": "default-editor", "namespace": "team-a"}]
+
+
+def test_launcher_and_chart_agree(helm):
+    """The launcher's defaults find the chart's ConfigMap, and its pods are what the NetworkPolicy selects."""
+    from r4b_core.config import LauncherConfig, RunConfig
+    from r4b_core.launch import pytorchjob as pj
+
+    objs = template(helm)
+    cms = by_kind(objs, "ConfigMap")
+    assert LauncherConfig().defaults_configmap in cms
+    data = cms[LauncherConfig().defaults_configmap]["data"]
+    assert data["R4B_CREDENTIALS_SECRET"] == LauncherConfig().secret_name
+    assert data["MLFLOW_TRACKING_URI"] == "http://r4b-mlflow.r4b.svc.cluster.local:5000"
+    policy = by_kind(objs, "NetworkPolicy")["r4b-training"]["spec"]
+    cfg = RunConfig.model_validate({"storage": {"root": "s3://b/runs"}, "bpo": {"engine": "vllm"},
+                                    "vllm": {"python": "python3"}})
+    job = pj.manifest(pj.build_pytorchjob("bpo", "s3://b/runs/tiny/config.yaml", cfg, "run-1"))
+    pod_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}]}]
+    # the Role grants exactly the verbs the launcher uses (create, get, list pods, logs, events, delete)
+    assert {"create", "get", "delete"} <= set(by_kind(objs, "Role")["r4b-pytorchjob-launcher"]["rules"][0]["verbs"])
+
+
+def test_mlflow_and_serving_wiring(helm):
+    objs = template(helm, "-f", str(CHART / "ci/full-values.yaml"))
+    deps = by_kind(objs, "Deployment")
+    mlflow = deps["team-a-mlflow"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    # the DB URI only by Secret reference; S3 keys only through envFrom
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "r4b-mlflow-db",
+                                                                             "key": "MLFLOW_BACKEND_STORE_URI"}
+    assert mlflow["envFrom"] == [{"secretRef": {"name": "team-a-s3"}}]
+    assert "--artifacts-destination=s3://r4b/mlflow" in mlflow["args"]
+    hosts = next(a for a in mlflow["args"] if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    for h in ("team-a-mlflow", "team-a-mlflow:5000", "team-a-mlflow.r4b.svc.cluster.local:5000", "mlflow.example.org"):
+        assert h in hosts
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://team-a-objectstore.r4b.svc.cluster.local:8333"
+    hook = by_kind(objs, "Job")["team-a-mlflow-db-upgrade"]
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert hook["spec"]["template"]["spec"]["containers"][0]["args"] == ["$(MLFLOW_BACKEND_STORE_URI)"]
+
+    serving = deps["team-a-serving"]["spec"]["template"]["spec"]
+    (fetch,) = serving["initContainers"]
+    assert fetch["command"] == ["r4b", "serve", "--fetch-only", "--model", "models:/r4b-tiny@champion",
+                                "--out", "/models/current"]
+    (vllm,) = serving["containers"]
+    assert "--model=/models/current" in vllm["args"] and "--enforce-eager" in vllm["args"]
+    assert "VLLM_SERVER_DEV_MODE" not in {e["name"] for e in vllm["env"]}   # no weight-reload routes on the API
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert vllm[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert vllm["startupProbe"]["failureThreshold"] * vllm["startupProbe"]["periodSeconds"] >= 300
+    assert "nvidia.com/gpu" not in vllm["resources"]["limits"]      # serving.gpus: 0
+    gpu = template(helm, "--set", "serving.enabled=true", "--set", "serving.model=models:/m@champion")
+    gvllm = by_kind(gpu, "Deployment")["r4b-serving"]["spec"]["template"]["spec"]["containers"][0]
+    assert gvllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    tests = [o for o in objs if o.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"]
+    (test_pod,) = tests
+    script = test_pod["spec"]["containers"][0]["args"][0]
+    assert "http://team-a-mlflow:5000/health" in script and "team-a-serving:8000/v1/models" in script
+    assert "http://team-a-mlflow.r4b.svc.cluster.local:5000/api/2.0/mlflow/experiments/search" in script
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,expected", [
+    (["--set", "mlflow.port=abc"], r"/mlflow/port'?: got string, want integer"),
+    (["--set", "mlflow.prot=5000"], r"additional properties 'prot' not allowed"),
+    (["--set", "mlflow.artifacts.destination=/var/mlflow"], r"/mlflow/artifacts/destination"),
+    (["--set", "images.pullPolicy=Sometimes"], r"/images/pullPolicy"),
+    (["--set", "serving.shmSize=lots"], r"/serving/shmSize"),
+])
+def test_schema_rejects_bad_values(helm, args, expected):
+    proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert re.search(expected, proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--set", "s3.existingSecret="], "s3.existingSecret is required: the name of a Secret with AWS_ACCESS_KEY_ID"),
+    (["--set", "mlflow.backendStore.existingSecret="], "mlflow.backendStore.existingSecret is required"),
+    (["--set", "mlflow.artifacts.destination="], "mlflow.artifacts.destination is required"),
+    (["--set", "serving.enabled=true"], "serving.model is required when serving.enabled"),
+    (["--set-json", 'rbac.runnerServiceAccounts=[{"name": ""}]'], r"rbac.runnerServiceAccounts\[0\].name is required"),
+    (["--set-json", "rbac.runnerServiceAccounts=[]"], "rbac.runnerServiceAccounts is empty while rbac.create is true"),
+    (["--set", "mlflow.backendStore.devSqlite=true", "--set", "mlflow.replicas=2"],
+     "mlflow.replicas is 2 but mlflow.backendStore.devSqlite"),
+])
+def test_missing_required_value_names_its_path(helm, args, expected):
+    proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert re.search(expected, proc.stderr), proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation of values
+# ---------------------------------------------------------------------------------------------
+def documented_values(path: Path = CHART / "values.yaml") -> dict[str, str]:
+    """{dotted.key: description} from the `# --` comments of values.yaml (leaves and pass-through keys)."""
+    out, stack, pending = {}, [], None
+    for raw in path.read_text().splitlines():
+        line = raw.rstrip()
+        s = line.lstrip()
+        indent = len(line) - len(s)
+        if s.startswith("# --"):
+            pending = s[4:].strip()
+            continue
+        if s.startswith("#") and pending is not None:
+            pending += " " + s[1:].strip()
+            continue
+        m = re.match(r"([A-Za-z0-9_]+):(.*)$", s)
+        if not m or s.startswith("-"):
+            pending = None if not s else pending
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([k for _, k in stack] + [m.group(1)])
+        if pending is not None:
+            out[key] = pending
+        stack.append((indent, m.group(1)))
+        pending = None
+    return out
+
+
+def leaf_paths(node, prefix="") -> list[str]:
+    if isinstance(node, dict) and node and prefix.rsplit(".", 1)[-1] not in PASSTHROUGH:
+        return [p for k, v in node.items() for p in leaf_paths(v, f"{prefix}.{k}" if prefix else k)]
+    return [prefix]
+
+
+def test_every_value_is_documented_in_values_schema_and_docs():
+    import json
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = documented_values()
+    leaves = leaf_paths(values)
+    missing = [p for p in leaves if p not in docs]
+    assert not missing, f"values without a '# --' comment: {missing}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def in_schema(path):
+        node = schema
+        for part in path.split("."):
+            node = node.get("properties", {}).get(part)
+            if node is None:
+                return False
+        return True
+
+    assert [p for p in leaves if not in_schema(p)] == []
+    table = (REPO / "docs/kubernetes.md").read_text()
+    assert [p for p in leaves if f"`{p}`" not in table] == [], "docs/kubernetes.md values table is stale"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendered --allowed-hosts against a real MLflow server
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rendered_allowed_hosts_work_on_a_real_mlflow_server(helm, tmp_path):
+    objs = template(helm)
+    (mlflow,) = by_kind(objs, "Deployment")["r4b-mlflow"]["spec"]["template"]["spec"]["containers"]
+    args = [a for a in mlflow["args"] if not a.startswith(("--host=", "--port=", "--artifacts-destination=",
+                                                           "--workers="))]
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), *mlflow["command"][1:], *args,
+           "--host=127.0.0.1", f"--port={port}", "--workers=1",
+           f"--artifacts-destination={tmp_path / 'artifacts'}"]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = open(tmp_path / "mlflow.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited {proc.returncode}:\n{(tmp_path / 'mlflow.log').read_text()[-3000:]}")
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not healthy within 120 s"
+            time.sleep(0.5)
+        api = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+        tracking = yaml.safe_load(yaml.safe_dump(by_kind(objs, "ConfigMap")["r4b-defaults"]))["data"]["MLFLOW_TRACKING_URI"]
+        good = ["r4b-mlflow:5000", "r4b-mlflow", "r4b-mlflow.r4b:5000", tracking.split("//")[1], "localhost:5000"]
+        for host in good:
+            r = requests.get(api, headers={"Host": host}, timeout=10)
+            assert r.status_code == 200, (host, r.status_code, r.text[:200])
+        for host in ("evil.example.com", "r4b-mlflow.other-namespace:5000"):
+            r = requests.get(api, headers={"Host": host}, timeout=10)
+            assert r.status_code == 403, (host, r.status_code)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
