@@ -52,6 +52,7 @@ from kubernetes.utils import parse_quantity
 from r4b_core import layout
 from r4b_core.config import ConfigError, RunConfig
 from r4b_core.errors import R4BError
+from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, WORKER_EXTENSION, server_command
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 STAGES = ("anneal", "bpo")
@@ -61,10 +62,11 @@ FETCH = "fetch-weights"
 MASTER_PORT = 23456              # the operator's default; named so it finds it
 SHM_DIR = "/dev/shm/r4b"
 SIDECAR_MODEL_DIR = SHM_DIR + "/model"
+SIDECAR_CHAT_TEMPLATE = SHM_DIR + "/chat_template.jinja"   # written by the fetch step from modes.py
 RUN_AS = 1000                    # the uid our images create (docker/*.Dockerfile)
-# Our vLLM worker extension (r4b_core/assets/, on the sidecar image's PYTHONPATH): refreshes the
-# output layer after a weight reload; without it tied-embedding models serve stale logits.
-WORKER_EXTENSION = "r4b_worker_extension.R4BWorkerExtension"
+# Where docker/vllm.Dockerfile puts r4b_core/assets (sitecustomize.py, the worker extension named by
+# WORKER_EXTENSION): on the sidecar's PYTHONPATH.
+VLLM_ASSETS_DIR = "/opt/r4b/assets"
 # Pod names are <job>-worker-<i> and the operator makes a Service of each: keep room under 63.
 MAX_NAME = 48
 # Env that the KFP MLflow plugin injects into the launcher; forwarded so the stage logs into that run.
@@ -229,18 +231,21 @@ def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]
     fetch = k8s.V1Container(
         name=FETCH, image=L.image,
         command=["python", "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", model_uri,
-                 "--out", SIDECAR_MODEL_DIR],
+                 "--out", SIDECAR_MODEL_DIR, "--chat-template-out", SIDECAR_CHAT_TEMPLATE],
         env=_env(_storage_env(cfg)), env_from=_env_from(cfg),
         # tmpfs pages are charged to the container that writes them: room for the weights
         resources=k8s.V1ResourceRequirements(requests={"memory": "1Gi"},
                                              limits={"memory": _gib_plus(L.shm_size, 1)}),
         volume_mounts=_mounts(), security_context=_security())
-    args = ["--model", SIDECAR_MODEL_DIR, "--host", "127.0.0.1", "--port", str(L.sidecar_port),
-            "--dtype", cfg.model.dtype, "--seed", str(cfg.seed),
-            "--worker-extension-cls", WORKER_EXTENSION]
-    if v.enforce_eager:
-        args.append("--enforce-eager")
-    env = {"VLLM_SERVER_DEV_MODE": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1"}
+    # The same command line as the local sidecar (rollout/vllm_server.py): logprobs mode, generation
+    # config, chat template, worker extension all match what the BPO client expects.
+    command = server_command(v.python, SIDECAR_MODEL_DIR, v, L.sidecar_port, host="127.0.0.1",
+                             chat_template_path=SIDECAR_CHAT_TEMPLATE)
+    # server_command pins fp32 (token-exact parity with transformers on CPU); on a cluster the sidecar
+    # serves in the trainer's dtype (model.dtype), which is what the rollout logprobs are compared to.
+    command[command.index("--dtype") + 1] = cfg.model.dtype
+    env = {"VLLM_SERVER_DEV_MODE": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": VLLM_ASSETS_DIR}
     limits: dict[str, str] = {"memory": L.sidecar_memory}
     if L.sidecar_gpus:
         limits[L.gpu_resource] = str(L.sidecar_gpus)
@@ -249,7 +254,7 @@ def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]
     period = 5
     sidecar = k8s.V1Container(
         name=SIDECAR, image=L.vllm_image, restart_policy="Always",
-        command=[v.python, "-m", "vllm.entrypoints.openai.api_server", *args, *v.extra_args],
+        command=command,
         env=_env(env),
         resources=k8s.V1ResourceRequirements(requests={"memory": L.sidecar_memory}, limits=limits),
         startup_probe=_health_probe(L.sidecar_port, period, math.ceil(v.startup_timeout_s / period), v.python),
@@ -276,8 +281,8 @@ def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
         env["OMP_NUM_THREADS"] = "1"   # torchrun would set it anyway; explicit so gloo ranks don't oversubscribe
     sidecar = _has_sidecar(stage, cfg)
     if sidecar:
-        env |= {"R4B_VLLM_URL": f"http://127.0.0.1:{L.sidecar_port}", "R4B_SHM_DIR": SHM_DIR,
-                "R4B_VLLM_MODEL_DIR": SIDECAR_MODEL_DIR}
+        env |= {"R4B_VLLM_URL": f"http://127.0.0.1:{L.sidecar_port}", "R4B_VLLM_MODEL": SERVED_MODEL_NAME,
+                "R4B_SHM_DIR": SHM_DIR, "R4B_VLLM_MODEL_DIR": SIDECAR_MODEL_DIR}
     env |= dict(extra_env or {})
 
     requests: dict[str, str] = {"memory": L.memory}
@@ -654,17 +659,19 @@ def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8
 # ---------------------------------------------------------------------------------------------
 # Command line: render (docs, dry runs) and fetch (the sidecar's init step)
 # ---------------------------------------------------------------------------------------------
-def fetch_model(uri: str, out: str) -> int:
-    """Copy a save_pretrained folder from storage into `out` (atomic: a temp sibling, then rename)."""
+def fetch_model(uri: str, out: str, chat_template_out: str | None = None) -> int:
+    """Copy a save_pretrained folder from storage into `out` (atomic: a temp sibling, then rename),
+    and write our chat template next to it for the server's --chat-template."""
     import os
     import shutil
     from pathlib import Path
 
-    from r4b_core.config import StorageConfig
+    from r4b_core.models.tokenizer import chat_template
     from r4b_core.storage import Store
 
     dest = Path(out)
-    store = Store.from_config(StorageConfig(s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")))
+    store = Store(s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3"),
+                  s3_region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     store.download_dir(uri, tmp)
@@ -672,9 +679,12 @@ def fetch_model(uri: str, out: str) -> int:
     if not any(p.suffix == ".safetensors" for p in files):
         raise R4BError(f"{uri}: no *.safetensors files; the sidecar needs a save_pretrained folder "
                        "(set launcher.sidecar_model_uri to the annealed model)")
+    size = sum(p.stat().st_size for p in files)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    return sum(p.stat().st_size for p in files)
+    if chat_template_out:
+        Path(chat_template_out).write_text(chat_template())
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help="copy a model folder from storage (the sidecar's init step)")
     f.add_argument("--uri", required=True)
     f.add_argument("--out", required=True)
+    f.add_argument("--chat-template-out", help="also write r4b's chat template here")
     args = p.parse_args(argv)
     try:
         if args.cmd == "render":
@@ -697,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.set)
             print(render(args.stage, args.config_uri or layout.config_uri(cfg), cfg, args.run_id), end="")
         else:
-            size = fetch_model(args.uri, args.out)
+            size = fetch_model(args.uri, args.out, args.chat_template_out)
             print(f"fetched {args.uri} -> {args.out} ({size / 2**20:.1f} MiB)")
     except R4BError as exc:
         print(f"error: {exc}", file=sys.stderr)

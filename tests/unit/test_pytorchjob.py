@@ -178,13 +178,19 @@ def test_bpo_pods_carry_the_vllm_native_sidecar():
         fetch, vllm = pod["initContainers"]                 # order matters: weights before the server
         (trainer,) = pod["containers"]
         assert fetch["name"] == pj.FETCH and "restartPolicy" not in fetch
-        assert fetch["command"][-4:] == ["--uri", "s3://r4b-test/runs/t/anneal/model", "--out", pj.SIDECAR_MODEL_DIR]
+        assert fetch["command"][3:] == ["fetch", "--uri", "s3://r4b-test/runs/t/anneal/model", "--out",
+                                        pj.SIDECAR_MODEL_DIR, "--chat-template-out", pj.SIDECAR_CHAT_TEMPLATE]
         assert vllm["restartPolicy"] == "Always"          # native sidecar: the job ends with the trainer
         cmd = vllm["command"]
         assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
         assert cmd[cmd.index("--model") + 1] == pj.SIDECAR_MODEL_DIR
         assert cmd[cmd.index("--host") + 1] == "127.0.0.1"     # dev-mode routes stay inside the pod
-        assert cmd[cmd.index("--worker-extension-cls") + 1] == pj.WORKER_EXTENSION
+        assert cmd[cmd.index("--worker-extension-cls") + 1] == "r4b_vllm_worker.R4BWorkerExtension"
+        assert cmd[cmd.index("--chat-template") + 1] == pj.SIDECAR_CHAT_TEMPLATE
+        assert cmd[cmd.index("--dtype") + 1] == cfg.model.dtype
+        # what the BPO client relies on, same as the local sidecar: logprobs under the sampling distribution
+        assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
+        assert all_env(vllm)["PYTHONPATH"] == pj.VLLM_ASSETS_DIR
         assert "ports" not in vllm                              # nothing to put behind a Service
         assert all_env(vllm)["VLLM_SERVER_DEV_MODE"] == "1"
         assert "VLLM_SERVER_DEV_MODE" not in all_env(trainer)
@@ -230,7 +236,7 @@ def test_trainer_pod_spec():
         else:
             assert {"secretRef": {"name": "r4b-credentials"}} in c["envFrom"]
         for e in c.get("env", []):
-            assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", e["name"]), e
+            assert not re.search(r"SECRET|PASSWORD|(^|_)TOKEN($|_)|ACCESS_KEY", e["name"]), e
     env = all_env(trainer)
     assert env["AWS_ENDPOINT_URL_S3"] == "http://r4b-objectstore.r4b:8333"
     assert env["MLFLOW_TRACKING_URI"] == "http://r4b-mlflow.r4b:5000"
@@ -660,3 +666,40 @@ def test_kfp_mlflow_env_is_forwarded(monkeypatch, cluster):
     res = pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log())
     (trainer,) = cluster.jobs[res.name]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     assert all_env(trainer)["MLFLOW_RUN_ID"] == "abc123"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sidecar's init step, as the pod runs it
+# ---------------------------------------------------------------------------------------------
+def test_fetch_step_copies_weights_and_writes_the_chat_template(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from r4b_core.models.tokenizer import chat_template
+
+    src = tmp_path / "anneal" / "model"
+    src.mkdir(parents=True)
+    save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    out, tmpl = tmp_path / "shm" / "model", tmp_path / "shm" / "chat_template.jinja"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", str(src),
+                           "--out", str(out), "--chat-template-out", str(tmpl)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fetched" in proc.stdout
+    assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert tmpl.read_text() == chat_template()
+    assert not (out.parent / "model.partial").exists()
+    # a folder without weights is refused with the fix, and nothing half-written is left as the model
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", str(empty),
+                           "--out", str(tmp_path / "shm2" / "model")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no *.safetensors files" in proc.stderr and "launcher.sidecar_model_uri" in proc.stderr
+    assert not (tmp_path / "shm2" / "model").exists()
