@@ -40,7 +40,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +105,13 @@ class LaunchResult:
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def job_name(run_id: str, stage: str) -> str:
-    """Deterministic DNS-1035 name (<= 48 chars) from the pipeline run id and the stage."""
+def job_name(run_id: str, stage: str, extra_args: Sequence[str] = ()) -> str:
+    """Deterministic DNS-1035 name (<= 48 chars) from the pipeline run id, the stage (its readable
+    token, e.g. "bpo" or "grpo") and the stage's extra CLI args (two variants of a stage in one run
+    get two jobs)."""
     if not run_id:
         raise LaunchError("run_id is empty; pass the pipeline run id (dsl.PIPELINE_JOB_ID_PLACEHOLDER)")
-    digest = hashlib.sha256(f"{run_id}\0{stage}".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps([run_id, stage, list(extra_args)]).encode()).hexdigest()[:8]
     head = f"r4b-{stage}-"
     slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
     slug = slug[: MAX_NAME - len(head) - len(digest) - 1].strip("-")
@@ -266,11 +268,17 @@ def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]
 
 
 def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
-                     extra_env: Mapping[str, str] | None = None) -> kf.KubeflowOrgV1PyTorchJob:
-    """The PyTorchJob for one stage of one pipeline run (SDK model objects; see `manifest`)."""
+                     extra_env: Mapping[str, str] | None = None,
+                     extra_args: Sequence[str] | None = None) -> kf.KubeflowOrgV1PyTorchJob:
+    """The PyTorchJob for one stage of one pipeline run (SDK model objects; see `manifest`).
+
+    `extra_args` are appended to the stage command (e.g. `--set bpo.algorithm=grpo`); `cfg` must
+    already reflect them (it decides resources, the sidecar and the name: the GRPO control is "grpo").
+    """
     _check(stage, config_uri, cfg)
     L, dist = cfg.launcher, getattr(cfg, stage).distributed
-    name = job_name(run_id, stage)
+    extra_args = list(extra_args or [])
+    name = job_name(run_id, cfg.bpo.algorithm if stage == "bpo" else stage, extra_args)
     labels = {"app.kubernetes.io/name": "r4b", "app.kubernetes.io/part-of": "r4b",
               "app.kubernetes.io/component": "trainer", "r4b.dev/stage": stage,
               "r4b.dev/run-id": _label_value(run_id)}
@@ -294,7 +302,7 @@ def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
     trainer = k8s.V1Container(
         name=TRAINER, image=L.image,
         command=["torchrun", f"--nproc-per-node={dist.nproc_per_node}",
-                 "-m", "r4b_core.cli", stage, "--config", config_uri],
+                 "-m", "r4b_core.cli", stage, "--config", config_uri, *extra_args],
         ports=[k8s.V1ContainerPort(name="pytorchjob-port", container_port=MASTER_PORT, protocol="TCP")],
         env=_env(env), env_from=_env_from(cfg),
         resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
@@ -617,18 +625,20 @@ def wait_for_job(api: JobAPI, name: str, timeout_s: float, poll_s: float, log: C
 
 
 def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8s.ApiClient | None = None,
-           *, log: Callable[[str], None] = print, extra_env: Mapping[str, str] | None = None) -> LaunchResult:
+           *, extra_args: Sequence[str] | None = None, log: Callable[[str], None] = print,
+           extra_env: Mapping[str, str] | None = None) -> LaunchResult:
     """Run `stage` of pipeline run `run_id` as a PyTorchJob and wait for it (the KFP components' entry point).
 
-    `api` is a kubernetes ApiClient (default: in-cluster config, else kubeconfig). Env named in
-    FORWARDED_ENV is copied from this process unless `extra_env` is given. Raises PyTorchJobFailed,
-    PyTorchJobTimeout or LaunchError (all R4BError) with the reason; returns a LaunchResult on success.
+    `api` is a kubernetes ApiClient (default: in-cluster config, else kubeconfig). `extra_args` go to
+    the stage command (`r4b <stage> --config URI *extra_args`). Env named in FORWARDED_ENV is copied
+    from this process unless `extra_env` is given. Raises PyTorchJobFailed, PyTorchJobTimeout or
+    LaunchError (all R4BError) with the reason; returns a LaunchResult on success.
     """
     import os
 
     if extra_env is None:
         extra_env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    job = build_pytorchjob(stage, config_uri, run_cfg, run_id, extra_env)
+    job = build_pytorchjob(stage, config_uri, run_cfg, run_id, extra_env, extra_args)
     body = manifest(job)
     L = run_cfg.launcher
     jobs = JobAPI(api or _api_client(), L.namespace)

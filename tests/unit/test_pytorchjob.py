@@ -125,6 +125,18 @@ def test_job_name_is_deterministic_and_dns1035():
     assert len(f"{a}-worker-999") <= 63
 
 
+def test_bpo_and_its_grpo_control_get_separate_jobs():
+    bpo_cfg, grpo_cfg = make_cfg(), make_cfg()
+    grpo_cfg.bpo.algorithm = "grpo"
+    args = ["--set", "bpo.algorithm=grpo"]
+    bpo = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, bpo_cfg, RUN_ID))
+    grpo = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, grpo_cfg, RUN_ID, extra_args=args))
+    assert bpo["metadata"]["name"].startswith("r4b-bpo-") and grpo["metadata"]["name"].startswith("r4b-grpo-")
+    cmd = grpo["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[-5:] == ["bpo", "--config", CONFIG_URI, "--set", "bpo.algorithm=grpo"]
+    assert pj.job_name(RUN_ID, "bpo", ["--set", "x=1"]) != pj.job_name(RUN_ID, "bpo")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=200), st.sampled_from(pj.STAGES))
 def test_job_name_valid_for_any_run_id(run_id, stage):
