@@ -715,3 +715,25 @@ def test_fetch_step_copies_weights_and_writes_the_chat_template(tmp_path):
     assert proc.returncode == 2
     assert "no *.safetensors files" in proc.stderr and "launcher.sidecar_model_uri" in proc.stderr
     assert not (tmp_path / "shm2" / "model").exists()
+
+
+def test_images_match_what_the_pods_expect():
+    """docker/ cannot be built here; check its contract with the launcher and chart instead."""
+    platform = (REPO / "docker/platform.Dockerfile").read_text()
+    vllm = (REPO / "docker/vllm.Dockerfile").read_text()
+    # both run as the uid the pod security contexts demand
+    assert f"ARG UID={pj.RUN_AS}" in platform and f"ARG UID={pj.RUN_AS}" in vllm
+    assert "USER ${UID}" in platform and "USER ${UID}" in vllm
+    # the sidecar's PYTHONPATH holds the assets, which include the worker extension it names
+    assert f"COPY r4b_core/assets/ {pj.VLLM_ASSETS_DIR}/" in vllm and f"PYTHONPATH={pj.VLLM_ASSETS_DIR}" in vllm
+    module = pj.WORKER_EXTENSION.split(".")[0]
+    assert (REPO / "r4b_core/assets" / f"{module}.py").is_file()
+    assert (REPO / "r4b_core/assets/sitecustomize.py").is_file()
+    # every path the platform image copies exists, and its pins come from constraints.txt
+    for src in re.findall(r"^COPY (\S+) ", platform, re.M):
+        if not src.startswith("--"):
+            assert (REPO / src).exists(), src
+    assert "-c /tmp/constraints.txt" in platform
+    pinned = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
+    assert re.search(r"ARG TORCH_VERSION=(\S+)", platform).group(1) == pinned["torch"].split("+")[0]
+    assert re.search(r"ARG PYTHON_VERSION=3\.11", platform)
