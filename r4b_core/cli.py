@@ -290,6 +290,39 @@ def _add_run(sub) -> None:
     c.set_defaults(func=_cmd_pipeline_submit)
 
 
+# --- registry ---------------------------------------------------------------------------------
+def _cmd_register(args) -> int:
+    from r4b_core import layout
+    from r4b_core.promote import register_and_gate
+
+    cfg = _load(args)
+    model_uri = args.model or layout.model_dir(cfg, "bpo")
+    report_uri = args.report or layout.eval_dir(cfg, "bpo") + "/report.json"
+    register_and_gate(cfg, model_uri, report_uri, pipeline_run_id=os.environ.get("R4B_PIPELINE_RUN_ID", ""))
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    from r4b_core.promote import promote_manually
+
+    promote_manually(_load(args), args.name, args.version, args.reason)
+    return 0
+
+
+def _add_registry(sub) -> None:
+    p = sub.add_parser("register", help="register a model in MLflow and run the promotion gate")
+    _config_args(p)
+    p.add_argument("--model", help="model storage URI (default: the run's bpo/model)")
+    p.add_argument("--report", help="its eval report.json URI (default: the run's eval/bpo/report.json)")
+    p.set_defaults(func=_cmd_register)
+    p = sub.add_parser("promote", help="move the champion alias to a version by hand")
+    _config_args(p)
+    p.add_argument("name", help="registered model name, e.g. r4b-tiny")
+    p.add_argument("version", type=int)
+    p.add_argument("--reason", required=True, help="why (recorded as a version tag)")
+    p.set_defaults(func=_cmd_promote)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r4b",
@@ -300,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_config(sub)
+    _add_registry(sub)
     _add_data(sub)
     _add_model(sub)
     _add_curate(sub)

@@ -226,6 +226,10 @@ class BPOConfig(Section):
     # -- a checkpoint written under a different config: "auto" refuses and lists the differences,
     # "force" resumes anyway (the current config wins).
     resume: Literal["auto", "force"] = "auto"
+    # -- torch CPU threads of the trainer and the in-process engine (0 = torch's default). Tiny
+    # models gain nothing from intra-op threads, and on a busy machine OpenMP spinning makes
+    # 2 threads 5-25x slower than 1.
+    cpu_threads: int = Field(0, ge=0)
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -242,11 +246,21 @@ class EvalConfig(Section):
 
 
 class PromotionConfig(Section):
-    # -- gate: challenger's auto-mode math accuracy must not drop below the champion's.
-    metric: str = "auto_math_accuracy"
-    min_delta: float = 0.0
-    # -- no-think accuracy may drop at most this much (absolute).
-    no_think_margin: float = Field(0.02, ge=0)
+    # -- the gate: eval metric (a key of evaluate.headline(), e.g. "auto/math/accuracy") -> the most
+    # it may drop (absolute) against the current champion. Default: auto-mode math accuracy must
+    # not drop; no-think accuracy may drop at most 2 points. The first version always passes.
+    max_drop: dict[str, float] = Field(default_factory=lambda: {"auto/math/accuracy": 0.0,
+                                                                "no_think/accuracy": 0.02})
+    # -- alias moved by a passing gate, and the alias every new version gets.
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+    @model_validator(mode="after")
+    def _drops(self) -> PromotionConfig:
+        bad = {k: v for k, v in self.max_drop.items() if v < 0}
+        if bad:
+            raise ValueError(f"max_drop values must be >= 0 (allowed drop); got {bad}")
+        return self
 
 
 class ServeConfig(Section):
