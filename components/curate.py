@@ -8,12 +8,15 @@ def curate(config_uri: str, pipeline_run_id: str, raw: Input[Dataset], base_mode
     from r4b_core import layout
     from r4b_core.config import load_config
     from r4b_core.curate import run_curate
-    from r4b_core.tracking import stage_tracker
+    from r4b_core.tracking import pipeline_tracker
 
     cfg = load_config(config_uri)
     out_uri = layout.curated_uri(cfg)
-    with stage_tracker(cfg, "curate", pipeline_run_id) as tracker:
+    tracker = pipeline_tracker(cfg, pipeline_run_id)
+    try:
         manifest = run_curate(cfg, raw.metadata["storage_uri"], out_uri, tracker=tracker)
+    finally:
+        tracker.close()
     sft.metadata["storage_uri"] = out_uri
     for key in ("kept", "rejected", "reasoning_ratio", "items_per_s"):
         if isinstance(manifest.get(key), (int, float)):

@@ -11,14 +11,17 @@ def evaluate(config_uri: str, pipeline_run_id: str, tag: str, compare_tag: str, 
     from r4b_core.config import load_config
     from r4b_core.evaluate import headline, run_eval
     from r4b_core.storage import Store
-    from r4b_core.tracking import stage_tracker
+    from r4b_core.tracking import pipeline_tracker
 
     cfg = load_config(config_uri)
     out_uri = layout.eval_dir(cfg, tag)
     compare = layout.eval_dir(cfg, compare_tag) + "/report.json" if compare_tag else None
-    with stage_tracker(cfg, f"eval-{tag}", pipeline_run_id) as tracker:
+    tracker = pipeline_tracker(cfg, pipeline_run_id)
+    try:
         result = run_eval(cfg, model.metadata["storage_uri"], eval_data.metadata["storage_uri"], out_uri, tag,
                           tracker=tracker, compare=compare)
+    finally:
+        tracker.close()
     for key, value in headline(result).items():
         metrics.log_metric(key, float(value))
     store = Store.from_config(cfg.storage)

@@ -10,8 +10,15 @@ def register(config_uri: str, pipeline_run_id: str, report_uri: str, model: Inpu
     from r4b_core.config import load_config
     from r4b_core.promote import register_and_gate
 
+    from r4b_core.tracking import pipeline_tracker
+
     cfg = load_config(config_uri)
-    decision = register_and_gate(cfg, model.metadata["storage_uri"], report_uri, pipeline_run_id=pipeline_run_id)
+    tracker = pipeline_tracker(cfg, pipeline_run_id)
+    try:
+        decision = register_and_gate(cfg, model.metadata["storage_uri"], report_uri,
+                                     pipeline_run_id=pipeline_run_id, tracker=tracker)
+    finally:
+        tracker.close()
     return f"{decision['version']}:{'promoted' if decision['promoted'] else 'kept'}"
 
 

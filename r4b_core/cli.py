@@ -129,9 +129,9 @@ def _add_model(sub) -> None:
 
 # --- curate / eval ----------------------------------------------------------------------------
 def _stage_tracker(cfg):
-    from r4b_core.tracking import Tracker
+    from r4b_core.tracking import pipeline_tracker
 
-    return Tracker(cfg)
+    return pipeline_tracker(cfg)
 
 
 def _cmd_curate(args) -> int:

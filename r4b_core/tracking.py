@@ -703,3 +703,46 @@ class Tracker:
                 client.set_model_version_tag(name, str(version), str(key), str(value))
 
         self._registry(f"tag {name} v{version}", go)
+
+
+def _find_pipeline_run(uri: str, experiment: str, pipeline_run_id: str) -> str | None:
+    """The MLflow run tagged with this pipeline run id, or None (also when the server is away)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], f"tags.`r4b.pipeline_run` = '{pipeline_run_id}'",
+                                  max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        log.warning("could not look up the pipeline run %s (%s); this stage logs to a new run",
+                    pipeline_run_id, _one_line(exc))
+        return None
+
+
+def pipeline_tracker(run_cfg: RunConfig, pipeline_run_id: str | None = None) -> Tracker | None:
+    """The Tracker a stage process uses: it joins the pipeline's MLflow run, or returns None on
+    torchrun ranks > 0 (one writer per run).
+
+    The pipeline run is `MLFLOW_RUN_ID` when set (the KFP MLflow plugin sets it), else the run
+    tagged `r4b.pipeline_run=<id>` (the id comes from the argument or `R4B_PIPELINE_RUN_ID`, which
+    the pipeline's tasks and launchers pass down), else a new run that gets that tag — so every task
+    of one pipeline run nests its stage run under the same parent.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    pid = pipeline_run_id or os.environ.get("R4B_PIPELINE_RUN_ID", "")
+    run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    uri = tracking_uri(run_cfg)
+    if run_id is None and pid:
+        if uri.startswith("sqlite:"):
+            local_run_dir(run_cfg).mkdir(parents=True, exist_ok=True)
+        run_id = _find_pipeline_run(uri, run_cfg.tracking.experiment, pid)
+    tracker = Tracker(run_cfg, uri=uri, run_id=run_id, run_name=f"{run_cfg.name}-{pid}" if pid else None)
+    if pid and run_id is None:
+        tracker.set_tags({"r4b.pipeline_run": pid}, run=tracker.pipeline)
+    return tracker
