@@ -1,0 +1,657 @@
+"""Bi-mode annealing: the SFT stage of R-4B, on mixed thinking and direct targets.
+
+    r4b anneal --config configs/tiny.yaml                                   one process
+    torchrun --nproc-per-node 2 -m r4b_core.cli anneal --config FILE         DDP (gloo on CPU, nccl on GPU)
+    ... --set anneal.distributed.deepspeed=zero2                            DeepSpeed ZeRO-2 (or zero3)
+
+    from r4b_core.anneal import run_anneal
+    manifest = run_anneal(cfg, train_uri, base_model_uri, out_uri)
+
+What it does (RECIPE.md "Bi-mode annealing"): every curated record becomes one sequence, the
+prompt `modes.chat_prompt(question, n_images, mode=None)` followed by the record's bi-mode target
+(`<think>\\n{reasoning}\\n</think>\\n\\n{answer}` or `<think>\\n\\n</think>\\n\\n{answer}`) and `<|im_end|>`.
+Prompt and target are tokenized separately and the ids concatenated, so the forced prefixes of
+BPO and evaluation are exactly the ids seen here. The loss covers the target and the closing
+`<|im_end|>` only. Sequences are packed into `pack_length` rows with a block-diagonal causal mask
+(training/packing.py); the optimizer is AdamW with separate LRs for vision tower / projector / LLM
+and a cosine schedule (training/optim.py). Under torchrun it is DDP, or DeepSpeed ZeRO-2/3 when
+`anneal.distributed.deepspeed` says so (a torch AdamW is passed in, so no DeepSpeed op is compiled).
+
+The story in `run_anneal`: skip if done → set up (data, model, optimizer, resume) → train (with
+checkpoints) → save the model → mode-compliance check → manifest. Only rank 0 writes and logs.
+
+Bad input never crashes the loop: unreadable lines, empty answers, missing images and records
+longer than `pack_length` are counted (skipped or truncated per `anneal.overlong`) before training
+starts, and reported in the manifest and the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r4b_core import modes
+from r4b_core.config import RunConfig
+from r4b_core.errors import R4BError
+
+STAGE = "anneal"
+# Keys that may change between a checkpoint and its resume without changing what is trained.
+RESUME_IGNORED = ("checkpoint_every", "keep_checkpoints", "log_every", "compliance_samples", "resume")
+
+
+class AnnealError(R4BError):
+    """The stage cannot run as configured; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: records -> tokenized samples, with an account of everything left out
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataReport:
+    records: int = 0  # lines read
+    bad_lines: int = 0  # not valid JSON / schema (other than an empty answer)
+    empty_answers: int = 0
+    missing_images: int = 0
+    overlong_skipped: int = 0
+    overlong_truncated: int = 0
+    held_out: int = 0  # kept back for the compliance check
+    used: int = 0
+    think: int = 0
+    direct: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    max_target_tokens: int = 0
+    problems: list[str] = field(default_factory=list)  # the first few, one line each
+
+    MAX_PROBLEMS = 20
+
+    def note(self, message: str) -> None:
+        if len(self.problems) < self.MAX_PROBLEMS:
+            self.problems.append(message)
+
+    @property
+    def reasoning_ratio(self) -> float:
+        return self.think / self.used if self.used else 0.0
+
+    @property
+    def skipped(self) -> int:
+        return self.bad_lines + self.empty_answers + self.missing_images + self.overlong_skipped
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["reasoning_ratio"] = round(self.reasoning_ratio, 4)
+        d["skipped"] = self.skipped
+        return d
+
+
+def read_records(store, train_uri: str, cache_dir: Path, report: DataReport):
+    """Records of the curated JSONL; bad lines are counted and left out."""
+    from r4b_core.data.schema import read_jsonl
+
+    if not store.exists(train_uri):
+        raise AnnealError(f"{train_uri}: training data not found; run `r4b curate` first or pass --train URI")
+    local = Path(store.local_path(train_uri, cache_dir / "data"))
+    result = read_jsonl(local, on_error="collect")
+    for bad in result.bad:
+        if bad.field == "answer":
+            report.empty_answers += 1
+        else:
+            report.bad_lines += 1
+        report.note(f"{train_uri}:{bad.line}: {bad.field}: {bad.message} (skipped)")
+    report.records = len(result.records) + len(result.bad)
+    return result.records
+
+
+def load_images(record, train_uri: str, store) -> list:
+    from r4b_core.data.images import load_image
+
+    return [load_image(ref, train_uri, store) for ref in record.images]
+
+
+def encode(record, images: list, processor, pack_length: int, overlong: str):
+    """One record -> `Sample` (prompt ids + target ids + <|im_end|>), or a reason string to skip it.
+
+    The processor expands each `<image>` into the model's image tokens and makes pixel_values.
+    """
+    from r4b_core.training.packing import IGNORE_INDEX, MODE_DIRECT, MODE_THINK, Sample
+
+    tok = processor.tokenizer
+    prompt = modes.chat_prompt(record.question, len(images), mode=None)
+    enc = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
+    prompt_ids = enc["input_ids"][0].tolist()
+    target = record.sft_target()
+    target_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(modes.IM_END)]
+    truncated = False
+    if len(prompt_ids) + len(target_ids) > pack_length:
+        room = pack_length - len(prompt_ids)
+        if overlong == "skip" or room < 1:
+            return f"{len(prompt_ids) + len(target_ids)} tokens > anneal.pack_length {pack_length}"
+        target_ids, truncated = target_ids[:room], True
+    mode = MODE_DIRECT if modes.target_mode(target) == modes.Mode.NO_THINK else MODE_THINK
+    return Sample(
+        input_ids=prompt_ids + target_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        mode=mode,
+        pixel_values=enc.get("pixel_values"),
+        meta={"id": record.id, "truncated": truncated, "prompt_len": len(prompt_ids)},
+    )
+
+
+def prepare_data(cfg: RunConfig, store, train_uri: str, processor, cache_dir: Path):
+    """(train samples, held-out (record, images) pairs for the compliance check, DataReport)."""
+    a = cfg.anneal
+    report = DataReport()
+    records = read_records(store, train_uri, cache_dir, report)
+    held: list = []
+    if a.compliance_samples and a.compliance_from == "holdout":
+        order = list(range(len(records)))
+        random.Random(cfg.seed).shuffle(order)
+        n = min(a.compliance_samples, len(records) // 10)
+        held_idx = set(order[:n])
+        held = [records[i] for i in sorted(held_idx)]
+        records = [r for i, r in enumerate(records) if i not in held_idx]
+    samples = []
+    for rec in records:
+        try:
+            images = load_images(rec, train_uri, store)
+        except Exception as exc:  # missing file, unreadable image, storage error: skip the record
+            report.missing_images += 1
+            report.note(f"{train_uri}: record {rec.id}: image {rec.images}: {str(exc).splitlines()[0][:160]} (skipped)")
+            continue
+        item = encode(rec, images, processor, a.pack_length, a.overlong)
+        if isinstance(item, str):
+            report.overlong_skipped += 1
+            report.note(f"{train_uri}: record {rec.id}: {item} (skipped; anneal.overlong=truncate keeps it)")
+            continue
+        if item.meta["truncated"]:
+            report.overlong_truncated += 1
+            report.note(f"{train_uri}: record {rec.id}: target truncated to fit anneal.pack_length {a.pack_length}")
+        item.index = len(samples)
+        samples.append(item)
+    from r4b_core.training.packing import MODE_THINK
+
+    report.used = len(samples)
+    report.think = sum(1 for s in samples if s.mode == MODE_THINK)
+    report.direct = report.used - report.think
+    report.tokens = sum(len(s) for s in samples)
+    report.target_tokens = sum(s.n_target for s in samples)
+    report.max_target_tokens = max((s.n_target for s in samples), default=0)
+    compliance_items = []
+    if a.compliance_samples:
+        pool = held if a.compliance_from == "holdout" else records
+        seen: set = set()
+        # One prompt once: a question trained in both modes is still one prompt.
+        pool = [r for r in pool if (r.question, tuple(r.images)) not in seen and not seen.add((r.question, tuple(r.images)))]
+        for rec in pool[: a.compliance_samples]:
+            try:
+                compliance_items.append((rec, load_images(rec, train_uri, store)))
+            except Exception:
+                continue
+        report.held_out = len(held)
+    if not samples:
+        raise AnnealError(f"{train_uri}: no usable training records ({report.skipped} skipped: "
+                          f"{'; '.join(report.problems[:3])}); fix the data or anneal.pack_length")
+    return samples, compliance_items, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The row stream: a deterministic sequence of packed rows, epoch after epoch
+# ---------------------------------------------------------------------------------------------
+class RowStream:
+    """Rows of sample indices in a fixed order for a given seed, so every rank (and a resumed run)
+    computes the same stream and a cursor (epoch, offset) is the whole data position."""
+
+    def __init__(self, lengths: list[int], pack_length: int, packing: bool, seed: int):
+        self.lengths, self.pack_length, self.packing, self.seed = lengths, pack_length, packing, seed
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            from r4b_core.training.packing import pack_first_fit
+
+            order = list(range(len(self.lengths)))
+            random.Random(f"{self.seed}-{e}").shuffle(order)
+            if self.packing:
+                rows = pack_first_fit([self.lengths[i] for i in order], self.pack_length)
+                self._epochs[e] = [[order[j] for j in row] for row in rows]
+            else:
+                self._epochs[e] = [[i] for i in order]
+            self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}  # keep memory flat
+        return self._epochs[e]
+
+    def take(self, cursor: tuple[int, int], n: int) -> tuple[list[list[int]], tuple[int, int]]:
+        epoch, offset = cursor
+        out: list[list[int]] = []
+        while len(out) < n:
+            rows = self.epoch(epoch)
+            need = n - len(out)
+            out.extend(rows[offset:offset + need])
+            offset += need
+            if offset >= len(rows):
+                epoch, offset = epoch + 1, 0
+        return out, (epoch, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+def token_losses(model, batch: dict, device) -> tuple[Any, Any, Any]:
+    """Per-token cross entropy (B, L-1) of the next-token targets, their mask, and their mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from r4b_core.training.packing import IGNORE_INDEX
+
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = batch["pixel_values"].to(device, inputs["attention_mask"].dtype)
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    mask = labels != IGNORE_INDEX
+    return ce, mask, batch["token_mode"][:, 1:].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: what must match for a skip (manifest) or a resume (checkpoint)
+# ---------------------------------------------------------------------------------------------
+def identity(cfg: RunConfig, train_uri: str, base_model_uri: str, upstream_hash: str | None) -> dict:
+    anneal = cfg.anneal.model_dump(mode="json")
+    for k in RESUME_IGNORED:
+        anneal.pop(k, None)
+    return {"anneal": anneal, "model": cfg.model.model_dump(mode="json"), "seed": cfg.seed,
+            "train_uri": train_uri, "base_model_uri": base_model_uri, "train_data_hash": upstream_hash}
+
+
+def identity_hash(ident: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode compliance: do forced think / no-think prefixes give well-formed outputs?
+# ---------------------------------------------------------------------------------------------
+def well_formed(text: str, finished: bool, mode: modes.Mode) -> bool:
+    """think: a non-empty reasoning block closed by </think>, then an answer, then <|im_end|>.
+    no_think: an answer then <|im_end|>, with no second think block."""
+    if not finished:
+        return False
+    parsed = modes.parse_response(text, mode)
+    if mode == modes.Mode.THINK:
+        return parsed.closed and bool(parsed.reasoning) and bool(parsed.answer)
+    return bool(parsed.answer) and modes.THINK_OPEN not in text and modes.THINK_CLOSE not in text
+
+
+def mode_compliance(model, processor, items: list, max_new_tokens: int, device, batch_size: int = 16) -> dict:
+    """Greedy-decode every (record, images) item under forced think and no-think prefixes."""
+    import torch
+
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(modes.IM_END)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    out: dict[str, Any] = {}
+    examples: dict[str, str] = {}
+    failures: dict[str, list[str]] = {}
+    try:
+        for mode in (modes.Mode.THINK, modes.Mode.NO_THINK):
+            good = 0
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                texts = [modes.chat_prompt(r.question, len(imgs), mode) for r, imgs in chunk]
+                images = [imgs for _, imgs in chunk]
+                kw = {"images": images} if any(images) else {}
+                enc = processor(text=texts, padding=True, return_tensors="pt", **kw).to(device)
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                for row in new.tolist():
+                    finished = eos in row
+                    row = row[:row.index(eos)] if finished else row
+                    text = tok.decode(row, skip_special_tokens=False)
+                    ok = well_formed(text, finished, mode)
+                    good += ok
+                    if not ok and len(failures.setdefault(mode.value, [])) < 3:
+                        failures[mode.value].append(text[:200])
+                    examples.setdefault(mode.value, text[:200])
+            out[mode.value] = good / len(items) if items else 0.0
+    finally:
+        tok.padding_side = side
+    out["overall"] = (out.get("think", 0.0) + out.get("no_think", 0.0)) / 2
+    out["samples"] = len(items)
+    out["example"] = examples
+    out["failures"] = failures
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+def _deepspeed_engine(model, optimizer, cfg: RunConfig, use_bf16: bool):
+    """Wrap model + torch optimizer in a DeepSpeed engine (ZeRO-2/3, no DeepSpeed optimizer)."""
+    import deepspeed
+
+    ops = vars(deepspeed.ops)
+    # The CPU shared-memory allreduce op would JIT-compile for minutes on first use; gloo does the
+    # job. A private dict (ENVIRONMENT.md "Training on CPU"): re-check on a DeepSpeed upgrade.
+    compat = dict(ops.get("__compatible_ops__") or {})
+    compat["deepspeed_shm_comm"] = False
+    deepspeed.ops.__compatible_ops__ = compat
+    a = cfg.anneal
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,  # one collated micro-batch per call (it holds several rows)
+        "gradient_accumulation_steps": a.grad_accum,
+        "gradient_clipping": a.optim.grad_clip,
+        "zero_optimization": {"stage": 2 if a.distributed.deepspeed == "zero2" else 3},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ds_optimizer
+
+
+class _Console:
+    """Rank-0 console: plain lines always, and a rich progress bar with ETA on a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def start(self, total: int, done: int) -> None:
+        if not (self.enabled and self.console.is_terminal):
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("anneal"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=self.console)
+        self.task = self.progress.add_task("anneal", total=total, completed=done, info="")
+        self.progress.start()
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            self.console.print(msg, markup=False, soft_wrap=True)
+
+    def advance(self, info: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _git_version() -> str:
+    import r4b_core
+
+    return r4b_core.__version__
+
+
+def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str | None = None,
+               out_uri: str | None = None, tracker=None) -> dict:
+    """Train the bi-mode model; returns the manifest written next to the model at `out_uri`.
+
+    URIs default to the run layout (layout.py): curated data, base model, `<run>/anneal/model`.
+    Skips in seconds when `out_uri` already holds a manifest with the same config hash.
+    """
+    import torch
+
+    from r4b_core import layout
+    from r4b_core.storage import Store
+    from r4b_core.training import checkpoint as ckpt
+    from r4b_core.training.distributed import all_reduce_sum, barrier, init_distributed, teardown
+    from r4b_core.training.optim import cosine_scheduler, lr_by_group, param_groups
+    from r4b_core.training.packing import MODE_DIRECT, MODE_THINK, collate
+
+    a = cfg.anneal
+    store = Store.from_config(cfg.storage)
+    train_uri = train_uri or layout.curated_uri(cfg)
+    base_model_uri = base_model_uri or layout.base_model_dir(cfg)
+    out_uri = out_uri or layout.model_dir(cfg, STAGE)
+    ckpt_root = _parent(out_uri) + "/checkpoints"
+    upstream = store.read_manifest(_parent(train_uri)) if store.exists(_parent(train_uri) + "/manifest.json") else None
+    ident = identity(cfg, train_uri, base_model_uri, (upstream or {}).get("config_hash"))
+    config_hash = identity_hash(ident)
+
+    # ---- skip: a finished run with the same identity ------------------------------------------
+    if store.is_complete(out_uri, config_hash):
+        manifest = store.read_manifest(out_uri)
+        manifest["skipped"] = True
+        return manifest
+
+    use_ds = a.distributed.deepspeed != "none"
+    env = init_distributed(a.distributed.backend, force=use_ds)
+    cache_dir = Path(tempfile.mkdtemp(prefix=f"r4b-anneal-r{env.rank}-"))
+    console = _Console(env.is_main)
+    t_start = time.time()
+    try:
+        # ---- setup: model, data, optimizer ----------------------------------------------------
+        from r4b_core.models.loading import load_model, save_model
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model, processor = load_model(base_model_uri, cfg.model, store=store, dtype=torch.float32)
+        model.train()
+        samples, compliance_items, report = prepare_data(cfg, store, train_uri, processor, cache_dir)
+        for line in report.problems:
+            console.print(f"data: {line}")
+        console.print(f"data: {report.used} samples ({report.think} think / {report.direct} direct, "
+                      f"reasoning ratio {report.reasoning_ratio:.2f}), {report.skipped} skipped, "
+                      f"{report.overlong_truncated} truncated, {report.held_out} held out; "
+                      f"{report.tokens} tokens, {report.target_tokens} target tokens")
+        device = env.device
+        cuda = device.type == "cuda"
+        use_bf16 = cuda and torch.cuda.is_bf16_supported()
+        # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
+        compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        model.to(device)
+        groups = param_groups(model, a.optim)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
+        scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
+        has_text_only = any(s.pixel_values is None for s in samples)
+        engine = ddp = None
+        if use_ds:
+            engine, ds_optimizer = _deepspeed_engine(model, optimizer, cfg, use_bf16)
+            trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
+            forward_model = engine
+        else:
+            if env.initialized:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # A micro-batch without any image leaves the vision tower without gradients.
+                ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                              find_unused_parameters=has_text_only)
+            trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
+            forward_model = ddp or model
+        stream = RowStream([len(s) for s in samples], a.pack_length, a.packing, cfg.seed)
+        pad_id = processor.tokenizer.pad_token_id
+        rows_per_step = env.world_size * a.grad_accum * a.micro_batch_size
+
+        # ---- resume ---------------------------------------------------------------------------
+        step, cursor, history, resumed_from = 0, (0, 0), [], None
+        found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
+        if found is not None:
+            saved = ckpt.read_state(store, found[1])
+            if saved.get("config_hash") != config_hash:
+                diff = ckpt.config_diff(saved.get("identity", {}), ident)
+                msg = (f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8]))
+                if a.resume != "force":
+                    raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
+                                      "fresh, or resume anyway with --set anneal.resume=force")
+                console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
+            state = ckpt.load(store, found[1], trainee, env, cache_dir)
+            step, cursor, history = state["step"], tuple(state["cursor"]), state.get("history", [])
+            resumed_from = step
+            console.print(f"resumed from {found[1]} (step {step})")
+
+        # ---- train ----------------------------------------------------------------------------
+        tracking = tracker if env.is_main else None
+        if tracking is not None and step == 0:
+            tracking.log_params({"anneal": a.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                                 "seed": cfg.seed, "world_size": env.world_size, "train_uri": train_uri,
+                                 "base_model_uri": base_model_uri, "config_hash": config_hash,
+                                 "data": {k: v for k, v in report.as_dict().items() if k != "problems"}})
+        console.start(a.steps, step)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
+        params = [p for p in model.parameters() if p.requires_grad]
+        t_train = time.time()
+        steps_this_run = 0
+        tokens_this_run = 0
+        while step < a.steps:
+            t0 = time.time()
+            rows, cursor = stream.take(cursor, rows_per_step)
+            mine = rows[env.rank * a.grad_accum * a.micro_batch_size:(env.rank + 1) * a.grad_accum * a.micro_batch_size]
+            # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
+            n_global = sum(samples[i].n_target for row in rows for i in row)
+            scale = env.world_size * (a.grad_accum if use_ds else 1) / max(1, n_global)
+            sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
+            for m in range(a.grad_accum):
+                micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
+                batch = collate([[samples[i] for i in row] for row in micro], pad_id,
+                                length=a.pack_length if a.packing else None, mask_dtype=compute_dtype)
+                last = m == a.grad_accum - 1
+                sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
+                with sync:
+                    with amp:
+                        ce, mask, tmode = token_losses(forward_model, batch, device)
+                    loss = (ce * mask).sum() * scale
+                    if use_ds:
+                        engine.backward(loss)
+                        engine.step()
+                    else:
+                        loss.backward()
+                with torch.no_grad():
+                    think, direct = mask & (tmode == MODE_THINK), mask & (tmode == MODE_DIRECT)
+                    sums[0] += float((ce * think).sum()); sums[1] += float(think.sum())
+                    sums[2] += float((ce * direct).sum()); sums[3] += float(direct.sum())
+                    sums[4] += float((batch["token_mode"] >= 0).sum()); sums[5] += batch["token_mode"].numel()
+            if use_ds:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.optim.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            lrs = lr_by_group(optimizer)
+            scheduler.step()
+            step += 1
+            steps_this_run += 1
+            ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
+            dt = time.time() - t0
+            tokens_this_run += real
+            loss_all = (ce_t + ce_d) / max(1.0, n_t + n_d)
+            metrics = {"loss": loss_all, "loss_think": ce_t / n_t if n_t else float("nan"),
+                       "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
+                       "tokens_per_s": real / dt, "padding_waste": 1.0 - real / max(1.0, slots),
+                       **{f"lr_{k}": v for k, v in lrs.items()}}
+            history.append({"step": step, "loss": round(loss_all, 6), "loss_think": round(metrics["loss_think"], 6),
+                            "loss_direct": round(metrics["loss_direct"], 6)})
+            info = f"loss {loss_all:.4f}"
+            console.advance(info)
+            if step % a.log_every == 0 or step == a.steps or step == 1:
+                console.print(f"step {step}/{a.steps} loss {loss_all:.4f} think {metrics['loss_think']:.4f} "
+                              f"direct {metrics['loss_direct']:.4f} lr {lrs.get('llm', 0):.2e} "
+                              f"tok/s {metrics['tokens_per_s']:.0f} waste {metrics['padding_waste']:.3f}")
+                if tracking is not None:
+                    tracking.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
+            if step % a.checkpoint_every == 0 and step < a.steps:
+                uri = ckpt.save(store, ckpt_root, step, trainee, env,
+                                {"cursor": list(cursor), "config_hash": config_hash, "identity": ident,
+                                 "history": history})
+                if env.is_main:
+                    pruned = ckpt.prune(store, ckpt_root, a.keep_checkpoints)
+                    console.print(f"checkpoint {uri}" + (f" (pruned {len(pruned)})" if pruned else ""))
+        console.close()
+        train_s = time.time() - t_train
+
+        # ---- save, check, commit --------------------------------------------------------------
+        manifest = None
+        gather = contextlib.nullcontext()
+        if trainee.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(trainee.model.parameters()), modifier_rank=None)
+        with gather:
+            if env.is_main:
+                final = trainee.model
+                final.eval()
+                with store.atomic_dir(out_uri) as staging:
+                    save_model(final, processor, staging)
+                    compliance = {}
+                    if compliance_items:
+                        reloaded, rproc = load_model(staging, cfg.model, dtype=torch.float32)
+                        reloaded.to(device)
+                        max_new = report.max_target_tokens + 8
+                        compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, device)
+                        console.print(f"mode compliance: think {compliance['think']:.3f} no_think "
+                                      f"{compliance['no_think']:.3f} over {compliance['samples']} prompts")
+                        del reloaded
+                last_k = history[-max(1, min(10, len(history))):]
+                final_metrics = {
+                    "final_loss": _mean([h["loss"] for h in last_k]),
+                    "final_loss_think": _mean([h["loss_think"] for h in last_k]),
+                    "final_loss_direct": _mean([h["loss_direct"] for h in last_k]),
+                    "compliance_think": compliance.get("think"),
+                    "compliance_no_think": compliance.get("no_think"),
+                    "train_s": round(train_s, 2),
+                    "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else None,
+                }
+                manifest = {
+                    "stage": STAGE,
+                    "config_hash": config_hash,
+                    "code_version": _git_version(),
+                    "inputs": {"train": train_uri, "base_model": base_model_uri},
+                    "outputs": {"model": out_uri, "checkpoints": ckpt_root},
+                    "steps": a.steps,
+                    "steps_this_run": steps_this_run,
+                    "resumed_from_step": resumed_from,
+                    "world_size": env.world_size,
+                    "deepspeed": a.distributed.deepspeed,
+                    "packing": a.packing,
+                    "data": report.as_dict(),
+                    "metrics": final_metrics,
+                    "compliance": compliance,
+                    "loss_curve": history,
+                    "wall_time_s": round(time.time() - t_start, 2),
+                }
+                store.commit(out_uri, manifest)
+                if tracking is not None:
+                    tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+                                         step=step)
+                    tracking.log_dict(compliance, "compliance.json")
+                console.print(f"anneal done: {out_uri} (loss {final_metrics['final_loss']:.4f}, "
+                              f"think {final_metrics['final_loss_think']:.4f}, direct "
+                              f"{final_metrics['final_loss_direct']:.4f}, {train_s:.1f}s training)")
+        barrier(env)
+        return ckpt.agree(manifest, env)
+    finally:
+        console.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        teardown(env)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return round(sum(xs) / len(xs), 6) if xs else None
