@@ -447,205 +447,209 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     cache_dir = Path(tempfile.mkdtemp(prefix=f"r4b-anneal-r{env.rank}-"))
     console = _Console(env.is_main)
     t_start = time.time()
+    if env.is_main:
+        store.invalidate(out_uri)  # an old manifest must not vouch for the files this run writes
+    tracking = tracker if env.is_main else None
+    stage_run = tracking.stage(STAGE) if tracking is not None else contextlib.nullcontext()
     try:
-        # ---- setup: model, data, optimizer ----------------------------------------------------
-        from r4b_core.models.loading import load_model, save_model
+        with stage_run:
+            # ---- setup: model, data, optimizer ----------------------------------------------------
+            from r4b_core.models.loading import load_model, save_model
 
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        model, processor = load_model(base_model_uri, cfg.model, store=store, dtype=torch.float32)
-        model.train()
-        samples, compliance_items, report = prepare_data(cfg, store, train_uri, processor, cache_dir)
-        for line in report.problems:
-            console.print(f"data: {line}")
-        console.print(f"data: {report.used} samples ({report.think} think / {report.direct} direct, "
-                      f"reasoning ratio {report.reasoning_ratio:.2f}), {report.skipped} skipped, "
-                      f"{report.overlong_truncated} truncated, {report.held_out} held out; "
-                      f"{report.tokens} tokens, {report.target_tokens} target tokens")
-        device = env.device
-        cuda = device.type == "cuda"
-        use_bf16 = cuda and torch.cuda.is_bf16_supported()
-        # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
-        compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        model.to(device)
-        groups = param_groups(model, a.optim)
-        optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
-        scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
-        has_text_only = any(s.pixel_values is None for s in samples)
-        engine = ddp = None
-        if use_ds:
-            engine, ds_optimizer = _deepspeed_engine(model, optimizer, cfg, use_bf16)
-            trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
-            forward_model = engine
-        else:
-            if env.initialized:
-                from torch.nn.parallel import DistributedDataParallel
-
-                # A micro-batch without any image leaves the vision tower without gradients.
-                ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                              find_unused_parameters=has_text_only)
-            trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
-            forward_model = ddp or model
-        stream = RowStream([len(s) for s in samples], a.pack_length, a.packing, cfg.seed)
-        pad_id = processor.tokenizer.pad_token_id
-        rows_per_step = env.world_size * a.grad_accum * a.micro_batch_size
-
-        # ---- resume ---------------------------------------------------------------------------
-        step, cursor, history, resumed_from = 0, (0, 0), [], None
-        found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
-        if found is not None:
-            saved = ckpt.read_state(store, found[1])
-            if saved.get("config_hash") != config_hash:
-                diff = ckpt.config_diff(saved.get("identity", {}), ident)
-                msg = (f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8]))
-                if a.resume != "force":
-                    raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
-                                      "fresh, or resume anyway with --set anneal.resume=force")
-                console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
-            state = ckpt.load(store, found[1], trainee, env, cache_dir)
-            step, cursor, history = state["step"], tuple(state["cursor"]), state.get("history", [])
-            resumed_from = step
-            console.print(f"resumed from {found[1]} (step {step})")
-
-        # ---- train ----------------------------------------------------------------------------
-        tracking = tracker if env.is_main else None
-        if tracking is not None and step == 0:
-            tracking.log_params({"anneal": a.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-                                 "seed": cfg.seed, "world_size": env.world_size, "train_uri": train_uri,
-                                 "base_model_uri": base_model_uri, "config_hash": config_hash,
-                                 "data": {k: v for k, v in report.as_dict().items() if k != "problems"}})
-        console.start(a.steps, step)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
-        params = [p for p in model.parameters() if p.requires_grad]
-        t_train = time.time()
-        steps_this_run = 0
-        tokens_this_run = 0
-        while step < a.steps:
-            t0 = time.time()
-            rows, cursor = stream.take(cursor, rows_per_step)
-            mine = rows[env.rank * a.grad_accum * a.micro_batch_size:(env.rank + 1) * a.grad_accum * a.micro_batch_size]
-            # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
-            n_global = sum(samples[i].n_target for row in rows for i in row)
-            scale = env.world_size * (a.grad_accum if use_ds else 1) / max(1, n_global)
-            sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
-            for m in range(a.grad_accum):
-                micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
-                batch = collate([[samples[i] for i in row] for row in micro], pad_id,
-                                length=a.pack_length if a.packing else None, mask_dtype=compute_dtype)
-                last = m == a.grad_accum - 1
-                sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
-                with sync:
-                    with amp:
-                        ce, mask, tmode = token_losses(forward_model, batch, device)
-                    loss = (ce * mask).sum() * scale
-                    if use_ds:
-                        engine.backward(loss)
-                        engine.step()
-                    else:
-                        loss.backward()
-                with torch.no_grad():
-                    think, direct = mask & (tmode == MODE_THINK), mask & (tmode == MODE_DIRECT)
-                    sums[0] += float((ce * think).sum()); sums[1] += float(think.sum())
-                    sums[2] += float((ce * direct).sum()); sums[3] += float(direct.sum())
-                    sums[4] += float((batch["token_mode"] >= 0).sum()); sums[5] += batch["token_mode"].numel()
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            model, processor = load_model(base_model_uri, cfg.model, store=store, dtype=torch.float32)
+            model.train()
+            samples, compliance_items, report = prepare_data(cfg, store, train_uri, processor, cache_dir)
+            for line in report.problems:
+                console.print(f"data: {line}")
+            console.print(f"data: {report.used} samples ({report.think} think / {report.direct} direct, "
+                          f"reasoning ratio {report.reasoning_ratio:.2f}), {report.skipped} skipped, "
+                          f"{report.overlong_truncated} truncated, {report.held_out} held out; "
+                          f"{report.tokens} tokens, {report.target_tokens} target tokens")
+            device = env.device
+            cuda = device.type == "cuda"
+            use_bf16 = cuda and torch.cuda.is_bf16_supported()
+            # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
+            compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+            model.to(device)
+            groups = param_groups(model, a.optim)
+            optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
+            scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
+            has_text_only = any(s.pixel_values is None for s in samples)
+            engine = ddp = None
             if use_ds:
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                engine, ds_optimizer = _deepspeed_engine(model, optimizer, cfg, use_bf16)
+                trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
+                forward_model = engine
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.optim.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            lrs = lr_by_group(optimizer)
-            scheduler.step()
-            step += 1
-            steps_this_run += 1
-            ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
-            dt = time.time() - t0
-            tokens_this_run += real
-            loss_all = (ce_t + ce_d) / max(1.0, n_t + n_d)
-            metrics = {"loss": loss_all, "loss_think": ce_t / n_t if n_t else float("nan"),
-                       "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
-                       "tokens_per_s": real / dt, "padding_waste": 1.0 - real / max(1.0, slots),
-                       **{f"lr_{k}": v for k, v in lrs.items()}}
-            history.append({"step": step, "loss": round(loss_all, 6), "loss_think": round(metrics["loss_think"], 6),
-                            "loss_direct": round(metrics["loss_direct"], 6)})
-            info = f"loss {loss_all:.4f}"
-            console.advance(info)
-            if step % a.log_every == 0 or step == a.steps or step == 1:
-                console.print(f"step {step}/{a.steps} loss {loss_all:.4f} think {metrics['loss_think']:.4f} "
-                              f"direct {metrics['loss_direct']:.4f} lr {lrs.get('llm', 0):.2e} "
-                              f"tok/s {metrics['tokens_per_s']:.0f} waste {metrics['padding_waste']:.3f}")
-                if tracking is not None:
-                    tracking.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
-            if step % a.checkpoint_every == 0 and step < a.steps:
-                uri = ckpt.save(store, ckpt_root, step, trainee, env,
-                                {"cursor": list(cursor), "config_hash": config_hash, "identity": ident,
-                                 "history": history})
+                if env.initialized:
+                    from torch.nn.parallel import DistributedDataParallel
+
+                    # A micro-batch without any image leaves the vision tower without gradients.
+                    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                  find_unused_parameters=has_text_only)
+                trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
+                forward_model = ddp or model
+            stream = RowStream([len(s) for s in samples], a.pack_length, a.packing, cfg.seed)
+            pad_id = processor.tokenizer.pad_token_id
+            rows_per_step = env.world_size * a.grad_accum * a.micro_batch_size
+
+            # ---- resume ---------------------------------------------------------------------------
+            step, cursor, history, resumed_from = 0, (0, 0), [], None
+            found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
+            if found is not None:
+                saved = ckpt.read_state(store, found[1])
+                if saved.get("config_hash") != config_hash:
+                    diff = ckpt.config_diff(saved.get("identity", {}), ident)
+                    msg = (f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8]))
+                    if a.resume != "force":
+                        raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
+                                          "fresh, or resume anyway with --set anneal.resume=force")
+                    console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
+                state = ckpt.load(store, found[1], trainee, env, cache_dir)
+                step, cursor, history = state["step"], tuple(state["cursor"]), state.get("history", [])
+                resumed_from = step
+                console.print(f"resumed from {found[1]} (step {step})")
+
+            # ---- train ----------------------------------------------------------------------------
+            if tracking is not None:
+                tracking.log_params({"anneal": a.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                                     "seed": cfg.seed, "world_size": env.world_size, "train_uri": train_uri,
+                                     "base_model_uri": base_model_uri, "config_hash": config_hash,
+                                     "data": {k: v for k, v in report.as_dict().items() if k != "problems"}})
+            console.start(a.steps, step)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
+            params = [p for p in model.parameters() if p.requires_grad]
+            t_train = time.time()
+            steps_this_run = 0
+            tokens_this_run = 0
+            while step < a.steps:
+                t0 = time.time()
+                rows, cursor = stream.take(cursor, rows_per_step)
+                mine = rows[env.rank * a.grad_accum * a.micro_batch_size:(env.rank + 1) * a.grad_accum * a.micro_batch_size]
+                # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
+                n_global = sum(samples[i].n_target for row in rows for i in row)
+                scale = env.world_size * (a.grad_accum if use_ds else 1) / max(1, n_global)
+                sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
+                for m in range(a.grad_accum):
+                    micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
+                    batch = collate([[samples[i] for i in row] for row in micro], pad_id,
+                                    length=a.pack_length if a.packing else None, mask_dtype=compute_dtype)
+                    last = m == a.grad_accum - 1
+                    sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
+                    with sync:
+                        with amp:
+                            ce, mask, tmode = token_losses(forward_model, batch, device)
+                        loss = (ce * mask).sum() * scale
+                        if use_ds:
+                            engine.backward(loss)
+                            engine.step()
+                        else:
+                            loss.backward()
+                    with torch.no_grad():
+                        think, direct = mask & (tmode == MODE_THINK), mask & (tmode == MODE_DIRECT)
+                        sums[0] += float((ce * think).sum()); sums[1] += float(think.sum())
+                        sums[2] += float((ce * direct).sum()); sums[3] += float(direct.sum())
+                        sums[4] += float((batch["token_mode"] >= 0).sum()); sums[5] += batch["token_mode"].numel()
+                if use_ds:
+                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.optim.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                lrs = lr_by_group(optimizer)
+                scheduler.step()
+                step += 1
+                steps_this_run += 1
+                ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
+                dt = time.time() - t0
+                tokens_this_run += real
+                loss_all = (ce_t + ce_d) / max(1.0, n_t + n_d)
+                metrics = {"loss": loss_all, "loss_think": ce_t / n_t if n_t else float("nan"),
+                           "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
+                           "tokens_per_s": real / dt, "padding_waste": 1.0 - real / max(1.0, slots),
+                           **{f"lr_{k}": v for k, v in lrs.items()}}
+                history.append({"step": step, "loss": round(loss_all, 6), "loss_think": round(metrics["loss_think"], 6),
+                                "loss_direct": round(metrics["loss_direct"], 6)})
+                info = f"loss {loss_all:.4f}"
+                console.advance(info)
+                if step % a.log_every == 0 or step == a.steps or step == 1:
+                    console.print(f"step {step}/{a.steps} loss {loss_all:.4f} think {metrics['loss_think']:.4f} "
+                                  f"direct {metrics['loss_direct']:.4f} lr {lrs.get('llm', 0):.2e} "
+                                  f"tok/s {metrics['tokens_per_s']:.0f} waste {metrics['padding_waste']:.3f}")
+                    if tracking is not None:
+                        tracking.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
+                if step % a.checkpoint_every == 0 and step < a.steps:
+                    uri = ckpt.save(store, ckpt_root, step, trainee, env,
+                                    {"cursor": list(cursor), "config_hash": config_hash, "identity": ident,
+                                     "history": history})
+                    if env.is_main:
+                        pruned = ckpt.prune(store, ckpt_root, a.keep_checkpoints)
+                        console.print(f"checkpoint {uri}" + (f" (pruned {len(pruned)})" if pruned else ""))
+            console.close()
+            train_s = time.time() - t_train
+
+            # ---- save, check, commit --------------------------------------------------------------
+            manifest = None
+            gather = contextlib.nullcontext()
+            if trainee.zero_stage == 3:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(list(trainee.model.parameters()), modifier_rank=None)
+            with gather:
                 if env.is_main:
-                    pruned = ckpt.prune(store, ckpt_root, a.keep_checkpoints)
-                    console.print(f"checkpoint {uri}" + (f" (pruned {len(pruned)})" if pruned else ""))
-        console.close()
-        train_s = time.time() - t_train
-
-        # ---- save, check, commit --------------------------------------------------------------
-        manifest = None
-        gather = contextlib.nullcontext()
-        if trainee.zero_stage == 3:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(trainee.model.parameters()), modifier_rank=None)
-        with gather:
-            if env.is_main:
-                final = trainee.model
-                final.eval()
-                with store.atomic_dir(out_uri) as staging:
-                    save_model(final, processor, staging)
-                    compliance = {}
-                    if compliance_items:
-                        reloaded, rproc = load_model(staging, cfg.model, dtype=torch.float32)
-                        reloaded.to(device)
-                        max_new = report.max_target_tokens + 8
-                        compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, device)
-                        console.print(f"mode compliance: think {compliance['think']:.3f} no_think "
-                                      f"{compliance['no_think']:.3f} over {compliance['samples']} prompts")
-                        del reloaded
-                last_k = history[-max(1, min(10, len(history))):]
-                final_metrics = {
-                    "final_loss": _mean([h["loss"] for h in last_k]),
-                    "final_loss_think": _mean([h["loss_think"] for h in last_k]),
-                    "final_loss_direct": _mean([h["loss_direct"] for h in last_k]),
-                    "compliance_think": compliance.get("think"),
-                    "compliance_no_think": compliance.get("no_think"),
-                    "train_s": round(train_s, 2),
-                    "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else None,
-                }
-                manifest = {
-                    "stage": STAGE,
-                    "config_hash": config_hash,
-                    "code_version": _git_version(),
-                    "inputs": {"train": train_uri, "base_model": base_model_uri},
-                    "outputs": {"model": out_uri, "checkpoints": ckpt_root},
-                    "steps": a.steps,
-                    "steps_this_run": steps_this_run,
-                    "resumed_from_step": resumed_from,
-                    "world_size": env.world_size,
-                    "deepspeed": a.distributed.deepspeed,
-                    "packing": a.packing,
-                    "data": report.as_dict(),
-                    "metrics": final_metrics,
-                    "compliance": compliance,
-                    "loss_curve": history,
-                    "wall_time_s": round(time.time() - t_start, 2),
-                }
-                store.commit(out_uri, manifest)
-                if tracking is not None:
-                    tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-                                         step=step)
-                    tracking.log_dict(compliance, "compliance.json")
-                console.print(f"anneal done: {out_uri} (loss {final_metrics['final_loss']:.4f}, "
-                              f"think {final_metrics['final_loss_think']:.4f}, direct "
-                              f"{final_metrics['final_loss_direct']:.4f}, {train_s:.1f}s training)")
-        barrier(env)
-        return ckpt.agree(manifest, env)
+                    final = trainee.model
+                    final.eval()
+                    with store.atomic_dir(out_uri) as staging:
+                        save_model(final, processor, staging)
+                        compliance = {}
+                        if compliance_items:
+                            reloaded, rproc = load_model(staging, cfg.model, dtype=torch.float32)
+                            reloaded.to(device)
+                            max_new = report.max_target_tokens + 8
+                            compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, device)
+                            console.print(f"mode compliance: think {compliance['think']:.3f} no_think "
+                                          f"{compliance['no_think']:.3f} over {compliance['samples']} prompts")
+                            del reloaded
+                    last_k = history[-max(1, min(10, len(history))):]
+                    final_metrics = {  # means over the last 10 steps
+                        "loss": _mean([h["loss"] for h in last_k]),
+                        "loss_think": _mean([h["loss_think"] for h in last_k]),
+                        "loss_direct": _mean([h["loss_direct"] for h in last_k]),
+                        "compliance_think": compliance.get("think"),
+                        "compliance_no_think": compliance.get("no_think"),
+                        "train_s": round(train_s, 2),
+                        "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else None,
+                    }
+                    manifest = {
+                        "stage": STAGE,
+                        "config_hash": config_hash,
+                        "code_version": _git_version(),
+                        "inputs": {"train": train_uri, "base_model": base_model_uri},
+                        "outputs": {"model": out_uri, "checkpoints": ckpt_root},
+                        "steps": a.steps,
+                        "steps_this_run": steps_this_run,
+                        "resumed_from_step": resumed_from,
+                        "world_size": env.world_size,
+                        "deepspeed": a.distributed.deepspeed,
+                        "packing": a.packing,
+                        "data": report.as_dict(),
+                        "metrics": final_metrics,
+                        "compliance": compliance,
+                        "loss_curve": history,
+                        "wall_time_s": round(time.time() - t_start, 2),
+                    }
+                    store.commit(out_uri, manifest)
+                    if tracking is not None:
+                        tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+                                             step=step)
+                        tracking.log_dict(compliance, "compliance.json")
+                    console.print(f"anneal done: {out_uri} (loss {final_metrics['loss']:.4f}, think "
+                                  f"{final_metrics['loss_think']:.4f}, direct {final_metrics['loss_direct']:.4f}, "
+                                  f"{train_s:.1f}s training)")
+            barrier(env)
+            return ckpt.agree(manifest, env)
     finally:
         console.close()
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -178,6 +178,36 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+# --- anneal ------------------------------------------------------------------------------------
+def _cmd_anneal(args) -> int:
+    from r4b_core import layout
+    from r4b_core.anneal import run_anneal
+
+    cfg = _load(args)
+    out = args.out or layout.model_dir(cfg, "anneal")
+    manifest = run_anneal(cfg, args.train or layout.curated_uri(cfg), args.base_model or layout.base_model_dir(cfg),
+                          out, tracker=_stage_tracker(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if manifest.get("skipped"):
+            print(f"anneal: {out} is complete for this config (hash {manifest['config_hash']}); skipped")
+        else:
+            m = manifest["metrics"]
+            print(f"anneal: wrote {out} ({manifest['steps']} steps, loss {m['loss']}, "
+                  f"compliance think {m['compliance_think']} / no-think {m['compliance_no_think']}, "
+                  f"{manifest['wall_time_s']} s)")
+    return 0
+
+
+def _add_anneal(sub) -> None:
+    p = sub.add_parser("anneal", help="bi-mode annealing (SFT on thinking + direct targets); under torchrun: DDP "
+                                      "or DeepSpeed (anneal.distributed.deepspeed)")
+    _config_args(p)
+    p.add_argument("--train", help="curated bi-mode JSONL URI (default: <run>/curate/sft.jsonl)")
+    p.add_argument("--base-model", help="starting model URI (default: <run>/base_model)")
+    p.add_argument("--out", help="output model URI (default: <run>/anneal/model)")
+    p.set_defaults(func=_cmd_anneal)
+
+
 # --- bpo ---------------------------------------------------------------------------------------
 def _cmd_bpo(args) -> int:
     from r4b_core import layout
@@ -338,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_curate(sub)
     _add_eval(sub)
+    _add_anneal(sub)
     _add_bpo(sub)
     return parser
 
