@@ -6,7 +6,6 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -15,14 +14,13 @@ from r4b_core.storage import COMPLETE_MARKER, MANIFEST, Store, StorageError, Sto
 
 
 @pytest.fixture
-def store(s3_env):
-    return Store(s3_endpoint_url=s3_env.endpoint_url, backoff_base_s=0.2, backoff_max_s=2.0)
+def store(s3_store):
+    return s3_store
 
 
 @pytest.fixture
-def root(seaweedfs):
-    """A fresh folder in the shared bucket for one test."""
-    return f"s3://{seaweedfs.bucket}/t-{uuid.uuid4().hex[:10]}"
+def root(s3_root):
+    return s3_root
 
 
 def _raw_keys(seaweedfs, prefix_uri):

@@ -144,9 +144,16 @@ def clean_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_sqlite_pipeline_with_nested_stages(tmp_path, clean_env):
+@pytest.fixture(scope="module")
+def sqlite_root(tmp_path_factory):
+    """One run folder (so one SQLite database: creating its tables takes seconds) per module."""
+    return tmp_path_factory.mktemp("sqlite-runs")
+
+
+def test_sqlite_pipeline_with_nested_stages(sqlite_root, clean_env):
     from mlflow import MlflowClient
 
+    tmp_path = sqlite_root
     cfg = RunConfig(name="unit", storage={"root": str(tmp_path)})
     with Tracker(cfg) as tracker:
         assert tracker.uri == f"sqlite:///{tmp_path}/unit/mlflow.db"
@@ -180,9 +187,9 @@ def test_sqlite_pipeline_with_nested_stages(tmp_path, clean_env):
     assert not (tmp_path / "unit" / "mlflow-spool").exists()
 
 
-def test_unknown_mlflow_run_id_is_one_clear_line(tmp_path, clean_env, monkeypatch):
+def test_unknown_mlflow_run_id_is_one_clear_line(sqlite_root, clean_env, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
-    cfg = RunConfig(name="unit", storage={"root": str(tmp_path)})
+    cfg = RunConfig(name="unit", storage={"root": str(sqlite_root)})
     with pytest.raises(TrackingError, match=r"^MLFLOW_RUN_ID=0123456789abcdef0123456789abcdef: no such run at "
                                             r"sqlite:///.*; unset MLFLOW_RUN_ID"):
         Tracker(cfg)
