@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -106,7 +107,8 @@ def parse_uri(uri: str | os.PathLike) -> Path | S3Location:
         if rest.startswith("localhost/"):
             rest = rest[len("localhost"):]
         # file:///abs is absolute; file://rel (not standard, but handy in configs) is relative.
-        return Path(rest or ".")
+        # Percent-escapes are decoded, as Path.as_uri() writes them ("my%20dir").
+        return Path(urllib.parse.unquote(rest) or ".")
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use a local path, file:///abs/path or s3://bucket/key")

@@ -274,6 +274,7 @@ class Tracker:
         self._next_try = 0.0
         self._last_error: BaseException | None = None
         self._warned: set[str] = set()
+        self._names: dict[str, str] = {}  # sanitized -> original, to report collisions
         self._spill_announced = False
         self._closed = False
         if self.uri.startswith("sqlite:"):
@@ -398,7 +399,7 @@ class Tracker:
                     self._warn_once(f"nan:{key}", f"tracking: metric {key!r} has a non-numeric value "
                                                   f"{value!r}; skipped")
                     continue
-                target.metrics.append((sanitize_metric_name(key), number, ts, int(step or 0)))
+                target.metrics.append((self._name(key), number, ts, int(step or 0)))
             self._deliver()
 
     def set_tags(self, tags: Mapping[str, Any], *, run: RunHandle | None = None) -> None:
@@ -448,6 +449,14 @@ class Tracker:
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if path.is_dir() else shutil.copy2)(path, copy)
                 entry[0], entry[2] = copy, True
+
+    def _name(self, key: str) -> str:
+        name = sanitize_metric_name(key)
+        first = self._names.setdefault(name, key)
+        if first != key:
+            self._warn_once(f"collide:{name}", f"tracking: metrics {first!r} and {key!r} both map to MLflow "
+                                               f"name {name!r}; rename one of them")
+        return name
 
     def _spool_dir(self) -> Path:
         return self.run_dir / "mlflow-spool"

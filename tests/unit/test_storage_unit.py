@@ -37,6 +37,7 @@ def test_parse_and_join():
     assert parse_uri("file:///abs/x") == Path("/abs/x")
     assert parse_uri("file://rel/x") == Path("rel/x")
     assert parse_uri("runs/x") == Path("runs/x")
+    assert parse_uri(Path("/tmp/my dir").as_uri()) == Path("/tmp/my dir")
     assert join("s3://b/run", "anneal", "/ckpt/") == "s3://b/run/anneal/ckpt"
     assert join("file:///", "a") == "file:///a"
     assert join("runs/", "a/b") == "runs/a/b"

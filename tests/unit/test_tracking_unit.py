@@ -246,3 +246,15 @@ def test_buffer_overflow_spills_once(tmp_path, clean_env, caplog):
     steps = [r["step"] for r in _records(tmp_path / "overflow" / PENDING_FILE) if r["type"] == "metric"]
     assert steps == list(range(120))  # nothing lost, nothing duplicated, in order
     assert sum("NOT in MLflow" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_colliding_metric_names_are_reported(tmp_path, clean_env, caplog):
+    cfg = RunConfig(name="collide", storage={"root": str(tmp_path)})
+    caplog.set_level(logging.WARNING, logger="r4b.tracking")
+    tracker = Tracker(cfg, uri=_dead_uri(), retry_interval_s=60)
+    tracker.log_metrics({"acc(think)": 1.0, "acc[think]": 2.0, "acc@8": 3.0}, step=0)
+    tracker.log_metrics({"acc[think]": 2.0}, step=1)
+    tracker.close()
+    warnings = [r.getMessage() for r in caplog.records if "both map to" in r.getMessage()]
+    assert warnings == ["tracking: metrics 'acc(think)' and 'acc[think]' both map to MLflow name 'acc_think_'; "
+                        "rename one of them"]
