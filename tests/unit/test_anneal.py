@@ -64,3 +64,183 @@ def make_run(root: Path, n_records: int = 24, **anneal) -> tuple[RunConfig, Path
             overrides[k] = v
     cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(root / "runs")}, "anneal": overrides})
     return cfg, data, base, root / "runs" / "t" / "anneal" / "model"
+
+
+@pytest.fixture
+def one_thread():
+    """Two OpenMP threads on a loaded 2-core machine can be 5-50x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- LR schedule and parameter groups ---------------------------------------------------------
+def test_cosine_schedule_values():
+    from r4b_core.training.optim import cosine_lr
+
+    lr = [cosine_lr(s, 110, 10, 4e-5, 4e-6) for s in range(110)]
+    assert lr[0] == pytest.approx(4e-6) and lr[4] == pytest.approx(2e-5)   # linear warm-up
+    assert lr[9] == pytest.approx(4e-5)                                     # peak at the last warm-up step
+    assert lr[10] == pytest.approx(4e-5)                                    # cosine starts at the peak
+    assert lr[-1] == pytest.approx(4e-6)                                    # ... and ends at the floor
+    mid = 10 + (110 - 10 - 1) / 2
+    assert cosine_lr(mid, 110, 10, 4e-5, 4e-6) == pytest.approx((4e-5 + 4e-6) / 2)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                   # monotone decay
+    assert cosine_lr(500, 110, 10, 4e-5, 4e-6) == pytest.approx(4e-6)      # past the end: floor
+    assert cosine_lr(0, 5, 0, 1.0, 0.0) == pytest.approx(1.0)              # no warm-up
+
+
+def test_param_groups_give_vision_projector_llm_their_own_lr(tmp_path):
+    import torch
+
+    from r4b_core.config import OptimConfig
+    from r4b_core.models.loading import load_model
+    from r4b_core.training.optim import cosine_lr, cosine_scheduler, lr_by_group, param_groups
+
+    data = sft_records(tmp_path / "data", 2, both_modes=False)
+    model, _ = load_model(tiny_model(tmp_path / "base", data))
+    # the paper's numbers: LLM 4e-5 -> 4e-6, vision tower and projector 4e-6
+    ocfg = OptimConfig(lr=4e-5, min_lr=4e-6, vision_lr=4e-6, projector_lr=4e-6, warmup_steps=2, weight_decay=0.1)
+    groups = param_groups(model, ocfg)
+    names = [g["name"] for g in groups]
+    assert names == ["vision", "vision_no_decay", "projector", "projector_no_decay", "llm", "llm_no_decay"]
+    by_id = {id(p): g["name"] for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())                  # every parameter exactly once
+    for name, p in model.named_parameters():
+        comp = by_id[id(p)].removesuffix("_no_decay")
+        expected = ("vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name else "llm")
+        assert comp == expected, name
+        assert by_id[id(p)].endswith("_no_decay") == (p.ndim < 2), name
+    assert {g["name"]: g["weight_decay"] for g in groups}["llm"] == 0.1
+    assert {g["name"]: g["weight_decay"] for g in groups}["llm_no_decay"] == 0.0
+    opt = torch.optim.AdamW(groups)
+    sched = cosine_scheduler(opt, total_steps=10, warmup_steps=2)
+    seen = []
+    for step in range(10):
+        seen.append(lr_by_group(opt))
+        opt.step()
+        sched.step()
+    for step, lrs in enumerate(seen):
+        assert lrs["llm"] == pytest.approx(cosine_lr(step, 10, 2, 4e-5, 4e-6))
+        assert lrs["vision"] == pytest.approx(cosine_lr(step, 10, 2, 4e-6, 4e-6))
+        assert lrs["projector"] == lrs["vision"]
+    assert seen[5]["vision"] == pytest.approx(4e-6)   # floor = min(min_lr, peak): constant after warm-up
+    assert seen[-1]["llm"] == pytest.approx(4e-6)
+    # vision_lr None = same as the LLM
+    same = param_groups(model, OptimConfig(lr=1e-3, min_lr=1e-4, vision_lr=None, projector_lr=None))
+    assert {g["lr"] for g in same} == {1e-3}
+
+
+# -- a short real run ------------------------------------------------------------------------
+def test_tiny_anneal_learns_reloads_passes_compliance_and_skips_on_rerun(tmp_path, one_thread, capsys):
+    import time
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from r4b_core.anneal import run_anneal
+
+    cfg, data, base, out = make_run(tmp_path, steps=160, log_every=20, compliance_samples=32,
+                                    compliance_from="train")
+    manifest = run_anneal(cfg, str(data), str(base), str(out))
+    curve = [h["loss"] for h in manifest["loss_curve"]]
+    assert len(curve) == 160
+    assert sum(curve[-10:]) / 10 < 0.3 * sum(curve[:5]) / 5, curve[::20]
+    assert manifest["metrics"]["loss_think"] < 1.0 and manifest["metrics"]["loss_direct"] < 1.0
+    assert manifest["data"]["think"] == manifest["data"]["direct"] == 24
+    assert manifest["data"]["reasoning_ratio"] == 0.5
+    # the published folder reloads with plain transformers
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+    # forced think / no-think prefixes give well-formed outputs on the overfit set
+    comp = manifest["compliance"]
+    assert comp["samples"] == 24
+    assert comp["think"] >= 0.95 and comp["no_think"] >= 0.95, comp
+    printed = capsys.readouterr().out
+    assert "step 160/160" in printed and "mode compliance: think" in printed
+    assert json.loads((out / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
+    # rerun with the same config: skipped in seconds from the manifest
+    t0 = time.time()
+    again = run_anneal(cfg, str(data), str(base), str(out))
+    assert again["skipped"] is True and again["config_hash"] == manifest["config_hash"]
+    assert time.time() - t0 < 5
+
+
+def _write_bad_data(path: Path, good: Path) -> None:
+    """The good records plus: a broken JSON line, an empty answer, a missing image, an overlong trace."""
+    lines = good.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines.append("{not json")
+    lines.append(json.dumps({**first, "id": "empty", "answer": "  "}))
+    lines.append(json.dumps({**first, "id": "noimg", "images": ["images/does-not-exist.png"]}))
+    lines.append(json.dumps({**first, "id": "long", "label": "reasoning", "reasoning": "1 + 1 = 2\n" * 80}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_bad_records_are_counted_and_skipped_never_crash_the_loop(tmp_path, one_thread, capsys):
+    from r4b_core.anneal import run_anneal
+
+    cfg, data, base, out = make_run(tmp_path, n_records=4, steps=3)
+    bad = data.parent / "bad.jsonl"
+    _write_bad_data(bad, data)
+    manifest = run_anneal(cfg, str(bad), str(base), str(out))
+    d = manifest["data"]
+    assert (d["records"], d["bad_lines"], d["empty_answers"], d["missing_images"], d["overlong_skipped"]) == (12, 1, 1, 1, 1)
+    assert d["used"] == 8 and d["skipped"] == 4 and d["overlong_truncated"] == 0
+    problems = "\n".join(d["problems"])
+    assert "bad.jsonl:9: (line): not valid JSON" in problems
+    assert "bad.jsonl:10: answer: answer is empty" in problems
+    assert "record noimg" in problems and "does-not-exist.png" in problems
+    assert "record long" in problems and "> anneal.pack_length 256" in problems
+    assert manifest["steps"] == 3 and len(manifest["loss_curve"]) == 3
+    assert "record long" in capsys.readouterr().out  # the log says it too
+
+
+def test_overlong_truncate_keeps_the_record_and_counts_it(tmp_path):
+    from r4b_core.anneal import prepare_data
+    from r4b_core.models.loading import load_model
+    from r4b_core.storage import Store
+
+    cfg, data, base, _ = make_run(tmp_path, n_records=2, overlong="truncate")
+    bad = data.parent / "bad.jsonl"
+    _write_bad_data(bad, data)
+    _, processor = load_model(base)
+    samples, _, report = prepare_data(cfg, Store.from_config(cfg.storage), str(bad), processor, tmp_path / "cache")
+    assert report.overlong_truncated == 1 and report.overlong_skipped == 0 and report.used == 5
+    long = next(s for s in samples if s.meta["id"] == "long")
+    assert len(long) == cfg.anneal.pack_length and long.meta["truncated"]
+
+
+def test_only_bad_records_is_one_clear_error(tmp_path):
+    from r4b_core.anneal import AnnealError, run_anneal
+
+    cfg, data, base, out = make_run(tmp_path, n_records=2)
+    bad = data.parent / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(AnnealError, match=r"bad.jsonl: no usable training records \(1 skipped: .*bad.jsonl:1"):
+        run_anneal(cfg, str(bad), str(base), str(out))
+    with pytest.raises(AnnealError, match="training data not found; run `r4b curate` first"):
+        run_anneal(cfg, str(data.parent / "nope.jsonl"), str(base), str(out))
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_values(tmp_path, one_thread):
+    from r4b_core.anneal import AnnealError, run_anneal
+
+    cfg, data, base, out = make_run(tmp_path, n_records=4, steps=4, checkpoint_every=2)
+    first = run_anneal(cfg, str(data), str(base), str(out))
+    ckpts = out.parent / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]
+    assert (ckpts / "step-000002" / "_COMPLETE").exists()
+    changed = cfg.model_copy(deep=True)
+    changed.anneal.optim.lr = 1e-3
+    changed.anneal.steps = 6
+    with pytest.raises(AnnealError, match=r"anneal\.optim\.lr: 0\.003 \(checkpoint\) -> 0\.001 \(now\).*anneal\.resume=force"):
+        run_anneal(changed, str(data), str(base), str(out))
+    changed.anneal.resume = "force"
+    resumed = run_anneal(changed, str(data), str(base), str(out))
+    assert resumed["resumed_from_step"] == 2 and resumed["steps_this_run"] == 4
+    # steps 1-2 come from the checkpoint's history, identical to the first run's
+    assert resumed["loss_curve"][:2] == first["loss_curve"][:2]
