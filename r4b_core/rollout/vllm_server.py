@@ -141,6 +141,7 @@ class VLLMServer:
         self.trust_request_chat_template = trust_request_chat_template
         self.model_name = SERVED_MODEL_NAME
         self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None   # of the last started process (also its process-group id)
         self._log = None
 
     @property
@@ -173,6 +174,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(cmd, env=server_env(self.cfg), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_set_parent_death_signal, cwd=self._workdir)
+        self.pid = self.proc.pid
         atexit.register(self.stop)
         try:
             self.wait_healthy(self.cfg.startup_timeout_s)

@@ -1,0 +1,314 @@
+"""Rollouts from a vLLM OpenAI-compatible server (the sidecar): the `vllm` RolloutEngine.
+
+    from r4b_core.rollout.vllm import VLLMEngine
+    with VLLMServer(model_dir, cfg.vllm) as server:            # or a URL: the pod's native sidecar
+        engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance)
+        outs = engine.generate(requests)                         # same protocol as HFEngine
+        engine.update_weights(model, version)                    # push + verify, raises on mismatch
+
+Prompt control. Requests go to `/v1/chat/completions` with a pass-through chat template (the
+server runs with `--trust-request-chat-template`): the single user message carries the images and,
+as its text, the whole prompt already built with `modes.chat_prompt` (forced prefix included), and
+the template emits that text unchanged. So the server tokenizes exactly the string the trainer
+tokenizes, images are expanded by vLLM's own Llava processor, and per-token logprobs
+(`--logprobs-mode processed_logprobs`: under the sampling distribution) and token ids come back.
+The completions endpoint would be simpler but takes no images. Requests run concurrently on a
+thread pool; each request's `seed` goes to vLLM's sampler.
+
+Weight sync (`update_weights`): the trainer's tensors are written as safetensors in vLLM's key layout
+into shared memory (`/dev/shm`, or `R4B_SHM_DIR` / `shm_dir`: on a cluster an emptyDir mounted in
+the trainer and the sidecar), then `POST /collective_rpc reload_weights` (dev mode), then the
+worker extension re-packs the output layer (the tied-embedding trap), then the encoder cache and
+the prefix cache are reset (vision embeddings and KV blocks computed with the old weights; a stale
+encoder-cache entry crashes the engine on the next request with the same image). Finally **verification**: greedy
+probe completions from the server are scored by the trainer's model (teacher-forced); if any
+per-token logprob differs by more than `sync_tolerance`, `WeightSyncError` names the difference.
+
+A server that is down or stops answering raises `VLLMEngineError` (health is checked every few
+seconds while requests are in flight), never a hang.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from r4b_core import modes
+from r4b_core.errors import R4BError
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import Completion, GenerationRequest
+from r4b_core.rollout.hf import check_request, load_images
+
+# Renders the user message's text part verbatim: the prompt is built by modes.chat_prompt.
+PASS_THROUGH_TEMPLATE = (
+    "{%- for message in messages -%}{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endfor -%}{%- endif -%}{%- endfor -%}"
+)
+PROBE_QUESTIONS = ("What is 7 + 5?", "Which colour is the largest shape?")
+
+
+class VLLMEngineError(R4BError):
+    """The vLLM server is unreachable, stopped answering, or refused a request."""
+
+
+class WeightSyncError(R4BError):
+    """The sidecar does not serve the trainer's weights after a sync."""
+
+
+def image_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _default_shm_dir() -> Path:
+    env = os.environ.get("R4B_SHM_DIR")
+    if env:
+        return Path(env)
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+
+
+class VLLMEngine:
+    """RolloutEngine over a vLLM OpenAI server (a `VLLMServer` or its base URL)."""
+
+    def __init__(self, server_or_url: Any, processor, sync_tolerance: float = 1e-3, max_workers: int = 16,
+                 request_timeout_s: float = 600.0, health_timeout_s: float = 5.0, health_every_s: float = 5.0,
+                 shm_dir: str | Path | None = None, probe_images: list[Any] | None = None, probe_tokens: int = 8):
+        import requests
+
+        self.server = server_or_url if not isinstance(server_or_url, str) else None
+        self.url = (server_or_url if isinstance(server_or_url, str) else server_or_url.url).rstrip("/")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.sync_tolerance = sync_tolerance
+        self.request_timeout_s = request_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.health_every_s = health_every_s
+        self.policy_version = 0
+        self.last_sync: dict[str, float] = {}
+        self._requests = requests
+        self._local = threading.local()
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r4b-vllm")
+        self._shm_root = Path(shm_dir) if shm_dir else _default_shm_dir()
+        self._sync_dir: Path | None = None
+        self._probe_images = probe_images
+        self._probe_tokens = probe_tokens
+        if not self.healthy():
+            raise VLLMEngineError(f"vLLM server at {self.url} is unreachable (GET /health failed within "
+                                  f"{health_timeout_s:.0f} s); start it (VLLMServer) or fix R4B_VLLM_URL")
+        self.model_name = self._get("/v1/models")["data"][0]["id"]
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def _session(self):
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = self._requests.Session()
+        return s
+
+    def healthy(self) -> bool:
+        try:
+            return self._session().get(self.url + "/health", timeout=self.health_timeout_s).status_code == 200
+        except self._requests.RequestException:
+            return False
+
+    def _get(self, path: str) -> Any:
+        try:
+            r = self._session().get(self.url + path, timeout=self.health_timeout_s * 2)
+        except self._requests.RequestException as exc:
+            raise VLLMEngineError(f"vLLM server at {self.url}: GET {path} failed: {exc}") from None
+        if r.status_code != 200:
+            raise VLLMEngineError(f"vLLM server at {self.url}: GET {path} -> HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def _post(self, path: str, body: dict, what: str, timeout: float | None = None) -> Any:
+        try:
+            r = self._session().post(self.url + path, json=body, timeout=(self.health_timeout_s, timeout or self.request_timeout_s))
+        except self._requests.RequestException as exc:
+            raise VLLMEngineError(f"vLLM server at {self.url}: {what} failed: {type(exc).__name__}: {exc}") from None
+        if r.status_code != 200:
+            raise VLLMEngineError(f"vLLM server at {self.url}: {what} -> HTTP {r.status_code}: {r.text[:500]}")
+        return r.json() if r.content else None
+
+    def _run_all(self, calls: list[tuple[Any, tuple]]) -> list[Any]:
+        """Run calls on the pool; while waiting, check /health so a dead server fails fast."""
+        futures = [self._pool.submit(fn, *args) for fn, args in calls]
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=self.health_every_s, return_when=cf.FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    for p in pending:
+                        p.cancel()
+                    raise f.exception()
+            if pending and not self.healthy():
+                for p in pending:
+                    p.cancel()
+                raise VLLMEngineError(f"vLLM server at {self.url} stopped answering /health with "
+                                      f"{len(pending)} request(s) in flight; is the sidecar alive? "
+                                      + (f"(log: {self.server.log_path})" if self.server is not None else ""))
+        return [f.result() for f in futures]
+
+    # -- generation ------------------------------------------------------------------------------
+    def _body(self, req: GenerationRequest, images: list[Any]) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": image_data_url(im)}} for im in images]
+        content.append({"type": "text", "text": req.prompt})
+        body = {
+            "model": self.model_name,
+            "messages": [{"role": "user", "content": content}],
+            "chat_template": PASS_THROUGH_TEMPLATE,
+            "add_generation_prompt": False,
+            "max_tokens": req.max_new_tokens,
+            "n": req.n,
+            "temperature": req.temperature,
+            "top_p": 1.0,
+            "top_k": -1,
+            "logprobs": True,
+            "top_logprobs": 0,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
+        if req.seed is not None:
+            body["seed"] = int(req.seed)
+        return body
+
+    def _one(self, req: GenerationRequest) -> list[Completion]:
+        images = load_images(req.images)
+        resp = self._post("/v1/chat/completions", self._body(req, images), f"generate (request {req.key!r})")
+        prompt_ids = resp.get("prompt_token_ids") or []
+        comps = []
+        for choice in sorted(resp["choices"], key=lambda c: c["index"]):
+            ids = list(choice.get("token_ids") or [])
+            lps = [e["logprob"] for e in (choice.get("logprobs") or {}).get("content") or []]
+            if len(lps) != len(ids):
+                raise VLLMEngineError(f"vLLM server at {self.url}: request {req.key!r} returned {len(ids)} token ids "
+                                      f"but {len(lps)} logprobs; the server must run with logprobs enabled")
+            finish = choice.get("finish_reason") or "length"
+            # Decode here, as HFEngine does: vLLM's incremental detokenizer drops unfinished UTF-8
+            # byte sequences, so its text can differ from the same ids decoded at once.
+            body = ids[:-1] if finish == "stop" and ids and ids[-1] == self.tokenizer.eos_token_id else ids
+            text = self.tokenizer.decode(body, skip_special_tokens=True)
+            comps.append(Completion(key=req.key, mode=req.mode, text=text,
+                                    token_ids=ids, logprobs=[float(x) for x in lps],
+                                    finish_reason="stop" if finish == "stop" else "length",
+                                    prompt_token_ids=list(prompt_ids), policy_version=self.policy_version))
+        return comps
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        for req in requests:
+            check_request(req)
+        results = self._run_all([(self._one, (req,)) for req in requests])
+        return [c for comps in results for c in comps]
+
+    # -- weight sync -----------------------------------------------------------------------------
+    def push_weights(self, model_or_path: Any) -> dict[str, float]:
+        """Make the server load the given weights (no verification; see `update_weights`)."""
+        from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+
+        t0 = time.perf_counter()
+        if isinstance(model_or_path, (str, Path)):
+            folder = Path(model_or_path)
+        else:
+            if self._sync_dir is None:
+                self._sync_dir = self._shm_root / f"r4b-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self._sync_dir.mkdir(parents=True, exist_ok=True)
+            folder = self._sync_dir
+            tensors = {k: v.detach().to("cpu", copy=False).float().contiguous()
+                       for k, v in state_dict_for_vllm(model_or_path).items()}
+            for old in folder.glob("*.safetensors*"):
+                old.unlink()
+            write_safetensors(tensors, folder)
+        t1 = time.perf_counter()
+        self.reload_from(folder)
+        t2 = time.perf_counter()
+        return {"write_s": t1 - t0, "reload_s": t2 - t1}
+
+    def reload_from(self, folder: str | Path, refresh_output_layer: bool = True) -> None:
+        """reload_weights RPC + output-layer refresh + cache resets on the server (no verification).
+
+        `refresh_output_layer=False` exists to demonstrate the tied-embedding trap in tests.
+        """
+        folder = str(Path(folder).absolute())
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}},
+                   f"reload_weights from {folder}")
+        if refresh_output_layer:
+            refreshed = self._post("/collective_rpc", {"method": "r4b_refresh_output_layer"},
+                                   "r4b_refresh_output_layer")
+            results = (refreshed or {}).get("results") or [{}]
+            if not isinstance(results[0], dict) or not results[0].get("heads"):
+                raise WeightSyncError(f"vLLM server at {self.url}: the output-layer refresh found no LM head "
+                                      f"({refreshed}); start the server with --worker-extension-cls "
+                                      f"r4b_vllm_worker.R4BWorkerExtension (VLLMServer does)")
+        # The scheduler still lists vision embeddings and KV blocks computed with the old weights:
+        # without these resets a repeated image crashes the engine ("Encoder cache miss") and a
+        # repeated prompt prefix is served from stale KV.
+        self._post("/reset_encoder_cache", {}, "reset_encoder_cache")
+        reset = self._post("/reset_prefix_cache", {}, "reset_prefix_cache")
+        if isinstance(reset, dict) and reset.get("success") is False:
+            raise WeightSyncError(f"vLLM server at {self.url}: reset_prefix_cache refused (requests still "
+                                  f"running?); weights were reloaded while rollouts were in flight")
+
+    def probe_requests(self) -> list[GenerationRequest]:
+        """Fixed greedy prompts (one per forced mode, with an image) used to verify a sync."""
+        from PIL import Image
+
+        images = self._probe_images or [Image.new("RGB", (64, 64), (180, 40, 40)),
+                                        Image.new("RGB", (64, 64), (30, 90, 200))]
+        reqs = []
+        for i, (q, mode) in enumerate(zip(PROBE_QUESTIONS, (Mode.THINK, Mode.NO_THINK))):
+            im = images[i % len(images)]
+            reqs.append(GenerationRequest(prompt=modes.chat_prompt(q, 1, mode), images=[im], mode=mode,
+                                          max_new_tokens=self._probe_tokens, temperature=0.0, key=f"probe-{i}"))
+        return reqs
+
+    def verify(self, model, version: int | None = None) -> float:
+        """Max |logprob difference| between the server's greedy probe outputs and the trainer's
+        teacher-forced logprobs of the same tokens; raises WeightSyncError above the tolerance."""
+        from r4b_core.rollout.hf import teacher_forced_logprobs
+
+        reqs = self.probe_requests()
+        comps = self.generate(reqs)
+        worst = 0.0
+        for req, comp in zip(reqs, comps):
+            ours = teacher_forced_logprobs(model, self.processor, req.prompt, req.images, comp.token_ids)
+            enc_ids = self.processor(text=[req.prompt], images=load_images(req.images),
+                                     return_tensors="pt")["input_ids"][0].tolist()
+            if comp.prompt_token_ids and comp.prompt_token_ids != enc_ids:
+                raise WeightSyncError(f"weight sync: the server tokenized probe {req.key!r} differently from the "
+                                      f"trainer ({len(comp.prompt_token_ids)} vs {len(enc_ids)} ids); the sidecar "
+                                      f"serves a different tokenizer or processor")
+            worst = max([worst] + [abs(a - b) for a, b in zip(ours, comp.logprobs)])
+        label = f"v{version}" if version is not None else "(check)"
+        if worst > self.sync_tolerance:
+            raise WeightSyncError(f"weight sync {label}: sidecar logprobs differ from the trainer's by max "
+                                  f"{worst:.3e} > bpo.sync_tolerance {self.sync_tolerance:g}; the sidecar is "
+                                  f"serving stale or different weights")
+        return worst
+
+    def update_weights(self, model_or_path: Any, version: int) -> None:
+        """Push the weights, then verify them against the trainer's model; raise on mismatch."""
+        timings = self.push_weights(model_or_path)
+        t0 = time.perf_counter()
+        model = model_or_path
+        if isinstance(model_or_path, (str, Path)):
+            from r4b_core.models.loading import load_model
+
+            model, _ = load_model(str(model_or_path))
+        diff = self.verify(model, version)
+        self.policy_version = version
+        self.last_sync = dict(timings, verify_s=time.perf_counter() - t0, max_abs_diff=diff)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._sync_dir is not None:
+            shutil.rmtree(self._sync_dir, ignore_errors=True)
+            self._sync_dir = None
