@@ -705,7 +705,10 @@ class Store:
 
     def _publish_s3(self, staging: Path, uri: str, marker: bytes) -> None:
         marker_uri = join(uri, COMPLETE_MARKER)
-        self.delete(marker_uri)  # an old folder here stops counting as complete before we touch it
+        # An old folder here stops counting as complete (marker) or committed (manifest) before
+        # any of its files change.
+        self.delete(marker_uri)
+        self.delete(join(uri, MANIFEST))
         old = set(self.list(uri))
         self.upload_dir(staging, uri)
         new = {join(uri, p.relative_to(staging).as_posix()) for p in staging.rglob("*") if p.is_file()}

@@ -719,6 +719,7 @@ def _find_pipeline_run(uri: str, experiment: str, pipeline_run_id: str) -> str |
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    _cap_mlflow_http_retries()  # a dead server must not stall this lookup for minutes
     try:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)

@@ -150,7 +150,8 @@ def test_atomic_dir_publishes_only_on_success(store, root, seaweedfs):
     assert _raw_keys(seaweedfs, f"{ckpts}/step-000100") == [COMPLETE_MARKER, "model.safetensors", "optim/state.pt"]
     assert store.is_dir_complete(f"{ckpts}/step-000100") and not store.is_dir_complete(f"{ckpts}/step-000300")
 
-    # Replacing a complete folder: new content, stale files gone, still complete.
+    # Replacing a complete, committed folder: new content, stale files and the old manifest gone.
+    store.commit(f"{ckpts}/step-000100", {"config_hash": "old"})
     with store.atomic_dir(f"{ckpts}/step-000100") as tmp:
         (tmp / "model.safetensors").write_bytes(b"w100-v2")
     assert store.read_bytes(f"{ckpts}/step-000100/model.safetensors") == b"w100-v2"

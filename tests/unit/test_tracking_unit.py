@@ -195,6 +195,35 @@ def test_unknown_mlflow_run_id_is_one_clear_line(sqlite_root, clean_env, monkeyp
         Tracker(cfg)
 
 
+def test_pipeline_tracker_joins_one_pipeline_run_per_pipeline_id(sqlite_root, clean_env, monkeypatch):
+    from mlflow import MlflowClient
+
+    from r4b_core.tracking import pipeline_tracker
+
+    monkeypatch.delenv("R4B_PIPELINE_RUN_ID", raising=False)
+    cfg = RunConfig(name="unit", storage={"root": str(sqlite_root)})
+    monkeypatch.setenv("RANK", "1")
+    assert pipeline_tracker(cfg, "kfp-123") is None  # one writer per run: rank 0
+    monkeypatch.setenv("RANK", "0")
+    first = pipeline_tracker(cfg, "kfp-123")  # e.g. the curate task's process
+    with first.stage("curate") as run:
+        run.log_metrics({"kept": 10})
+    first.close()
+    monkeypatch.setenv("R4B_PIPELINE_RUN_ID", "kfp-123")
+    second = pipeline_tracker(cfg)  # a later task of the same pipeline run
+    assert second.run_id == first.run_id
+    with second.stage("eval"):
+        pass
+    second.close()
+    client = MlflowClient(first.uri)
+    exp = client.get_run(first.run_id).info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["curate", "eval"]
+    other = pipeline_tracker(cfg, "kfp-456")  # another pipeline run: another parent
+    assert other.run_id not in (None, first.run_id)
+    other.close()
+
+
 # -- a server that is not there ---------------------------------------------------------------------
 def _dead_uri() -> str:
     s = socket.socket()
