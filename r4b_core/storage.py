@@ -21,7 +21,7 @@ Guarantees:
 - `atomic_dir` content appears all at once (local: rename of a staging folder; S3: upload, then a
   `_COMPLETE` marker object), and an exception inside the block leaves nothing visible;
 - S3 calls are retried with exponential backoff on connection errors, 5xx and throttling
-  (`StorageConfig.max_attempts`; the defaults survive a server that is down for ~20 s);
+  (`StorageConfig.max_attempts`; the defaults wait >= 30 s in all before giving up);
 - failures raise `StorageError`, one line naming the URI, the operation and the fix.
 
 S3 credentials come only from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
