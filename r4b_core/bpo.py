@@ -545,10 +545,11 @@ def stage_name(cfg: RunConfig) -> str:
     return "bpo" if cfg.bpo.algorithm == "bpo" else "grpo"
 
 
-def stage_config_hash(cfg: RunConfig, prompts_uri: str, init_model_uri: str) -> str:
-    """Identity of a BPO run: its config section, seed, model and inputs (not `vllm`: how the
-    rollouts are served does not change what is learned)."""
-    blob = f"{cfg.stage_hash('bpo')}|{prompts_uri}|{init_model_uri}".encode()
+def stage_config_hash(cfg: RunConfig, prompts_uri: str, init_model_uri: str, upstream_hash: str | None = None) -> str:
+    """Identity of a BPO run: its config section, seed, model, inputs and the config hash of the
+    stage that produced the init model (a re-annealed model must not be skipped as done). Not
+    `vllm`: how the rollouts are served does not change what is learned."""
+    blob = f"{cfg.stage_hash('bpo')}|{prompts_uri}|{init_model_uri}|{upstream_hash}".encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -601,13 +602,17 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     b = cfg.bpo
     name = stage_name(cfg)
     store = Store.from_config(cfg.storage)
-    config_hash = stage_config_hash(cfg, prompts_uri, init_model_uri)
+    upstream = store.read_manifest(init_model_uri)
+    config_hash = stage_config_hash(cfg, prompts_uri, init_model_uri, (upstream or {}).get("config_hash"))
     if store.is_complete(out_uri, config_hash):
         manifest = store.read_manifest(out_uri)
+        manifest["skipped"] = True
         print(f"{name}: {out_uri} is complete for config {config_hash}; skipping")
         return manifest
 
     t0 = time.perf_counter()
+    if b.cpu_threads:
+        torch.set_num_threads(b.cpu_threads)
     env = init_distributed(b.distributed.backend)
     cache = Path(tempfile.gettempdir()) / "r4b-cache" / name
     work = Path(tempfile.mkdtemp(prefix=f"r4b-{name}-"))
@@ -700,7 +705,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             "inputs": {"prompts": prompts_uri, "init_model": init_model_uri},
             "outputs": {"model": out_uri},
             "counts": {"steps": b.steps, "prompts": len(prompts), "rollouts_per_step": b.prompts_per_step * 2 * b.group_size,
-                       "policy_version": tr.policy_version if b.steps > start_step else version},
+                       "policy_version": tr.policy_version},
+            "resumed_from_step": start_step if found is not None else None,
+            "world_size": env.world_size,
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
             "reward_counters": counters,
             "wall_time_s": round(time.perf_counter() - t0, 2),

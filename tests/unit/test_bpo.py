@@ -22,6 +22,16 @@ from r4b_core.modes import Mode
 QUESTIONS = [f"What is {a} + {b}?" for a in range(3) for b in range(3)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP
+    threads spin against other processes and run 5-25x slower (ENVIRONMENT.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from r4b_core.config import TinyModelConfig
@@ -227,3 +237,128 @@ def test_rollout_plan_forces_both_modes_with_budgets_and_seeds():
     assert bpo.plan_rollouts([_prompt(0)], b, 1, 5)[0].seed != reqs[0].seed
     g = bpo.plan_rollouts([_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4)
     assert len(g) == 1 and g[0].mode == Mode.AUTO and g[0].n == 6 and g[0].prompt.endswith("<think>")
+
+
+# --- whole runs with the in-process HF engine -----------------------------------------------------
+def warm_start(root: Path, anneal_steps: int = 40) -> tuple[Path, Path]:
+    """(annealed model folder, RL prompts JSONL). The tiny VLM is annealed briefly on level-1
+    synthetic items (direct answers for all, thinking traces for math) so that its rollouts are
+    sometimes right: a random model scores 0 everywhere and every group would be dropped.
+    Reused by tests/integration/test_bpo_vllm.py."""
+    from r4b_core.anneal import run_anneal
+    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
+    from r4b_core.data.schema import read_jsonl, write_jsonl
+    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    data = SyntheticDataConfig(seed=0, difficulties=[1])
+    raw = read_jsonl(generate_split("train", 160, data, root / "data")).records
+    sft = [r.model_copy(update={"label": "direct"}) for r in raw]
+    sft += [r.model_copy(update={"id": r.id + "-t", "label": "reasoning"}) for r in raw if r.category == "math"]
+    write_jsonl(root / "data" / "sft.jsonl", sft)
+    rl = generate_split("rl", 48, data, root / "data")
+    base = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(raw), root / "base", seed=0)
+    cfg = RunConfig.model_validate({"name": "warm", "storage": {"root": str(root / "runs")}, "anneal": {
+        "steps": anneal_steps, "pack_length": 512, "micro_batch_size": 4, "log_every": 20, "checkpoint_every": 1000,
+        "compliance_samples": 0,
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 5}}})
+    run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(root / "anneal"))
+    return root / "anneal", rl
+
+
+def bpo_run_config(root: Path, **over) -> RunConfig:
+    b = dict(engine="hf", steps=3, prompts_per_step=4, group_size=4, micro_batch_size=16, max_new_tokens_think=40,
+             max_new_tokens_no_think=8, probe_size=4, probe_every=2, checkpoint_every=2, cpu_threads=1,
+             optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "warmup_steps": 0})
+    b.update(over)
+    return RunConfig.model_validate({"name": "t", "storage": {"root": str(root)}, "bpo": b})
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    return warm_start(tmp_path_factory.mktemp("bpo-warm"))
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_hf_bpo_run_changes_the_policy_and_writes_a_loadable_model(warm, tmp_path):
+    from r4b_core.models.loading import load_model
+
+    model_dir, rl = warm
+    cfg = bpo_run_config(tmp_path)
+    out = tmp_path / "bpo" / "model"
+    m = bpo.run_bpo(cfg, str(rl), str(model_dir), str(out))
+    assert m["stage"] == "bpo" and m["counts"]["steps"] == 3
+    assert m["counts"]["policy_version"] >= 1                     # at least one informative step
+    for key in ("reward/think", "reward/no_think", "length/think", "length/no_think", "accuracy/think",
+                "time/rollout", "time/reward", "time/train", "time/sync", "probe/hard_math/think_rate",
+                "probe/perception/think_rate"):
+        assert key in m["metrics"], key
+    before, after = _weights(model_dir), _weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2, f"only {len(changed)} of {len(before)} tensors changed"
+    model, _ = load_model(str(out))                               # the output is a normal HF folder
+    assert model.config.model_type == "llava"
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["mode"] for s in samples} == {"think", "no_think"} and {s["step"] for s in samples} == {0, 1, 2}
+    ckpts = sorted(p.name for p in (tmp_path / "bpo" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000002", "step-000003"]
+    again = bpo.run_bpo(cfg, str(rl), str(model_dir), str(out))   # same config: skipped
+    assert again.get("skipped") is True
+
+
+def test_grpo_control_samples_auto_mode_and_logs_non_think_share(warm, tmp_path):
+    model_dir, rl = warm
+    cfg = bpo_run_config(tmp_path, algorithm="grpo", steps=2, checkpoint_every=10)
+    m = bpo.run_bpo(cfg, str(rl), str(model_dir), str(tmp_path / "grpo" / "model"))
+    assert m["stage"] == "grpo"
+    mt = m["metrics"]
+    assert mt["rollouts/auto"] == 4 * 8                            # 2g auto-mode samples per prompt
+    # the split is by the mode the policy chose after `<think>`
+    assert mt.get("rollouts/think", 0) + mt.get("rollouts/no_think", 0) == 32
+    assert mt["rollouts/no_think_share"] == pytest.approx(mt.get("rollouts/no_think", 0) / 32)
+    assert "decision/p_think_token" not in mt                      # nothing forced in GRPO
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(warm, tmp_path):
+    """`r4b bpo` SIGKILLed after its first checkpoint, restarted: it resumes (model, optimizer,
+    prompt position, policy version) and ends with exactly the weights of a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    model_dir, rl = warm
+    cfg = bpo_run_config(tmp_path / "runs", steps=6, checkpoint_every=2, probe_every=100)
+    ref = bpo.run_bpo(cfg, str(rl), str(model_dir), str(tmp_path / "ref" / "bpo" / "model"))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "kill" / "bpo" / "model"
+    cmd = [sys.executable, "-m", "r4b_core.cli", "bpo", "--config", str(cfg_path), "--prompts", str(rl),
+           "--init-model", str(model_dir), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "kill" / "bpo" / "checkpoints" / "step-000002"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resumed from" in res.stdout and "policy version" in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] in (2, 4)
+    assert manifest["counts"]["policy_version"] == ref["counts"]["policy_version"]
+    a, b = _weights(tmp_path / "ref" / "bpo" / "model"), _weights(out)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"resumed run differs from the uninterrupted one by {worst}"
