@@ -379,14 +379,37 @@ def _first_or_last_number(s: str, last: bool) -> str | None:
     return found.strip() if found else None
 
 
+# What may go to math-verify: short, one line, ASCII, balanced, no prose, known LaTeX commands
+# only, no long digit runs, one small power at most. Anything else is scored by the fast paths alone (an
+# answer sympy would need minutes for is not an answer a reward should wait on).
+_LATEX_OK = frozenset("frac sqrt pi cdot times div pm mp infty ln log exp sin cos tan binom "
+                      "circ deg approx".split())
 _PROSE_RE = re.compile(r"[A-Za-z]{2,}")
-_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_COMMAND_RE = re.compile(r"\\([A-Za-z]+)")
+_DIGIT_RUN_RE = re.compile(r"[0-9]{16}|[eE\^][-+{(\s]*[0-9]{4}")     # long numbers, big exponents
+
+
+def _verifiable(s: str) -> bool:
+    if not 0 < len(s) <= MAX_VERIFIER_CHARS or not s.isascii() or not s.isprintable():
+        return False
+    if any(c not in _LATEX_OK for c in _COMMAND_RE.findall(s)) or _PROSE_RE.search(_COMMAND_RE.sub(" ", s)):
+        return False
+    if _DIGIT_RUN_RE.search(s) or s.count("^") > 1 or "<" in s:
+        return False
+    for o, c in ("{}", "()"):
+        depth = 0
+        for ch in s:
+            depth += (ch == o) - (ch == c)
+            if depth < 0 or depth > MAX_BRACE_DEPTH:
+                return False
+        if depth:
+            return False
+    return any(ch.isdigit() for ch in s) or "\\pi" in s or "\\infty" in s
 
 
 def _is_symbolic(s: str) -> bool:
     """Math only a verifier can read (\\sqrt{2}, 2\\pi, (10^{7})!): keep it whole, not its digits."""
-    return (0 < len(s) <= MAX_VERIFIER_CHARS and "\n" not in s and any(ch in s for ch in "\\!^")
-            and not _PROSE_RE.search(_COMMAND_RE.sub(" ", s)))
+    return any(ch in s for ch in "\\!^") and _verifiable(s)
 
 
 def _numeric_candidate(s: str, last: bool) -> str | None:
@@ -409,10 +432,12 @@ def _numeric_candidate(s: str, last: bool) -> str | None:
     return _first_or_last_number(s, last)
 
 
+_NON_WORD_RE = re.compile(r"[\W_]+")
+
+
 def _norm_text(s: str) -> str:
-    s = unicodedata.normalize("NFKC", _clean(s)).casefold()
-    s = "".join(" " if unicodedata.category(c)[0] in "PSZ" else c for c in s)
-    return " ".join(s.split())
+    """Case, whitespace and punctuation insensitive form: "  Red. " -> "red"."""
+    return _NON_WORD_RE.sub(" ", _clean(s).casefold()).strip()
 
 
 def _choice_index(s: str, choices: Sequence[str] | None) -> int | None:
@@ -501,20 +526,11 @@ def extract_answer(text: str | None, answer_type: str | None = None, choices: Se
 _NUMERIC = ("integer", "number")
 
 
-def _looks_verifiable(s: str) -> bool:
-    if not s or len(s) > MAX_VERIFIER_CHARS or s.count("{") != s.count("}"):
-        return False
-    depth = 0
-    for c in s:
-        depth += (c == "{") - (c == "}")
-        if depth < 0 or depth > MAX_BRACE_DEPTH:
-            return False
-    return any(ch.isdigit() for ch in s) or "\\" in s
-
-
 def _decide(prediction: Any, reference: Any, answer_type: str | None,
             choices: Sequence[str] | None) -> tuple[bool | None, str, str]:
     """(verdict, prediction, reference): verdict None means only the verifier can tell."""
+    if isinstance(prediction, str) and (modes.THINK_OPEN in prediction or modes.THINK_CLOSE in prediction):
+        prediction = modes.strip_thinking(prediction)     # only the answer counts ("" if unfinished)
     if not isinstance(prediction, str) or not prediction.strip():
         return False, "", ""
     ref = str(reference).strip() if reference is not None else ""
@@ -576,7 +592,7 @@ def _decide(prediction: Any, reference: Any, answer_type: str | None,
     if too_big and rv is not None:
         return False, prediction, ref       # a value beyond 10^2000 cannot equal a parsed reference
     pred = ex or prediction
-    if _looks_verifiable(_clean(pred)) and _looks_verifiable(_clean(ref)):
+    if _verifiable(_clean(pred)) and _verifiable(_clean(ref)):
         return None, _clean(pred), _clean(ref)
     return False, prediction, ref
 
@@ -696,6 +712,7 @@ class _VerifierPool:
         self.start_timeout_s = start_timeout_s
         self.workers: list[_Worker] = []
         self.starts = 0
+        self.counts: Counter[str] = Counter()     # jobs, ok, timeout, error over the pool's life
         self.lock = threading.Lock()
 
     def _spawn(self) -> None:
@@ -760,7 +777,10 @@ class _VerifierPool:
                     self.workers.remove(w)
                     raise RewardError(f"the math-verify worker did not start within {self.start_timeout_s:.0f} s; "
                                       "the machine may be overloaded (raise start_timeout_s)")
-        return [r if r is not None else ("error", "lost") for r in results]
+        out = [r if r is not None else ("error", "lost") for r in results]
+        self.counts["jobs"] += len(out)
+        self.counts.update(status for status, _ in out)
+        return out
 
     def close(self) -> None:
         with self.lock:

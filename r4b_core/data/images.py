@@ -28,13 +28,9 @@ def _is_uri(ref: str) -> bool:
 
 def resolve(ref: str, jsonl_path: str | Path | None = None) -> str:
     """The path or URI an image reference points at (relative refs are relative to the JSONL)."""
-    if ref.startswith("file://"):
-        return ref[len("file://"):]
     if _is_uri(ref) or Path(ref).is_absolute() or jsonl_path is None:
         return ref
     base = str(jsonl_path)
-    if base.startswith("file://"):
-        base = base[len("file://"):]
     if _is_uri(base):
         return base.rsplit("/", 1)[0] + "/" + ref.lstrip("/")
     return str(Path(base).parent / ref)
@@ -43,23 +39,24 @@ def resolve(ref: str, jsonl_path: str | Path | None = None) -> str:
 def load_image(ref: str, jsonl_path: str | Path | None = None, store: Any = None):
     """Open one image as a PIL RGB image (fully loaded, file closed).
 
-    `store`: an `r4b_core.storage.Store`, needed for `s3://` references.
+    `store`: an `r4b_core.storage.Store`; when given, every read goes through it (local paths,
+    `file://` and `s3://` alike); without one only local files can be read.
     """
     from PIL import Image
 
     where = f"{jsonl_path}: " if jsonl_path is not None else ""
     target = resolve(ref, jsonl_path)
-    if _is_uri(target):
-        if store is None:
-            raise DataError(f"{where}image {ref!r} is at {target}, which needs a storage.Store; pass "
-                            "store=Store.from_config(cfg.storage) to load_image")
+    if store is not None:
         try:
             data = store.read_bytes(target)
         except (R4BError, OSError) as exc:
-            raise DataError(f"{where}image {ref!r}: cannot read {target} ({exc}); check the URI and "
-                            "that the data was uploaded with its images/ folder") from None
+            raise DataError(f"{where}image {ref!r}: cannot read {target} ({exc}); check the reference and "
+                            "that the data was copied with its images/ folder") from None
+    elif _is_uri(target) and not target.startswith("file://"):
+        raise DataError(f"{where}image {ref!r} is at {target}, which needs a storage.Store; pass "
+                        "store=Store.from_config(cfg.storage) to load_image")
     else:
-        p = Path(target)
+        p = Path(target.removeprefix("file://"))
         if not p.is_file():
             hint = ("relative references are resolved against the JSONL file; pass jsonl_path"
                     if jsonl_path is None and not p.is_absolute() else

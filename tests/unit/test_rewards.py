@@ -1,0 +1,216 @@
+"""Rule-based rewards: golden cases, the real math-verify worker path, a real hang that the
+wall-clock timeout must kill, pool recovery, thread safety, TRL-style call, fast-path throughput."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from r4b_core.data.schema import Record
+from r4b_core.modes import Mode
+from r4b_core.rewards import RewardError, RewardScorer, accuracy_reward, extract_answer, is_correct
+
+OPTS = ["red", "blue", "green"]
+BIG = "7" * 3000
+
+# (completion or answer text, reference, answer_type, choices, expected)
+GOLDEN = [
+    # think blocks
+    ("<think>\nA = 3\nB = 5\n3 + 5 = 8\n</think>\n\n8", "8", "integer", None, True),
+    ("<think>\n\n</think>\n\n8", "8", "integer", None, True),
+    ("<think>\nA = 3\nB = 5\n3 + 5 = 8", "8", "integer", None, False),          # truncated: no answer
+    ("<think>\nthe answer is 8", "8", "integer", None, False),                   # truncated
+    ("<think>\n3 + 5 = 9\n</think>\n\n8", "8", "integer", None, True),           # trace numbers ignored
+    ("<think>\n3 + 5 = 8\n</think>\n\n9", "8", "integer", None, False),
+    # plain integers, signs, separators
+    ("8", "8", "integer", None, True),
+    ("9", "8", "integer", None, False),
+    ("-5", "-5", "integer", None, True),
+    ("\u22125", "-5", "integer", None, True),                                     # unicode minus
+    ("5", "-5", "integer", None, False),
+    ("+7", "7", "integer", None, True),
+    ("1,000", "1000", "integer", None, True),
+    ("The answer is 1,000.", "1000", "integer", None, True),
+    ("1,000,000", "1000000", "integer", None, True),
+    ("248.0", "248", "integer", None, True),
+    ("248.5", "248", "integer", None, False),
+    ("1e3", "1000", "integer", None, True),
+    ("10000000000000000000001", "10000000000000000000000", "integer", None, False),
+    (BIG, BIG, "integer", None, True),                                            # 3,000 digits
+    (BIG + "1", BIG, "integer", None, False),
+    # boxed, phrases, last number
+    ("\\boxed{8}", "8", "integer", None, True),
+    ("so \\boxed{\\frac{3}{4}} done", "0.75", "number", None, True),
+    ("\\boxed{3/4}", "\\frac{3}{4}", "number", None, True),
+    ("\\boxed{\\boxed{12}}", "12", "integer", None, True),
+    ("\\boxed{12", "12", "integer", None, False),                                 # box never closed
+    ("\\boxed{{1}+{2}}", "3", "integer", None, True),                             # nested braces
+    ("Answer: 42", "42", "integer", None, True),
+    ("The final answer is: 17", "17", "integer", None, True),
+    ("The answer is 12 apples.", "12", "integer", None, True),
+    ("$8$", "8", "integer", None, True),
+    ("**8**", "8", "integer", None, True),
+    ("x = 5", "5", "integer", None, True),
+    ("The numbers are 4, 5 and 6, so the sum is 15", "15", "integer", None, True),
+    ("no idea", "8", "integer", None, False),
+    ("", "8", "integer", None, False),
+    # decimals, fractions, percentages (rule: 50% = 0.5, and a % on one side may be a dropped unit)
+    ("3.50", "3.5", "number", None, True),
+    ("3/4", "0.75", "number", None, True),
+    ("-3/4", "-0.75", "number", None, True),
+    ("\\frac{1}{3}", "0.333333", "number", None, True),
+    ("0.33", "1/3", "number", None, False),
+    ("50%", "0.5", "number", None, True),
+    ("50\\%", "0.5", "number", None, True),
+    ("0.5", "50%", "number", None, True),
+    ("50%", "50", "number", None, True),
+    ("0.5", "50", "number", None, False),
+    # simple expressions
+    ("3 + 5", "8", "integer", None, True),
+    ("2 × 4", "8", "integer", None, True),
+    ("(1+2)*3", "9", "integer", None, True),
+    ("2^{10}", "1024", "integer", None, True),
+    ("9^{9^{9^{9}}}", "5", "integer", None, False),                               # too big: never expanded
+    # text (colours)
+    ("red", "red", "text", None, True),
+    ("Red.", "red", "text", None, True),
+    ("  RED  ", "red", "text", None, True),
+    ("blue", "red", "text", None, False),
+    ("<think>\nB is red\n</think>\n\nred", "red", "text", None, True),
+    ("The answer is green", "green", "text", None, True),
+    ("<think>\nB is red", "red", "text", None, False),
+    # choices: letter or option text, on either side
+    ("B", "B", "choice", OPTS, True),
+    ("(B)", "B", "choice", OPTS, True),
+    ("blue", "B", "choice", OPTS, True),
+    ("B) blue", "blue", "choice", OPTS, True),
+    ("The answer is C", "B", "choice", OPTS, False),
+    ("option B", "B", "choice", OPTS, True),
+    ("\\boxed{A}", "red", "choice", OPTS, True),
+    # symbolic answers decided by math-verify (worker process)
+    ("\\boxed{\\sqrt{64}}", "8", "integer", None, True),
+    ("\\boxed{\\sqrt{63}}", "8", "integer", None, False),
+    ("\\boxed{2\\pi}", "6.283185", "number", None, True),
+]
+
+
+def test_golden_count():
+    assert len(GOLDEN) >= 40
+
+
+@pytest.mark.parametrize("text,ref,atype,choices,expected", GOLDEN,
+                         ids=[f"{i}:{g[0][:24]!r}" for i, g in enumerate(GOLDEN)])
+def test_golden(text, ref, atype, choices, expected):
+    assert is_correct(text, ref, atype, choices) is expected
+    with RewardScorer(workers=1) as scorer:     # the batch path agrees with the single-item path
+        assert scorer.score([text], [ref], [atype], [choices]) == [float(expected)]
+
+
+@pytest.mark.parametrize("text,atype,expected", [
+    ("<think>\nA = 3\n</think>\n\n8", "integer", "8"),
+    ("<think>\nA = 3", "integer", None),                         # truncated think block
+    ("<think>\n\n</think>\n\n", "integer", None),                # empty answer
+    ("\\boxed{\\frac{3}{4}}", "number", "\\frac{3}{4}"),
+    ("\\boxed{x = \\frac{3}{4}}", "number", "\\frac{3}{4}"),
+    ("so \\boxed{12} and later \\boxed{13", "integer", None),    # last box cut off
+    ("The answer is 42, since 6 × 7 = 42.", "integer", "42"),
+    ("The answer is 3 + 5 = 8", "integer", "8"),
+    ("Answer: -7", "integer", "-7"),
+    ("A = 37\nB = 25\n37 + 25 = 62", "integer", "62"),
+    ("it is 1,000 or 2,000", "integer", "2,000"),
+    ("\\boxed{\\sqrt{2}}", "number", "\\sqrt{2}"),
+    ("Answer: red.", "text", "red"),
+    ("I think (C).", "choice", "C"),
+    ("nothing here", "integer", None),
+    ("", None, None),
+])
+def test_extract_answer(text, atype, expected):
+    choices = OPTS if atype == "choice" else None
+    assert extract_answer(text, atype, choices) == expected
+
+
+def test_extract_after_forced_prefix():
+    # A forced-think completion excludes its "<think>\n" prefix: without prefix_mode its
+    # unfinished trace would read as an answer; with it, it is (correctly) no answer.
+    assert extract_answer("A = 3\nB = 5\n3 + 5 = 8", "integer") == "8"
+    assert extract_answer("A = 3\nB = 5\n3 + 5 = 8", "integer", prefix_mode=Mode.THINK) is None
+    assert extract_answer("A = 3\n</think>\n\n8", "integer", prefix_mode=Mode.THINK) == "8"
+    assert extract_answer("8", "integer", prefix_mode=Mode.NO_THINK) == "8"
+
+
+def test_timeout_kills_a_real_hang_and_the_pool_recovers():
+    # math-verify (sympy) really hangs on 10000000! (minutes, growing memory): the worker is
+    # killed at the wall-clock timeout, the item scores 0, and the next batch still works.
+    with RewardScorer(workers=2, timeout_s=1.0) as scorer:
+        t0 = time.monotonic()
+        rewards = scorer.score(["\\boxed{10000000!}", "\\boxed{\\sqrt{64}}", "8", "<think>\nunfinished"],
+                               ["3", "8", "8", "8"], "integer")
+        elapsed = time.monotonic() - t0
+        c = scorer.counters
+        print(f"hang batch: {elapsed:.2f} s, counters {c}")
+        assert rewards == [0.0, 1.0, 1.0, 0.0]
+        assert c["timeouts"] == 1 and c["verifier"] == 2 and c["fast_path"] == 1 and c["parse_failures"] == 1
+        assert 1.0 <= elapsed < 60
+        pids = [w.proc.pid for w in scorer._pool.workers]
+        assert scorer.score(["\\boxed{\\sqrt{81}}", "\\boxed{(10^{7})!}"], ["9", "1"], "integer") == [1.0, 0.0]
+        c = scorer.counters
+        assert c["timeouts"] == 2 and c["correct"] == 3 and c["worker_starts"] >= 3
+    for pid in pids:      # close() ended every worker the scorer started
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_is_correct_from_a_thread_uses_the_verifier():
+    # SIGALRM-based timeouts fail off the main thread; ours live in worker processes.
+    out = {}
+
+    def work():
+        out["sqrt"] = is_correct("\\boxed{\\sqrt{49}}", "7", "integer")
+        out["wrong"] = is_correct("\\sqrt{50}", "7", "integer")
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert out == {"sqrt": True, "wrong": False}
+
+
+def test_scorer_takes_records_and_counts():
+    recs = [Record(id="1", question="q", answer="8", answer_type="integer"),
+            Record(id="2", question="q", answer="red", answer_type="text"),
+            Record(id="3", question="q", answer="B", answer_type="choice", choices=OPTS)]
+    with RewardScorer() as scorer:
+        got = scorer.score(["<think>\n\n</think>\n\n8", "Red", "blue"], recs)
+        assert got == [1.0, 1.0, 1.0]
+        assert scorer.counters["correct"] == 3 and scorer.counters["worker_starts"] == 0
+        with pytest.raises(RewardError, match="2 answers for 3 completions"):
+            scorer.score(["a", "b", "c"], ["1", "2"])
+
+
+def test_accuracy_reward_trl_style():
+    completions = [[{"role": "assistant", "content": "<think>\n3 + 5 = 8\n</think>\n\n8"}],
+                   [{"role": "assistant", "content": "7"}],
+                   [{"role": "assistant", "content": "8"}]]
+    got = accuracy_reward(completions, answer=["8", "8", ""], answer_type=["integer"] * 3,
+                          prompts=["p"] * 3, completion_ids=[[1]] * 3)
+    assert got == [1.0, 0.0, None]      # None: no reference to score against
+    assert accuracy_reward.__name__ == "accuracy_reward"
+    # forced-mode completions without their prefix
+    got = accuracy_reward(["3 + 5 = 8", "3 + 5 = 8\n</think>\n\n8"], answer=["8", "8"],
+                          prefix_mode=[Mode.THINK, Mode.THINK])
+    assert got == [0.0, 1.0]
+
+
+def test_fast_path_throughput():
+    n = 10_000
+    completions = [f"<think>\nA = {i}\nB = 2\n{i} + 2 = {i + 2}\n</think>\n\n{i + 2}" if i % 2 else f"{i:,}"
+                   for i in range(n)]
+    answers = [str(i + 2) if i % 2 else str(i) for i in range(n)]
+    with RewardScorer() as scorer:
+        t0, c0 = time.perf_counter(), time.process_time()
+        rewards = scorer.score(completions, answers, "integer")
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"fast path: {n} items in {wall:.2f} s wall / {cpu:.2f} s CPU = {n / wall:,.0f} items/s")
+        assert rewards == [1.0] * n
+        assert scorer.counters["fast_path"] == n and scorer.counters["worker_starts"] == 0
+        assert n / wall > 500
