@@ -52,7 +52,7 @@ from kubernetes.utils import parse_quantity
 from r4b_core import layout
 from r4b_core.config import ConfigError, RunConfig
 from r4b_core.errors import R4BError
-from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, WORKER_EXTENSION, server_command
+from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, WORKER_EXTENSION, server_command  # noqa: F401 (re-exported)
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 STAGES = ("anneal", "bpo")
