@@ -543,6 +543,9 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         "outputs": {"sft": sft_uri, "rejects": rejects_uri},
         "counts": {"read": n_read, "kept": len(out_rows), "rejected": len(rejects)},
         "stats": summary,
+        # Flat headline numbers (what the KFP component and dashboards show).
+        "metrics": {"kept": len(out_rows), "rejected": len(rejects), "reasoning_ratio": summary["reasoning_ratio"],
+                    "items_per_s": throughput["items_per_s"], "tokens_per_s": throughput["tokens_per_s"]},
         "throughput": throughput,
         "scoring": scoring,
         "config": cfg.curate.model_dump(mode="json"),

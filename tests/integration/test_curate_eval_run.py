@@ -1,0 +1,158 @@
+"""Curation and three-mode evaluation on the real tiny model, in-process HF engine, local storage
+and a SQLite MLflow: the tiny annotator is trained (direct-only SFT through the annealing stage),
+labels a synthetic train split with injected faults, and is then evaluated in auto / think /
+no-think mode, once on its own and once compared against the untrained base model.
+
+Prints the throughput and the report's headline numbers (pytest -s shows them)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from r4b_core import layout, modes
+from r4b_core.config import load_config
+from r4b_core.data.schema import Record
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, repo_root):
+    from r4b_core.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("curate_eval")
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", [
+        f"storage.root={root}/runs", "tracking.uri=null",
+        "data.synthetic.train_size=96", "data.synthetic.rl_size=4", "data.synthetic.eval_size=24",
+        "curate.num_samples=4", "curate.annotator_train_steps=30", "curate.batch_size=48",
+        "curate.max_new_tokens=16", "anneal.micro_batch_size=4", "anneal.optim.warmup_steps=5",
+        "eval.max_new_tokens=24", "eval.batch_size=24",
+    ])
+    uris = run_prepare(cfg)
+    return cfg, uris
+
+
+def _faulty_copy(train_uri: str) -> tuple[str, dict[str, int]]:
+    """The train split plus a malformed line, a record with a missing image and a duplicate."""
+    from pathlib import Path
+
+    src = Path(train_uri)
+    lines = src.read_text().splitlines()
+    first = json.loads(lines[0])
+    dup = dict(first, id="dup-of-first", question=first["question"].upper() + "  ")
+    missing = dict(first, id="no-image", images=["images/does-not-exist.png"])
+    lines += ['{"id": "broken", "question": ', json.dumps(missing), json.dumps(dup)]
+    out = src.with_name("train_with_faults.jsonl")
+    out.write_text("\n".join(lines) + "\n")
+    n = len(lines)
+    return str(out), {"bad_line": n - 2, "image_missing": n - 1, "duplicate": n}
+
+
+def test_curate_then_eval_on_the_tiny_model(run):
+    from r4b_core.curate import run_curate
+    from r4b_core.evaluate import format_headline, run_eval
+    from r4b_core.storage import Store
+    from r4b_core.tracking import Tracker
+
+    cfg, uris = run
+    store = Store.from_config(cfg.storage)
+    raw_uri, fault_lines = _faulty_copy(uris["train"])
+    out_uri = layout.curated_uri(cfg)
+    tracker = Tracker(cfg)
+
+    # ---- curation ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    manifest = run_curate(cfg, raw_uri, out_uri, tracker=tracker)
+    curate_s = time.perf_counter() - t0
+    prefix = layout.stage_dir(cfg, "curate")
+    stats, tp = manifest["stats"], manifest["throughput"]
+
+    assert manifest["counts"] == {"read": 99, "kept": 96, "rejected": 3}
+    rejects = [json.loads(x) for x in store.read_text(prefix + "/rejects.jsonl").splitlines()]
+    got = {r["reason"].split(":")[0]: int(r["where"].rsplit(":", 1)[1]) for r in rejects}
+    assert got == fault_lines
+    assert all(r["where"].startswith(raw_uri + ":") for r in rejects)
+
+    rows = [json.loads(x) for x in store.read_text(out_uri).splitlines()]
+    assert len(rows) == 96 and all(r["label"] in ("reasoning", "direct") for r in rows)
+    # Labels follow the pass counts: objective items with 0 of N correct are the reasoning ones.
+    assert sum(r["label"] == "reasoning" for r in rows) == stats["pass_hist"][0] == stats["reasoning"]
+    assert sum(stats["pass_hist"]) == 96
+    for r in rows:
+        rec = Record.model_validate(r)
+        target = rec.sft_target()
+        if rec.label == "reasoning":
+            assert target.startswith(modes.GENERATION_PREFIX[modes.Mode.THINK]) and rec.reasoning
+        else:
+            assert target.startswith(modes.GENERATION_PREFIX[modes.Mode.NO_THINK])
+        assert all(im.startswith("/") for im in rec.images)          # absolute: readable from curate/
+    # The annotator is a real model trained by the annealing stage, then served by the HF engine.
+    assert store.is_complete(prefix + "/annotator/model", store.read_manifest(prefix + "/annotator/model")["config_hash"])
+    assert manifest["scoring"]["items"] == 96 * 4
+    assert tp["items_per_s"] > 0 and tp["tokens_per_s"] > 0 and tp["generated_tokens"] > 0
+    assert store.is_complete(prefix, manifest["config_hash"])
+
+    # Same config: skipped in seconds, same manifest.
+    t1 = time.perf_counter()
+    again = run_curate(cfg, raw_uri, out_uri)
+    assert again["config_hash"] == manifest["config_hash"] and time.perf_counter() - t1 < 10
+
+    # ---- evaluation: the annotator, then the base model compared against it -----------------------
+    annot = prefix + "/annotator/model"
+    t2 = time.perf_counter()
+    rep = run_eval(cfg, annot, uris["eval"], layout.eval_dir(cfg, "annotator"), "annotator", tracker=tracker)
+    eval_s = time.perf_counter() - t2
+    out = layout.eval_dir(cfg, "annotator")
+    assert rep["n_items"] == 24
+    for m in ("auto", "think", "no_think"):
+        d = rep["modes"][m]
+        assert d["n"] == 24 and 0.0 <= d["accuracy"] <= 1.0 and d["mean_tokens"] > 0 and 0.0 <= d["think_rate"] <= 1.0
+    assert set(rep["by_category"]) == {"math", "perception"}
+    assert set(rep["by_difficulty"]) == {"1", "2", "3"}
+    assert "hybrid_accuracy" in rep and rep["hybrid_items"] <= 24
+    preds = [json.loads(x) for x in store.read_text(out + "/predictions.jsonl").splitlines()]
+    assert len(preds) == 72
+    # Every row's correctness agrees with recomputing accuracy from the file.
+    assert rep["modes"]["no_think"]["accuracy"] == pytest.approx(
+        np.mean([p["correct"] for p in preds if p["mode"] == "no_think"]))
+    assert json.loads(store.read_text(out + "/report.json"))["modes"] == rep["modes"]
+    for png in ("accuracy_tokens.png", "think_rate_by_difficulty.png", "auto_vs_forced.png"):
+        from pathlib import Path
+
+        p = Path(out) / png
+        assert p.stat().st_size > 5_000 and np.asarray(Image.open(p).convert("L"), dtype=float).std() > 5
+    assert store.is_complete(out, store.read_manifest(out)["config_hash"])
+
+    base = run_eval(cfg, uris["base_model"], uris["eval"], layout.eval_dir(cfg, "base"), "base", tracker=tracker,
+                    compare=out + "/report.json")
+    md = store.read_text(layout.eval_dir(cfg, "base") + "/report.md")
+    assert "# Three-mode evaluation: base vs annotator" in md
+    assert base["compare"]["tag"] == "annotator" and base["compare"]["modes"] == rep["modes"]
+    tracker.close()
+
+    # ---- MLflow got the stage runs with their metrics and the report ------------------------------
+    import mlflow
+
+    client = mlflow.MlflowClient(tracker.uri)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])}
+    assert {"curate", "eval-annotator", "eval-base"} <= set(runs)
+    cm = runs["curate"].data.metrics
+    assert cm["curate/kept"] == 96 and cm["curate/rejected"] == 3 and cm["curate/items_per_s"] > 0
+    em = runs["eval-annotator"].data.metrics
+    assert em["eval/auto/accuracy"] == pytest.approx(rep["modes"]["auto"]["accuracy"])
+    arts = [a.path for a in client.list_artifacts(runs["eval-annotator"].info.run_id, "eval/annotator")]
+    assert {"eval/annotator/report.json", "eval/annotator/report.md", "eval/annotator/auto_vs_forced.png"} <= set(arts)
+
+    print(f"\ncurate: {curate_s:.1f}s total (annotator training included), labelling "
+          f"{tp['items_per_s']:.2f} items/s, {tp['tokens_per_s']:.1f} tokens/s; reasoning ratio "
+          f"{stats['reasoning_ratio']:.3f} (math {stats['by_category']['math']['reasoning_ratio']:.3f}, "
+          f"perception {stats['by_category']['perception']['reasoning_ratio']:.3f}); pass hist {stats['pass_hist']}; "
+          f"rejected {stats['rejected']}")
+    print(f"eval annotator: {eval_s:.1f}s, {rep['throughput']['eval']['items_per_s']:.2f} items/s; {format_headline(rep)}")
+    print(f"eval base:      {format_headline(base)}")
