@@ -344,8 +344,13 @@ def mode_compliance(model, processor, items: list, max_new_tokens: int, device, 
 # ---------------------------------------------------------------------------------------------
 def _deepspeed_engine(model, optimizer, cfg: RunConfig, use_bf16: bool):
     """Wrap model + torch optimizer in a DeepSpeed engine (ZeRO-2/3, no DeepSpeed optimizer)."""
+    import warnings
+
     import deepspeed
 
+    # DeepSpeed calls collectives that torch 2.13 deprecates, once per step per rank.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)",
+                            category=FutureWarning)
     ops = vars(deepspeed.ops)
     # The CPU shared-memory allreduce op would JIT-compile for minutes on first use; gloo does the
     # job. A private dict (ENVIRONMENT.md "Training on CPU"): re-check on a DeepSpeed upgrade.
@@ -473,6 +478,22 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
             compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
             model.to(device)
+            # A dry step on one real sample: fails early on a data/model mismatch (image tokens vs
+            # features), and finds parameters the forward never uses (e.g. the vision tower's
+            # post-layernorm, skipped by LLaVA's feature layer); freezing them keeps DDP and ZeRO
+            # from waiting for gradients that never come.
+            probe = collate([[next((s for s in samples if s.pixel_values is not None), samples[0])]],
+                            processor.tokenizer.pad_token_id)
+            ce, mask, _ = token_losses(model, probe, device)
+            (ce * mask).sum().backward()
+            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            for n, p in model.named_parameters():
+                p.grad = None
+                if n in unused:
+                    p.requires_grad_(False)
+            if unused:
+                console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
+                              f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
             groups = param_groups(model, a.optim)
             optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
             scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
@@ -645,9 +666,12 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
                                              step=step)
                         tracking.log_dict(compliance, "compliance.json")
-                    console.print(f"anneal done: {out_uri} (loss {final_metrics['loss']:.4f}, think "
-                                  f"{final_metrics['loss_think']:.4f}, direct {final_metrics['loss_direct']:.4f}, "
-                                  f"{train_s:.1f}s training)")
+                    def fmt(key: str) -> str:  # a mode absent from the data has no loss
+                        value = final_metrics.get(key)
+                        return "-" if value is None else f"{value:.4f}"
+
+                    console.print(f"anneal done: {out_uri} (loss {fmt('loss')}, think {fmt('loss_think')}, "
+                                  f"direct {fmt('loss_direct')}, {train_s:.1f}s training)")
             barrier(env)
             return ckpt.agree(manifest, env)
     finally:

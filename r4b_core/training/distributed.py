@@ -12,6 +12,7 @@ Backend "auto" = nccl with CUDA, gloo otherwise. Only `env.is_main` writes files
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -98,19 +99,31 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def _to_bytes(obj) -> bytes:
+    # torch.save, not plain pickle: tensors inside `obj` (RNG states, optimizer shards) then
+    # round-trip; pickled tensor storages fail to unpickle inside gather_object (torch 2.13).
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # our own bytes
+
+
 def gather_objects(obj, env: DistEnv) -> list | None:
-    """Every rank's picklable `obj` on rank 0 (None elsewhere); [obj] without a process group."""
+    """Every rank's `obj` on rank 0 (None elsewhere); [obj] without a process group."""
     if not env.initialized:
         return [obj]
     out = [None] * env.world_size if env.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+    dist.gather_object(_to_bytes(obj), out, dst=0)
+    return [_from_bytes(b) for b in out] if out is not None else None
 
 
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's `obj` on every rank."""
     if not env.initialized:
         return obj
-    box = [obj]
+    box = [_to_bytes(obj) if env.is_main else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return _from_bytes(box[0])
