@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import time
 import unicodedata
@@ -330,36 +331,37 @@ def _load_images(item: Item, store) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def open_engine(cfg: RunConfig, model_uri: str, kind: str) -> Iterator[RolloutEngine]:
-    """A RolloutEngine serving `model_uri`: in-process HF, or a local vLLM sidecar."""
-    from r4b_core.models.loading import load_model
+    """A RolloutEngine serving `model_uri`, closed on exit.
+
+    kind "hf": the model in this process. kind "vllm": a local vLLM server (`cfg.vllm`) started on
+    the model folder for the duration of the block; only the processor is loaded here.
+    """
     from r4b_core.storage import Store
 
     store = Store.from_config(cfg.storage)
-    model, processor = load_model(model_uri, cfg.model, store=store)
-    if kind == "hf":
-        from r4b_core.rollout.hf import HFEngine
+    with contextlib.ExitStack() as stack:
+        if kind == "hf":
+            from r4b_core.models.loading import load_model
+            from r4b_core.rollout.hf import HFEngine
 
-        engine = HFEngine(model, processor)
-    else:
-        from r4b_core.rollout.vllm import VLLMEngine
-        from r4b_core.rollout.vllm_server import VLLMServer
+            model, processor = load_model(model_uri, cfg.model, store=store)
+            engine = HFEngine(model, processor)
+        elif kind == "vllm":
+            from transformers import AutoProcessor
 
-        local = store.local_path(model_uri, Path(cfg.storage.root).expanduser() / ".cache")
-        server = VLLMServer(str(local), cfg.vllm)
-        server.__enter__()
-        try:
+            from r4b_core.rollout.vllm import VLLMEngine
+            from r4b_core.rollout.vllm_server import VLLMServer
+
+            # The same model cache as models/loading.py (a storage URI is downloaded once).
+            cache = Path(os.environ.get("R4B_CACHE_DIR", "~/.cache/r4b")).expanduser() / "models"
+            local = store.local_path(model_uri, cache)
+            processor = AutoProcessor.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code)
+            server = stack.enter_context(VLLMServer(local, cfg.vllm))
             engine = VLLMEngine(server, processor)
-        except BaseException:
-            server.__exit__(None, None, None)
-            raise
-        engine._r4b_server = server  # closed with the engine below
-    try:
+        else:
+            raise CurateError(f"engine {kind!r}: unknown rollout engine; use hf or vllm")
+        stack.callback(engine.close)
         yield engine
-    finally:
-        engine.close()
-        server = getattr(engine, "_r4b_server", None)
-        if server is not None:
-            server.__exit__(None, None, None)
 
 
 def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stage_uri: str, store) -> str:
@@ -482,8 +484,9 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         if annotator is None:
             model_uri = c.annotator
             if c.annotator == "base":
-                model_uri = layout.base_model_dir(cfg)
-                if c.annotator_train_steps > 0:
+                # tiny: the folder `r4b prepare` built; otherwise the configured model id / URI.
+                model_uri = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
+                if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
                     model_uri = train_annotator(cfg, kept, model_uri, prefix, store)
             annotator = stack.enter_context(open_engine(cfg, model_uri, c.engine))
         if teacher is None and c.teacher:

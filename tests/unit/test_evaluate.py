@@ -192,3 +192,15 @@ def test_compare_report_side_by_side(tmp_path):
     single = tmp_path / "single"
     report.write_report(evaluate.build_report(better) | {"tag": "bpo"}, single)
     assert (single / "accuracy_tokens.png").read_bytes() != (tmp_path / "accuracy_tokens.png").read_bytes()
+
+
+def test_headline_keys_the_promotion_gate_reads():
+    h = evaluate.headline(evaluate.build_report(PREDS))
+    # config.PromotionConfig.max_drop defaults name these keys; renaming them breaks the gate.
+    assert h["auto/math/accuracy"] == pytest.approx(1 / 3)
+    assert h["no_think/accuracy"] == 0.25
+    assert h["hybrid_accuracy"] == pytest.approx(2 / 3)
+    assert h["auto/difficulty_3/think_rate"] == 1.0
+    from r4b_core.config import PromotionConfig
+
+    assert set(PromotionConfig().max_drop) <= set(h)
