@@ -218,10 +218,15 @@ def score_rollouts(scorer, prompts: list[Prompt], completions: list[Completion],
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class EncodedPrompt:
+    key: str                        # the record: every mode of one record shares the prefix
     ids: list[int]                  # prompt incl. the forced prefix, image tokens expanded
     pixel_values: torch.Tensor | None
-    prompt_len: int                 # tokens up to and including `<think>`
+    prompt_len: int                 # tokens up to and including `<think>` (the shared prefix)
     n_forced: int                   # forced prefix tokens after `<think>` (0 in auto mode)
+
+    @property
+    def forced_ids(self) -> list[int]:
+        return self.ids[self.prompt_len:]
 
 
 class PromptEncoder:
@@ -231,7 +236,12 @@ class PromptEncoder:
         self.processor = processor
         tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         self.think_id = tok.convert_tokens_to_ids(modes.THINK_OPEN)
+        self.image_id = tok.convert_tokens_to_ids(modes.IMAGE_TOKEN)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # tokens the engines never sample; the trainer's distribution must exclude them too
+        from r4b_core.rollout.hf import suppressed_token_ids
+
+        self.suppress = tuple(suppressed_token_ids(processor))
         self._cache: dict[tuple[str, str], EncodedPrompt] = {}
 
     def encode(self, prompt: Prompt, mode: Mode) -> EncodedPrompt:
@@ -246,13 +256,14 @@ class PromptEncoder:
                 raise BPOError(f"prompt of {prompt.record.id!r} in mode {mode.value} has no {modes.THINK_OPEN} "
                                f"token after tokenization; the tokenizer must know the think tags")
             prompt_len = where[-1] + 1
-            self._cache[key] = EncodedPrompt(ids, enc.get("pixel_values"), prompt_len, len(ids) - prompt_len)
+            self._cache[key] = EncodedPrompt(prompt.record.id, ids, enc.get("pixel_values"), prompt_len,
+                                             len(ids) - prompt_len)
         return self._cache[key]
 
 
 @dataclass
 class TrainItem:
-    """One rollout as the trainer sees it."""
+    """One rollout as the trainer sees it: shared prefix | response (forced tokens + generated)."""
     prompt: EncodedPrompt
     gen_ids: list[int]
     rollout_logprobs: list[float]
@@ -260,68 +271,125 @@ class TrainItem:
     think: bool                      # forced (or, for GRPO, chosen) mode was thinking
 
     @property
-    def length(self) -> int:
-        return len(self.prompt.ids) + len(self.gen_ids)
+    def response(self) -> list[int]:
+        return self.prompt.forced_ids + self.gen_ids
 
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    """U distinct prefixes (prompt through `<think>`, left-padded, images) and B responses.
+
+    All 2g rollouts of a prompt share its prefix — both modes, since the forced tokens come after
+    `<think>` — so the trainer runs the prefix (and the vision tower) once per prompt and the
+    responses against its KV cache: the same logits as full sequences for far fewer tokens.
+    Response-side tensors are [B, R]; position t holds response token t and its prediction.
+    """
+    prefix_ids: torch.Tensor         # [U, P] left-padded
+    prefix_mask: torch.Tensor        # [U, P]
     pixel_values: torch.Tensor | None
-    loss_mask: torch.Tensor          # [B, L-1]
+    owner: torch.Tensor              # [B] prefix row of each response
+    response_ids: torch.Tensor       # [B, R] right-padded
+    response_mask: torch.Tensor      # [B, R]
+    loss_mask: torch.Tensor          # [B, R]
     forced_mask: torch.Tensor
     generated_mask: torch.Tensor
-    rollout_logp: torch.Tensor       # [B, L-1], engine logprobs at generated positions, else 0
+    rollout_logp: torch.Tensor       # [B, R], engine logprobs at generated positions, else 0
     advantages: torch.Tensor         # [B]
     think: torch.Tensor              # [B] bool
-    index: list[int]                 # positions in the train list (for caching forced old logprobs)
+    index: list[int]                 # positions in the train list
 
 
 def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_trainable: bool) -> MicroBatch:
-    length = max(it.length for it in items)
+    keys: dict[str, int] = {}
+    prefixes: list[EncodedPrompt] = []
+    owner = []
+    for it in items:
+        if it.prompt.key not in keys:
+            keys[it.prompt.key] = len(prefixes)
+            prefixes.append(it.prompt)
+        owner.append(keys[it.prompt.key])
+    P = max(e.prompt_len for e in prefixes)
+    prefix_ids = torch.full((len(prefixes), P), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(prefixes), P), dtype=torch.long)
+    for u, e in enumerate(prefixes):
+        prefix_ids[u, P - e.prompt_len:] = torch.tensor(e.ids[:e.prompt_len])
+        prefix_mask[u, P - e.prompt_len:] = 1
+    pixels = [e.pixel_values for e in prefixes if e.pixel_values is not None]
+    R = max(len(it.response) for it in items)
     B = len(items)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, length), dtype=torch.long)
-    rollout_lp = torch.zeros((B, length - 1))
-    pixels = []
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.long)
+    rollout_lp = torch.zeros((B, R))
     for b, it in enumerate(items):
-        seq = it.prompt.ids + it.gen_ids
-        input_ids[b, :len(seq)] = torch.tensor(seq)
-        attention[b, :len(seq)] = 1
-        first_gen = len(it.prompt.ids)           # token index of the first generated token
+        resp = it.response
+        response_ids[b, :len(resp)] = torch.tensor(resp)
+        response_mask[b, :len(resp)] = 1
         if it.gen_ids:
-            rollout_lp[b, first_gen - 1:first_gen - 1 + len(it.gen_ids)] = torch.tensor(it.rollout_logprobs)
-        if it.prompt.pixel_values is not None:
-            pixels.append(it.prompt.pixel_values)
+            f = it.prompt.n_forced
+            rollout_lp[b, f:f + len(it.gen_ids)] = torch.tensor(it.rollout_logprobs)
+    # response coordinates: a virtual sequence [one prefix slot | response], see response_masks
     loss, forced, generated = bpo_math.response_masks(
-        torch.tensor([it.prompt.prompt_len for it in items]), torch.tensor([it.prompt.n_forced for it in items]),
-        torch.tensor([len(it.gen_ids) for it in items]), length, forced_trainable)
-    return MicroBatch(input_ids, attention, torch.cat(pixels) if pixels else None, loss, forced, generated,
-                      rollout_lp, torch.tensor([it.advantage for it in items]),
-                      torch.tensor([it.think for it in items]), index)
+        torch.ones(B, dtype=torch.long), torch.tensor([it.prompt.n_forced for it in items]),
+        torch.tensor([len(it.gen_ids) for it in items]), R + 1, forced_trainable)
+    return MicroBatch(prefix_ids, prefix_mask, torch.cat(pixels) if pixels else None, torch.tensor(owner),
+                      response_ids, response_mask, loss, forced, generated, rollout_lp,
+                      torch.tensor([it.advantage for it in items]), torch.tensor([it.think for it in items]), index)
 
 
-def sequence_logprobs(model, mb: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position log-prob of the next token and entropy, under softmax(logits / temperature)."""
+def sequence_logprobs(model, mb: MicroBatch, temperature: float,
+                      suppress: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-prob of each response token and the entropy at its position, under
+    softmax(logits / temperature), with positions as the engine generated them (left padding,
+    position ids from the attention mask)."""
     kw = {"pixel_values": mb.pixel_values} if mb.pixel_values is not None else {}
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **kw).logits
-    return bpo_math.token_logprobs(logits[:, :-1], mb.input_ids[:, 1:], temperature)
+    prefix_pos = (mb.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    head = model(input_ids=mb.prefix_ids, attention_mask=mb.prefix_mask, position_ids=prefix_pos,
+                 use_cache=True, logits_to_keep=1, **kw)
+    cache = getattr(head, "cache", None) or head.past_key_values
+    cache.batch_select_indices(mb.owner)                 # each response gets its prompt's K/V
+    start = mb.prefix_mask.sum(-1)[mb.owner].unsqueeze(-1)
+    resp_pos = start + torch.arange(mb.response_ids.shape[1]).unsqueeze(0)
+    attn = torch.cat([mb.prefix_mask[mb.owner], mb.response_mask], dim=1)
+    body = model(input_ids=mb.response_ids, attention_mask=attn, position_ids=resp_pos, cache=cache,
+                 use_cache=True)
+    # token 0 of a response is predicted by the prefix's last position, token t by response t-1
+    logits = torch.cat([head.logits[:, -1:][mb.owner], body.logits[:, :-1]], dim=1)
+    return bpo_math.token_logprobs(logits, mb.response_ids, temperature, suppress)
+
+
+def micro_batches(items: list[TrainItem], size: int) -> list[list[int]]:
+    """Indices of `items` in chunks of at most `size`, keeping a prompt's rollouts together
+    (they share one prefix pass) and filling chunks with whole prompt groups where they fit."""
+    groups: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        groups.setdefault(it.prompt.key, []).append(k)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for members in groups.values():
+        if current and len(current) + len(members) > size:
+            chunks.append(current)
+            current = []
+        for k in members:
+            if len(current) == size:
+                chunks.append(current)
+                current = []
+            current.append(k)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------------
 # Loss + update over one rollout batch
 # ---------------------------------------------------------------------------------------------
 def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
-                  pad_id: int) -> dict[str, float]:
+                  pad_id: int, suppress: tuple[int, ...] = ()) -> dict[str, float]:
     """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics."""
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in
                                             ("ratio_gen", "entropy", "kl", "clipped", "think_p", "no_think_p")}
     losses: list[float] = []
     grad_norms: list[float] = []
-    # sort by length so micro-batches pad little; the gradient does not depend on the order
-    order = sorted(range(len(items)), key=lambda k: items[k].length)
-    chunks = [order[k:k + b.micro_batch_size] for k in range(0, len(order), b.micro_batch_size)]
+    chunks = micro_batches(items, b.micro_batch_size)
     batches = [collate([items[k] for k in c], c, pad_id, b.mode_token_trainable) for c in chunks]
     total_tokens = float(sum(mb.loss_mask.sum().item() for mb in batches))
     total_seqs = float(sum((mb.loss_mask.sum(-1) > 0).sum().item() for mb in batches))
@@ -332,7 +400,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
         optimizer.zero_grad(set_to_none=True)
         epoch_loss = 0.0
         for n, mb in enumerate(batches):
-            logp, entropy = sequence_logprobs(model, mb, b.temperature)
+            logp, entropy = sequence_logprobs(model, mb, b.temperature, suppress)
             if epoch == 0:
                 forced_old[n] = logp.detach()
                 # engine-vs-trainer mismatch: the ratio before any update, on sampled tokens only
@@ -350,7 +418,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
             if b.kl_beta > 0 and ref_model is not None:
                 if n not in ref_cache:
                     with torch.no_grad():
-                        ref_cache[n], _ = sequence_logprobs(ref_model, mb, b.temperature)
+                        ref_cache[n], _ = sequence_logprobs(ref_model, mb, b.temperature, suppress)
                 kl = bpo_math.k3_kl(logp, ref_cache[n])
                 per_token = per_token + b.kl_beta * kl
                 stats["kl"].append(kl.detach()[mb.loss_mask])
@@ -451,9 +519,15 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
 
     # 4 + 5. loss and update ------------------------------------------------------------------
     items = []
+    image_token_rollouts = 0
     for j, s in enumerate(scored):
         i = s.prompt_index
         if not keep[i]:
+            continue
+        if tr.encoder.image_id in s.completion.token_ids:
+            # a sampled `<image>` token would be taken for an image placeholder by the trainer's
+            # forward (features/tokens mismatch); such a rollout is left out of the loss, counted
+            image_token_rollouts += 1
             continue
         enc = tr.encoder.encode(prompts[i], s.completion.mode)
         if s.completion.prompt_token_ids and s.completion.prompt_token_ids != enc.ids:
@@ -464,8 +538,10 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         think = s.completion.mode == Mode.THINK if b.algorithm == "bpo" else s.chose_think
         items.append(TrainItem(enc, list(s.completion.token_ids), list(s.completion.logprobs),
                                float(adv.values[i, j % per_prompt]), think))
+    m["rollouts/dropped_image_token"] = float(image_token_rollouts)
     if items:
-        m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id))
+        m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id,
+                               tr.encoder.suppress))
         tr.policy_version += 1
     else:
         m["skipped_update"] = 1.0

@@ -88,17 +88,22 @@ def group_advantages(rewards: Tensor, is_think: Tensor | None = None, *, groupin
     return Advantages(adv, i_t | i_n, mean, std)
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+                   suppress: list[int] | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
     """Log-probability of each target token and the entropy of each position's distribution,
-    both under the sampling distribution softmax(logits / temperature) — the distribution the
-    rollout engine sampled from, so the importance ratio compares like with like.
+    both under the sampling distribution softmax(logits / temperature) with the engines'
+    suppressed tokens (never sampled) removed — the distribution the rollout engine sampled
+    from, so the importance ratio compares like with like.
 
     logits: [B, T, V] (position t predicts targets[:, t]); targets: [B, T] long.
     """
     scaled = logits.float() / temperature
+    if suppress:
+        scaled = scaled.index_fill(-1, torch.tensor(list(suppress), device=scaled.device), float("-inf"))
     logsm = torch.log_softmax(scaled, dim=-1)
     logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logsm.exp() * logsm).sum(-1)
+    probs = logsm.exp()
+    entropy = -(probs * logsm.masked_fill(probs == 0, 0.0)).sum(-1)
     return logp, entropy
 
 

@@ -67,7 +67,7 @@ def _items(encoder, prompt, gen_think, gen_no_think, adv_think, adv_no_think, mo
         tmp = bpo.TrainItem(enc, list(gen), [0.0] * len(gen), adv, mode == Mode.THINK)
         mb = bpo.collate([tmp], [0], encoder.pad_id, True)
         with torch.no_grad():
-            logp, _ = bpo.sequence_logprobs(model, mb, 1.0)
+            logp, _ = bpo.sequence_logprobs(model, mb, 1.0, encoder.suppress)
         lp = logp[mb.generated_mask].tolist()
         items += [bpo.TrainItem(enc, list(gen), lp, adv, mode == Mode.THINK) for _ in range(g)]
     return items
@@ -76,7 +76,7 @@ def _items(encoder, prompt, gen_think, gen_no_think, adv_think, adv_no_think, mo
 def _update(model, items, encoder, lr=0.5, **over):
     b = BPOConfig(**{"micro_batch_size": 4, "kl_beta": 0.0, **over})
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return bpo.policy_update(model, None, opt, None, items, b, encoder.pad_id)
+    return bpo.policy_update(model, None, opt, None, items, b, encoder.pad_id, encoder.suppress)
 
 
 # --- the mode token -----------------------------------------------------------------------------
@@ -139,12 +139,42 @@ def test_decision_token_gradient_with_generated_tokens(tiny):
     assert moved[True] > 3 * abs(moved[False]), moved
 
 
+def test_shared_prefix_logprobs_equal_full_sequence_forward(tiny):
+    """The trainer runs each prompt's prefix once and the 2g responses against its KV cache; the
+    log-probs must equal a plain teacher-forced forward of each full sequence (hf.py's helper)."""
+    from r4b_core.rollout.hf import teacher_forced_logprobs
+
+    _, model, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = []
+    gens = {Mode.THINK: ["1 + 2 = 3\n</think>\n\n3", "x"], Mode.NO_THINK: ["3<|im_end|>", "12 7"]}
+    for i in (0, 4):                                   # two prompts of different lengths
+        for mode, texts in gens.items():
+            for t in texts:
+                items.append(bpo.TrainItem(enc.encode(_prompt(i), mode), tok.encode(t, add_special_tokens=False),
+                                           [], 0.0, mode == Mode.THINK))
+    for it in items:
+        it.rollout_logprobs = [0.0] * len(it.gen_ids)
+    mb = bpo.collate(items, list(range(len(items))), enc.pad_id, True)
+    assert mb.prefix_ids.shape[0] == 2                 # 8 rollouts, 2 prefix passes
+    with torch.no_grad():
+        logp, _ = bpo.sequence_logprobs(model, mb, 0.7, enc.suppress)
+    for b, it in enumerate(items):
+        p = _prompt(0 if b < 4 else 4)
+        auto = modes.chat_prompt(p.record.question, 1, mode=Mode.AUTO)
+        ref = teacher_forced_logprobs(model, processor, auto, p.images, it.response, temperature=0.7)
+        got = logp[b, :len(it.response)]
+        assert torch.allclose(got, torch.tensor(ref), atol=2e-5), (b, got, ref)
+        assert not mb.loss_mask[b, len(it.response):].any()
+
+
 # --- loss wiring ----------------------------------------------------------------------------------
 def _grads(model, items, encoder, **over):
     m = copy.deepcopy(model)
     b = BPOConfig(**{"kl_beta": 0.0, **over})
     opt = torch.optim.SGD(m.parameters(), lr=0.0)     # lr 0: keep the weights, inspect the grads
-    bpo.policy_update(m, None, opt, None, items, b, encoder.pad_id)
+    bpo.policy_update(m, None, opt, None, items, b, encoder.pad_id, encoder.suppress)
     return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
 
 
@@ -174,14 +204,14 @@ def test_loss_value_matches_hand_computation(tiny):
     for trainable, (n_t, n_n) in ((True, (len(gen_t) + 1, len(gen_n) + 3)), (False, (len(gen_t), len(gen_n)))):
         m = copy.deepcopy(base)
         stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.0), None, items,
-                                  BPOConfig(mode_token_trainable=trainable, loss_agg="token_mean"), enc.pad_id)
+                                  BPOConfig(mode_token_trainable=trainable, loss_agg="token_mean"), enc.pad_id, enc.suppress)
         expect = -(0.5 * n_t - 2.0 * n_n) / (n_t + n_n)
         assert stats["loss"] == pytest.approx(expect, abs=1e-5)
         assert stats["train_tokens"] == n_t + n_n
         # seq_mean: each rollout weighs the same: −(0.5 − 2.0) / 2
         m = copy.deepcopy(base)
         stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.0), None, items,
-                                  BPOConfig(mode_token_trainable=trainable, loss_agg="seq_mean"), enc.pad_id)
+                                  BPOConfig(mode_token_trainable=trainable, loss_agg="seq_mean"), enc.pad_id, enc.suppress)
         assert stats["loss"] == pytest.approx(0.75, abs=1e-5)
 
 
@@ -194,7 +224,7 @@ def test_kl_term_is_zero_against_itself_and_positive_after_a_change(tiny):
     b = BPOConfig(kl_beta=0.1, ppo_epochs=3, micro_batch_size=2)
     m = copy.deepcopy(base)
     stats = bpo.policy_update(m, copy.deepcopy(base).requires_grad_(False), torch.optim.SGD(m.parameters(), lr=0.5),
-                              None, items, b, enc.pad_id)
+                              None, items, b, enc.pad_id, enc.suppress)
     # KL is averaged over all three epochs: epoch 0 is exactly 0 (policy == reference), later > 0
     assert stats["kl"] > 0
     assert stats["clip_fraction"] > 0      # three big SGD steps push some ratios out of [0.8, 1.2]

@@ -97,6 +97,15 @@ def test_token_logprobs_respect_temperature():
     assert ent_u.item() == pytest.approx(math.log(4), abs=1e-6)
 
 
+def test_suppressed_tokens_leave_the_distribution():
+    # logits [0, 0, 0, 0] with token 3 suppressed: p = 1/3 for the rest; entropy ln 3, finite
+    lp, ent = bm.token_logprobs(torch.zeros(1, 1, 4), torch.tensor([[0]]), 1.0, suppress=(3,))
+    assert lp.item() == pytest.approx(math.log(1 / 3), abs=1e-6)
+    assert ent.item() == pytest.approx(math.log(3), abs=1e-6)
+    lp3, _ = bm.token_logprobs(torch.zeros(1, 1, 4), torch.tensor([[3]]), 1.0, suppress=(3,))
+    assert lp3.item() == float("-inf")
+
+
 # --- PPO clip ---------------------------------------------------------------------------------
 def test_ppo_clip_four_cases_and_clip_fraction():
     # ratios e^.5 = 1.6487 and e^-.5 = .6065, eps .2, A = +1 / -1:

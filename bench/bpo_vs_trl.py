@@ -1,0 +1,187 @@
+"""Seconds per optimizer step: our BPO step (in-process HF engine) vs TRL's GRPOTrainer (use_vllm=False).
+
+    .venv/bin/python bench/bpo_vs_trl.py [--steps 6 --warmup 2 --prompts 4 --group 4 --max-new 32]
+
+Same tiny VLM (random init, the project's LLaVA-style toy), same synthetic visual-math prompts with
+their images, same rollouts per prompt (TRL num_generations = our 2g), same maximum completion
+length for every rollout (our think and no-think budgets both set to TRL's max_completion_length),
+same temperature, one optimizer step per rollout batch (TRL: num_iterations 1, gradient
+accumulation 1; ours: ppo_epochs 1), no reference model (beta 0), the same reward scorer, the same
+torch thread count, both in this one process. A step is everything: generation, reward, loss,
+backward, optimizer step (and for us the engine sync, a no-op in-process). Warm-up steps are
+excluded. TRL's loss is its default (dapo: token-level, normalised over the batch) as ours
+(token_mean PPO-clip); TRL's activation checkpointing (its default) is turned off, as ours.
+Zero-variance groups are trained on both sides (our default drops them, which TRL does not do;
+`--drop-zero-variance` shows that too).
+
+Prints the per-step figures of each side (wall and CPU seconds), our step-time split, and ends with
+`bpo_vs_trl ratio=X` (ours / TRL; goal <= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build(tmp: Path, n_prompts: int):
+    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
+    from r4b_core.data.images import load_image
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    path = generate_split("rl", max(n_prompts, 64), SyntheticDataConfig(seed=0), tmp / "data")
+    records = read_jsonl(path).records
+    model_dir = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(records), tmp / "model", seed=0)
+    images = [[load_image(ref, path) for ref in r.images] for r in records]
+    return model_dir, records, images
+
+
+def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[float], list[dict]]:
+    import torch
+
+    from r4b_core import bpo
+    from r4b_core.config import RunConfig
+    from r4b_core.models.loading import load_model
+    from r4b_core.rewards import RewardScorer
+    from r4b_core.rollout.hf import HFEngine
+    from r4b_core.training.optim import param_groups
+
+    cfg = RunConfig.model_validate({"bpo": {
+        "algorithm": a.algorithm, "prompts_per_step": a.prompts, "group_size": a.group, "temperature": 1.0,
+        "max_new_tokens_think": a.max_new, "max_new_tokens_no_think": a.max_new, "micro_batch_size": a.micro_batch,
+        "kl_beta": 0.0, "ppo_epochs": 1, "drop_zero_variance": a.drop_zero_variance,
+        "optim": {"lr": 1e-6, "min_lr": 1e-6, "vision_lr": None, "projector_lr": None, "warmup_steps": 0}}})
+    model, processor = load_model(str(model_dir))
+    model.eval()
+    prompts = [bpo.Prompt(r, im) for r, im in zip(records, images)]
+    opt = torch.optim.AdamW(param_groups(model, cfg.bpo.optim), betas=tuple(cfg.bpo.optim.betas))
+    walls, cpus, splits = [], [], []
+    with RewardScorer() as scorer:
+        engine = HFEngine(model, processor)
+        tr = bpo.Trainer(model, None, opt, None, engine, scorer, bpo.PromptEncoder(processor), cfg)
+        stream = bpo.PromptStream(prompts, seed=0)
+        for step in range(a.warmup + a.steps):
+            w, c = time.perf_counter(), time.process_time()
+            res = tr_step = bpo.bpo_step(tr, stream.take(step * a.prompts, a.prompts), step)
+            w, c = time.perf_counter() - w, time.process_time() - c
+            if step >= a.warmup:
+                walls.append(w)
+                cpus.append(c)
+                splits.append({k: v for k, v in tr_step.metrics.items() if k.startswith(("time/", "length/"))})
+            del res
+    return walls, cpus, splits
+
+
+def time_trl(model_dir: Path, records, images, a, out_dir: Path) -> tuple[list[float], list[float], dict]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from r4b_core.models.loading import load_model
+    from r4b_core.modes import Mode
+    from r4b_core.rewards import RewardScorer
+
+    model, processor = load_model(str(model_dir))
+    n = (a.warmup + a.steps) * a.prompts
+    rows = [{"prompt": [{"role": "user", "content": r.question}], "image": im[0], "answer": r.answer,
+             "answer_type": r.answer_type} for r, im in zip(records, images)]
+    rows = (rows * (n // len(rows) + 1))[:n]
+    data = Dataset.from_list(rows)
+    scorer = RewardScorer()
+
+    def accuracy(completions, answer, answer_type, **_):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return scorer.score(texts, list(answer), answer_types=list(answer_type), prefix_modes=[Mode.AUTO] * len(texts))
+
+    marks: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), time.process_time()))
+
+    rollouts = 2 * a.group
+    args = GRPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=a.prompts * rollouts, gradient_accumulation_steps=1,
+        num_generations=rollouts, max_completion_length=a.max_new, temperature=1.0, num_iterations=1, beta=0.0,
+        learning_rate=1e-6, max_steps=a.warmup + a.steps, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=False, dataloader_num_workers=0, use_vllm=False, seed=0, shuffle_dataset=False,
+        disable_tqdm=True, log_completions=False,
+        # TRL defaults to activation checkpointing (recomputes the forward in backward); we do not
+        # checkpoint, so neither does TRL here: like for like
+        gradient_checkpointing=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=args, train_dataset=data,
+                          processing_class=processor, callbacks=[Clock()])
+    try:
+        trainer.train()
+    finally:
+        scorer.close()
+    spans = [(marks[i + 1][0] - marks[i][0], marks[i + 1][1] - marks[i][1]) for i in range(0, len(marks) - 1, 2)]
+    spans = spans[a.warmup:]
+    lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
+    return [s[0] for s in spans], [s[1] for s in spans], {"mean_completion_length": statistics.mean(lengths[a.warmup:])
+                                                          if len(lengths) > a.warmup else None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--group", type=int, default=4, help="g: rollouts per mode (TRL num_generations = 2g)")
+    p.add_argument("--max-new", type=int, default=32, help="max new tokens of every rollout")
+    p.add_argument("--micro-batch", type=int, default=32, help="our trainer micro-batch")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    p.add_argument("--algorithm", default="bpo", choices=["bpo", "grpo"], help="our side's algorithm")
+    p.add_argument("--drop-zero-variance", action="store_true",
+                   help="our default: skip groups whose rewards are all equal (TRL trains on them)")
+    a = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="r4b-bench-") as tmp:
+        tmp = Path(tmp)
+        model_dir, records, images = build(tmp, a.prompts)
+        records, images = records[:max(a.prompts * 4, 16)], images[:max(a.prompts * 4, 16)]
+        print(f"setup: {a.prompts} prompts x {2 * a.group} rollouts, max {a.max_new} new tokens, "
+              f"{a.threads} torch thread(s), {a.steps} timed steps after {a.warmup} warm-up")
+        trl_w, trl_c, trl_info = time_trl(model_dir, records, images, a, tmp / "trl")
+        our_w, our_c, splits = time_ours(model_dir, records, images, a)
+
+    def show(name, w, c):
+        print(f"{name:>5}: {statistics.mean(w):.3f} s/step wall (median {statistics.median(w):.3f}), "
+              f"{statistics.mean(c):.3f} s/step CPU")
+
+    show("TRL", trl_w, trl_c)
+    show("ours", our_w, our_c)
+    print(f"TRL mean completion length {trl_info['mean_completion_length']}")
+    keys = sorted({k for s in splits for k in s})
+    print("our step split (mean): " + ", ".join(f"{k}={statistics.mean(s.get(k, 0.0) for s in splits):.3f}"
+                                               for k in keys))
+    ratio = statistics.mean(our_w) / statistics.mean(trl_w)
+    cpu_ratio = statistics.mean(our_c) / statistics.mean(trl_c)
+    print(f"CPU-time ratio {cpu_ratio:.3f}")
+    print(f"bpo_vs_trl ratio={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
