@@ -416,10 +416,43 @@ def stage_prefix(out_uri: str) -> tuple[str, str]:
     return out_uri.rstrip("/"), out_uri.rstrip("/") + "/sft.jsonl"
 
 
-def config_hash(cfg: RunConfig, raw_uri: str, annotator: str) -> str:
-    blob = json.dumps({"curate": cfg.stage_hash("curate"), "raw": raw_uri, "annotator": annotator,
-                       "v": MANIFEST_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def model_lineage(store, model_uri: str) -> str | None:
+    """The config hash a model folder was committed with (its manifest), or None if unknown."""
+    try:
+        manifest = store.read_manifest(model_uri)
+    except R4BError:
+        return None
+    return (manifest or {}).get("config_hash")
+
+
+def identity_hash(parts: dict) -> str | None:
+    """A stage's identity from its parts; None when a part is unknown (then it never skips)."""
+    if any(v is None for v in parts.values()):
+        return None
+    return hashlib.sha256(json.dumps({**parts, "v": MANIFEST_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool, teacher_given: bool) -> dict:
+    """Everything the curated output depends on: config, raw content, annotator and teacher weights."""
+    c = cfg.curate
+    parts: dict[str, Any] = {"curate": cfg.stage_hash("curate"),
+                             "raw": hashlib.sha256(raw_text.encode()).hexdigest()}
+    if annotator_given:
+        parts["annotator"] = None          # an engine we cannot identify: always recompute
+    elif c.annotator == "base":
+        from r4b_core import layout
+
+        base = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
+        parts["annotator"] = model_lineage(store, base) if cfg.model.base == "tiny" else base
+        if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
+            parts["annotator_training"] = cfg.anneal.model_dump(mode="json")
+    else:
+        parts["annotator"] = model_lineage(store, c.annotator)
+    if teacher_given:
+        parts["teacher"] = None
+    elif c.teacher:
+        parts["teacher"] = model_lineage(store, c.teacher)
+    return parts
 
 
 def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEngine | None = None,
@@ -435,18 +468,23 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     store = storage.Store.from_config(cfg.storage)
     prefix, sft_uri = stage_prefix(out_uri)
     annotator_name = "given" if annotator is not None else c.annotator
-    chash = config_hash(cfg, raw_uri, annotator_name)
-    if store.is_complete(prefix, chash):
-        manifest = store.read_manifest(prefix)
-        print(f"curate: {prefix} is complete for config {chash}; skipping")
-        return manifest
-
-    # Files of an earlier, different attempt must not be vouched for by its manifest.
-    store.invalidate(prefix)
     t0 = time.perf_counter()
     if not store.exists(raw_uri):
         raise CurateError(f"{raw_uri}: raw data not found; generate it (r4b data generate) or pass --input URI")
-    items, rejects = read_raw(store.read_text(raw_uri), raw_uri)
+    raw_text = store.read_text(raw_uri)
+    ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None)
+    chash = identity_hash(ident)
+    if chash is not None and store.is_complete(prefix, chash):
+        manifest = store.read_manifest(prefix)
+        print(f"curate: {prefix} is complete for config {chash}; skipping")
+        return manifest
+    if chash is None:
+        # Unknown lineage (engines passed in, a model folder without manifest): never skipped later.
+        chash = "unverified-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:8]
+
+    # Files of an earlier, different attempt must not be vouched for by its manifest.
+    store.invalidate(prefix)
+    items, rejects = read_raw(raw_text, raw_uri)
     stats = CurateStats(num_samples=c.num_samples)
     for rj in rejects:
         stats.add_reject(rj["reason"])
@@ -541,6 +579,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     manifest = {
         "stage": "curate",
         "config_hash": chash,
+        "identity": ident,
         "inputs": {"raw": raw_uri, "annotator": annotator_name,
                    "teacher": c.teacher or ("given" if teacher is not None else None)},
         "outputs": {"sft": sft_uri, "rejects": rejects_uri},
@@ -553,7 +592,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         "scoring": scoring,
         "config": cfg.curate.model_dump(mode="json"),
     }
-    _log(tracker, manifest)
+    _log(tracker, manifest, rejects)
     store.commit(prefix, manifest)
     print(f"curate: {n_read} read, {len(out_rows)} kept ({summary['reasoning']} reasoning, "
           f"ratio {_fmt(summary['reasoning_ratio'])}), {len(rejects)} rejected "
@@ -600,7 +639,7 @@ def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutE
             stats.teacher["kept"] += 1
 
 
-def _log(tracker, manifest: dict) -> None:
+def _log(tracker, manifest: dict, rejects: list[dict]) -> None:
     if tracker is None:
         return
     s, t = manifest["stats"], manifest["throughput"]
@@ -620,3 +659,6 @@ def _log(tracker, manifest: dict) -> None:
         tracker.log_params({"curate": manifest["config"], "curate_inputs": manifest["inputs"]})
         tracker.log_metrics(metrics)
         tracker.log_dict(manifest, "curate/manifest.json")
+        if rejects:
+            # The first rejects with their reasons, so a bad input is visible from the MLflow UI.
+            tracker.log_dict({"total": len(rejects), "first": rejects[:200]}, "curate/rejects_sample.json")

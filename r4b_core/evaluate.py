@@ -305,10 +305,17 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
-def config_hash(cfg: RunConfig, model_uri: str, eval_uri: str | None, tag: str, compare: str | None) -> str:
-    blob = json.dumps({"eval": cfg.eval.model_dump(mode="json"), "model": model_uri, "data": eval_uri,
-                       "tag": tag, "compare": compare, "v": MANIFEST_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def eval_identity(cfg: RunConfig, store, model_uri: str, texts: dict[str, str], tag: str,
+                  compare: str | None, engine_given: bool) -> dict:
+    """What a report depends on: eval config, the model's weights (its manifest's config hash),
+    the benchmark contents, tag and comparison. An unknown model lineage means: never skip."""
+    from r4b_core.curate import model_lineage
+
+    model = None if engine_given else (model_lineage(store, model_uri) if _looks_like_storage(model_uri)
+                                       else model_uri)
+    return {"eval": cfg.eval.model_dump(mode="json"), "model": model, "model_uri": model_uri,
+            "data": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()},
+            "tag": tag, "compare": compare}
 
 
 def load_report(source: str | dict, store=None) -> dict:
@@ -348,26 +355,39 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
         compare_key = f"{compare.get('tag')}@{compare.get('model')}"
     else:
         compare_key = compare
-    chash = config_hash(cfg, model_uri, eval_uri, tag, compare_key)
-    if store.is_complete(prefix, chash):
+    if engine is None and _looks_like_storage(model_uri) and not store.exists(model_uri):
+        raise EvalError(f"{model_uri}: no model there; train it first (r4b anneal / r4b bpo) or pass --model URI")
+    texts: dict[str, str] = {}
+    if eval_uri:
+        if not store.exists(eval_uri):
+            raise EvalError(f"{eval_uri}: eval data not found; generate it (r4b data generate) or set data.eval_uri")
+        texts["eval"] = store.read_text(eval_uri)
+    if e.external_uri:
+        if not store.exists(e.external_uri):
+            raise EvalError(f"{e.external_uri}: external benchmark not found; fix eval.external_uri")
+        texts["external"] = store.read_text(e.external_uri)
+    if not texts:
+        raise EvalError("nothing to evaluate: no eval split and no eval.external_uri; set one")
+
+    from r4b_core.curate import identity_hash
+
+    ident = eval_identity(cfg, store, model_uri, texts, tag, compare_key, engine is not None)
+    chash = identity_hash(ident)
+    if chash is not None and store.is_complete(prefix, chash):
         print(f"eval: {prefix} is complete for config {chash}; skipping")
         return json.loads(store.read_text(store.join(prefix, "report.json")))
+    if chash is None:
+        chash = "unverified-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:8]
     other = load_report(compare, store) if compare is not None else None
     store.invalidate(prefix)
 
     benchmarks: list[tuple[str, str, list[Record]]] = []
     if eval_uri:
-        if not store.exists(eval_uri):
-            raise EvalError(f"{eval_uri}: eval data not found; generate it (r4b data generate) or set data.eval_uri")
-        benchmarks.append(("eval", eval_uri, load_benchmark(store.read_text(eval_uri), eval_uri, None, "eval", e.limit)))
+        benchmarks.append(("eval", eval_uri, load_benchmark(texts["eval"], eval_uri, None, "eval", e.limit)))
     if e.external_uri:
-        if not store.exists(e.external_uri):
-            raise EvalError(f"{e.external_uri}: external benchmark not found; fix eval.external_uri")
         name = Path(e.external_uri.rsplit("/", 1)[-1]).stem
-        benchmarks.append((name, e.external_uri, load_benchmark(store.read_text(e.external_uri), e.external_uri,
+        benchmarks.append((name, e.external_uri, load_benchmark(texts["external"], e.external_uri,
                                                                 e.field_map, name, e.limit)))
-    if not benchmarks:
-        raise EvalError("nothing to evaluate: no eval split and no eval.external_uri; set one")
 
     def images_of(rec: Record) -> list[Any]:
         return [load_image(ref, store=store) for ref in rec.images]
@@ -408,7 +428,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                                 if k in other}}
 
     _write_outputs(store, prefix, report, predictions)
-    manifest = {"stage": "eval", "tag": tag, "config_hash": chash,
+    manifest = {"stage": "eval", "tag": tag, "config_hash": chash, "identity": ident,
                 "inputs": {"model": model_uri, "data": report["data"], "compare": compare_key},
                 "outputs": {"report": store.join(prefix, "report.json"),
                             "predictions": store.join(prefix, "predictions.jsonl"),
@@ -419,6 +439,11 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     store.commit(prefix, manifest)
     print(f"eval[{tag}]: {format_headline(report)}")
     return report
+
+
+def _looks_like_storage(uri: str) -> bool:
+    """A storage path/URI rather than a Hugging Face id ("org/name")."""
+    return "://" in uri or Path(uri).is_absolute() or uri.startswith(".") or uri.count("/") != 1
 
 
 def headline(report: dict) -> dict[str, float]:

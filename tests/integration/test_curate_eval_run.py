@@ -127,6 +127,9 @@ def test_curate_then_eval_on_the_tiny_model(run):
         p = Path(out) / png
         assert p.stat().st_size > 5_000 and np.asarray(Image.open(p).convert("L"), dtype=float).std() > 5
     assert store.is_complete(out, store.read_manifest(out)["config_hash"])
+    t3 = time.perf_counter()
+    assert run_eval(cfg, annot, uris["eval"], out, "annotator")["modes"] == rep["modes"]
+    assert time.perf_counter() - t3 < 10                                  # skipped: same model, data, config
 
     base = run_eval(cfg, uris["base_model"], uris["eval"], layout.eval_dir(cfg, "base"), "base", tracker=tracker,
                     compare=out + "/report.json")
