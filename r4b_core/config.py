@@ -277,6 +277,9 @@ class VLLMConfig(Section):
     kv_cache_gib: int = Field(1, ge=1)
     enforce_eager: bool = True
     extra_args: list[str] = Field(default_factory=list)
+    # -- folder both trainer and server see, where weight syncs write safetensors (shared memory;
+    # on a cluster the pod's emptyDir). null = $R4B_SHM_DIR, else /dev/shm.
+    sync_dir: str | None = None
 
 
 class LauncherConfig(Section):

@@ -81,7 +81,8 @@ def sample_seed(request_seed: int | None, sample_index: int, fallback: int) -> i
 class HFEngine:
     """RolloutEngine over an in-process transformers VLM (LLaVA-style)."""
 
-    def __init__(self, model, processor, device: str | None = "cpu", max_batch_size: int = 64, seed: int = 0):
+    def __init__(self, model, processor, device: str | None = None, max_batch_size: int = 64, seed: int = 0):
+        """`device`: where inputs go; default the model's own device (the module is never moved)."""
         import torch
 
         self.model = model

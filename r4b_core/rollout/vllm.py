@@ -15,14 +15,18 @@ tokenizes, images are expanded by vLLM's own Llava processor, and per-token logp
 The completions endpoint would be simpler but takes no images. Requests run concurrently on a
 thread pool; each request's `seed` goes to vLLM's sampler.
 
-Weight sync (`update_weights`): the trainer's tensors are written as safetensors in vLLM's key layout
-into shared memory (`/dev/shm`, or `R4B_SHM_DIR` / `shm_dir`: on a cluster an emptyDir mounted in
-the trainer and the sidecar), then `POST /collective_rpc reload_weights` (dev mode), then the
-worker extension re-packs the output layer (the tied-embedding trap), then the encoder cache and
-the prefix cache are reset (vision embeddings and KV blocks computed with the old weights; a stale
-encoder-cache entry crashes the engine on the next request with the same image). Finally **verification**: greedy
-probe completions from the server are scored by the trainer's model (teacher-forced); if any
-per-token logprob differs by more than `sync_tolerance`, `WeightSyncError` names the difference.
+Weight sync (`update_weights`): the trainer's tensors are written as safetensors in vLLM's key
+layout into shared memory (`shm_dir`, else the server's `vllm.sync_dir`, else `$R4B_SHM_DIR`, else
+`/dev/shm`; on a cluster an emptyDir mounted in the trainer and the sidecar), then
+`POST /collective_rpc reload_weights` (dev mode), then the worker extension re-packs the output
+layer (the tied-embedding trap), then the encoder cache and the prefix cache are reset (vision
+embeddings and KV blocks computed with the old weights; a stale encoder-cache entry crashes the
+engine on the next request with the same image). Finally **verification**: greedy probe
+completions from the server are scored by the trainer's model (teacher-forced); if any per-token
+logprob differs by more than `sync_tolerance`, `WeightSyncError` names the difference.
+
+The image placeholder token is masked (logit_bias -100) as in HFEngine: see
+`hf.suppressed_token_ids`.
 
 A server that is down or stops answering raises `VLLMEngineError` (health is checked every few
 seconds while requests are in flight), never a hang.
@@ -99,7 +103,8 @@ class VLLMEngine:
         self._requests = requests
         self._local = threading.local()
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r4b-vllm")
-        self._shm_root = Path(shm_dir) if shm_dir else _default_shm_dir()
+        cfg_dir = getattr(getattr(self.server, "cfg", None), "sync_dir", None)
+        self._shm_root = Path(shm_dir or cfg_dir) if (shm_dir or cfg_dir) else _default_shm_dir()
         self._sync_dir: Path | None = None
         self._probe_images = probe_images
         self._probe_tokens = probe_tokens

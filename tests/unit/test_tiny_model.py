@@ -10,8 +10,8 @@ from PIL import Image
 
 from r4b_core import modes
 from r4b_core.config import ModelConfig, TinyModelConfig
-from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
+from r4b_core.models.tokenizer import chat_template
 
 TEXTS = ["What is 12 + 30?", "12 + 30 = 42", "The answer is 42", "What colour is the square?", "red"] * 20
 
@@ -44,8 +44,7 @@ def test_folder_is_safetensors_in_vllm_layout(tiny_dir):
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
     assert config["vision_feature_select_strategy"] == "full" and config["image_seq_length"] == 16
     assert config["text_config"]["tie_word_embeddings"] is False
-    assert (tiny_dir / "chat_template.jinja").read_text().strip() == __import__(
-        "r4b_core.models.tokenizer", fromlist=["x"]).chat_template().strip()
+    assert (tiny_dir / "chat_template.jinja").read_text().strip() == chat_template().strip()
 
 
 def test_reload_matches_saved_tensors_and_runs_an_image(tiny_dir):
@@ -217,3 +216,20 @@ def test_compose_offline_hub_ids_fail_clearly(monkeypatch, tmp_path):
                       language_model="Qwen/Qwen3-4B", dtype="bfloat16")
     with pytest.raises(ModelLoadError, match="google/siglip2-so400m-patch14-384.*hub is unreachable"):
         load_model(cfg.base, cfg)
+
+
+def test_cli_model_init(tmp_path, repo_root, capsys):
+    from r4b_core.cli import main
+    from r4b_core.models.loading import load_model
+
+    out = tmp_path / "base"
+    rc = main(["model", "init", "--config", str(repo_root / "configs/tiny.yaml"), "--out", str(out),
+               "--set", "data.synthetic.train_size=60"])
+    assert rc == 0 and "written to" in capsys.readouterr().out
+    model, processor = load_model(str(out))
+    assert model.config.text_config.vocab_size == 512 and len(processor.tokenizer) <= 512
+    rc = main(["model", "init", "--config", str(repo_root / "configs/r4b-4b.yaml"), "--out", str(tmp_path / "big")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert rc == 2 and len(errors) == 1
+    assert errors[0].startswith("error: model source 'google/siglip2-so400m-patch14-384'")
+    assert "set model.vision_tower to DIR" in errors[0]
