@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_
     if b.advantage == "per_mode" and b.algorithm == "grpo":
         problems.append("bpo.advantage=per_mode needs forced modes, but bpo.algorithm=grpo samples in "
                         "auto mode; use advantage: mixed for the GRPO control")
+    if b.distributed.deepspeed != "none":
+        problems.append(f"bpo.distributed.deepspeed={b.distributed.deepspeed}: the BPO stage trains with plain "
+                        f"data parallelism (gradients summed across processes); set it to none")
     if b.advantage == "per_mode" and b.group_size < 2:
         problems.append(f"bpo.advantage=per_mode with group_size={b.group_size}: a one-rollout mode "
                         f"group never has variance; use group_size >= 2")
@@ -382,9 +386,31 @@ def micro_batches(items: list[TrainItem], size: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # Loss + update over one rollout batch
 # ---------------------------------------------------------------------------------------------
+def _all_reduce_grads(model) -> None:
+    """Sum gradients over the training processes in one flat buffer. Each rank's loss is already
+    normalised by whole-batch totals, so the sum is the full-batch gradient; a rank without
+    rollouts this step contributes zeros (it must still join, or the others would wait forever)."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
+        p.grad.copy_(g)
+
+
 def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
-                  pad_id: int, suppress: tuple[int, ...] = ()) -> dict[str, float]:
-    """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics."""
+                  pad_id: int, suppress: tuple[int, ...] = (), env=None) -> dict[str, float]:
+    """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics.
+
+    Under several processes (`env`, training/distributed.py) every rank calls this with its own
+    share of the rollouts (possibly none); totals and gradients are summed across ranks."""
+    from r4b_core.training.distributed import all_reduce_sum
+
+    dist_on = env is not None and env.initialized
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in
                                             ("ratio_gen", "entropy", "kl", "clipped", "think_p", "no_think_p")}
     losses: list[float] = []
@@ -393,6 +419,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     batches = [collate([items[k] for k in c], c, pad_id, b.mode_token_trainable) for c in chunks]
     total_tokens = float(sum(mb.loss_mask.sum().item() for mb in batches))
     total_seqs = float(sum((mb.loss_mask.sum(-1) > 0).sum().item() for mb in batches))
+    if dist_on:
+        total_tokens, total_seqs = all_reduce_sum([total_tokens, total_seqs], env)
     forced_old: dict[int, torch.Tensor] = {}       # policy's own logprobs of forced tokens, pre-update
     ref_cache: dict[int, torch.Tensor] = {}
     model.train()
@@ -427,6 +455,9 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
                                       total_tokens=total_tokens, total_seqs=total_seqs)
             loss.backward()
             epoch_loss += loss.item()
+        if dist_on:
+            _all_reduce_grads(model)
+            epoch_loss = all_reduce_sum([epoch_loss], env)[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), b.optim.grad_clip)
         optimizer.step()
         if scheduler is not None:
@@ -473,6 +504,7 @@ class Trainer:
     encoder: PromptEncoder
     cfg: RunConfig
     policy_version: int = 0
+    env: Any = None                  # training/distributed.DistEnv; None = one process
 
 
 @dataclass
@@ -539,17 +571,24 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         items.append(TrainItem(enc, list(s.completion.token_ids), list(s.completion.logprobs),
                                float(adv.values[i, j % per_prompt]), think))
     m["rollouts/dropped_image_token"] = float(image_token_rollouts)
-    if items:
+    n_train = len(items)
+    if tr.env is not None and tr.env.initialized:
+        from r4b_core.training.distributed import all_reduce_sum
+
+        n_train = int(all_reduce_sum([float(n_train)], tr.env)[0])    # every rank updates, or none
+    if n_train:
         m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id,
-                               tr.encoder.suppress))
+                               tr.encoder.suppress, tr.env))
         tr.policy_version += 1
     else:
         m["skipped_update"] = 1.0
     t_train = time.perf_counter()
 
     # 6. sync ---------------------------------------------------------------------------------
-    if items:
+    if n_train:
         tr.engine.update_weights(tr.model, tr.policy_version)
+        for k, v in (getattr(tr.engine, "last_sync", None) or {}).items():
+            m[f"sync/{k}"] = float(v)       # vLLM: write / reload / verify seconds, max |logprob diff|
     t_sync = time.perf_counter()
 
     # metrics per mode ------------------------------------------------------------------------
@@ -658,7 +697,14 @@ def open_engine(cfg: RunConfig, model, processor, model_dir: str | Path) -> Iter
 
     url = os.environ.get("R4B_VLLM_URL")
     with contextlib.ExitStack() as stack:
-        server = url or stack.enter_context(VLLMServer(model_dir, cfg.vllm))
+        if url:
+            server = url
+            print(f"{stage_name(cfg)}: vLLM sidecar at {url} (R4B_VLLM_URL)", flush=True)
+        else:
+            t0 = time.perf_counter()
+            server = stack.enter_context(VLLMServer(model_dir, cfg.vllm))
+            print(f"{stage_name(cfg)}: vLLM sidecar pid {server.proc.pid} at {server.url} "
+                  f"(up in {time.perf_counter() - t0:.0f} s, log {server.log_path})", flush=True)
         engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance)
         stack.callback(engine.close)
         yield engine
@@ -712,7 +758,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         # -- resume -----------------------------------------------------------------------------
         root = checkpoints_root(out_uri)
         found = ckpt.agree(ckpt.latest(store, root) if env.is_main else None, env)
-        start_step, version = 0, 0
+        start_step, version, base_position = 0, 0, 0
+        history: list[dict] = []             # per-step metrics, kept in checkpoints and the manifest
+        samples: list[dict] = []             # a few completions per mode and step (JSONL artifact)
         run_config = cfg.model_dump(mode="json")
         if found is not None:
             saved = ckpt.read_state(store, found[1])
@@ -725,6 +773,10 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 print(f"{name}: resuming under a changed config, current values win: {'; '.join(diff[:6])}")
             state = ckpt.load(store, found[1], trainee, env, cache)
             start_step, version = int(state["step"]), int(state["policy_version"])
+            history = list(state.get("history", []))
+            samples = list(state.get("samples", []))
+            # the stored prompt position wins (prompts_per_step may differ under resume=force)
+            base_position = int(state.get("prompt_position", start_step * b.prompts_per_step))
             print(f"{name}: resumed from {found[1]} (step {start_step}, policy version {version})")
 
         stream = PromptStream(prompts, cfg.seed)
@@ -746,21 +798,22 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             t_push = time.perf_counter()
             engine.update_weights(model, version)
             if env.is_main:
-                print(f"{name}: engine {b.engine} serves policy version {version} "
-                      f"(initial push {time.perf_counter() - t_push:.2f}s)")
-            tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version)
+                check = (getattr(engine, "last_sync", None) or {}).get("max_abs_diff")
+                print(f"{name}: engine {b.engine} serves policy version {version} (full push "
+                      f"{time.perf_counter() - t_push:.2f}s" + (f", verified: max |logprob diff| {check:.1e}"
+                                                                 if check is not None else "") + ")", flush=True)
+            tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version, env)
             for step in range(start_step, b.steps):
-                position = step * b.prompts_per_step + env.rank * per_rank
+                position = base_position + (step - start_step) * b.prompts_per_step + env.rank * per_rank
                 result = bpo_step(tr, stream.take(position, per_rank), step)
                 metrics = dict(result.metrics)
-                if step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps:
+                if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
                     probe_hist = run_probes(engine, scorer, probes, b)
                     metrics.update(probe_hist)
                 last = metrics
+                history.append({"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}})
+                samples.extend(result.samples)
                 if env.is_main:
-                    with samples_path.open("a") as fh:
-                        for s in result.samples:
-                            fh.write(json.dumps(s) + "\n")
                     _print_step(name, step, b.steps, metrics)
                     if tracker is not None:
                         tracker.log_metrics(metrics, step=step)
@@ -768,10 +821,12 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 if done % b.checkpoint_every == 0 or done == b.steps:
                     ckpt.save(store, root, done, trainee, env,
                               {"config_hash": config_hash, "config": run_config, "policy_version": tr.policy_version,
-                               "prompt_position": done * b.prompts_per_step, "stage": name})
+                               "prompt_position": base_position + (done - start_step) * b.prompts_per_step,
+                               "stage": name, "history": history, "samples": samples})
                     if env.is_main:
                         ckpt.prune(store, root, b.keep_checkpoints)
-            if tracker is not None and env.is_main and samples_path.exists():
+            samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+            if tracker is not None and env.is_main:
                 tracker.log_artifact(str(samples_path))
             counters = dict(getattr(scorer, "counters", {}) or {})
 
@@ -786,17 +841,18 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             "world_size": env.world_size,
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
             "reward_counters": counters,
+            "history": history,
             "wall_time_s": round(time.perf_counter() - t0, 2),
         }
         if env.is_main:
             with store.atomic_dir(out_uri) as tmp:
                 save_model(model, processor, tmp)
-                if samples_path.exists():
-                    (Path(tmp) / "samples.jsonl").write_bytes(samples_path.read_bytes())
+                (Path(tmp) / "samples.jsonl").write_bytes(samples_path.read_bytes())
             store.commit(out_uri, manifest)
         return manifest
     finally:
         teardown(env)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _print_step(name: str, step: int, total: int, m: dict[str, float]) -> None:

@@ -144,14 +144,16 @@ def aggregate(per_token: Tensor, mask: Tensor, how: Aggregation, *, total_tokens
     counts when accumulating micro-batches so the sum of the parts equals the full-batch loss.
     Sequences without any masked token count for nothing in either mode.
     """
-    mask = mask.to(per_token.dtype)
+    mask = mask.bool()
+    # where, not multiply: a masked-out position may hold inf/nan (e.g. a padding target)
+    masked = torch.where(mask, per_token, torch.zeros_like(per_token))
     if how == "token_mean":
         denom = total_tokens if total_tokens is not None else mask.sum().item()
-        return (per_token * mask).sum() / max(float(denom), 1.0)
+        return masked.sum() / max(float(denom), 1.0)
     if how == "seq_mean":
-        per_seq_tokens = mask.sum(-1)
+        per_seq_tokens = mask.sum(-1).to(per_token.dtype)
         has_tokens = per_seq_tokens > 0
-        per_seq = (per_token * mask).sum(-1) / per_seq_tokens.clamp_min(1.0)
+        per_seq = masked.sum(-1) / per_seq_tokens.clamp_min(1.0)
         denom = total_seqs if total_seqs is not None else has_tokens.sum().item()
         return (per_seq * has_tokens).sum() / max(float(denom), 1.0)
     raise ValueError(f"aggregation must be 'token_mean' or 'seq_mean', got {how!r}")
