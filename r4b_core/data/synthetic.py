@@ -6,9 +6,9 @@ glyph per ViT patch (64×64 image, 16×16 patches → a 4×4 grid of cells), plu
 * **perception** — read a number or a colour ("What is the second number?", "What colour is the
   first number?", "What is the red number?"). One look answers it; thinking does not help.
 * **math** — multi-step arithmetic over the numbers shown ("Let A, B, C be the numbers from top to
-  bottom. Compute A + B × C."). Level 1 is one operation on single digits (a tiny model can answer
-  directly); level 3 is three operations on up to two-digit numbers (it cannot, but it can follow
-  a step-by-step trace).
+  bottom. Compute A + B × C."). Level 1 is one operation on single digits (meant to be answerable
+  directly by a tiny model); level 3 is three operations on up to two-digit numbers (meant to need
+  the step-by-step trace).
 
 Every item carries a short programmatic trace (`reasoning`): the numbers read, then one small
 operation per line, ending with the answer::

@@ -142,7 +142,7 @@ def test_extract_after_forced_prefix():
 def test_timeout_kills_a_real_hang_and_the_pool_recovers():
     # math-verify (sympy) really hangs on 10000000! (minutes, growing memory): the worker is
     # killed at the wall-clock timeout, the item scores 0, and the next batch still works.
-    with RewardScorer(workers=2, timeout_s=1.0) as scorer:
+    with RewardScorer(workers=2, timeout_s=3.0) as scorer:    # generous: the machine may be loaded
         t0 = time.monotonic()
         rewards = scorer.score(["\\boxed{10000000!}", "\\boxed{\\sqrt{64}}", "8", "<think>\nunfinished"],
                                ["3", "8", "8", "8"], "integer")
@@ -151,7 +151,7 @@ def test_timeout_kills_a_real_hang_and_the_pool_recovers():
         print(f"hang batch: {elapsed:.2f} s, counters {c}")
         assert rewards == [0.0, 1.0, 1.0, 0.0]
         assert c["timeouts"] == 1 and c["verifier"] == 2 and c["fast_path"] == 1 and c["parse_failures"] == 1
-        assert 1.0 <= elapsed < 60
+        assert 3.0 <= elapsed < 60
         pids = [w.proc.pid for w in scorer._pool.workers]
         assert scorer.score(["\\boxed{\\sqrt{81}}", "\\boxed{(10^{7})!}"], ["9", "1"], "integer") == [1.0, 0.0]
         c = scorer.counters
