@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from r4b_core import layout
 from r4b_core.config import RunConfig
+from r4b_core.errors import R4BError
 
 
 def _local_run_dir(cfg: RunConfig) -> Path:
@@ -39,11 +41,21 @@ def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False) -> dic
                raise_on_error=True)
     pipeline = build_pipeline(cfg, with_grpo_control=with_grpo_control, with_secrets=False)
     started = time.time()
-    pipeline(config_yaml=json.dumps(cfg.model_dump(mode="json")))
+    try:
+        pipeline(config_yaml=json.dumps(cfg.model_dump(mode="json")))
+    except RuntimeError as exc:
+        # kfp.local has already printed the failing task's own output above.
+        raise R4BError(f"{_plain(exc)} Its output is above; finished stages are kept and skipped "
+                       f"when you rerun. Task folders: {run_dir / 'kfp'}") from None
     summary = collect_summary(cfg)
     summary["wall_s"] = round(time.time() - started, 1)
     print_summary(summary)
     return summary
+
+
+def _plain(exc: BaseException) -> str:
+    """kfp's message without its terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
 
 
 def collect_summary(cfg: RunConfig) -> dict:

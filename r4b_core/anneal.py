@@ -542,9 +542,9 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             console.start(a.steps, step)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
             params = [p for p in model.parameters() if p.requires_grad]
-            t_train = time.time()
+            t_train, cpu_train = time.time(), time.process_time()
             steps_this_run = 0
-            tokens_this_run = 0
+            tokens_this_run = slots_this_run = 0
             while step < a.steps:
                 t0 = time.time()
                 rows, cursor = stream.take(cursor, rows_per_step)
@@ -586,6 +586,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
                 dt = time.time() - t0
                 tokens_this_run += real
+                slots_this_run += slots
                 loss_all = (ce_t + ce_d) / max(1.0, n_t + n_d)
                 metrics = {"loss": loss_all, "loss_think": ce_t / n_t if n_t else float("nan"),
                            "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
@@ -609,7 +610,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         pruned = ckpt.prune(store, ckpt_root, a.keep_checkpoints)
                         console.print(f"checkpoint {uri}" + (f" (pruned {len(pruned)})" if pruned else ""))
             console.close()
-            train_s = time.time() - t_train
+            train_s, train_cpu_s = time.time() - t_train, time.process_time() - cpu_train
 
             # ---- save, check, commit --------------------------------------------------------------
             manifest = None
@@ -641,7 +642,10 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         "compliance_think": compliance.get("think"),
                         "compliance_no_think": compliance.get("no_think"),
                         "train_s": round(train_s, 2),
+                        "train_cpu_s": round(train_cpu_s, 2),  # rank 0's CPU time (wall time lies under load)
+                        # effective (non-pad) tokens per second of this invocation, all ranks
                         "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else None,
+                        "padding_waste": round(1 - tokens_this_run / slots_this_run, 4) if slots_this_run else None,
                     }
                     manifest = {
                         "stage": STAGE,

