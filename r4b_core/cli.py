@@ -353,6 +353,44 @@ def _add_registry(sub) -> None:
     p.set_defaults(func=_cmd_promote)
 
 
+# --- serve ------------------------------------------------------------------------------------
+def _cmd_serve(args) -> int:
+    from r4b_core import serve
+
+    cfg = _load(args)
+    if args.fetch_only:
+        if not args.out:
+            raise R4BError("--fetch-only needs --out DIR: the folder the server will load the model from")
+        resolved = serve.resolve_model(cfg, args.model)
+        path = serve.fetch_model(cfg, resolved, out=args.out)
+        print(f"fetched {resolved.describe()} into {path}")
+        return 0
+    if args.out:
+        raise R4BError("--out is only used with --fetch-only; without it the model is served from where it is")
+    serve.serve(cfg, args.model, host=args.host, port=args.port, log_path=args.log)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model on vLLM's OpenAI API with auto / long / short thinking "
+                                     "(docs/serving.md)")
+    p.add_argument("--config", "-c", default=None,
+                   help="run config YAML / URI: tracking URI, storage, serve.* (default: built-in defaults; "
+                        "MLFLOW_TRACKING_URI and AWS_* from the environment)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a config value, e.g. --set serve.max_model_len=4096 (repeatable)")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (MLflow registry), a storage URI "
+                        "(s3://..., file://...) or a local model folder")
+    p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port; 0 = a free port)")
+    p.add_argument("--log", default=None, help="vLLM log file (default: <run dir>/serving/vllm.log)")
+    p.add_argument("--fetch-only", action="store_true",
+                   help="resolve and copy the model to --out, then exit (the serving pod's init container)")
+    p.add_argument("--out", default=None, help="with --fetch-only: the folder to write (atomically)")
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r4b",
@@ -370,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_anneal(sub)
     _add_bpo(sub)
+    _add_serve(sub)
     return parser
 
 

