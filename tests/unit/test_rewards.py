@@ -210,7 +210,8 @@ def test_fast_path_throughput():
         t0, c0 = time.perf_counter(), time.process_time()
         rewards = scorer.score(completions, answers, "integer")
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        print(f"fast path: {n} items in {wall:.2f} s wall / {cpu:.2f} s CPU = {n / wall:,.0f} items/s")
+        print(f"fast path: {n} items in {wall:.2f} s wall / {cpu:.2f} s CPU = {n / wall:,.0f} items/s wall, "
+              f"{n / cpu:,.0f} items/s CPU")
         assert rewards == [1.0] * n
         assert scorer.counters["fast_path"] == n and scorer.counters["worker_starts"] == 0
-        assert n / wall > 500
+        assert n / cpu > 2000         # CPU time: wall time on this shared machine swings 10x
