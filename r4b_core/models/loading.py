@@ -268,6 +268,7 @@ def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dt
     projector = LlavaMultiModalProjector(config).to(dtype)
     model.model.multi_modal_projector = projector
     model.to(dtype)
+    model.generation_config = lm.generation_config   # the LM's EOS ids and sampling defaults
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise ModelLoadError(f"compose_llava: parameters left unset: {leftover[:5]}")
