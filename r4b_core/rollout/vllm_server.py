@@ -190,7 +190,8 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         on_main_thread = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(cmd, env=server_env(self.cfg, dev_mode=self.dev_mode, extra=self.extra_env), stdout=self._log, stderr=subprocess.STDOUT,
+        env = server_env(self.cfg, dev_mode=self.dev_mode, extra=self.extra_env)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_set_parent_death_signal if on_main_thread else None,
                                      cwd=self._workdir)
