@@ -245,6 +245,23 @@ class EvalConfig(Section):
     field_map: dict[str, str] = Field(default_factory=dict)
 
 
+class ReproConfig(Section):
+    """`r4b repro`: the toy-scale reproduction of the paper's claims (r4b_core/repro.py)."""
+
+    # -- seeds to run; each is its own run `<name>-s<seed>` (data, init, sampling all seeded).
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    # -- seeds trained at the same time, one single-threaded process each (2 on a 2-core machine).
+    jobs: int = Field(1, ge=1)
+    # -- also train plain GRPO (auto-mode rollouts) from the same annealed model: claim 5.
+    grpo_control: bool = True
+    # -- also train BPO with bpo.mode_token_trainable flipped, evaluated like the main run.
+    mode_token_ablation: bool = True
+    # -- the difficulty counted as "hard math" by the claims; null = the highest data.synthetic level.
+    hard_difficulty: int | None = Field(None, ge=1)
+    # -- torch CPU threads per process (0 = torch's default); tiny models gain nothing from more.
+    threads: int = Field(1, ge=0)
+
+
 class PromotionConfig(Section):
     # -- the gate: eval metric (a key of evaluate.headline(), e.g. "auto/math/accuracy") -> the most
     # it may drop (absolute) against the current champion. Default: auto-mode math accuracy must
@@ -350,6 +367,7 @@ class RunConfig(Section):
     serve: ServeConfig = ServeConfig()
     vllm: VLLMConfig = VLLMConfig()
     launcher: LauncherConfig = LauncherConfig()
+    repro: ReproConfig = ReproConfig()
 
     def run_uri(self) -> str:
         """Storage prefix of this run: <root>/<name>."""
