@@ -315,7 +315,7 @@ def eval_identity(cfg: RunConfig, store, model_uri: str, texts: dict[str, str], 
                                        else model_uri)
     return {"eval": cfg.eval.model_dump(mode="json"), "model": model, "model_uri": model_uri,
             "data": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()},
-            "tag": tag, "compare": compare}
+            "tag": tag, "compare": compare or ""}
 
 
 def load_report(source: str | dict, store=None) -> dict:

@@ -204,3 +204,25 @@ def test_headline_keys_the_promotion_gate_reads():
     from r4b_core.config import PromotionConfig
 
     assert set(PromotionConfig().max_drop) <= set(h)
+
+
+def test_eval_identity_known_only_with_model_lineage(tmp_path):
+    from r4b_core.config import RunConfig
+    from r4b_core.curate import identity_hash
+    from r4b_core.storage import Store
+
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)}})
+    store = Store.from_config(cfg.storage)
+    model = tmp_path / "anneal" / "model"
+    model.mkdir(parents=True)
+    assert identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "x"}, "t", None, False)) is None
+    store.commit(str(model), {"config_hash": "m1"})
+    a = identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "x"}, "t", None, False))
+    assert a is not None          # no comparison is a known value, not a missing one
+    assert a != identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "y"}, "t", None, False))
+    assert a != identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "x"}, "t", "o.json", False))
+    store.commit(str(model), {"config_hash": "m2"})   # retrained in place: must re-evaluate
+    assert a != identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "x"}, "t", None, False))
+    # A hub id is its own identity; an engine passed in is unknown.
+    assert identity_hash(evaluate.eval_identity(cfg, store, "Qwen/Qwen3-4B", {"eval": "x"}, "t", None, False))
+    assert identity_hash(evaluate.eval_identity(cfg, store, str(model), {"eval": "x"}, "t", None, True)) is None
