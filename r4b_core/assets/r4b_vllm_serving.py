@@ -126,7 +126,8 @@ def check_chat_request(request: dict, max_image_bytes: int) -> tuple[int, str, s
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     """An error in the OpenAI / vLLM shape, so clients raise it with its message."""
     kind = {400: "BadRequestError", 413: "RequestTooLargeError"}.get(status, "BadRequestError")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                      separators=(",", ":")).encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,3 +278,12 @@ if DeepSeekR1ReasoningParser is not None:
 
         def extract_reasoning(self, model_output, request):
             return split_reasoning(model_output, self.direct)
+
+        def count_reasoning_tokens(self, token_ids):
+            # usage.completion_tokens_details.reasoning_tokens: the output opens inside the block
+            # (its `<think>` is in the prompt), so count up to the first `</think>`
+            if self.direct:
+                return 0
+            ids = list(token_ids)
+            end = ids.index(self.end_token_id) if self.end_token_id in ids else len(ids)
+            return sum(1 for t in ids[:end] if t != self.start_token_id)

@@ -476,11 +476,14 @@ def test_every_mode_is_well_formed_and_split_like_parse_response(served, kwargs)
             assert modes.THINK_OPEN not in part and modes.THINK_CLOSE not in part
         if choice.finish_reason == "stop":
             assert msg.content, completion                         # a finished turn has an answer
+        reasoning_tokens = r.usage.completion_tokens_details.reasoning_tokens
         if mode is modes.Mode.NO_THINK:
             assert reasoning is None and msg.content               # short: empty think block, an answer
+            assert reasoning_tokens == 0
         if mode is modes.Mode.THINK:
             # long: the annealed model closes a non-empty block (or is cut off inside it)
             assert reasoning and (parsed.closed or choice.finish_reason == "length"), completion
+            assert 0 < reasoning_tokens < r.usage.completion_tokens or choice.finish_reason == "length"
         stats["reasoning" if reasoning else "direct"] += 1
     assert sum(stats.values()) == 6
 
