@@ -67,23 +67,31 @@ def collect_summary(cfg: RunConfig) -> dict:
 
     def row(stage: str, prefix: str, metric: str, pick) -> None:
         manifest = store.read_manifest(prefix) or {}
-        value = pick(manifest) if manifest else None
-        rows.append({"stage": stage, "seconds": manifest.get("seconds"), "metric": metric, "value": value,
-                     "uri": prefix})
+        metrics = manifest.get("metrics") or {}
+        rows.append({"stage": stage, "seconds": _seconds(manifest), "metric": metric,
+                     "value": pick(manifest, metrics) if manifest else None, "uri": prefix})
 
-    row("data", layout.data_dir(cfg), "items", lambda m: sum((m.get("counts") or {}).values()) or None)
-    row("base model", layout.base_model_dir(cfg), "kind", lambda m: m.get("kind"))
-    row("curate", layout.stage_dir(cfg, "curate"), "reasoning ratio",
-        lambda m: (m.get("stats") or m).get("reasoning_ratio"))
-    row("anneal", layout.model_dir(cfg, "anneal"), "final loss", lambda m: (m.get("metrics") or {}).get("loss"))
-    row("eval anneal", layout.eval_dir(cfg, "anneal"), "auto accuracy", lambda m: (m.get("headline") or {}).get("auto_accuracy"))
-    row("bpo", layout.model_dir(cfg, "bpo"), "final reward", lambda m: (m.get("metrics") or {}).get("reward"))
-    row("eval bpo", layout.eval_dir(cfg, "bpo"), "auto accuracy", lambda m: (m.get("headline") or {}).get("auto_accuracy"))
+    row("data", layout.data_dir(cfg), "items", lambda m, _: sum((m.get("counts") or {}).values()) or None)
+    row("base model", layout.base_model_dir(cfg), "kind", lambda m, _: m.get("kind"))
+    row("curate", layout.stage_dir(cfg, "curate"), "reasoning ratio", lambda _, x: x.get("reasoning_ratio"))
+    row("anneal", layout.model_dir(cfg, "anneal"), "final loss", lambda _, x: x.get("loss"))
+    row("eval anneal", layout.eval_dir(cfg, "anneal"), "auto math accuracy", lambda _, x: x.get("auto/math/accuracy"))
+    row("bpo", layout.model_dir(cfg, "bpo"), "reward (last step)", lambda _, x: x.get("reward/mean"))
+    row("eval bpo", layout.eval_dir(cfg, "bpo"), "auto math accuracy", lambda _, x: x.get("auto/math/accuracy"))
     decision = store.read_manifest(layout.stage_dir(cfg, "register")) or {}
     rows.append({"stage": "register", "seconds": decision.get("seconds"), "metric": "decision",
                  "value": (f"v{decision['version']} " + ("champion" if decision.get("promoted") else "challenger"))
                  if decision else None, "uri": decision.get("model_uri")})
     return {"rows": rows, "report": layout.eval_dir(cfg, "bpo") + "/report.md"}
+
+
+def _seconds(manifest: dict) -> float | None:
+    """A stage's wall time, under the key its manifest uses."""
+    for value in (manifest.get("seconds"), manifest.get("wall_time_s"),
+                  (manifest.get("throughput") or {}).get("wall_seconds")):
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def print_summary(summary: dict) -> None:

@@ -348,6 +348,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     from r4b_core.data.images import load_image
     from r4b_core.rewards import RewardScorer
 
+    started = time.time()
     e = cfg.eval
     store = storage.Store.from_config(cfg.storage)
     prefix = out_uri.rstrip("/")
@@ -434,7 +435,8 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                             "predictions": store.join(prefix, "predictions.jsonl"),
                             "report_md": store.join(prefix, "report.md")},
                 "counts": {"items": report["n_items"], "predictions": len(predictions)},
-                "metrics": headline(report), "throughput": throughput}
+                "metrics": headline(report), "throughput": throughput,
+                "wall_time_s": round(time.time() - started, 2)}
     _log(tracker, report, prefix, tag)
     store.commit(prefix, manifest)
     print(f"eval[{tag}]: {format_headline(report)}")
