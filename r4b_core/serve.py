@@ -37,6 +37,7 @@ import logging
 import math
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,12 +250,14 @@ def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = 
     log_path = Path(log_path) if log_path else serving_dir(cfg) / "vllm.log"
     server = serving_server(cfg, model_dir, host, port, log_path)
     echo(f"serving {resolved.describe()} from {model_dir} on {server.host}:{server.port}; vLLM log: {log_path}")
-    previous = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()   # signals: main thread only
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
 
     def _terminate(signum, frame):   # a pod / service manager stops us with SIGTERM: stop vLLM too
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _terminate)
     t0 = time.monotonic()
     try:
         with server:
@@ -267,7 +270,8 @@ def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = 
     except KeyboardInterrupt:
         echo("stopped")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
