@@ -28,8 +28,8 @@ def run(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("curate_eval")
     cfg = load_config(repo_root / "configs" / "tiny.yaml", [
         f"storage.root={root}/runs", "tracking.uri=null",
-        "data.synthetic.train_size=96", "data.synthetic.rl_size=4", "data.synthetic.eval_size=24",
-        "curate.num_samples=4", "curate.annotator_train_steps=30", "curate.batch_size=48",
+        "data.synthetic.train_size=64", "data.synthetic.rl_size=4", "data.synthetic.eval_size=24",
+        "curate.num_samples=4", "curate.annotator_train_steps=20", "curate.batch_size=32",
         "curate.max_new_tokens=16", "anneal.micro_batch_size=4", "anneal.optim.warmup_steps=5",
         "eval.max_new_tokens=24", "eval.batch_size=24",
     ])
@@ -38,7 +38,8 @@ def run(tmp_path_factory, repo_root):
 
 
 def _faulty_copy(train_uri: str) -> tuple[str, dict[str, int]]:
-    """The train split plus a malformed line, a record with a missing image and a duplicate."""
+    """The train split plus a subjective item (judge path), a malformed line, a record with a
+    missing image and a duplicate."""
     from pathlib import Path
 
     src = Path(train_uri)
@@ -46,7 +47,9 @@ def _faulty_copy(train_uri: str) -> tuple[str, dict[str, int]]:
     first = json.loads(lines[0])
     dup = dict(first, id="dup-of-first", question=first["question"].upper() + "  ")
     missing = dict(first, id="no-image", images=["images/does-not-exist.png"])
-    lines += ['{"id": "broken", "question": ', json.dumps(missing), json.dumps(dup)]
+    subjective = dict(first, id="subjective-1", question="Describe the picture in one sentence.",
+                      answer="numbers in colours", answer_type="text", objective=False, category="general")
+    lines += [json.dumps(subjective), '{"id": "broken", "question": ', json.dumps(missing), json.dumps(dup)]
     out = src.with_name("train_with_faults.jsonl")
     out.write_text("\n".join(lines) + "\n")
     n = len(lines)
@@ -72,17 +75,20 @@ def test_curate_then_eval_on_the_tiny_model(run):
     prefix = layout.stage_dir(cfg, "curate")
     stats, tp = manifest["stats"], manifest["throughput"]
 
-    assert manifest["counts"] == {"read": 99, "kept": 96, "rejected": 3}
+    assert manifest["counts"] == {"read": 68, "kept": 65, "rejected": 3}
     rejects = [json.loads(x) for x in store.read_text(prefix + "/rejects.jsonl").splitlines()]
     got = {r["reason"].split(":")[0]: int(r["where"].rsplit(":", 1)[1]) for r in rejects}
     assert got == fault_lines
     assert all(r["where"].startswith(raw_uri + ":") for r in rejects)
 
     rows = [json.loads(x) for x in store.read_text(out_uri).splitlines()]
-    assert len(rows) == 96 and all(r["label"] in ("reasoning", "direct") for r in rows)
-    # Labels follow the pass counts: objective items with 0 of N correct are the reasoning ones.
-    assert sum(r["label"] == "reasoning" for r in rows) == stats["pass_hist"][0] == stats["reasoning"]
-    assert sum(stats["pass_hist"]) == 96
+    assert len(rows) == 65 and all(r["label"] in ("reasoning", "direct") for r in rows)
+    # Labels follow the pass counts (objective items with 0 of N correct are reasoning items) and
+    # the judge (the subjective item: the real annotator's reply, parsed or counted as unparsed).
+    judge = stats["by_category"]["general"]["judge"]
+    assert sum(judge.values()) == 1
+    assert sum(r["label"] == "reasoning" for r in rows) == stats["pass_hist"][0] + judge.get("yes", 0) == stats["reasoning"]
+    assert sum(stats["pass_hist"]) == 64
     for r in rows:
         rec = Record.model_validate(r)
         target = rec.sft_target()
@@ -93,7 +99,7 @@ def test_curate_then_eval_on_the_tiny_model(run):
         assert all(im.startswith("/") for im in rec.images)          # absolute: readable from curate/
     # The annotator is a real model trained by the annealing stage, then served by the HF engine.
     assert store.is_complete(prefix + "/annotator/model", store.read_manifest(prefix + "/annotator/model")["config_hash"])
-    assert manifest["scoring"]["items"] == 96 * 4
+    assert manifest["scoring"]["items"] == 64 * 4
     assert tp["items_per_s"] > 0 and tp["tokens_per_s"] > 0 and tp["generated_tokens"] > 0
     assert store.is_complete(prefix, manifest["config_hash"])
 
@@ -146,7 +152,7 @@ def test_curate_then_eval_on_the_tiny_model(run):
         [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])}
     assert {"curate", "eval-annotator", "eval-base"} <= set(runs)
     cm = runs["curate"].data.metrics
-    assert cm["curate/kept"] == 96 and cm["curate/rejected"] == 3 and cm["curate/items_per_s"] > 0
+    assert cm["curate/kept"] == 65 and cm["curate/rejected"] == 3 and cm["curate/items_per_s"] > 0
     em = runs["eval-annotator"].data.metrics
     assert em["eval/auto/accuracy"] == pytest.approx(rep["modes"]["auto"]["accuracy"])
     arts = [a.path for a in client.list_artifacts(runs["eval-annotator"].info.run_id, "eval/annotator")]
