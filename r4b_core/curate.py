@@ -372,15 +372,14 @@ def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stag
     its manifest matches. Returns the annotator's model URI.
     """
     from r4b_core.anneal import run_anneal
-    from r4b_core.data.schema import write_jsonl
 
     steps = cfg.curate.annotator_train_steps
     out_model = store.join(stage_uri, "annotator", "model")
     train_uri = store.join(stage_uri, "annotator", "train.jsonl")
     rows = [it.record.model_copy(update={"images": it.image_refs, "label": "direct", "reasoning": None})
             for it in items]
-    with _local_file(store, train_uri) as local:
-        write_jsonl(local, rows)
+    store.write_text(train_uri, "".join(json.dumps(r.model_dump(exclude_none=True), ensure_ascii=False) + "\n"
+                                        for r in rows))
     anneal = cfg.anneal.model_copy(update={
         "steps": steps, "compliance_samples": 0,
         "checkpoint_every": max(steps, 1), "keep_checkpoints": 1})
@@ -388,22 +387,6 @@ def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stag
     # Not logged as a stage of its own: "anneal" in MLflow is the real annealing run.
     run_anneal(acfg, train_uri, base_model_uri, out_model, tracker=None)
     return out_model
-
-
-@contextlib.contextmanager
-def _local_file(store, uri: str) -> Iterator[Path]:
-    """A local path to write; uploaded to `uri` afterwards when `uri` is remote."""
-    if "://" not in uri or uri.startswith("file://"):
-        p = Path(uri.removeprefix("file://"))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        yield p
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / uri.rsplit("/", 1)[-1]
-        yield p
-        store.upload_file(str(p), uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +399,16 @@ def stage_prefix(out_uri: str) -> tuple[str, str]:
     return out_uri.rstrip("/"), out_uri.rstrip("/") + "/sft.jsonl"
 
 
+def is_storage_uri(uri: str) -> bool:
+    """A storage path/URI rather than a Hugging Face id ("org/name")."""
+    return "://" in uri or Path(uri).is_absolute() or uri.startswith(".") or uri.count("/") != 1
+
+
 def model_lineage(store, model_uri: str) -> str | None:
-    """The config hash a model folder was committed with (its manifest), or None if unknown."""
+    """What identifies a model's weights: the config hash its folder was committed with (its
+    manifest), or the id itself for a Hugging Face id; None when unknown (no manifest)."""
+    if not is_storage_uri(model_uri):
+        return model_uri
     try:
         manifest = store.read_manifest(model_uri)
     except R4BError:
@@ -443,7 +434,7 @@ def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool,
         from r4b_core import layout
 
         base = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
-        parts["annotator"] = model_lineage(store, base) if cfg.model.base == "tiny" else base
+        parts["annotator"] = model_lineage(store, base)
         if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
             parts["annotator_training"] = cfg.anneal.model_dump(mode="json")
     else:

@@ -22,6 +22,7 @@ Outputs under `out_uri` (`<run>/eval/<tag>/` by default): `report.json`, `predic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -311,8 +312,7 @@ def eval_identity(cfg: RunConfig, store, model_uri: str, texts: dict[str, str], 
     the benchmark contents, tag and comparison. An unknown model lineage means: never skip."""
     from r4b_core.curate import model_lineage
 
-    model = None if engine_given else (model_lineage(store, model_uri) if _looks_like_storage(model_uri)
-                                       else model_uri)
+    model = None if engine_given else model_lineage(store, model_uri)
     return {"eval": cfg.eval.model_dump(mode="json"), "model": model, "model_uri": model_uri,
             "data": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()},
             "tag": tag, "compare": compare or ""}
@@ -344,7 +344,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     `engine`: an already open RolloutEngine serving the model (e.g. BPO's); None = open one.
     """
     from r4b_core import storage
-    from r4b_core.curate import open_engine
+    from r4b_core.curate import identity_hash, is_storage_uri, open_engine
     from r4b_core.data.images import load_image
     from r4b_core.rewards import RewardScorer
 
@@ -356,7 +356,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
         compare_key = f"{compare.get('tag')}@{compare.get('model')}"
     else:
         compare_key = compare
-    if engine is None and _looks_like_storage(model_uri) and not store.exists(model_uri):
+    if engine is None and is_storage_uri(model_uri) and not store.exists(model_uri):
         raise EvalError(f"{model_uri}: no model there; train it first (r4b anneal / r4b bpo) or pass --model URI")
     texts: dict[str, str] = {}
     if eval_uri:
@@ -369,8 +369,6 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
         texts["external"] = store.read_text(e.external_uri)
     if not texts:
         raise EvalError("nothing to evaluate: no eval split and no eval.external_uri; set one")
-
-    from r4b_core.curate import identity_hash
 
     ident = eval_identity(cfg, store, model_uri, texts, tag, compare_key, engine is not None)
     chash = identity_hash(ident)
@@ -395,8 +393,6 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
 
     predictions: list[dict] = []
     throughput: dict[str, dict] = {}
-    import contextlib
-
     engine_name = e.engine if engine is None else type(engine).__name__
     with contextlib.ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer())
@@ -441,11 +437,6 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     store.commit(prefix, manifest)
     print(f"eval[{tag}]: {format_headline(report)}")
     return report
-
-
-def _looks_like_storage(uri: str) -> bool:
-    """A storage path/URI rather than a Hugging Face id ("org/name")."""
-    return "://" in uri or Path(uri).is_absolute() or uri.startswith(".") or uri.count("/") != 1
 
 
 def headline(report: dict) -> dict[str, float]:
