@@ -170,7 +170,8 @@ def test_sigkill_mid_training_then_restart_resumes_from_last_checkpoint(referenc
     resumed = _losses(second)
     assert min(resumed) == resume_step + 1 and max(resumed) == 40
     # no step trained twice beyond the checkpoint interval ...
-    assert 0 < last_killed - resume_step <= cfg.anneal.checkpoint_every
+    # (0 when the kill landed right after a checkpoint was published)
+    assert 0 <= last_killed - resume_step <= cfg.anneal.checkpoint_every
     # ... and the loss curve continues: the re-trained steps give the same losses as before the kill
     for step in range(resume_step + 1, last_killed + 1):
         assert resumed[step] == pytest.approx(killed[step], abs=2e-4), step
