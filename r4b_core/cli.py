@@ -79,9 +79,25 @@ def _cmd_data_generate(args) -> int:
     return 0
 
 
+def _cmd_data_check(args) -> int:
+    from r4b_core.data.schema import read_jsonl
+
+    result = read_jsonl(args.path, on_error="collect")
+    for bad in result.bad[: args.max_errors]:
+        print(f"{bad}", file=sys.stderr)
+    if len(result.bad) > args.max_errors:
+        print(f"... and {len(result.bad) - args.max_errors} more bad lines", file=sys.stderr)
+    print(f"{args.path}: {len(result.records)} valid records, {len(result.bad)} bad lines")
+    return 2 if result.bad else 0
+
+
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="generate the synthetic visual-math splits")
+    p = sub.add_parser("data", help="generate the synthetic splits, or check a JSONL file")
     s = p.add_subparsers(dest="action", required=True)
+    c = s.add_parser("check", help="validate a JSONL of records; print every bad line as file:line: field: problem")
+    c.add_argument("path")
+    c.add_argument("--max-errors", type=int, default=20)
+    c.set_defaults(func=_cmd_data_check)
     c = s.add_parser("generate", help="write train/rl/eval JSONL + PNGs (sizes from data.synthetic)")
     _config_args(c)
     c.add_argument("--out", help="output folder (default: <run>/data)")
@@ -391,6 +407,41 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+# --- repro ------------------------------------------------------------------------------------
+def _parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise R4BError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1") from None
+
+
+def _cmd_repro(args) -> int:
+    from r4b_core.repro import run_repro, run_seed
+
+    cfg = _load(args)
+    seeds = _parse_seeds(args.seeds)
+    tracker = _stage_tracker(cfg) if args.mlflow else None
+    if args.seed_only:   # a child of a parallel repro: its seeds' stages, no combined report
+        for seed in seeds if seeds is not None else cfg.repro.seeds:
+            run_seed(cfg, seed, tracker=tracker)
+        return 0
+    report = run_repro(cfg, seeds, tracker=tracker)
+    return 0 if all(c.get("pass", True) for c in report["claims"].values()) or not args.strict else 1
+
+
+def _add_repro(sub) -> None:
+    p = sub.add_parser("repro", help="reproduce the paper's claims at toy scale (atrophy, BPO recovery, GRPO "
+                                     "collapse) -> runs/<name>/repro/report.{json,md}")
+    _config_args(p)
+    p.add_argument("--seeds", help="comma-separated seeds (default: repro.seeds), e.g. 0,1")
+    p.add_argument("--mlflow", action="store_true", help="log every stage to MLflow (tracking.uri)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a claim does not reproduce")
+    p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_repro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="r4b",
@@ -409,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_anneal(sub)
     _add_bpo(sub)
     _add_serve(sub)
+    _add_repro(sub)
     return parser
 
 

@@ -43,3 +43,17 @@ def test_bad_lines_name_file_line_field(tmp_path, line, expect):
 def test_blank_lines_skipped():
     res = parse_jsonl(["", _line(), "   "])
     assert [r.id for r in res.records] == ["a"]
+
+
+def test_cli_data_check_reports_every_bad_line(tmp_path, capsys):
+    from r4b_core.cli import main
+
+    p = tmp_path / "d.jsonl"
+    p.write_text(_line() + "\n" + _line(id="b", answer=" ") + "\n{oops\n")
+    assert main(["data", "check", str(p)]) == 2
+    out = capsys.readouterr()
+    assert f"{p}:2: answer: answer is empty" in out.err
+    assert f"{p}:3: (line): not valid JSON" in out.err
+    assert "1 valid records, 2 bad lines" in out.out
+    p.write_text(_line() + "\n")
+    assert main(["data", "check", str(p)]) == 0
