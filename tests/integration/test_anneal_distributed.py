@@ -209,3 +209,32 @@ def test_deepspeed_zero2_on_cpu_matches_ddp_and_resumes(reference):
     assert sorted(resumed) == [9, 10, 11, 12]
     for step, loss in resumed.items():
         assert loss == pytest.approx(curve[step - 1], abs=2e-4)
+
+
+def test_anneal_on_s3_publishes_checkpoints_atomically_and_resumes_from_them(s3_env, s3_store, s3_root, tmp_path):
+    """Data, base model, checkpoints and output all on a real S3 server (SeaweedFS)."""
+    import torch
+
+    from r4b_core.anneal import run_anneal
+
+    cfg, data, base, _ = make_run(tmp_path, n_records=6, steps=6, checkpoint_every=3)
+    cfg.storage.root = s3_root
+    cfg.storage.s3_endpoint_url = s3_env.endpoint_url
+    s3_store.upload_dir(data.parent, f"{s3_root}/data")
+    s3_store.upload_dir(base, f"{s3_root}/base")
+    train, model, out = f"{s3_root}/data/sft.jsonl", f"{s3_root}/base", f"{s3_root}/anneal/model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = run_anneal(cfg, train, model, out)
+        ckpts = s3_store.list_complete(f"{s3_root}/anneal/checkpoints")
+        assert ckpts == [f"{s3_root}/anneal/checkpoints/step-000003"]
+        assert s3_store.exists(f"{ckpts[0]}/optim.pt") and s3_store.exists(f"{out}/model.safetensors")
+        assert s3_store.read_manifest(out)["config_hash"] == first["config_hash"]
+        # lose the finished output: the rerun resumes from the S3 checkpoint and repeats steps 4-6
+        s3_store.delete(f"{out}/manifest.json")
+        again = run_anneal(cfg, train, model, out)
+    finally:
+        torch.set_num_threads(threads)
+    assert again["resumed_from_step"] == 3 and again["steps_this_run"] == 3
+    assert [h["loss"] for h in again["loss_curve"]] == pytest.approx([h["loss"] for h in first["loss_curve"]], abs=1e-5)
