@@ -165,3 +165,32 @@ def test_curate_then_eval_on_the_tiny_model(run):
           f"rejected {stats['rejected']}")
     print(f"eval annotator: {eval_s:.1f}s, {rep['throughput']['eval']['items_per_s']:.2f} items/s; {format_headline(rep)}")
     print(f"eval base:      {format_headline(base)}")
+
+
+@pytest.mark.vllm
+def test_eval_through_vllm_matches_hf(vllm_server, tiny_model_dir, tmp_path):
+    """The RolloutEngine swap: the same three-mode eval through the vLLM sidecar and in-process HF
+    gives the same greedy predictions (fp32), hence the same report."""
+    from r4b_core.config import RunConfig, SyntheticDataConfig
+    from r4b_core.data.synthetic import generate_split
+    from r4b_core.evaluate import run_eval
+    from r4b_core.models.loading import load_model
+    from r4b_core.rollout.hf import HFEngine
+    from r4b_core.rollout.vllm import VLLMEngine
+
+    eval_uri = str(generate_split("eval", 12, SyntheticDataConfig(seed=3), tmp_path / "data"))
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path / "runs")},
+                                    "eval": {"max_new_tokens": 12, "batch_size": 12}})
+    model, processor = load_model(str(tiny_model_dir), cfg.model)
+    reports = {}
+    for name, engine in (("hf", HFEngine(model, processor)), ("vllm", VLLMEngine(vllm_server, processor))):
+        try:
+            reports[name] = run_eval(cfg, str(tiny_model_dir), eval_uri, str(tmp_path / name), name, engine=engine)
+        finally:
+            engine.close()
+    preds = {n: [json.loads(x) for x in (tmp_path / n / "predictions.jsonl").read_text().splitlines()] for n in reports}
+    assert len(preds["hf"]) == 36
+    assert [(p["id"], p["mode"], p["text"], p["tokens"]) for p in preds["vllm"]] == \
+        [(p["id"], p["mode"], p["text"], p["tokens"]) for p in preds["hf"]]
+    assert reports["vllm"]["modes"] == reports["hf"]["modes"]
+    assert reports["vllm"]["settings"]["engine"] == "VLLMEngine"
