@@ -194,3 +194,40 @@ def test_eval_through_vllm_matches_hf(vllm_server, tiny_model_dir, tmp_path):
         [(p["id"], p["mode"], p["text"], p["tokens"]) for p in preds["hf"]]
     assert reports["vllm"]["modes"] == reports["hf"]["modes"]
     assert reports["vllm"]["settings"]["engine"] == "VLLMEngine"
+
+
+def test_eval_with_an_external_mathvista_style_benchmark(tiny_model_dir, tmp_path):
+    """eval.external_uri + field_map: a benchmark in someone else's field names, images next to it,
+    evaluated next to the eval split and reported per benchmark."""
+    from r4b_core.config import RunConfig, SyntheticDataConfig
+    from r4b_core.data.synthetic import generate_split
+    from r4b_core.evaluate import run_eval
+
+    ours = generate_split("eval", 6, SyntheticDataConfig(seed=5), tmp_path / "data")
+    ext_dir = tmp_path / "mathvista"
+    (ext_dir / "img").mkdir(parents=True)
+    lines = []
+    for i, r in enumerate(map(json.loads, ours.read_text().splitlines())):
+        src = ours.parent / r["images"][0]
+        (ext_dir / "img" / f"{i}.png").write_bytes(src.read_bytes())
+        lines.append(json.dumps({"pid": i, "query": r["question"], "image": f"img/{i}.png",
+                                 "answer": int(r["answer"]) if r["answer"].isdigit() else r["answer"],
+                                 "metadata": {"task": r["category"], "grade": r["difficulty"]}}))
+    (ext_dir / "testmini.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = RunConfig.model_validate({
+        "storage": {"root": str(tmp_path / "runs")},
+        "eval": {"max_new_tokens": 8, "external_uri": str(ext_dir / "testmini.jsonl"),
+                 "field_map": {"id": "pid", "question": "query", "images": "image",
+                               "category": "metadata.task", "difficulty": "metadata.grade"}}})
+    rep = run_eval(cfg, str(tiny_model_dir), str(ours), str(tmp_path / "out"), "tiny")
+    assert set(rep["benchmarks"]) == {"eval", "testmini"}
+    assert rep["benchmarks"]["testmini"]["n_items"] == 6 and rep["n_items"] == 6
+    assert rep["primary_benchmark"] == "eval"
+    preds = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sum(p["benchmark"] == "testmini" for p in preds) == 18
+    # Same images and questions, mapped fields: the greedy outputs of both benchmarks agree row by row.
+    ev = [p for p in preds if p["benchmark"] == "eval"]
+    ext = [p for p in preds if p["benchmark"] == "testmini"]
+    assert [(p["mode"], p["text"], p["category"], p["difficulty"], p["reference"]) for p in ext] == \
+        [(p["mode"], p["text"], p["category"], p["difficulty"], p["reference"]) for p in ev]
+    assert "## By benchmark" in (tmp_path / "out" / "report.md").read_text()
