@@ -161,7 +161,15 @@ def test_rbac_is_least_privilege_for_the_launcher(helm):
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get", "list", "watch"},
         ("", "events"): {"get", "list", "watch"},
+        ("", "configmaps"): {"get"},
+        ("apps", "deployments"): {"get", "patch"},
     }
+    # The deploy step may read only the platform defaults and restart only the serving Deployment.
+    named = {r: rule.get("resourceNames") for rule in role["rules"] for r in rule["resources"]}
+    fullname = role["metadata"]["name"].removesuffix("-pytorchjob-launcher")
+    assert named["configmaps"] == [f"{fullname}-defaults"]
+    assert named["deployments"] == [f"{fullname}-serving"]
+    assert named["pytorchjobs"] is None  # job names are per pipeline run
     (binding,) = by_kind(objs, "RoleBinding").values()
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
