@@ -29,9 +29,18 @@ One step (`bpo_step`, one function so the algorithm reads top to bottom):
                 must match the trainer's), so a stale sidecar fails the step instead of training on
                 the wrong policy.
 
+`mode_token_trainable` defaults to True: RECIPE.md's open question, measured. In auto mode the first
+token after `<think>` decides ("\\n" thinks, "\\n\\n" goes on to `</think>`). From a model annealed with
+traces for a third of its items (p(think) 0.30 on math, 0.28 on perception), 30 steps with a
+reward under which thinking pays on math and not on perception moved p(think) to 0.95 (math) and
+0.007 (perception) with trainable forced tokens; as prompt-only tokens the decision received no
+gradient and drifted with shared weights to 0.43 / 0.44 — no content dependence at all
+(`test_trainable_mode_token_teaches_auto_mode_to_think_by_content`, slow).
+
 Where this simplifies the paper's description: the reference for the KL term is the initial
-(annealed) model; one process trains (the sidecar may run elsewhere); rewards are accuracy only,
-as the paper states. Checkpoints (model, optimizer, scheduler, RNG, prompt position, policy version)
+(annealed) model; several processes (torchrun) train by summing gradients (plain data
+parallelism, no DeepSpeed ZeRO yet), each with its own engine; rewards are accuracy only, as the
+paper states. Checkpoints (model, optimizer, scheduler, RNG, prompt position, policy version)
 are written every `checkpoint_every` steps and resumed automatically; after a resume — and at every
 start — the engine gets a full, verified weight push before the first rollout.
 """
@@ -144,7 +153,8 @@ def load_prompts(prompts_uri: str, store) -> tuple[list[Prompt], str]:
     for rec in records:
         if not rec.objective:
             continue   # the reward is rule-based: subjective items have nothing to check against
-        images = [load_image(ref, local, store) for ref in rec.images]
+        # Relative image paths are relative to the JSONL where it lives (S3), not to the cached copy.
+        images = [load_image(ref, prompts_uri, store) for ref in rec.images]
         prompts.append(Prompt(rec, images))
     if not prompts:
         raise BPOError(f"{prompts_uri}: no objective records with answers; BPO needs verifiable prompts")
@@ -638,10 +648,35 @@ def _samples(scored: list[Scored], prompts: list[Prompt], step: int, b: BPOConfi
 # ---------------------------------------------------------------------------------------------
 # Auto-mode probes: does the policy think where it should?
 # ---------------------------------------------------------------------------------------------
-def run_probes(engine, scorer, sets: dict[str, list[Prompt]], b: BPOConfig) -> dict[str, float]:
-    """Greedy auto-mode generations on the fixed probe sets: think-rate, accuracy, mean length."""
+def decision_probability(model, encoder: PromptEncoder, prompts: list[Prompt]) -> float:
+    """Mean p(think) of the auto-mode decision: the probability of the thinking prefix's first
+    token right after `<think>` (the token a forced-think rollout starts with). A continuous view of
+    what the greedy think-rate only shows once it crosses 1/2."""
+    if not prompts:
+        return 0.0
+    items = []
+    for p in prompts:
+        think = encoder.encode(p, Mode.THINK)
+        items.append(TrainItem(think, [], [], 0.0, True))
+    mb = collate(items, list(range(len(items))), encoder.pad_id, True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logp, _ = sequence_logprobs(model, mb, 1.0, encoder.suppress)
+    finally:
+        model.train(was_training)
+    return logp[:, 0].exp().mean().item()
+
+
+def run_probes(engine, scorer, sets: dict[str, list[Prompt]], b: BPOConfig, model=None,
+               encoder: PromptEncoder | None = None) -> dict[str, float]:
+    """Greedy auto-mode generations on the fixed probe sets: think-rate, accuracy, mean length,
+    and (given the trainer's model) the mean probability of choosing to think."""
     out: dict[str, float] = {}
     for name, items in sets.items():
+        if model is not None and encoder is not None:
+            out[f"probe/{name}/p_think"] = decision_probability(model, encoder, items)
         reqs = [GenerationRequest(prompt=modes.chat_prompt(p.record.question, len(p.images), mode=Mode.AUTO),
                                   images=p.images, mode=Mode.AUTO, max_new_tokens=b.max_new_tokens_think,
                                   temperature=0.0, n=1, key=p.record.id) for p in items]
@@ -808,7 +843,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 result = bpo_step(tr, stream.take(position, per_rank), step)
                 metrics = dict(result.metrics)
                 if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
-                    probe_hist = run_probes(engine, scorer, probes, b)
+                    probe_hist = run_probes(engine, scorer, probes, b, model, encoder)
                     metrics.update(probe_hist)
                 last = metrics
                 history.append({"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}})
@@ -859,6 +894,7 @@ def _print_step(name: str, step: int, total: int, m: dict[str, float]) -> None:
     parts = [f"{name} step {step + 1}/{total}"]
     for key in ("reward/think", "reward/no_think", "length/think", "length/no_think",
                 "rollouts/no_think_share", "probe/hard_math/think_rate", "probe/perception/think_rate",
+                "probe/hard_math/p_think", "probe/perception/p_think",
                 "clip_fraction", "is_ratio/max", "time/step"):
         if key in m:
             parts.append(f"{key}={m[key]:.3g}")

