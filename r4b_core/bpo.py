@@ -432,6 +432,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     if dist_on:
         total_tokens, total_seqs = all_reduce_sum([total_tokens, total_seqs], env)
     forced_old: dict[int, torch.Tensor] = {}       # policy's own logprobs of forced tokens, pre-update
+    worst_gap = 0.0                                 # max |trainer - engine| logprob on sampled tokens
     ref_cache: dict[int, torch.Tensor] = {}
     model.train()
     for epoch in range(b.ppo_epochs):
@@ -441,6 +442,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
             logp, entropy = sequence_logprobs(model, mb, b.temperature, suppress)
             if epoch == 0:
                 forced_old[n] = logp.detach()
+                gap = (logp.detach() - mb.rollout_logp).abs()[mb.generated_mask]
+                worst_gap = max(worst_gap, gap.max().item() if gap.numel() else 0.0)
                 # engine-vs-trainer mismatch: the ratio before any update, on sampled tokens only
                 stats["ratio_gen"].append(torch.exp(logp.detach() - mb.rollout_logp)[mb.generated_mask])
                 stats["entropy"].append(entropy.detach()[mb.loss_mask])
@@ -465,6 +468,17 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
                                       total_tokens=total_tokens, total_seqs=total_seqs)
             loss.backward()
             epoch_loss += loss.item()
+        stale = worst_gap > b.sync_tolerance
+        if epoch == 0 and dist_on:
+            stale = all_reduce_sum([float(stale)], env)[0] > 0      # every rank stops, or none
+        if epoch == 0 and stale:
+            # before any update: the rollouts were not sampled from the trainer's weights (a stale
+            # or wrong sidecar, a different temperature or tokenizer); training on them is wrong
+            optimizer.zero_grad(set_to_none=True)
+            model.eval()
+            raise BPOError(f"rollout check: engine logprobs differ from the trainer's by max {worst_gap:.3e} "
+                           f"> bpo.sync_tolerance {b.sync_tolerance:g} on the sampled tokens; the rollout "
+                           f"engine is not serving the trainer's policy (stale weights?). Nothing was updated")
         if dist_on:
             _all_reduce_grads(model)
             epoch_loss = all_reduce_sum([epoch_loss], env)[0]
@@ -481,6 +495,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
 
     ratio = cat("ratio_gen")
     out = {"loss": losses[-1], "loss_first_epoch": losses[0], "grad_norm": grad_norms[-1],
+           "is_ratio/max_abs_log": worst_gap,
            "train_tokens": total_tokens, "train_seqs": total_seqs,
            "clip_fraction": cat("clipped").mean().item() if cat("clipped").numel() else 0.0,
            "entropy": cat("entropy").mean().item() if cat("entropy").numel() else 0.0}
@@ -595,7 +610,13 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     t_train = time.perf_counter()
 
     # 6. sync ---------------------------------------------------------------------------------
-    if n_train:
+    if n_train and b.sync_verify == "rollout" and hasattr(tr.engine, "push_weights"):
+        # verified by the next step's rollouts (policy_update checks every sampled token)
+        timings = tr.engine.push_weights(tr.model)
+        tr.engine.policy_version = tr.policy_version
+        m.update({f"sync/{k}": float(v) for k, v in timings.items()})
+        m["sync/verify_s"] = 0.0
+    elif n_train:
         tr.engine.update_weights(tr.model, tr.policy_version)
         for k, v in (getattr(tr.engine, "last_sync", None) or {}).items():
             m[f"sync/{k}"] = float(v)       # vLLM: write / reload / verify seconds, max |logprob diff|
