@@ -8,8 +8,10 @@ project's tiny VLM, briefly annealed first so that rollouts have realistic lengt
 g, per-mode budgets). Every step's sync = safetensors write to shared memory + reload_weights RPC +
 output-layer refresh + cache resets + verification (greedy probes scored by the trainer). Prints
 the step-time split (rollout / reward / train / sync, and write / reload / verify within sync) over
-the steps after the first, and ends with `weight_sync ratio=X` (mean sync s / mean step s; goal
-<= 0.05).
+the steps after the first, for both verification modes (`bpo.sync_verify`: probe = greedy probe
+prompts scored by the trainer after every push, the default; rollout = push only, the next
+rollouts' logprobs checked token by token), and ends with `weight_sync ratio=X` (mean sync s /
+mean step s with the default probe verification; goal <= 0.05).
 """
 
 from __future__ import annotations
@@ -35,6 +37,29 @@ def _test_helpers():
     return mod
 
 
+def report(label: str, manifest: dict, a) -> float | None:
+    steps = [h for h in manifest["history"][1:] if not h.get("skipped_update")]
+    if not steps:
+        print(f"[{label}] no step after the first trained (all groups uninformative); rerun with more steps")
+        return None
+
+    def mean(key):
+        return statistics.mean(h.get(key, 0.0) for h in steps)
+
+    step_s, sync_s = mean("time/step"), mean("time/sync")
+    print(f"[{label}] {len(steps)} steps (after the first), {a.prompts} prompts x 2 x {a.group} rollouts, "
+          f"budgets think {a.think_tokens} / no-think {a.no_think_tokens}, mean lengths "
+          f"think {mean('length/think'):.1f} / no-think {mean('length/no_think'):.1f}")
+    print(f"[{label}] step split (mean s): " + ", ".join(f"{k}={mean('time/' + k):.3f}"
+                                                         for k in ("rollout", "reward", "train", "sync", "step")))
+    print(f"[{label}] sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.3f}"
+                                                         for k in ("write_s", "reload_s", "verify_s"))
+          + f"; max |logprob diff| probe {max(h.get('sync/max_abs_diff', 0.0) for h in steps):.1e}, "
+          f"rollouts {max(h.get('is_ratio/max_abs_log', 0.0) for h in steps):.1e}")
+    print(f"[{label}] sync / step = {sync_s / step_s:.3f}")
+    return sync_s / step_s
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
@@ -43,39 +68,40 @@ def main() -> int:
     p.add_argument("--think-tokens", type=int, default=96)
     p.add_argument("--no-think-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    p.add_argument("--verify", choices=["probe", "rollout", "both"], default="both",
+                   help="bpo.sync_verify to measure; the ratio line reports the default (probe)")
     a = p.parse_args()
 
     import torch
 
     from r4b_core.bpo import run_bpo
+    from r4b_core.config import VLLMConfig
+    from r4b_core.rollout.vllm_server import VLLMServer
 
     torch.set_num_threads(a.threads)
     helpers = _test_helpers()
+    ratios = {}
     with tempfile.TemporaryDirectory(prefix="r4b-bench-sync-") as tmp:
         tmp = Path(tmp)
         model_dir, rl = helpers.warm_start(tmp / "warm")
-        cfg = helpers.bpo_run_config(tmp / "runs", engine="vllm", steps=a.steps, prompts_per_step=a.prompts,
-                                     group_size=a.group, micro_batch_size=2 * a.group * a.prompts,
-                                     max_new_tokens_think=a.think_tokens, max_new_tokens_no_think=a.no_think_tokens,
-                                     probe_every=10_000, checkpoint_every=10_000, cpu_threads=a.threads)
-        manifest = run_bpo(cfg, str(rl), str(model_dir), str(tmp / "bpo" / "model"))
-    steps = [h for h in manifest["history"][1:] if not h.get("skipped_update")]
-    if not steps:
-        print("no step after the first trained (all groups uninformative); rerun with more steps")
+        # one sidecar for both runs (each run starts with a verified full push of the init model)
+        with VLLMServer(model_dir, VLLMConfig()) as server:
+            os.environ["R4B_VLLM_URL"] = server.url
+            for mode in (["probe", "rollout"] if a.verify == "both" else [a.verify]):
+                cfg = helpers.bpo_run_config(tmp / "runs" / mode, engine="vllm", steps=a.steps,
+                                             prompts_per_step=a.prompts, group_size=a.group,
+                                             micro_batch_size=2 * a.group * a.prompts,
+                                             max_new_tokens_think=a.think_tokens,
+                                             max_new_tokens_no_think=a.no_think_tokens, probe_every=10_000,
+                                             checkpoint_every=10_000, cpu_threads=a.threads, sync_verify=mode)
+                manifest = run_bpo(cfg, str(rl), str(model_dir), str(tmp / mode / "bpo" / "model"))
+                ratios[mode] = report(f"sync_verify={mode}", manifest, a)
+    if "rollout" in ratios and ratios["rollout"] is not None:
+        print(f"weight_sync (sync_verify=rollout) ratio={ratios['rollout']:.3f}")
+    main_mode = "probe" if "probe" in ratios else a.verify
+    if ratios.get(main_mode) is None:
         return 1
-
-    def mean(key):
-        return statistics.mean(h.get(key, 0.0) for h in steps)
-
-    step_s, sync_s = mean("time/step"), mean("time/sync")
-    print(f"{len(steps)} steps (after the first), {a.prompts} prompts x 2 x {a.group} rollouts, "
-          f"budgets think {a.think_tokens} / no-think {a.no_think_tokens}, mean lengths "
-          f"think {mean('length/think'):.1f} / no-think {mean('length/no_think'):.1f}")
-    print("step split (mean s): " + ", ".join(f"{k}={mean('time/' + k):.3f}"
-                                              for k in ("rollout", "reward", "train", "sync", "step")))
-    print("sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.3f}" for k in ("write_s", "reload_s", "verify_s"))
-          + f"; max |logprob diff| {max(h['sync/max_abs_diff'] for h in steps):.1e}")
-    print(f"weight_sync ratio={sync_s / step_s:.3f}")
+    print(f"weight_sync ratio={ratios[main_mode]:.3f}")
     return 0
 
 

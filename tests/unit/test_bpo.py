@@ -230,6 +230,27 @@ def test_kl_term_is_zero_against_itself_and_positive_after_a_change(tiny):
     assert stats["clip_fraction"] > 0      # three big SGD steps push some ratios out of [0.8, 1.2]
 
 
+def test_rollouts_not_sampled_from_the_trainers_weights_are_refused_before_any_update(tiny):
+    """The importance ratio's denominator is the engine's logprob; if those logprobs do not match
+    the trainer's weights (a stale sidecar), the step must stop before the optimizer moves."""
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = _items(enc, _prompt(0), tok.encode("1 + 1 = 2", add_special_tokens=False),
+                   tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
+    for it in items:
+        it.rollout_logprobs = [x - 0.01 for x in it.rollout_logprobs]     # "older" weights
+    m = copy.deepcopy(base)
+    with pytest.raises(bpo.BPOError, match=r"rollout check: .* 1\.000e-02 > bpo.sync_tolerance 0.001"):
+        bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.5), None, items,
+                          BPOConfig(sync_tolerance=1e-3), enc.pad_id, enc.suppress)
+    assert all(torch.equal(a, c) for a, c in zip(base.parameters(), m.parameters()))
+    # within tolerance it trains, and reports the gap
+    stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.5), None, items,
+                              BPOConfig(sync_tolerance=0.05), enc.pad_id, enc.suppress)
+    assert stats["is_ratio/max_abs_log"] == pytest.approx(0.01, abs=1e-4)
+
+
 # --- config arithmetic ----------------------------------------------------------------------------
 def test_config_arithmetic_errors_name_the_numbers():
     cfg = RunConfig(bpo=BPOConfig(prompts_per_step=2, group_size=2, micro_batch_size=16))
