@@ -18,7 +18,7 @@ def curate(config_uri: str, pipeline_run_id: str, raw: Input[Dataset], base_mode
     finally:
         tracker.close()
     sft.metadata["storage_uri"] = out_uri
-    for key in ("kept", "rejected", "reasoning_ratio", "items_per_s"):
-        if isinstance(manifest.get(key), (int, float)):
-            metrics.log_metric(key, float(manifest[key]))
+    for key, value in (manifest.get("metrics") or {}).items():
+        if isinstance(value, (int, float)):
+            metrics.log_metric(key, float(value))
     return out_uri
