@@ -412,6 +412,26 @@ def _all_reduce_grads(model) -> None:
         p.grad.copy_(g)
 
 
+def check_ranks_agree(model, env) -> str:
+    """Every training process must hold the same weights (same start, same summed gradients, same
+    optimizer); a silent divergence would make each rank's sidecar serve a different policy.
+    Compares a fingerprint of the parameters across ranks; returns it, raises BPOError if they differ."""
+    from r4b_core.training.distributed import broadcast_object, gather_objects
+
+    with torch.no_grad():
+        total = sum(p.double().sum().item() for p in model.parameters())
+        square = sum((p.double() ** 2).sum().item() for p in model.parameters())
+    mine = f"{total:.17g}/{square:.17g}"
+    if env is None or not env.initialized:
+        return mine
+    prints = gather_objects(mine, env)
+    verdict = broadcast_object(None if prints is None or len(set(prints)) == 1 else prints, env)
+    if verdict is not None:
+        raise BPOError(f"the {env.world_size} training processes hold different weights (fingerprints "
+                       f"{verdict}); gradients were not summed identically — do not use this run")
+    return mine
+
+
 def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
                   pad_id: int, suppress: tuple[int, ...] = (), env=None) -> dict[str, float]:
     """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics.
@@ -875,6 +895,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                         tracker.log_metrics(metrics, step=step)
                 done = step + 1
                 if done % b.checkpoint_every == 0 or done == b.steps:
+                    fingerprint = check_ranks_agree(model, env)
+                    if env.is_main and env.initialized:
+                        print(f"{name}: weights agree across {env.world_size} processes ({fingerprint})", flush=True)
                     ckpt.save(store, root, done, trainee, env,
                               {"config_hash": config_hash, "config": run_config, "policy_version": tr.policy_version,
                                "prompt_position": base_position + (done - start_step) * b.prompts_per_step,

@@ -433,6 +433,32 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     assert "samples.jsonl" in [f.path for f in client.list_artifacts(run.info.run_id)]
 
 
+def test_two_process_torchrun_run_keeps_the_ranks_identical(warm, tmp_path):
+    """Under torchrun (gloo) each rank samples its share of the prompts with its own engine and the
+    gradients are summed; the stage checks at each checkpoint that all ranks hold the same weights
+    (a rank with no informative rollout still joins the sum)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    model_dir, rl = warm
+    cfg = bpo_run_config(tmp_path / "runs", steps=3, checkpoint_every=1, probe_every=100)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "bpo" / "model"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "r4b_core.cli",
+           "bpo", "--config", str(tmp_path / "cfg.yaml"), "--prompts", str(rl), "--init-model", str(model_dir),
+           "--out", str(out)]
+    res = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    agree = [x for x in res.stdout.splitlines() if "weights agree across 2 processes" in x]
+    assert len(agree) == 3, res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["counts"]["policy_version"] >= 1
+
+
 # --- the open question: which `mode_token_trainable` teaches auto mode to think by content? -----
 class ContentReward:
     """A controlled reward that depends on the item's category and the rollout's mode only:
