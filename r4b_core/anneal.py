@@ -539,6 +539,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                                      "seed": cfg.seed, "world_size": env.world_size, "train_uri": train_uri,
                                      "base_model_uri": base_model_uri, "config_hash": config_hash,
                                      "data": {k: v for k, v in report.as_dict().items() if k != "problems"}})
+                tracking.log_dict(cfg.model_dump(mode="json"), "config/resolved.json")
             console.start(a.steps, step)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
             params = [p for p in model.parameters() if p.requires_grad]
