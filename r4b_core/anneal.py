@@ -593,8 +593,10 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                            "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
                            "tokens_per_s": real / dt, "padding_waste": 1.0 - real / max(1.0, slots),
                            **{f"lr_{k}": v for k, v in lrs.items()}}
-                history.append({"step": step, "loss": round(loss_all, 6), "loss_think": round(metrics["loss_think"], 6),
-                                "loss_direct": round(metrics["loss_direct"], 6)})
+                # None (not NaN: manifests are strict JSON) for a mode absent from this step
+                history.append({"step": step, "loss": round(loss_all, 6),
+                                **{k: None if math.isnan(metrics[k]) else round(metrics[k], 6)
+                                   for k in ("loss_think", "loss_direct")}})
                 info = f"loss {loss_all:.4f}"
                 console.advance(info)
                 if step % a.log_every == 0 or step == a.steps or step == 1:
