@@ -65,8 +65,11 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
 
 def run_prepare(cfg: RunConfig, store=None) -> dict[str, str]:
     """Publish config, data and base model; returns their URIs."""
+    from r4b_core.bpo import check_bpo_config
     from r4b_core.storage import Store
 
+    # Fail in the first minute, not after curation and annealing: BPO's arithmetic is known now.
+    check_bpo_config(cfg)
     store = store or Store.from_config(cfg.storage)
     config_uri = layout.config_uri(cfg)
     store.write_text(config_uri, dump_config(cfg))

@@ -26,7 +26,7 @@ MICRO = [
     "curate.num_samples=2", "curate.annotator_train_steps=2", "curate.max_new_tokens=8",
     "anneal.steps=4", "anneal.optim.warmup_steps=1",
     "anneal.compliance_samples=2", "anneal.checkpoint_every=2", "anneal.log_every=2",
-    "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.engine=hf",
+    "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8", "bpo.engine=hf",
     "bpo.max_new_tokens_think=12", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2",
     "eval.max_new_tokens=12", "eval.limit=6",
 ]
