@@ -447,6 +447,8 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
         manifest["skipped"] = True
         return manifest
 
+    if not store.exists(train_uri):  # before minutes of model loading
+        raise AnnealError(f"{train_uri}: training data not found; run `r4b curate` first or pass --train URI")
     use_ds = a.distributed.deepspeed != "none"
     env = init_distributed(a.distributed.backend, force=use_ds)
     cache_dir = Path(tempfile.mkdtemp(prefix=f"r4b-anneal-r{env.rank}-"))
