@@ -66,7 +66,7 @@ def _run(args, env, cwd):
 
 
 @pytest.mark.timeout(1800)
-def test_local_pipeline_on_s3_and_mlflow_server(seaweedfs, mlflow_server, tmp_path):
+def test_local_pipeline_on_s3_and_mlflow_server(seaweedfs, s3_env, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     root = f"s3://{seaweedfs.bucket}/pipeline-{int(time.time())}"
