@@ -143,21 +143,33 @@ class PromptStream:
 
 
 def load_prompts(prompts_uri: str, store) -> tuple[list[Prompt], str]:
-    """Read the RL prompt records (objective items with a reference answer) and their images."""
+    """Read the RL prompt records (objective items with a reference answer) and their images.
+
+    Images are read through the store relative to the JSONL's URI (local or s3://). A record whose
+    image cannot be read is skipped and counted (one line each, then a summary), not fatal.
+    """
     from r4b_core.data.images import load_image
-    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.schema import DataError, read_jsonl
 
     local = store.local_path(prompts_uri, Path(tempfile.gettempdir()) / "r4b-cache")
     records = read_jsonl(local).records
-    prompts = []
+    prompts, bad = [], []
     for rec in records:
         if not rec.objective:
             continue   # the reward is rule-based: subjective items have nothing to check against
-        # Relative image paths are relative to the JSONL where it lives (S3), not to the cached copy.
-        images = [load_image(ref, prompts_uri, store) for ref in rec.images]
+        try:
+            images = [load_image(ref, prompts_uri, store) for ref in rec.images]
+        except DataError as exc:
+            bad.append(str(exc))
+            continue
         prompts.append(Prompt(rec, images))
+    for line in bad[:5]:
+        print(f"bpo: skipped: {line}")
+    if bad:
+        print(f"bpo: {len(bad)} of {len(records)} prompt records skipped for unreadable images")
     if not prompts:
-        raise BPOError(f"{prompts_uri}: no objective records with answers; BPO needs verifiable prompts")
+        raise BPOError(f"{prompts_uri}: no usable objective records ({len(records)} read, {len(bad)} with "
+                       f"unreadable images); BPO needs verifiable prompts with their images")
     return prompts, str(local)
 
 

