@@ -80,27 +80,18 @@ class BPOError(R4BError):
 # ---------------------------------------------------------------------------------------------
 def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_tokens: int | None = None,
                      world_size: int = 1) -> None:
-    """Raise BPOError listing every inconsistent combination of `bpo.*` values at once."""
+    """Raise BPOError listing every inconsistent combination of `bpo.*` values at once: the
+    config's own rules (config.bpo_config_problems, also enforced when the YAML loads) with the
+    real process count, plus what depends on the data (prompt count, prompt length)."""
+    from r4b_core.config import bpo_config_problems
+
     b = cfg.bpo
-    problems: list[str] = []
-    rollouts = b.prompts_per_step * 2 * b.group_size
-    if b.micro_batch_size > rollouts:
-        problems.append(
-            f"bpo.micro_batch_size={b.micro_batch_size} is larger than the rollouts per step "
-            f"(prompts_per_step {b.prompts_per_step} x 2 x group_size {b.group_size} = {rollouts}); "
-            f"set it to at most {rollouts}")
-    if b.prompts_per_step % world_size:
-        problems.append(f"bpo.prompts_per_step={b.prompts_per_step} is not divisible by the "
-                        f"{world_size} training processes; use a multiple of {world_size}")
-    if b.advantage == "per_mode" and b.algorithm == "grpo":
-        problems.append("bpo.advantage=per_mode needs forced modes, but bpo.algorithm=grpo samples in "
-                        "auto mode; use advantage: mixed for the GRPO control")
+    problems = bpo_config_problems(b, world_size)
     if b.distributed.deepspeed != "none":
-        problems.append(f"bpo.distributed.deepspeed={b.distributed.deepspeed}: the BPO stage trains with plain "
-                        f"data parallelism (gradients summed across processes); set it to none")
-    if b.advantage == "per_mode" and b.group_size < 2:
-        problems.append(f"bpo.advantage=per_mode with group_size={b.group_size}: a one-rollout mode "
-                        f"group never has variance; use group_size >= 2")
+        # refused here, not at config load: the paper-scale config asks for it and must stay loadable
+        problems.append(f"bpo.distributed.deepspeed={b.distributed.deepspeed}: DeepSpeed ZeRO is not "
+                        f"implemented for the BPO stage yet (it trains with plain data parallelism, "
+                        f"gradients summed across processes); set bpo.distributed.deepspeed: none")
     if num_prompts is not None and num_prompts < b.prompts_per_step:
         problems.append(f"the prompt set has {num_prompts} usable prompts but bpo.prompts_per_step="
                         f"{b.prompts_per_step}; lower prompts_per_step or add prompts")
@@ -824,6 +815,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     if b.cpu_threads:
         torch.set_num_threads(b.cpu_threads)
     env = init_distributed(b.distributed.backend)
+    check_bpo_config(cfg, world_size=env.world_size)       # before anything is loaded
     cache = Path(tempfile.gettempdir()) / "r4b-cache" / name
     work = Path(tempfile.mkdtemp(prefix=f"r4b-{name}-"))
     try:

@@ -241,6 +241,37 @@ class BPOConfig(Section):
     cpu_threads: int = Field(0, ge=0)
     distributed: DistributedConfig = DistributedConfig()
 
+    @model_validator(mode="after")
+    def _arithmetic(self) -> BPOConfig:
+        problems = bpo_config_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def bpo_config_problems(b: BPOConfig, world_size: int = 1) -> list[str]:
+    """Inconsistent `bpo` values, each with the numbers and the fix (also checked by the stage
+    with the real process count, r4b_core/bpo.py check_bpo_config)."""
+    problems = []
+    rollouts = b.prompts_per_step * 2 * b.group_size
+    if b.prompts_per_step % world_size:
+        problems.append(f"bpo.prompts_per_step={b.prompts_per_step} is not divisible by the {world_size} "
+                        f"training processes; use a multiple of {world_size}")
+    per_rank = rollouts // world_size
+    if b.micro_batch_size > per_rank:
+        problems.append(f"bpo.micro_batch_size={b.micro_batch_size} is larger than the rollouts per step"
+                        + (" and process" if world_size > 1 else "")
+                        + f" (prompts_per_step {b.prompts_per_step} x 2 x group_size {b.group_size}"
+                        + (f" / {world_size} processes" if world_size > 1 else "")
+                        + f" = {per_rank}); set it to at most {per_rank}")
+    if b.advantage == "per_mode" and b.algorithm == "grpo":
+        problems.append("bpo.advantage=per_mode needs forced modes, but bpo.algorithm=grpo samples in auto "
+                        "mode; use advantage: mixed for the GRPO control")
+    if b.advantage == "per_mode" and b.group_size < 2:
+        problems.append(f"bpo.advantage=per_mode with group_size={b.group_size}: a one-rollout mode group "
+                        f"never has variance; use group_size >= 2")
+    return problems
+
 
 class EvalConfig(Section):
     modes: list[Literal["auto", "think", "no_think"]] = Field(default_factory=lambda: ["auto", "think", "no_think"])

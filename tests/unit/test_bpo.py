@@ -252,14 +252,25 @@ def test_rollouts_not_sampled_from_the_trainers_weights_are_refused_before_any_u
 
 
 # --- config arithmetic ----------------------------------------------------------------------------
-def test_config_arithmetic_errors_name_the_numbers():
-    cfg = RunConfig(bpo=BPOConfig(prompts_per_step=2, group_size=2, micro_batch_size=16))
-    with pytest.raises(bpo.BPOError, match=r"micro_batch_size=16 .* = 8\)"):
-        bpo.check_bpo_config(cfg)
-    cfg = RunConfig(bpo=BPOConfig(algorithm="grpo", advantage="per_mode", micro_batch_size=4))
-    with pytest.raises(bpo.BPOError, match="per_mode needs forced modes"):
-        bpo.check_bpo_config(cfg)
-    cfg = RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=4))
+def test_config_arithmetic_errors_name_the_numbers(tmp_path):
+    from r4b_core.config import ConfigError
+
+    # pure config rules fail when the YAML loads, with file:line, the numbers and the fix
+    path = tmp_path / "run.yaml"
+    path.write_text("name: t\nbpo:\n  prompts_per_step: 2\n  group_size: 2\n  micro_batch_size: 16\n"
+                    "  algorithm: grpo\n  advantage: per_mode\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:2: bpo: ")
+    assert "micro_batch_size=16 is larger than the rollouts per step (prompts_per_step 2 x 2 x group_size 2 = 8)" in msg
+    assert "per_mode needs forced modes" in msg
+    # what depends on the processes and the data is checked by the stage
+    cfg = RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=16))
+    with pytest.raises(bpo.BPOError, match=r"not divisible by the 3 training processes"):
+        bpo.check_bpo_config(cfg, world_size=3)
+    with pytest.raises(bpo.BPOError, match=r"rollouts per step and process .* / 4 processes = 16\); set it to at most 16"):
+        bpo.check_bpo_config(RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=32)), world_size=4)
     with pytest.raises(bpo.BPOError, match="3 usable prompts"):
         bpo.check_bpo_config(cfg, num_prompts=3)
     with pytest.raises(bpo.BPOError, match="max_position_embeddings"):
