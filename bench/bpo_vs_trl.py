@@ -77,13 +77,12 @@ def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[fl
         stream = bpo.PromptStream(prompts, seed=0)
         for step in range(a.warmup + a.steps):
             w, c = time.perf_counter(), time.process_time()
-            res = tr_step = bpo.bpo_step(tr, stream.take(step * a.prompts, a.prompts), step)
+            result = bpo.bpo_step(tr, stream.take(step * a.prompts, a.prompts), step)
             w, c = time.perf_counter() - w, time.process_time() - c
             if step >= a.warmup:
                 walls.append(w)
                 cpus.append(c)
-                splits.append({k: v for k, v in tr_step.metrics.items() if k.startswith(("time/", "length/"))})
-            del res
+                splits.append({k: v for k, v in result.metrics.items() if k.startswith(("time/", "length/"))})
     return walls, cpus, splits
 
 

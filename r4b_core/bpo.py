@@ -866,7 +866,6 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         samples_path = work / "samples.jsonl"
         stage_ctx = tracker.stage(name) if tracker is not None else contextlib.nullcontext()
         last: dict[str, float] = {}
-        probe_hist: dict[str, float] = {}
 
         # -- train ------------------------------------------------------------------------------
         with stage_ctx, open_engine(cfg, model, processor, model_dir) as engine, RewardScorer() as scorer:
@@ -888,8 +887,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 result = bpo_step(tr, stream.take(position, per_rank), step)
                 metrics = dict(result.metrics)
                 if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
-                    probe_hist = run_probes(engine, scorer, probes, b, model, encoder)
-                    metrics.update(probe_hist)
+                    metrics.update(run_probes(engine, scorer, probes, b, model, encoder))
                 last = metrics
                 history.append({"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}})
                 samples.extend(result.samples)
