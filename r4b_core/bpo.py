@@ -79,13 +79,16 @@ class BPOError(R4BError):
 # Config arithmetic, checked before anything expensive happens
 # ---------------------------------------------------------------------------------------------
 def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_tokens: int | None = None,
-                     world_size: int = 1) -> None:
+                     world_size: int | None = None) -> None:
     """Raise BPOError listing every inconsistent combination of `bpo.*` values at once: the
     config's own rules (config.bpo_config_problems, also enforced when the YAML loads) with the
-    real process count, plus what depends on the data (prompt count, prompt length)."""
+    process count (given, else the configured nnodes x nproc_per_node), plus what depends on the
+    data (prompt count, prompt length)."""
     from r4b_core.config import bpo_config_problems
 
     b = cfg.bpo
+    if world_size is None:
+        world_size = b.distributed.nnodes * b.distributed.nproc_per_node
     problems = bpo_config_problems(b, world_size)
     if b.distributed.deepspeed != "none":
         # refused here, not at config load: the paper-scale config asks for it and must stay loadable
