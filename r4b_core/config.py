@@ -103,6 +103,9 @@ class SyntheticDataConfig(Section):
     math_fraction: float = Field(0.5, ge=0.0, le=1.0)
     difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
     seed: int = 0
+    # -- how a multi-digit + / - step is written in the trace: "split" = tens and units apart
+    # ("37 + 25 = 50 + 12 = 62": each part a single-digit operation), "plain" = "37 + 25 = 62".
+    trace_style: Literal["split", "plain"] = "split"
 
 
 class DataConfig(Section):

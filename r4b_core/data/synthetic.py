@@ -10,17 +10,20 @@ glyph per ViT patch (64×64 image, 16×16 patches → a 4×4 grid of cells), plu
   directly by a tiny model); level 3 is three operations on up to two-digit numbers (meant to need
   the step-by-step trace).
 
-Every item carries a short programmatic trace (`reasoning`): the numbers read, then one small
+Every item carries a short programmatic trace (`reasoning`): the numbers read, then one
 operation per line, ending with the answer::
 
     A = 37
     B = 25
     C = 4
-    37 + 25 = 62
-    62 - 4 = 58
+    37 + 25 = 50 + 12 = 62
+    62 - 4 = 60 - 2 = 58
 
-Multiplication only ever multiplies two single digits and nothing goes negative, so each line
-is a step a ~1M-parameter model can learn. Curation decides which items train with their trace.
+A multi-digit + / - goes through its tens and units parts (`trace_style: split`, the default):
+in a text-only proxy of the tiny model (Qwen3, hidden 128, 2 layers, 1,000 math items) the
+trace steps that failed were exactly the plain two-digit ones ("49 + 87 = 126"); reads and
+products never did. Multiplication only ever multiplies two single digits and nothing goes
+negative. Curation decides which items train with their trace.
 
 Splits `train`, `rl`, `eval` come from disjoint derived seeds, and every (image content,
 question) pair is hashed into exactly one split, so no pair crosses splits (generate_all checks
@@ -258,7 +261,19 @@ MATH_TEMPLATES: dict[int, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]] =
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
 
 
-def evaluate_steps(expr: str, values: dict[str, int]) -> tuple[int, list[str]]:
+def step_line(a: int, op: str, b: int, style: str = "split") -> str:
+    """One trace line for `a op b`. "split" writes a multi-digit + / - through its tens and units
+    parts, each a single-digit operation: 37 + 25 = 50 + 12 = 62, 42 - 15 = 30 - 3 = 27."""
+    r = _OPS[op](a, b)
+    if style == "plain" or op == "×" or max(a, b) < 10:
+        return f"{a} {op} {b} = {r}"
+    tens = _OPS[op](a // 10, b // 10) * 10
+    units = _OPS[op](a % 10, b % 10)
+    sign = "-" if units < 0 else "+"
+    return f"{a} {op} {b} = {tens} {sign} {abs(units)} = {r}"
+
+
+def evaluate_steps(expr: str, values: dict[str, int], style: str = "split") -> tuple[int, list[str]]:
     """Evaluate `expr` (variables A–D, + - ×, standard precedence, left to right) and return the
     result with one trace line per operation, in the order a person would work it out."""
     tokens = expr.split()
@@ -266,9 +281,8 @@ def evaluate_steps(expr: str, values: dict[str, int]) -> tuple[int, list[str]]:
     steps: list[str] = []
 
     def apply(op: str, a: int, b: int) -> int:
-        r = _OPS[op](a, b)
-        steps.append(f"{a} {op} {b} = {r}")
-        return r
+        steps.append(step_line(a, op, b, style))
+        return _OPS[op](a, b)
 
     def term() -> int:
         nonlocal pos
@@ -287,12 +301,12 @@ def evaluate_steps(expr: str, values: dict[str, int]) -> tuple[int, list[str]]:
     return v, steps
 
 
-def _math(rng: random.Random, level: int) -> Item:
+def _math(rng: random.Random, level: int, style: str) -> Item:
     expr, ranges = rng.choice(MATH_TEMPLATES[level])
     while True:   # keep every intermediate result non-negative (a few redraws at most)
         numbers = tuple(rng.randint(lo, hi) for lo, hi in ranges)
         values = dict(zip(LETTERS, numbers))
-        result, steps = evaluate_steps(expr, values)
+        result, steps = evaluate_steps(expr, values, style)
         if all(int(s.rsplit("= ", 1)[1]) >= 0 for s in steps):
             break
     names = ", ".join(LETTERS[: len(numbers)])
@@ -302,8 +316,8 @@ def _math(rng: random.Random, level: int) -> Item:
                 "\n".join(reads + steps))
 
 
-def draw_item(rng: random.Random, category: str, level: int) -> Item:
-    return _math(rng, level) if category == "math" else _perception(rng, level)
+def draw_item(rng: random.Random, category: str, level: int, style: str = "split") -> Item:
+    return _math(rng, level, style) if category == "math" else _perception(rng, level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +357,7 @@ def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
             category = "math" if rng.random() < cfg.math_fraction else "perception"
             level = rng.choice(cfg.difficulties)
         for _ in range(_MAX_TRIES):
-            item = draw_item(rng, category, level)
+            item = draw_item(rng, category, level, cfg.trace_style)
             key = item.key()
             if key not in seen and split_of(key) == name:
                 break

@@ -109,22 +109,26 @@ def test_traces_are_correct_steps_ending_with_the_answer(small):
             lines = r.reasoning.splitlines()
             assert lines[-1].endswith(r.answer)
             for line in lines:
-                if m := re.fullmatch(r"(\d+) ([-+×]) (\d+) = (\d+)", line):
-                    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-                    assert {"+": a + b, "-": a - b, "×": a * b}[op] == c, line
+                if m := re.fullmatch(r"(\d+) ([-+×]) (\d+) = (?:(\d+) ([-+]) (\d+) = )?(\d+)", line):
+                    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[7])
+                    calc = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y}
+                    assert calc[op](a, b) == c, line
                     if op == "×":
                         assert a < 10 and b < 10, "products stay single digit × single digit"
+                    if m[4] is not None:    # split: tens part and units part, each one digit op
+                        tens, units = int(m[4]), int(m[6]) * (1 if m[5] == "+" else -1)
+                        assert op != "×" and max(a, b) >= 10, line
+                        assert tens == calc[op](a // 10, b // 10) * 10 and units == calc[op](a % 10, b % 10), line
+                        assert tens + units == c, line
+                    else:
+                        assert op == "×" or max(a, b) < 10, f"multi-digit step not split: {line}"
                 else:
                     assert re.fullmatch(r"(\w+: )?[A-D] (=|is) \w+", line), line
 
 
 def _ops(trace: str) -> int:
-    return sum(bool(re.fullmatch(r"\d+ [-+×] \d+ = \d+", ln)) for ln in trace.splitlines())
-
-
-def _tokens(text: str) -> int:
-    """Upper bound of the tiny tokenizer's count: one token per digit, word, symbol, space run."""
-    return len(re.findall(r"\d|[A-Za-z]+|\s+|[^\sA-Za-z\d]", text))
+    """Operation lines ("a op b = r", or split: "a op b = tens ± units = r")."""
+    return sum(bool(re.fullmatch(r"\d+ [-+×] \d+ = (\d+ [-+] \d+ = )?\d+", ln)) for ln in trace.splitlines())
 
 
 def test_difficulty_scales_steps_and_sizes():
@@ -135,15 +139,36 @@ def test_difficulty_scales_steps_and_sizes():
     for level, its in by_level.items():
         assert its and all(_ops(it.reasoning) == level for it in its)
         assert all(len(it.numbers) == level + 1 for it in its)
-    mean_answer = {k: np.mean([int(i.answer) for i in v]) for k, v in by_level.items()}
+    mean_answer = {k: round(float(np.mean([int(i.answer) for i in v])), 1) for k, v in by_level.items()}
     max_digits = {k: max(len(str(n)) for i in v for n in i.numbers) for k, v in by_level.items()}
-    longest = {k: max(_tokens(i.reasoning) for i in v) for k, v in by_level.items()}
-    print(f"mean answer by level {mean_answer}, max operand digits {max_digits}, longest trace (tokens) {longest}")
     assert mean_answer[1] < mean_answer[2] < mean_answer[3]
     assert max_digits == {1: 1, 2: 2, 3: 2}
-    assert longest[1] < longest[2] < longest[3] <= 80
+    # trace length in tokens of the tiny tokenizer (digits split), trained on this corpus
+    from r4b_core.models.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(syn.tokenizer_corpus([i.__dict__ for i in items[:2000]]), 512)
+    lengths = {k: [len(tok(i.reasoning, add_special_tokens=False).input_ids) for i in v] for k, v in by_level.items()}
+    mean_len = {k: round(float(np.mean(v)), 1) for k, v in lengths.items()}
+    max_len = {k: max(v) for k, v in lengths.items()}
+    print(f"mean answer by level {mean_answer}, max operand digits {max_digits}, "
+          f"trace tokens mean {mean_len} max {max_len}")
+    assert mean_len[1] < mean_len[2] < mean_len[3] <= 80 and max_len[3] <= 90
     # all answers are integers >= 0; no division anywhere
     assert all(int(i.answer) >= 0 for i in items) and not any("/" in i.question for i in items)
+
+
+def test_plain_trace_style_draws_the_same_items():
+    split = syn.draw_split("rl", 300, SyntheticDataConfig(seed=5))
+    plain = syn.draw_split("rl", 300, SyntheticDataConfig(seed=5, trace_style="plain"))
+    assert [i.key() for i in split] == [i.key() for i in plain]
+    assert [i.answer for i in split] == [i.answer for i in plain]
+    assert "37 + 25 = 62" == syn.step_line(37, "+", 25, "plain")
+    assert "37 + 25 = 50 + 12 = 62" == syn.step_line(37, "+", 25, "split")
+    assert "42 - 15 = 30 - 3 = 27" == syn.step_line(42, "-", 15)
+    assert "102 - 61 = 40 + 1 = 41" == syn.step_line(102, "-", 61)
+    assert "7 × 8 = 56" == syn.step_line(7, "×", 8) and "3 + 5 = 8" == syn.step_line(3, "+", 5)
+    changed = [(a.reasoning, b.reasoning) for a, b in zip(split, plain) if a.reasoning != b.reasoning]
+    assert changed and all(len(a) > len(b) for a, b in changed)
 
 
 def test_perception_difficulty_is_how_much_to_read():
