@@ -23,6 +23,8 @@ GOLDEN = [
     ("<think>\nthe answer is 8", "8", "integer", None, False),                   # truncated
     ("<think>\n3 + 5 = 9\n</think>\n\n8", "8", "integer", None, True),           # trace numbers ignored
     ("<think>\n3 + 5 = 8\n</think>\n\n9", "8", "integer", None, False),
+    ("<think>\nA = 37\nB = 25\n37 + 25 = 50 + 12 = 62\n</think>\n\n62", "62", "integer", None, True),
+    ("37 + 25 = 50 + 12 = 62", "62", "integer", None, True),                     # a trace as the answer
     # plain integers, signs, separators
     ("8", "8", "integer", None, True),
     ("9", "8", "integer", None, False),
