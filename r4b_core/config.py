@@ -104,7 +104,8 @@ class SyntheticDataConfig(Section):
     difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
     seed: int = 0
     # -- how a multi-digit + / - step is written in the trace: "split" = tens and units apart
-    # ("37 + 25 = 50 + 12 = 62": each part a single-digit operation), "plain" = "37 + 25 = 62".
+    # ("37 + 25 = 50 + 12 = 62": each part a single-digit operation; a tiny LM follows these,
+    # see synthetic.py), "plain" = "37 + 25 = 62".
     trace_style: Literal["split", "plain"] = "split"
 
 

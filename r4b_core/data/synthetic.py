@@ -19,11 +19,17 @@ operation per line, ending with the answer::
     37 + 25 = 50 + 12 = 62
     62 - 4 = 60 - 2 = 58
 
-A multi-digit + / - goes through its tens and units parts (`trace_style: split`, the default):
-in a text-only proxy of the tiny model (Qwen3, hidden 128, 2 layers, 1,000 math items) the
-trace steps that failed were exactly the plain two-digit ones ("49 + 87 = 126"); reads and
-products never did. Multiplication only ever multiplies two single digits and nothing goes
-negative. Curation decides which items train with their trace.
+A multi-digit + / - goes through its tens and units parts (`trace_style: split`, the default).
+Measured on a text-only proxy of the tiny model (Qwen3 LM, hidden 128, 2 layers, 0.4M params;
+1,000 math items, 1,500 steps of 64; greedy on 50 held-out items per level):
+
+    accuracy           direct L1 / L2 / L3     forced trace L1 / L2 / L3
+    plain  traces      0.94 / 0.24 / 0.06      0.96 / 0.42 / 0.24
+    split  traces      0.98 / 0.12 / 0.02      0.98 / 0.92 / 0.74
+
+With plain traces the first wrong line was always a two-digit + / - ("49 + 87 = 126"); reads
+and products were never wrong. Multiplication only ever multiplies two single digits and
+nothing goes negative. Curation decides which items train with their trace.
 
 Splits `train`, `rl`, `eval` come from disjoint derived seeds, and every (image content,
 question) pair is hashed into exactly one split, so no pair crosses splits (generate_all checks
