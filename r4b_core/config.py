@@ -217,7 +217,7 @@ class BPOConfig(Section):
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     drop_zero_variance: bool = True
     temperature: float = Field(1.0, gt=0)
-    max_new_tokens_think: int = Field(96, ge=1)
+    max_new_tokens_think: int = Field(128, ge=1)  # level-3 split traces reach ~88 tokens + close + answer
     max_new_tokens_no_think: int = Field(16, ge=1)
     # -- optimizer updates per rollout batch (1 = on-policy).
     ppo_epochs: int = Field(1, ge=1)
