@@ -304,6 +304,20 @@ class ReproConfig(Section):
     hard_difficulty: int | None = Field(None, ge=1)
     # -- torch CPU threads per process (0 = torch's default); tiny models gain nothing from more.
     threads: int = Field(1, ge=0)
+    # -- who labels the training split: "tiny" = the curate stage's own annotator (curate.annotator);
+    # "simulated" = a stand-in for the paper's strong annotator, answering each of the curate.num_samples
+    # no-think tries right with the per-sample probability in simulated_accuracy (see repro.py).
+    annotator: Literal["tiny", "simulated"] = "tiny"
+    # -- simulated annotator: per-sample accuracy by "category/difficulty" or "category".
+    simulated_accuracy: dict[str, float] = Field(default_factory=lambda: {
+        "perception": 0.95, "math/1": 0.9, "math/2": 0.1, "math/3": 0.05})
+
+    @model_validator(mode="after")
+    def _accuracies(self) -> ReproConfig:
+        bad = {k: v for k, v in self.simulated_accuracy.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"simulated_accuracy values are probabilities in [0, 1]; got {bad}")
+        return self
 
 
 class PromotionConfig(Section):

@@ -464,6 +464,9 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         raise CurateError(f"{raw_uri}: raw data not found; generate it (r4b data generate) or pass --input URI")
     raw_text = store.read_text(raw_uri)
     ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None)
+    if annotator is not None and getattr(annotator, "identity", None):
+        # an engine that states what it is (repro's simulated annotator) can be skipped on that
+        ident["annotator"] = annotator.identity
     chash = identity_hash(ident)
     if chash is not None and store.is_complete(prefix, chash):
         manifest = store.read_manifest(prefix)

@@ -128,6 +128,81 @@ class _Clock:
         return out
 
 
+class SimulatedAnnotator:
+    """A RolloutEngine standing in for the paper's strong annotator (Qwen2.5-VL-32B) at curation.
+
+    The tiny annotator the curate stage trains (a ~1M model, direct answers only) cannot read the
+    images reliably after any affordable number of steps, so it fails nearly every multi-digit
+    item by luck alone and the curated set becomes content-separable (see docs/reproduction.md).
+    The paper's annotator answers many hard items directly, so hard items land in both label
+    classes. This engine reproduces exactly that statistic and nothing else: each no-think try
+    on a record is right with probability `accuracy[category/difficulty]` (else a wrong answer of
+    the same kind), seeded per (seed, record, try). The curation rule itself (N tries, all wrong
+    -> reasoning) runs unchanged in `run_curate`.
+    """
+
+    policy_version = 0
+
+    def __init__(self, records, accuracy: dict[str, float], seed: int):
+        self.records = {r.id: r for r in records}
+        self.accuracy = dict(accuracy)
+        self.seed = seed
+        # what the curate stage's skip check identifies this annotator by
+        self.identity = {"kind": "simulated", "accuracy": dict(sorted(self.accuracy.items())), "seed": seed}
+
+    def p_correct(self, record) -> float:
+        for key in (f"{record.category}/{record.difficulty}", record.category):
+            if key in self.accuracy:
+                return self.accuracy[key]
+        raise ReproError(f"repro.simulated_accuracy has no entry for {record.category}/{record.difficulty} "
+                         f"(keys: {sorted(self.accuracy)}); add '{record.category}' or "
+                         f"'{record.category}/{record.difficulty}'")
+
+    def _wrong(self, record, rng) -> str:
+        from r4b_core.data.synthetic import PALETTE
+
+        answer = record.answer.strip()
+        if answer.lstrip("-").isdigit():
+            value = int(answer)
+            offset = rng.randint(1, max(9, abs(value) // 2))
+            return str(value + offset if value - offset < 0 or rng.random() < 0.5 else value - offset)
+        return rng.choice(sorted(c for c in PALETTE if c != answer.lower()) or ["none"])
+
+    def generate(self, requests):
+        import random
+
+        from r4b_core.rollout.base import Completion
+
+        out = []
+        for req in requests:
+            rec = self.records.get(req.key)
+            if rec is None:
+                raise ReproError(f"simulated annotator: no record with id {req.key!r} in the raw split")
+            p = self.p_correct(rec)
+            for i in range(req.n):
+                rng = random.Random(f"{self.seed}:{rec.id}:{req.seed}:{i}")
+                text = rec.answer if rng.random() < p else self._wrong(rec, rng)
+                out.append(Completion(key=req.key, mode=req.mode, text=text, token_ids=[], logprobs=[],
+                                      finish_reason="stop"))
+        return out
+
+    def update_weights(self, model_or_path, version: int) -> None:
+        raise ReproError("the simulated annotator has no weights to update")
+
+    def close(self) -> None:
+        pass
+
+
+def _annotator(scfg: RunConfig, raw_uri: str, store):
+    """None (the curate stage builds its own from curate.*) or the simulated annotator."""
+    if scfg.repro.annotator != "simulated":
+        return None
+    from r4b_core.data.schema import parse_jsonl
+
+    records = parse_jsonl(store.read_text(raw_uri).splitlines(), raw_uri, on_error="collect").records
+    return SimulatedAnnotator(records, scfg.repro.simulated_accuracy, scfg.seed)
+
+
 def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
     """All stages of one seed; returns the seed's summary (also written to <run>/repro_seed.json)."""
     from r4b_core.anneal import run_anneal
@@ -147,7 +222,8 @@ def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     inputs = clock.run("prepare", run_prepare, scfg, store)
     curated = layout.curated_uri(scfg)
-    curate_manifest = clock.run("curate", run_curate, scfg, inputs["train"], curated, tracker=tracker)
+    curate_manifest = clock.run("curate", run_curate, scfg, inputs["train"], curated,
+                                annotator=_annotator(scfg, inputs["train"], store), tracker=tracker)
     anneal_uri = layout.model_dir(scfg, "anneal")
     anneal_manifest = clock.run("anneal", run_anneal, scfg, curated, inputs["base_model"], anneal_uri,
                                 tracker=tracker)
@@ -164,6 +240,8 @@ def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
         "seed": seed, "run": scfg.name, "run_uri": scfg.run_uri(),
         "hard_difficulty": hard_level(scfg),
         "curate": {"reasoning_ratio": curate_manifest["stats"]["reasoning_ratio"],
+                   "annotator": scfg.repro.annotator if scfg.repro.annotator == "simulated" else scfg.curate.annotator,
+                   "reasoning_share_by_cell": reasoning_shares(store.read_text(curated)),
                    "by_category": {c: {k: d[k] for k in ("items", "reasoning", "reasoning_ratio", "pass_hist")}
                                    for c, d in curate_manifest["stats"]["by_category"].items()}},
         "anneal": {"metrics": anneal_manifest.get("metrics"), "data": {k: anneal_manifest.get("data", {}).get(k)
@@ -181,6 +259,19 @@ def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
     summary["claims"] = seed_claims(summary)
     store.write_text(store.join(scfg.run_uri(), "repro_seed.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def reasoning_shares(sft_text: str) -> dict[str, float]:
+    """Share of curated records labelled reasoning per "category/difficulty": the statistic that
+    decides whether the annealed model's auto mode can tell when to think."""
+    counts: dict[str, list[int]] = {}
+    for line in sft_text.splitlines():
+        if line.strip():
+            r = json.loads(line)
+            c = counts.setdefault(f"{r.get('category')}/{r.get('difficulty')}", [0, 0])
+            c[0] += r.get("label") == "reasoning"
+            c[1] += 1
+    return {k: round(a / n, 3) for k, (a, n) in sorted(counts.items())}
 
 
 def _eval_block(report: dict) -> dict:
