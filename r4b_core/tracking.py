@@ -16,7 +16,11 @@ One MLflow run per pipeline run, one nested run per stage:
   starts/ends are kept in order and delivered on the next call that reaches the server (a failed
   server is retried at most every `retry_interval_s`). The buffer is bounded; when it overflows,
   or the tracker closes while the server is still down, pending metrics go to
-  `<local run dir>/mlflow-pending.jsonl` and a warning says so once.
+  `<local run dir>/mlflow-pending.jsonl` and one warning line names the metrics and the file.
+  The next Tracker of that run folder that reaches the same server (a later stage, a rerun) sends
+  them and removes the file (`replay_pending`). It claims the file by renaming it to
+  `*.replaying` first, so two processes never send the same records twice; a `*.replaying` file
+  left by a process that died mid-replay can be renamed back to be sent again.
 - Registry primitives for the promotion gate (`register_version`, `set_alias`, `get_version`,
   `set_version_tags`) raise `TrackingError` instead: a gate must not decide on missing data.
   Model weights stay in storage; a version's `source` is their storage URI.
@@ -281,6 +285,8 @@ class Tracker:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._deliver(force=True, strict=True)
+            if self._offline_since is None:
+                self.replay_pending()
         atexit.register(self.close)
 
     # -- public: runs --------------------------------------------------------------------------
@@ -614,13 +620,16 @@ class Tracker:
             self._batch(client, run, kind, items[:mid])
             self._batch(client, run, kind, items[mid:])
 
-    def _spill(self, reason: str, everything: bool = False) -> None:
+    def _spill(self, reason: str, everything: bool = False, runs: list[_Run] | None = None) -> None:
         """Write pending metrics (and, at close, params/tags/artifact paths) to the JSONL file."""
         records = []
-        for run in self._runs:
+        for run in self._runs if runs is None else runs:
             base = {"run_id": run.id, "run_name": run.name,
                     "parent_run_id": run.parent.id if run.parent else None,
                     "parent_run_name": run.parent.name if run.parent else None}
+            if run.id is None and (everything or run.metrics):
+                # Never created: keep its tags so a replay can create it as it would have been.
+                records.append({"type": "run", **base, "tags": run.create_tags})
             records += [{"type": "metric", **base, "key": k, "value": v, "timestamp": ts, "step": step}
                         for k, v, ts, step in run.metrics]
             n_metrics = len(run.metrics)
@@ -638,20 +647,112 @@ class Tracker:
                 run.artifacts.clear()
         if not records:
             return
+        # Which server and experiment the records belong to: a replay sends them only there.
+        header = {"type": "target", "uri": self.uri, "experiment": self.experiment}
+        self._append_records([header, *records])
+        if not self._spill_announced:
+            self._spill_announced = True
+            metrics = [r for r in records if r["type"] == "metric"]
+            log.warning("tracking: MLflow at %s is unreachable (%s) and %s: wrote %d pending metrics (%s) to %s. "
+                        "They are NOT in MLflow yet; the next tracker of this run folder that reaches %s (a later "
+                        "stage, a rerun) sends them. Later overflows append to the same file without another "
+                        "warning.", self.uri, _one_line(self._last_error, 120) if self._last_error else "no answer",
+                        reason, len(metrics), _describe(metrics), self.spill_path, self.uri)
+
+    def _append_records(self, records: list[dict]) -> None:
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.spill_path, "a", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if not self._spill_announced:
-            self._spill_announced = True
-            n = sum(r["type"] == "metric" for r in records)
-            log.warning("tracking: MLflow at %s is unreachable (%s) and %s: wrote %d pending metrics to %s. "
-                        "They are NOT in MLflow; the file has one JSON record per line (run, key, value, step, "
-                        "timestamp). Later overflows append to the same file without another warning.",
-                        self.uri, _one_line(self._last_error, 120) if self._last_error else "no answer",
-                        reason, n, self.spill_path)
+
+    def replay_pending(self) -> int:
+        """Send the records an earlier tracker spilled to `spill_path` for this server and
+        experiment; returns how many metrics were delivered. Called at construction when the
+        server answers. Records for another server stay in the file; what cannot be delivered
+        now goes back to it."""
+        with self._lock:
+            path = self.spill_path
+            claimed = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.replaying")
+            try:
+                os.rename(path, claimed)  # atomic: of two trackers, one gets the file
+            except FileNotFoundError:
+                return 0
+            runs, foreign = self._runs_from_records(claimed)
+            if foreign:
+                self._append_records(foreign)
+            sent = sum(len(r.metrics) for r in runs)
+            self._runs.extend(runs)
+            self._deliver(force=True)
+            left = [r for r in runs if r.pending()]
+            if left:
+                # The server went away again: back to the file, for the next tracker.
+                sent -= sum(len(r.metrics) for r in left)
+                for run in left:
+                    self._runs.remove(run)
+                self._spill("it failed again while earlier pending records were replayed", everything=True,
+                            runs=left)
+            claimed.unlink()
+            if sent:
+                log.warning("tracking: sent %d metrics that an earlier process had left in %s to MLflow at %s",
+                            sent, path, self.uri)
+            return sent
+
+    def _runs_from_records(self, path: Path) -> tuple[list[_Run], list[dict]]:
+        """Rebuild pending runs from a spill file; records for another target are returned as-is."""
+        runs: dict[tuple, _Run] = {}
+        parents: dict[tuple, _Run] = {}
+        foreign: list[dict] = []
+        target: dict = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                self._warn_once(f"badline:{path}", f"tracking: {path}:{number}: not a JSON record; skipped")
+                continue
+            if rec.get("type") == "target":
+                target = rec
+                continue
+            # Records before any header (older files) belong to this run folder's tracker.
+            if target and (target.get("uri"), target.get("experiment")) != (self.uri, self.experiment):
+                if target not in foreign:
+                    foreign.append(target)
+                foreign.append(rec)
+                continue
+            parent = None
+            if rec.get("parent_run_id") or rec.get("parent_run_name"):
+                pkey = (rec.get("parent_run_id") or None, None if rec.get("parent_run_id") else rec.get("parent_run_name"))
+                parent = parents.get(pkey) or runs.get(pkey)
+                if parent is None:
+                    parent = parents[pkey] = _Run(name=rec.get("parent_run_name") or "pipeline", parent=None,
+                                                  id=pkey[0], owned=False, verified=pkey[0] is not None)
+            key = (rec.get("run_id") or None, None if rec.get("run_id") else rec.get("run_name"))
+            run = runs.get(key)
+            if run is None:
+                run = parents.pop(key, None) or _Run(name=rec.get("run_name") or "run", parent=parent, id=key[0],
+                                                     owned=False, verified=key[0] is not None)
+                run.parent = run.parent or parent
+                runs[key] = run
+            kind = rec.get("type")
+            if kind == "run":
+                run.create_tags = dict(rec.get("tags") or {})
+            elif kind == "metric":
+                run.metrics.append((rec["key"], float(rec["value"]), int(rec["timestamp"]), int(rec["step"])))
+            elif kind == "param":
+                run.params[rec["key"]] = rec["value"]
+            elif kind == "tag":
+                run.tags[rec["key"]] = rec["value"]
+            elif kind == "artifact":
+                artifact = Path(rec["path"])
+                if artifact.exists():
+                    run.artifacts.append([artifact, rec.get("artifact_path"), artifact.parent.parent.name == "mlflow-spool"])
+                else:
+                    self._warn_once(f"gone:{artifact}", f"tracking: pending artifact {artifact} no longer exists; skipped")
+            elif kind == "end":
+                run.end_status = rec["status"]
+        # Parents that are only parents (no records of their own) are created on demand by _create.
+        return list(parents.values()) + list(runs.values()), foreign
 
     # -- registry (used by the promotion gate) -------------------------------------------------------
     def _registry(self, what: str, fn: Any, attempts: int = 3) -> Any:
@@ -712,6 +813,17 @@ class Tracker:
                 client.set_model_version_tag(name, str(version), str(key), str(value))
 
         self._registry(f"tag {name} v{version}", go)
+
+
+def _describe(metrics: list[dict]) -> str:
+    """'loss, lr, think (steps 3-40 of anneal)': which metrics a spill holds, in one phrase."""
+    if not metrics:
+        return "none"
+    keys = list(dict.fromkeys(m["key"] for m in metrics))
+    names = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    steps = [m["step"] for m in metrics]
+    runs = ", ".join(dict.fromkeys(m["run_name"] for m in metrics))
+    return f"{names}; steps {min(steps)}-{max(steps)} of run {runs}"
 
 
 def _find_pipeline_run(uri: str, experiment: str, pipeline_run_id: str) -> str | None:
