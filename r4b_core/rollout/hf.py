@@ -128,15 +128,13 @@ class HFEngine:
         self.model = None
 
     # -- internals -------------------------------------------------------------------------------
-    def _encode(self, requests: list[GenerationRequest], rows: list[tuple[int, int]]):
+    def _encode(self, requests: list[GenerationRequest], request_indices: list[int]):
+        """One left-padded row per request (its n samples share it): the processor and the vision
+        tower see each prompt and image once, not once per sample."""
         texts, images = [], []
-        per_request_images = {}
-        for ri, _ in rows:
-            req = requests[ri]
-            texts.append(req.prompt)
-            if ri not in per_request_images:
-                per_request_images[ri] = load_images(req.images)
-            images.extend(per_request_images[ri])
+        for ri in request_indices:
+            texts.append(requests[ri].prompt)
+            images.extend(load_images(requests[ri].images))
         saved_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
@@ -157,13 +155,40 @@ class HFEngine:
         finally:
             model.train(was_training)
 
+    def _text_step(self, model):
+        """A decode step without the multimodal wrapper: after the prefill no row has images left,
+        and for a LLaVA-style model the wrapper then only embeds the ids and applies the LM head to
+        the decoder's output — the same math, minus ~1 ms of per-call overhead per token. Models
+        that are not decoder + plain head (or cap their logits) take the full forward."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        text_cfg = getattr(model.config, "text_config", model.config)
+        plain = (decoder is not None and decoder is not model and head is not None
+                 and not getattr(text_cfg, "final_logit_softcapping", None)
+                 and not getattr(text_cfg, "logit_scale", None))
+        if not plain:
+            def step(ids, attn, pos, cache):
+                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+                return out.logits[:, -1, :], out.cache
+            return step
+
+        def step(ids, attn, pos, cache):
+            out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+            return head(out.last_hidden_state[:, -1, :]), out.cache
+        return step
+
     def _decode(self, model, requests, rows) -> list[Completion]:
+        """Prefill each distinct request once, expand its KV cache to its n samples, then decode
+        all rows together; rows that finished are dropped from the batch as they accumulate."""
         import torch
 
-        enc = self._encode(requests, rows)
+        uniq = list(dict.fromkeys(ri for ri, _ in rows))
+        enc = self._encode(requests, uniq)
         input_ids, attn = enc.pop("input_ids"), enc.pop("attention_mask")
-        bsz = input_ids.shape[0]
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attn)]
+        bsz = len(rows)
+        owner = torch.tensor([uniq.index(ri) for ri, _ in rows], device=self.device)
+        unique_prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attn)]
+        prompt_ids = [unique_prompt_ids[uniq.index(ri)] for ri, _ in rows]
         temps = torch.tensor([requests[ri].temperature for ri, _ in rows], dtype=torch.float32, device=self.device)
         limits = [requests[ri].max_new_tokens for ri, _ in rows]
         gens = []
@@ -176,30 +201,46 @@ class HFEngine:
                     logits_to_keep=1, **enc)
         cache = out.cache
         logits = out.logits[:, -1, :].float()
-        next_pos = position_ids[:, -1:] + 1
+        if len(uniq) != bsz or bool((owner != torch.arange(bsz, device=self.device)).any()):
+            cache.batch_select_indices(owner)          # sample rows share their request's prefix K/V
+            logits = logits[owner]
+        attn = attn[owner]
+        next_pos = position_ids[owner, -1:] + 1
+        step_fn = self._text_step(model)
+        sampler = _GumbelSampler(gens, temps, logits.shape[-1], max(limits))
+        live = list(range(bsz))                         # original row of each batch position
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         logps: list[list[float]] = [[] for _ in range(bsz)]
         finish = [""] * bsz
         for step in range(max(limits)):
             if self.suppress_ids:
                 logits[:, self.suppress_ids] = float("-inf")
-            chosen, chosen_lp = self._choose(logits, temps, gens, finish)
-            for b in range(bsz):
+            chosen, chosen_lp = sampler.choose(logits, live, step)
+            done_here = 0
+            for b, tok, lp in zip(live, chosen.tolist(), chosen_lp.tolist()):
                 if finish[b]:
+                    done_here += 1               # finished earlier, still in the batch
                     continue
-                tokens[b].append(int(chosen[b]))
-                logps[b].append(float(chosen_lp[b]))
-                if int(chosen[b]) in self.eos_ids:
+                tokens[b].append(tok)
+                logps[b].append(lp)
+                if tok in self.eos_ids:
                     finish[b] = "stop"
                 elif len(tokens[b]) >= limits[b]:
                     finish[b] = "length"
-            if all(finish):
+                done_here += bool(finish[b])
+            if done_here == len(live):
                 break
-            feed = torch.tensor([[t[-1]] for t in tokens], device=self.device)   # finished rows: ignored
-            attn = torch.cat([attn, torch.ones((bsz, 1), dtype=attn.dtype, device=self.device)], dim=1)
-            out = model(input_ids=feed, attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
-            cache = out.cache
-            logits = out.logits[:, -1, :].float()
+            feed = chosen.unsqueeze(1)
+            if done_here * 4 >= len(live):
+                # a finished row would keep costing compute; drop them once a quarter of the batch is done
+                keep = [k for k, b in enumerate(live) if not finish[b]]
+                sel = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(sel)
+                attn, next_pos, feed = attn[sel], next_pos[sel], feed[sel]
+                live = [live[k] for k in keep]
+            attn = torch.cat([attn, torch.ones((len(live), 1), dtype=attn.dtype, device=self.device)], dim=1)
+            logits, cache = step_fn(feed, attn, next_pos, cache)
+            logits = logits.float()
             next_pos = next_pos + 1
         comps = []
         for b, (ri, _) in enumerate(rows):
@@ -212,22 +253,50 @@ class HFEngine:
                                     prompt_token_ids=prompt_ids[b], policy_version=self.policy_version))
         return comps
 
-    @staticmethod
-    def _choose(logits, temps, gens, finish):
-        """Greedy rows: argmax; sampled rows: Gumbel-max over logits / T with the row's generator."""
+
+class _GumbelSampler:
+    """Greedy rows: argmax; sampled rows: Gumbel-max over log_softmax(logits / T), the uniforms
+    drawn from the row's own generator. A CPU generator yields the same stream whether drawn one
+    vocabulary-sized vector per step or a block of steps at once, so the draws are made in blocks
+    and the noise of all rows is transformed in one tensor op: identical samples, far fewer calls."""
+
+    MAX_BLOCK = 16
+    MAX_FLOATS = 1 << 24           # noise buffer cap (64 MiB): a real vocabulary gets short blocks
+
+    def __init__(self, gens, temps, vocab: int, max_steps: int):
         import torch
 
-        greedy = temps <= 0
-        scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
-        logp = torch.log_softmax(scaled, dim=-1)
+        self.gens, self.temps, self.vocab, self.max_steps = gens, temps, vocab, max_steps
+        self.greedy = temps <= 0
+        self.all_greedy = bool(self.greedy.all())
+        self.divisor = torch.where(self.greedy, torch.ones_like(temps), temps).unsqueeze(1)
+        self.block = max(1, min(self.MAX_BLOCK, max_steps, self.MAX_FLOATS // max(1, len(gens) * vocab)))
+        self.noise = None          # [rows, block, vocab] uniforms for steps block_start ...
+        self.block_start, self.block_len = 0, 0
+
+    def choose(self, logits, live: list[int], step: int):
+        import torch
+
+        idx = torch.tensor(live, device=logits.device)
+        logp = torch.log_softmax(logits / self.divisor[idx], dim=-1)
         chosen = logp.argmax(dim=-1)
-        for b in range(logits.shape[0]):
-            if greedy[b] or finish[b]:
-                continue
-            u = torch.rand(logits.shape[1], generator=gens[b]).clamp_(min=1e-20, max=1.0 - 1e-7)
-            gumbel = -torch.log(-torch.log(u)).to(logits.device)
-            chosen[b] = int(torch.argmax(logp[b] + gumbel))
+        if not self.all_greedy:
+            if step >= self.block_start + self.block_len:
+                self._draw(live, step)
+            u = self.noise[idx, step - self.block_start].clamp_(min=1e-20, max=1.0 - 1e-7)
+            sampled = torch.argmax(logp + (-torch.log(-torch.log(u))).to(logp.device), dim=-1)
+            chosen = torch.where(self.greedy[idx], chosen, sampled)
         return chosen, logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+
+    def _draw(self, live: list[int], step: int) -> None:
+        import torch
+
+        if self.noise is None:
+            self.noise = torch.zeros((len(self.gens), self.block, self.vocab))
+        self.block_start, self.block_len = step, min(self.block, self.max_steps - step)
+        for b in live:
+            if not bool(self.greedy[b]):
+                torch.rand((self.block_len, self.vocab), generator=self.gens[b], out=self.noise[b, :self.block_len])
 
 
 def teacher_forced_logprobs(model, processor, prompt: str, images: list[Any], token_ids: list[int],
