@@ -130,9 +130,14 @@ def latest(store, root: str) -> tuple[int, str] | None:
 
 def prune(store, root: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` complete checkpoints; returns the deleted URIs."""
+    from r4b_core.storage import COMPLETE_MARKER
+
     found = list_checkpoints(store, root)
     doomed = [uri for _, uri in found[:-keep]] if keep > 0 else []
     for uri in doomed:
+        # Marker first: a prune cut short leaves a folder that `latest` ignores, never a
+        # "complete" checkpoint with files missing (an S3 prefix is deleted in no set order).
+        store.delete(_join(uri, COMPLETE_MARKER))
         store.delete(uri)
     return doomed
 
