@@ -23,15 +23,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from fake_kube import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -237,57 +236,15 @@ def test_deploy_champion_locally_fetches_it_and_says_how_to_serve(tiny_model_dir
     assert f"r4b serve --model {target} --port {cfg.serve.port}" in message
 
 
-class FakeKubernetes:
-    """An in-memory API server for the calls deploy makes: the chart's defaults ConfigMap and its
-    serving Deployment (no kube-apiserver runs here; tests/kind covers a real cluster)."""
-
-    def __init__(self, configmap_data: dict | None):
-        self.patches: list[tuple[str, str, dict]] = []
-        self.annotations = {"r4b.dev/model": f"models:/{NAME}@champion"}
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, code: int, obj: dict):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _deployment(self):
-                labels = {"app": "serving"}
-                return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "r4b-serving", "namespace": "ml"},
-                        "spec": {"selector": {"matchLabels": labels}, "template": {
-                            "metadata": {"labels": labels, "annotations": dict(fake.annotations)},
-                            "spec": {"containers": [{"name": "vllm", "image": "r4b-vllm"}]}}}}
-
-            def do_GET(self):
-                if self.path == "/api/v1/namespaces/ml/configmaps/r4b-defaults" and configmap_data is not None:
-                    return self._send(200, {"apiVersion": "v1", "kind": "ConfigMap",
-                                            "metadata": {"name": "r4b-defaults"}, "data": configmap_data})
-                if self.path == "/apis/apps/v1/namespaces/ml/deployments/r4b-serving":
-                    return self._send(200, self._deployment())
-                self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404})
-
-            def do_PATCH(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.patches.append((self.path, self.headers["Content-Type"], body))
-                fake.annotations.update(body["spec"]["template"]["metadata"]["annotations"])
-                self._send(200, self._deployment())
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def api(self):
-        from kubernetes import client as k8s
-
-        conf = k8s.Configuration()
-        conf.host = f"http://127.0.0.1:{self.server.server_address[1]}"
-        return k8s.ApiClient(conf)
+def _serving_cluster(configmap_data: dict) -> FakeCluster:
+    """The chart's defaults ConfigMap and its serving Deployment in namespace ml (tests/fake_kube.py)."""
+    labels = {"app": "serving"}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "r4b-serving", "namespace": "ml"},
+                  "spec": {"selector": {"matchLabels": labels}, "template": {
+                      "metadata": {"labels": labels, "annotations": {"r4b.dev/model": f"models:/{NAME}@champion"}},
+                      "spec": {"containers": [{"name": "vllm", "image": "r4b-vllm"}]}}}}
+    return FakeCluster(configmaps={("ml", "r4b-defaults"): configmap_data},
+                       deployments={("ml", "r4b-serving"): deployment})
 
 
 def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_version(tiny_model_dir, tmp_path):
@@ -298,7 +255,7 @@ def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_ver
     champion = ResolvedModel(ref=f"models:/{NAME}@champion", uri="s3://b/run/bpo/model", name=NAME, version=3,
                              alias="champion")
     # the chart's ConfigMap names the Deployment (R4B_SERVING_URL, charts/r4b/templates/configmap.yaml)
-    cluster = FakeKubernetes({"R4B_SERVING_URL": "http://r4b-serving.ml.svc.cluster.local:8000/v1"})
+    cluster = _serving_cluster({"R4B_SERVING_URL": "http://r4b-serving.ml.svc.cluster.local:8000/v1"})
     try:
         message = restart_serving_deployment(cfg, champion, api=cluster.api())
         assert message.startswith("restarted Deployment ml/r4b-serving") and "v3" in message
@@ -312,13 +269,13 @@ def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_ver
         again = restart_serving_deployment(cfg, champion, api=cluster.api())
         assert "already serves" in again and len(cluster.patches) == 1
     finally:
-        cluster.server.shutdown()
-    off = FakeKubernetes({"R4B_PLATFORM_IMAGE": "x"})     # serving.enabled=false: no URL, nothing to restart
+        cluster.close()
+    off = _serving_cluster({"R4B_PLATFORM_IMAGE": "x"})     # serving.enabled=false: no URL, nothing to restart
     try:
         assert "serving is off in the chart" in restart_serving_deployment(cfg, champion, api=off.api())
         assert off.patches == []
     finally:
-        off.server.shutdown()
+        off.close()
 
 
 # ---------------------------------------------------------------------------------------------
