@@ -5,6 +5,11 @@ for the cluster, through `kfp.local.SubprocessRunner(use_venv=False)`: each comp
 subprocess of this Python environment, training stages through the local launcher. Embedded
 defaults: artifacts under ./runs/<name>/, MLflow in runs/<name>/mlflow.db, the vLLM sidecar as a
 local process.
+
+The console shows one line per task, the stages' own progress and a summary table
+(pipelines/run_console.py); kfp.local's full output (executor inputs, task outputs, every line the
+tasks print) goes to `<run dir>/logs/run-<time>.log`, or to the console too with `verbose=True`
+(`r4b run --verbose`).
 """
 
 from __future__ import annotations
@@ -13,26 +18,20 @@ import json
 import os
 import re
 import time
-from pathlib import Path
-
 from r4b_core import layout
 from r4b_core.config import RunConfig
 from r4b_core.errors import R4BError
 
 
-def _local_run_dir(cfg: RunConfig) -> Path:
-    root = cfg.storage.root
-    base = Path("runs") if "://" in root and not root.startswith("file://") else Path(root.removeprefix("file://"))
-    return base / cfg.name
-
-
-def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False) -> dict:
+def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False, verbose: bool = False) -> dict:
     """Run the whole pipeline; returns a summary (also printed as a table)."""
     from kfp import local
 
     from pipelines.r4b_pipeline import build_pipeline
+    from pipelines.run_console import RunConsole
+    from r4b_core.tracking import local_run_dir
 
-    run_dir = _local_run_dir(cfg)
+    run_dir = local_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.storage.s3_endpoint_url:
         # Component subprocesses read the config from S3 before they know the endpoint.
@@ -40,15 +39,23 @@ def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False) -> dic
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str((run_dir / "kfp").resolve()),
                raise_on_error=True)
     pipeline = build_pipeline(cfg, with_grpo_control=with_grpo_control, with_secrets=False)
+    labels = {name: task.task_info.name for name, task in pipeline.pipeline_spec.root.dag.tasks.items()}
+    log_path = run_dir / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    console = RunConsole(log_path, labels, verbose=verbose)
+    print(f"r4b run {cfg.name}: {len(labels)} tasks on this machine (kfp.local); full log: {log_path}", flush=True)
     started = time.time()
     try:
-        pipeline(config_yaml=json.dumps(cfg.model_dump(mode="json")))
+        with console.capture():
+            pipeline(config_yaml=json.dumps(cfg.model_dump(mode="json")))
     except RuntimeError as exc:
-        # kfp.local has already printed the failing task's own output above.
-        raise R4BError(f"{_plain(exc)} Its output is above; finished stages are kept and skipped "
-                       f"when you rerun. Task folders: {run_dir / 'kfp'}") from None
+        where = "Its output is above" if verbose else f"Its last lines are above, all of it in {log_path}"
+        raise R4BError(f"{_plain(exc)} {where}; finished stages are kept and skipped when you rerun. "
+                       f"Task folders: {run_dir / 'kfp'}") from None
     summary = collect_summary(cfg)
     summary["wall_s"] = round(time.time() - started, 1)
+    summary["log"] = str(log_path)
+    summary["tasks"] = [{k: t.get(k) for k in ("name", "label", "status", "seconds", "output")} for t in console.tasks]
+    summary["deploy"] = next((t.get("output") for t in console.tasks if t["name"] == "deploy"), None)
     print_summary(summary)
     return summary
 
@@ -108,3 +115,7 @@ def print_summary(summary: dict) -> None:
     console = Console()
     console.print(table)
     console.print(f"report: {summary['report']}")
+    if summary.get("deploy"):
+        console.print(f"deploy: {summary['deploy']}")
+    if summary.get("log"):
+        console.print(f"full log (kfp.local's executor inputs and outputs, every line of every task): {summary['log']}")

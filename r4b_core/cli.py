@@ -260,7 +260,7 @@ def _cmd_run(args) -> int:
     from pipelines.local_run import run_pipeline_locally
 
     cfg = _apply_service_flags(args, _load(args))
-    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control)
+    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control, verbose=args.verbose)
     return 0
 
 
@@ -312,6 +312,9 @@ def _add_run(sub) -> None:
     p.add_argument("--s3-endpoint", help="write artifacts to this S3 endpoint (storage.root must be s3://...)")
     p.add_argument("--mlflow-uri", help="log to this MLflow server instead of the SQLite file in the run dir")
     p.add_argument("--grpo-control", action="store_true", help="also train the plain-GRPO control and evaluate it")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print kfp.local's full output (executor inputs, task outputs) here too; it always goes to "
+                        "<run dir>/logs/run-<time>.log")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("prepare", help="publish the run config, data splits and base model")

@@ -7,6 +7,7 @@ engine) so it takes minutes on 2 cores; `make run` is the full tiny run.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -79,6 +80,16 @@ def test_local_pipeline_on_s3_and_mlflow_server(seaweedfs, s3_env, mlflow_server
     proc, first_s = _run(args, env, tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "r4b run finished" in proc.stdout
+    # A quiet console: a line per task start/end, the stages' own lines, the table; the rest in the log.
+    console = proc.stdout.splitlines()
+    for label in ("prepare data + base model", "curate", "anneal", "eval annealed", "bpo", "eval BPO",
+                  "register + promotion gate", "deploy champion"):
+        assert sum(line.startswith(f"✓ {label}  ") for line in console) == 1, (label, proc.stdout[-3000:])
+    assert len(console) < 120, proc.stdout
+    assert "executor_input" not in proc.stdout and "schemaTitle" not in proc.stdout
+    log = Path(re.search(r"full log: (\S+\.log)", proc.stdout).group(1))
+    log = log if log.is_absolute() else tmp_path / log
+    assert "Got executor_input" in log.read_text() and log.read_text().count("\n") > 3 * len(console)
 
     cfg = load_config(REPO / "configs/tiny.yaml", sets)
     from r4b_core.storage import Store
@@ -111,6 +122,26 @@ def test_local_pipeline_on_s3_and_mlflow_server(seaweedfs, s3_env, mlflow_server
         assert store.read_manifest(prefix)["committed_at"] == at, prefix
     assert len(client.search_model_versions("name='r4b-pipeline-test'")) == 1
     print(f"pipeline: first run {first_s:.0f} s, rerun {second_s:.0f} s (all stages skipped)")
+
+
+def test_failed_task_is_one_clear_block_and_verbose_shows_kfp(tmp_path):
+    """A task that fails: its output, a ✗ line, the error naming the full log; --verbose adds KFP's view."""
+    env = {**os.environ, "R4B_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["run", "--config", str(REPO / "configs/tiny.yaml"), "--set", f"storage.root={tmp_path / 'runs'}",
+            "--set", f"data.train_uri={tmp_path / 'missing.jsonl'}"]
+    proc, _ = _run(args, env, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("r4b run tiny: 8 tasks") and lines[1] == "▶ prepare data + base model"
+    assert any(line.startswith("✗ prepare data + base model  failure after") for line in lines), proc.stdout
+    assert f"{tmp_path / 'missing.jsonl'}: read: no such file" in proc.stdout
+    assert "executor_input" not in proc.stdout
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    log = Path(re.search(r"all of it in (\S+\.log)", error).group(1))
+    assert "Inner task failed: 'prepare'" in error and "Got executor_input" in log.read_text()
+
+    proc, _ = _run([*args, "--verbose"], env, tmp_path)
+    assert proc.returncode == 2 and "Got executor_input" in proc.stdout and "Its output is above" in proc.stderr
 
 
 def test_prepare_survives_an_s3_outage_during_upload(seaweedfs, s3_env, s3_root):

@@ -192,3 +192,38 @@ def test_training_survives_mlflow_outages_and_nothing_is_lost(mlflow_server, tmp
     assert run.info.status == "FINISHED"
     print(notice[0])
     print(f"mlflow outages: anneal part {anneal_s:.0f} s, whole test {time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.timeout(600)
+def test_s3_down_10s_while_a_training_stage_uploads_its_model(seaweedfs, s3_env, s3_root, tmp_path):
+    """SeaweedFS stopped for 10 s right before anneal publishes its model: the upload is retried,
+    the stage finishes, model + manifest are complete on S3, and a rerun skips."""
+    from r4b_core.prepare import run_prepare
+    from r4b_core.storage import Store
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [*MICRO, f"storage.root={s3_root}",
+                                                   f"storage.s3_endpoint_url={seaweedfs.endpoint_url}"])
+    store = Store.from_config(cfg.storage)
+    config_uri = run_prepare(cfg, store)["config_uri"]
+    _sft_records(cfg, store)
+    env = {**os.environ, "R4B_CACHE_DIR": str(tmp_path / "cache")}
+    anneal = Stage("anneal", cfg, config_uri, env, tmp_path)
+    anneal.wait_for(f"step {STEPS - 2}/{STEPS}")
+    anneal.signal(signal.SIGSTOP)  # hold it before its uploads while S3 goes away
+    seaweedfs.stop(grace_s=0.5)
+    down_at = time.monotonic()
+    anneal.signal(signal.SIGCONT)
+    try:
+        anneal.wait_for("retrying", after=down_at, timeout_s=60)  # the model upload hit the outage
+        time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
+    finally:
+        seaweedfs.start()
+    assert anneal.finish() == 0, anneal.text()[-4000:]
+    model = layout.model_dir(cfg, "anneal")
+    manifest = store.read_manifest(model)
+    assert manifest is not None and manifest["steps"] == STEPS
+    for name in ("model.safetensors", "config.json"):
+        assert store.exists(f"{model}/{name}"), name
+    rerun = Stage("anneal", cfg, config_uri, env, tmp_path)
+    assert rerun.finish() == 0 and "skipped" in rerun.text(), rerun.text()[-2000:]
+    assert store.read_manifest(model)["committed_at"] == manifest["committed_at"]
