@@ -12,9 +12,12 @@ prompt `modes.chat_prompt(question, n_images, mode=None)` followed by the record
 (`<think>\\n{reasoning}\\n</think>\\n\\n{answer}` or `<think>\\n\\n</think>\\n\\n{answer}`) and `<|im_end|>`.
 Prompt and target are tokenized separately and the ids concatenated, so the forced prefixes of
 BPO and evaluation are exactly the ids seen here. The loss covers the target and the closing
-`<|im_end|>` only. Sequences are packed into `pack_length` rows with a block-diagonal causal mask
-(training/packing.py); the optimizer is AdamW with separate LRs for vision tower / projector / LLM
-and a cosine schedule (training/optim.py). Under torchrun it is DDP, or DeepSpeed ZeRO-2/3 when
+`<|im_end|>` only. Sequences are packed into `pack_length` rows (training/packing.py); samples in a
+row never see each other: attention runs per sample (boundaries from the position ids), after a
+start-up check that this gives the block-diagonal mask's logits, else through that mask
+(`anneal.attention`); the manifest's `metrics.time_split_s` says where the step time went. The
+optimizer is AdamW with separate LRs for vision tower / projector / LLM and a cosine schedule
+(training/optim.py). Under torchrun it is DDP, or DeepSpeed ZeRO-2/3 when
 `anneal.distributed.deepspeed` says so (a torch AdamW is passed in, so no DeepSpeed op is compiled).
 
 The story in `run_anneal`: skip if done → set up (data, model, optimizer, resume) → train (with
@@ -44,7 +47,10 @@ from r4b_core.errors import R4BError
 
 STAGE = "anneal"
 # Keys that may change between a checkpoint and its resume without changing what is trained.
-RESUME_IGNORED = ("checkpoint_every", "keep_checkpoints", "log_every", "compliance_samples", "resume")
+RESUME_IGNORED = ("checkpoint_every", "keep_checkpoints", "log_every", "compliance_samples", "resume", "pad_to",
+                  "attention")
+# Where a training step's time goes (metrics.time_split_s / time_split_cpu_s of the manifest).
+PHASES = ("data", "forward", "backward", "optimizer", "other")
 
 
 class AnnealError(R4BError):
@@ -243,16 +249,20 @@ class RowStream:
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
-def token_losses(model, batch: dict, device) -> tuple[Any, Any, Any]:
-    """Per-token cross entropy (B, L-1) of the next-token targets, their mask, and their mode."""
-    import torch
+def token_losses(model, batch: dict, device, dtype=None) -> tuple[Any, Any, Any]:
+    """Per-token cross entropy (B, L-1) of the next-token targets, their mask, and their mode.
+
+    A batch without `attention_mask` is for segment attention (training/packing.py); pixels take
+    `dtype` (the compute dtype), else the mask's dtype (SDPA wants the two equal).
+    """
     import torch.nn.functional as F
 
     from r4b_core.training.packing import IGNORE_INDEX
 
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "pixel_values" in batch:
-        inputs["pixel_values"] = batch["pixel_values"].to(device, inputs["attention_mask"].dtype)
+        pixels, mask = batch["pixel_values"], inputs.get("attention_mask")
+        inputs["pixel_values"] = pixels.to(device, dtype or (mask.dtype if mask is not None else pixels.dtype))
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     labels = batch["labels"][:, 1:].to(device)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -337,6 +347,59 @@ def mode_compliance(model, processor, items: list, max_new_tokens: int, device, 
     out["example"] = examples
     out["failures"] = failures
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and timing
+# ---------------------------------------------------------------------------------------------
+def choose_attention(model, samples: list, pad_id: int, pack_length: int) -> tuple[bool, str]:
+    """Segment attention (training/packing.py) where it gives the mask path's logits on a real pack
+    of two samples, else the 4D mask. Returns (segments on, a line saying which and why)."""
+    from r4b_core.training.packing import collate, segment_attention_max_diff, use_segment_attention
+
+    # Two samples sharing a row, images included when the data has any: the case that must not leak.
+    pool = [s for s in samples if s.pixel_values is not None] + [s for s in samples if s.pixel_values is None]
+    pair = next(([x, y] for x, y in zip(pool, pool[1:]) if len(x) + len(y) <= pack_length), pool[:1])
+    was_training = model.training
+    model.eval()  # no dropout: the two paths must see the same computation
+    try:
+        diff = segment_attention_max_diff(model, collate([pair], pad_id))
+    except Exception as exc:  # an architecture without position ids in its attention, an old transformers
+        use_segment_attention(model, False)
+        return False, f"attention: 4D block mask (segment attention failed: {str(exc).splitlines()[0][:160]})"
+    finally:
+        model.train(was_training)
+    if not diff <= 1e-3:
+        use_segment_attention(model, False)
+        return False, (f"attention: 4D block mask (segment attention differs from it by {diff:.1e} on a "
+                       f"{len(pair)}-sample pack)")
+    return True, f"attention: per-sample segments (max logit difference to the 4D mask {diff:.1e} on a {len(pair)}-sample pack)"
+
+
+class _PhaseClock:
+    """Seconds spent per training phase (PHASES), wall and CPU. On CUDA each lap synchronizes, so
+    the split is of device work, not of kernel launches."""
+
+    def __init__(self, sync=None):
+        self.sync = sync
+        self.wall = dict.fromkeys(PHASES, 0.0)
+        self.cpu = dict.fromkeys(PHASES, 0.0)
+        self.mark()
+
+    def mark(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        if self.sync is not None:
+            self.sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[phase] += wall - self._wall
+        self.cpu[phase] += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+    @staticmethod
+    def rounded(split: dict) -> dict:
+        return {k: round(v, 3) for k, v in split.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +492,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     from r4b_core.training import checkpoint as ckpt
     from r4b_core.training.distributed import all_reduce_sum, barrier, init_distributed, teardown
     from r4b_core.training.optim import cosine_scheduler, lr_by_group, param_groups
-    from r4b_core.training.packing import MODE_DIRECT, MODE_THINK, collate
+    from r4b_core.training.packing import MODE_DIRECT, MODE_THINK, collate, use_segment_attention
 
     a = cfg.anneal
     store = Store.from_config(cfg.storage)
@@ -496,6 +559,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             if unused:
                 console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
                               f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
+            # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
+            segments, line = False, "attention: 4D block mask (anneal.attention=mask)"
+            if a.attention == "auto":
+                segments, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length)
+            console.print(line)
             groups = param_groups(model, a.optim)
             optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
             scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
@@ -548,8 +616,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             t_train, cpu_train = time.time(), time.process_time()
             steps_this_run = 0
             tokens_this_run = slots_this_run = 0
+            clock = _PhaseClock(torch.cuda.synchronize if cuda else None)
+            row_length = a.pack_length if a.pad_to == "pack_length" else None
             while step < a.steps:
                 t0 = time.time()
+                clock.mark()
                 rows, cursor = stream.take(cursor, rows_per_step)
                 mine = rows[env.rank * a.grad_accum * a.micro_batch_size:(env.rank + 1) * a.grad_accum * a.micro_batch_size]
                 # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
@@ -558,24 +629,30 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
                 for m in range(a.grad_accum):
                     micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
-                    batch = collate([[samples[i] for i in row] for row in micro], pad_id,
-                                    length=a.pack_length if a.packing else None, mask_dtype=compute_dtype)
+                    batch = collate([[samples[i] for i in row] for row in micro], pad_id, length=row_length,
+                                    mask_dtype=compute_dtype, mask=not segments)
+                    clock.lap("data")
                     last = m == a.grad_accum - 1
                     sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
                     with sync:
                         with amp:
-                            ce, mask, tmode = token_losses(forward_model, batch, device)
+                            ce, mask, tmode = token_losses(forward_model, batch, device, compute_dtype)
                         loss = (ce * mask).sum() * scale
+                        clock.lap("forward")
                         if use_ds:
                             engine.backward(loss)
+                            clock.lap("backward")
                             engine.step()
+                            clock.lap("optimizer")
                         else:
                             loss.backward()
+                            clock.lap("backward")
                     with torch.no_grad():
                         think, direct = mask & (tmode == MODE_THINK), mask & (tmode == MODE_DIRECT)
                         sums[0] += float((ce * think).sum()); sums[1] += float(think.sum())
                         sums[2] += float((ce * direct).sum()); sums[3] += float(direct.sum())
                         sums[4] += float((batch["token_mode"] >= 0).sum()); sums[5] += batch["token_mode"].numel()
+                    clock.lap("other")
                 if use_ds:
                     grad_norm = float(engine.get_global_grad_norm() or 0.0)
                 else:
@@ -584,6 +661,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                     optimizer.zero_grad(set_to_none=True)
                 lrs = lr_by_group(optimizer)
                 scheduler.step()
+                clock.lap("optimizer")
                 step += 1
                 steps_this_run += 1
                 ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
@@ -614,8 +692,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                     if env.is_main:
                         pruned = ckpt.prune(store, ckpt_root, a.keep_checkpoints)
                         console.print(f"checkpoint {uri}" + (f" (pruned {len(pruned)})" if pruned else ""))
+                clock.lap("other")  # metrics, logging, checkpoints
             console.close()
             train_s, train_cpu_s = time.time() - t_train, time.process_time() - cpu_train
+            use_segment_attention(trainee.model, False)  # the saved model and the compliance check use the default
+            console.print("time split (s): " + ", ".join(f"{k} {v:.2f}" for k, v in clock.wall.items()))
 
             # ---- save, check, commit --------------------------------------------------------------
             manifest = None
@@ -651,6 +732,10 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         # effective (non-pad) tokens per second of this invocation, all ranks
                         "tokens_per_s": round(tokens_this_run / train_s, 1) if train_s > 0 else None,
                         "padding_waste": round(1 - tokens_this_run / slots_this_run, 4) if slots_this_run else None,
+                        # where rank 0's training time went, per phase (PHASES), this invocation
+                        "time_split_s": _PhaseClock.rounded(clock.wall),
+                        "time_split_cpu_s": _PhaseClock.rounded(clock.cpu),
+                        "segment_attention": segments,
                     }
                     manifest = {
                         "stage": STAGE,
@@ -672,8 +757,9 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                     }
                     store.commit(out_uri, manifest)
                     if tracking is not None:
-                        tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-                                             step=step)
+                        tracking.log_metrics({f"final/{k}": v for k, v in final_metrics.items()
+                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                                             | {f"final/time_{k}_s": v for k, v in clock.wall.items()}, step=step)
                         tracking.log_dict(compliance, "compliance.json")
                     def fmt(key: str) -> str:  # a mode absent from the data has no loss
                         value = final_metrics.get(key)

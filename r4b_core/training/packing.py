@@ -6,15 +6,24 @@ stays shuffled), and `collate` turns a list of rows into model inputs:
 
     input_ids      (B, L)        samples back to back, then pad
     labels         (B, L)        token id where the loss applies (target + closing <|im_end|>), else -100
-    position_ids   (B, L)        restart at 0 for every sample (pad continues from 0 too)
+    position_ids   (B, L)        restart at 0 for every sample; a row's pad tail continues its last sample
     attention_mask (B, 1, L, L)  additive float mask: causal *within* a sample, blocked across samples;
                                  a pad token sees only itself (a fully blocked row would give NaN)
     pixel_values   (N, 3, H, W)  images of every sample of every row, in token order
     token_mode     (B, L)        0 = thinking sample, 1 = direct sample, -1 = pad (for per-mode loss)
 
-`collate` with one sample per row is plain padding (the packing benchmark's baseline). The 4D mask
-is O(L^2) memory per row: fine for eager/SDPA at our lengths; at 16k tokens prefer a varlen attention
-kernel driven by position_ids (flash-attention), which transformers also supports.
+`collate` with one sample per row is plain padding (the packing benchmark's baseline).
+
+Two ways to keep samples apart in attention, giving the same logits (tests/unit/test_packing.py):
+- the 4D mask above (`collate(..., mask=True)`), any attention implementation. It costs O(L^2) per
+  row to build, and SDPA with a mask attends over the whole row (every key of a 512-token row is
+  scored, then masked);
+- segment attention (`collate(..., mask=False)` + `use_segment_attention(model)`): no mask; an
+  attention function registered with transformers finds each sample from `position_ids` (a new
+  sample starts where the position is 0) and runs causal SDPA per sample, the cu_seqlens idea of
+  varlen flash-attention on any device. A sample of n tokens costs n^2, not n x L. The anneal stage
+  uses it after checking on a real pack that it gives the mask path's logits
+  (`segment_attention_max_diff`), and falls back to the mask otherwise.
 """
 
 from __future__ import annotations
@@ -82,8 +91,12 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
 
 
 def collate(rows: list[list[Sample]], pad_id: int, length: int | None = None,
-            mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Rows of samples -> model inputs (see module docstring). `length` defaults to the longest row."""
+            mask_dtype: torch.dtype = torch.float32, mask: bool = True) -> dict[str, torch.Tensor]:
+    """Rows of samples -> model inputs (see module docstring). `length` defaults to the longest row.
+
+    mask=False leaves out `attention_mask`: for segment attention, which reads the boundaries
+    from `position_ids` (building an unused (B, L, L) mask cost a packed step ~3 % of its time).
+    """
     L = length or max(sum(len(s) for s in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -106,15 +119,19 @@ def collate(rows: list[list[Sample]], pad_id: int, length: int | None = None,
             if s.pixel_values is not None and len(s.pixel_values):
                 pixels.append(s.pixel_values)
             at += n
-        # Pad positions continue 0.. so no position id exceeds what the model saw in training.
-        position_ids[b, at:] = torch.arange(L - at)
+        # The pad tail continues the last sample's positions, so position ids alone delimit the
+        # samples: segment attention sees a padded row as one sequence (one causal call; real
+        # tokens never reach the pads after them). Pad outputs carry no loss either way.
+        last = len(row[-1]) if row else 0
+        position_ids[b, at:] = torch.arange(last, last + L - at)
     batch = {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "attention_mask": block_causal_mask(segment_ids, mask_dtype),
         "token_mode": token_mode,
     }
+    if mask:
+        batch["attention_mask"] = block_causal_mask(segment_ids, mask_dtype)
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
     return batch
@@ -124,3 +141,102 @@ def padding_waste(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(real tokens, total slots) of a collated batch."""
     real = int((batch["token_mode"] >= 0).sum())
     return real, batch["token_mode"].numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment attention: per-sample causal SDPA, boundaries from position_ids
+# ---------------------------------------------------------------------------------------------
+SEGMENT_ATTENTION = "r4b_segments"
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(B, L) position ids -> per row, the (start, end) of each segment; a segment starts at 0.
+
+    One host transfer for the whole batch (called once per layer: cheap next to the layer).
+    """
+    B, L = position_ids.shape
+    starts: list[list[int]] = [[0] for _ in range(B)]
+    for b, i in (position_ids[:, 1:] == 0).nonzero().tolist():
+        starts[b].append(i + 1)
+    return [list(zip(row, row[1:] + [L])) for row in starts]
+
+
+def segment_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: causal attention inside each segment of each row.
+
+    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D). A row holding one sample and a
+    pad tail (plain padding) is one batched causal call: with right padding a real token never
+    reaches a pad key, so only pad positions (no loss, never attended to) differ from the mask
+    path. A packed row's pad tail is part of its last segment (`collate` continues its positions)
+    for the same reason. Anything else this function is not for (a mask given, a KV cache, no position ids) goes
+    to transformers' SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    L = query.shape[2]
+    if attention_mask is not None or position_ids is None or key.shape[2] != L or position_ids.shape[-1] != L:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    B, H, _, D = query.shape
+    bounds = segment_bounds(position_ids.expand(B, -1))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if all(len(row) == 1 for row in bounds):  # one sample (+ pad tail) per row: one call
+        out = sdpa(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
+    # Rows laid end to end (segments never cross rows) and cut with `split`: its backward is one
+    # concatenation, where slicing would add every segment's gradient into a zeroed full-size copy.
+    sizes = [e - s for row in bounds for s, e in row]
+    flat = [t.transpose(0, 1).reshape(1, H, B * L, D).split(sizes, dim=2) for t in (query, key, value)]
+    parts = [sdpa(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout) for q, k, v in zip(*flat)]
+    out = torch.cat(parts, dim=2).view(H, B, L, D)
+    return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", config)
+
+
+def use_segment_attention(model, on: bool = True) -> str:
+    """Switch the language model's attention to `segment_sdpa` (on) or back to "sdpa" (off).
+
+    Only the text model changes: the vision tower attends within one image and keeps its own.
+    Returns the implementation that was in place. The name is not saved with the model
+    (transformers keeps `_attn_implementation` out of config.json), so a saved folder loads with
+    the default everywhere (transformers, vLLM).
+    """
+    from transformers import AttentionInterface
+
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa)
+    config = _text_config(model)
+    before = config._attn_implementation
+    config._attn_implementation = SEGMENT_ATTENTION if on else ("sdpa" if before == SEGMENT_ATTENTION else before)
+    return before
+
+
+def segment_attention_max_diff(model, batch: dict[str, torch.Tensor]) -> float:
+    """Largest |logit difference| on real tokens between the mask path and segment attention.
+
+    `batch` is a `collate` result with its mask. The model is left with segment attention on.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
+
+    def logits(mask):
+        with torch.no_grad():
+            return model(**inputs, attention_mask=mask, use_cache=False).logits.float()
+
+    use_segment_attention(model, False)
+    ref = logits(batch["attention_mask"].to(device))
+    use_segment_attention(model, True)
+    got = logits(None)
+    real = (batch["token_mode"] >= 0).to(device)
+    return float((ref - got).abs()[real].max())

@@ -161,12 +161,41 @@ def test_tiny_anneal_learns_reloads_passes_compliance_and_skips_on_rerun(tmp_pat
     assert comp["think"] >= 0.95 and comp["no_think"] >= 0.95, comp
     printed = capsys.readouterr().out
     assert "step 160/160" in printed and "mode compliance: think" in printed
+    assert manifest["metrics"]["segment_attention"] is True and "time split (s): data" in printed
+    assert "r4b_segments" not in (out / "config.json").read_text()  # a training-time setting only
     assert json.loads((out / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
     # rerun with the same config: skipped in seconds from the manifest
     t0 = time.time()
     again = run_anneal(cfg, str(data), str(base), str(out))
     assert again["skipped"] is True and again["config_hash"] == manifest["config_hash"]
     assert time.time() - t0 < 5
+
+
+def test_attention_path_and_row_padding_leave_the_loss_curve_unchanged(tmp_path, one_thread, capsys):
+    """Segment attention + rows padded to the longest (the default) trains exactly what the 4D mask
+    + rows of pack_length did; the manifest says where the time went."""
+    from r4b_core.anneal import PHASES, run_anneal
+
+    runs = {}
+    for name, extra in (("auto", {}), ("mask", {"attention": "mask", "pad_to": "pack_length"})):
+        cfg, data, base, _ = make_run(tmp_path, steps=6, **extra)
+        runs[name] = run_anneal(cfg, str(data), str(base), str(tmp_path / name / "model"))
+    printed = capsys.readouterr().out
+    assert "attention: per-sample segments (max logit difference to the 4D mask" in printed
+    assert "attention: 4D block mask (anneal.attention=mask)" in printed
+    auto, mask = runs["auto"], runs["mask"]
+    assert auto["metrics"]["segment_attention"] is True and mask["metrics"]["segment_attention"] is False
+    assert auto["config_hash"] == mask["config_hash"]  # neither knob changes what is trained
+    for a, b in zip(auto["loss_curve"], mask["loss_curve"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    assert auto["metrics"]["padding_waste"] < mask["metrics"]["padding_waste"]  # rows end at the longest
+    for m in (auto, mask):
+        met = m["metrics"]
+        for key in ("time_split_s", "time_split_cpu_s"):
+            assert list(met[key]) == list(PHASES) and min(met[key].values()) >= 0
+            assert met[key]["forward"] > 0 and met[key]["backward"] > 0
+        assert sum(met["time_split_s"].values()) <= met["train_s"] + 0.05
+        assert sum(met["time_split_cpu_s"].values()) <= met["train_cpu_s"] + 0.05
 
 
 def _write_bad_data(path: Path, good: Path) -> None:

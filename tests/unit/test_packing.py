@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4b_core.training.packing import (IGNORE_INDEX, MODE_DIRECT, MODE_THINK, Sample, block_causal_mask, collate,
-                                       pack_first_fit, padding_waste)
+from r4b_core.training.packing import (IGNORE_INDEX, MODE_DIRECT, MODE_THINK, SEGMENT_ATTENTION, Sample,
+                                       block_causal_mask, collate, pack_first_fit, padding_waste, segment_bounds,
+                                       use_segment_attention)
 
 
 @given(st.lists(st.integers(1, 64), max_size=60), st.integers(64, 200))
@@ -47,7 +48,8 @@ def test_collate_layout_positions_labels_mask_and_images():
     c = _sample([31, 32], 1, MODE_DIRECT)
     batch = collate([[a, b], [c]], pad_id=0, length=8)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22, 23, 0], [31, 32, 0, 0, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3, 4, 5]]
+    # positions restart per sample; a pad tail continues the row's last sample (one segment with it)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7]]
     assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100], [-100, 32] + [-100] * 6]
     assert batch["token_mode"].tolist() == [[0, 0, 0, 0, 1, 1, 1, -1], [1, 1] + [-1] * 6]
     assert torch.equal(batch["pixel_values"], torch.cat([img_a, img_b]))  # token order
@@ -63,6 +65,22 @@ def test_collate_layout_positions_labels_mask_and_images():
 def test_collate_refuses_a_row_longer_than_length():
     with pytest.raises(ValueError, match="row 0 holds 5 tokens > length 4"):
         collate([[_sample([1, 2, 3], 1, 0), _sample([4, 5], 1, 0)]], pad_id=0, length=4)
+
+
+def test_collate_without_mask_for_segment_attention():
+    a, b = _sample([11, 12, 13], 1, MODE_THINK), _sample([21, 22], 1, MODE_DIRECT)
+    with_mask = collate([[a, b]], pad_id=0, length=6)
+    bare = collate([[a, b]], pad_id=0, length=6, mask=False)
+    assert "attention_mask" not in bare and "attention_mask" in with_mask
+    assert {k: v.tolist() for k, v in bare.items()} == {k: v.tolist() for k, v in with_mask.items() if k != "attention_mask"}
+
+
+def test_segment_bounds_come_from_position_id_restarts():
+    a, b, c = _sample([1, 2, 3], 1, 0), _sample([4, 5, 6, 7], 1, 0), _sample([8, 9], 1, 0)
+    batch = collate([[a, b], [c]], pad_id=0, length=9, mask=False)
+    # row 0: a, then b with the pad tail; row 1: c with its pad tail (one segment: plain padding)
+    assert segment_bounds(batch["position_ids"]) == [[(0, 3), (3, 9)], [(0, 9)]]
+    assert segment_bounds(torch.zeros(1, 3, dtype=torch.long)) == [[(0, 1), (1, 2), (2, 3)]]
 
 
 def test_block_mask_matches_plain_causal_for_one_segment():
@@ -93,7 +111,7 @@ def tiny(tmp_path_factory):
 
 def _logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                      position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values")).logits
 
 
@@ -141,3 +159,69 @@ def test_padded_batch_logits_equal_each_sample_alone(tiny):
     for k, s in enumerate(samples):
         alone = _logits(model, collate([[s]], pad))[0]
         assert torch.allclose(out[k, :len(s)], alone, atol=1e-4)
+
+
+def _loss_logits_grads(model, batch):
+    """Token-mean loss, logits and parameter gradients of one collated batch."""
+    import torch.nn.functional as F
+
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values")).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), logits.detach(), grads
+
+
+def test_segment_attention_gives_the_mask_paths_loss_logits_and_gradients(tiny):
+    model, processor, samples = tiny
+    pad = processor.tokenizer.pad_token_id
+    rows = [samples[:3], samples[3:]]
+    try:
+        use_segment_attention(model, False)
+        ref_loss, ref_logits, ref_grads = _loss_logits_grads(model, collate(rows, pad, length=256))
+        assert use_segment_attention(model, True) == "sdpa"
+        assert model.config.text_config._attn_implementation == SEGMENT_ATTENTION
+        assert model.config.vision_config._attn_implementation == "sdpa"  # one image: nothing to separate
+        bare = collate(rows, pad, length=256, mask=False)
+        loss, logits, grads = _loss_logits_grads(model, bare)
+        # each sample of the packed rows is what it is alone (the cross-sample check, segment path)
+        starts = [0, len(samples[0]), len(samples[0]) + len(samples[1]), 0]
+        for k, (row, s) in enumerate(zip([0, 0, 0, 1], samples)):
+            alone = _logits(model, collate([[s]], pad, mask=False))[0]
+            got = logits[row, starts[k]:starts[k] + len(s)]
+            assert torch.allclose(got, alone, atol=1e-4), f"sample {k}: max diff {(got - alone).abs().max():.2e}"
+        # plain padding (one sample + pad tail per row) takes the one-call path and agrees too
+        padded = _logits(model, collate([[s] for s in samples], pad, mask=False))
+        for k, s in enumerate(samples):
+            assert torch.allclose(padded[k, :len(s)], logits[[0, 0, 0, 1][k], starts[k]:starts[k] + len(s)], atol=1e-4)
+    finally:
+        use_segment_attention(model, False)
+    real = bare["token_mode"] >= 0
+    assert torch.allclose(logits[real], ref_logits[real], atol=1e-4)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 20
+    top = max(float(g.abs().max()) for g in ref_grads.values())
+    for name, g in grads.items():
+        # relative per tensor, with a floor for the ones whose exact gradient is zero (an attention
+        # key bias shifts every score of a query equally: softmax ignores it, only rounding is left)
+        scale = float(ref_grads[name].abs().max())
+        diff = float((g - ref_grads[name]).abs().max())
+        assert diff <= 1e-4 * scale + 1e-6 * top, f"{name}: {diff:.2e} vs {scale:.2e}"
+
+
+def test_segment_attention_is_not_saved_with_the_model(tiny, tmp_path):
+    from r4b_core.models.loading import load_model, save_model
+
+    model, processor, _ = tiny
+    try:
+        use_segment_attention(model, True)
+        save_model(model, processor, tmp_path / "m")
+    finally:
+        use_segment_attention(model, False)
+    assert SEGMENT_ATTENTION not in (tmp_path / "m" / "config.json").read_text()
+    reloaded, _ = load_model(tmp_path / "m")
+    assert reloaded.config.text_config._attn_implementation == "sdpa"
