@@ -18,6 +18,14 @@ from (request seed, sample index), so results are reproducible and independent o
 from (log_softmax(logits / T); T = 1 for greedy), which is what the BPO importance ratio needs.
 Generation stops at the EOS token (`<|im_end|>`): the EOS token is included in `token_ids` and
 `logprobs` (the policy chose to stop) but not in `text`.
+
+Speed (a small model's decode step is bound by the number of tensor ops, not by FLOPs): each
+request is encoded and prefilled once and its KV cache expanded to its n samples (BPO's 2g
+rollouts of a prompt share one prefill and one vision pass); decode steps of Llama/Qwen-style text
+models run through `_StaticDecoder` (preallocated KV cache, fused q|k|v and gate|up matmuls, checked
+once per module against the model's forward, else the model's own forward is used); sampling noise
+is drawn in blocks and transformed batch-wide; finished rows leave the batch. None of this changes a
+sample: tests compare against one-request-at-a-time generation and the model's own forward.
 """
 
 from __future__ import annotations
@@ -99,6 +107,7 @@ class HFEngine:
         self.eos_ids.add(self.tokenizer.convert_tokens_to_ids(modes.IM_END))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.suppress_ids = suppressed_token_ids(processor)
+        self._fast_checked: dict[int, bool] = {}      # id(model) -> static decoder verified
 
     # -- protocol --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
@@ -155,27 +164,30 @@ class HFEngine:
         finally:
             model.train(was_training)
 
-    def _text_step(self, model):
-        """A decode step without the multimodal wrapper: after the prefill no row has images left,
-        and for a LLaVA-style model the wrapper then only embeds the ids and applies the LM head to
-        the decoder's output — the same math, minus ~1 ms of per-call overhead per token. Models
-        that are not decoder + plain head (or cap their logits) take the full forward."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        text_cfg = getattr(model.config, "text_config", model.config)
-        plain = (decoder is not None and decoder is not model and head is not None
-                 and not getattr(text_cfg, "final_logit_softcapping", None)
-                 and not getattr(text_cfg, "logit_scale", None))
-        if not plain:
-            def step(ids, attn, pos, cache):
-                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-                return out.logits[:, -1, :], out.cache
-            return step
+    def _stepper(self, model, cache, attn, max_new: int):
+        """The decode-step implementation for this call: the static-cache decoder where the model
+        is a plain Llama/Qwen-style decoder and has passed its one-time check, else HF's forward."""
+        fast = _StaticDecoder.build(model, cache, attn, max_new)
+        if fast is None:
+            return _HFStepper(model, cache, attn)
+        if self._fast_checked.get(id(model)) is None:
+            # one step both ways, once per module: the fast path must give HF's logits
+            import copy
 
-        def step(ids, attn, pos, cache):
-            out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-            return head(out.last_hidden_state[:, -1, :]), out.cache
-        return step
+            import torch
+
+            feed = torch.ones((attn.shape[0], 1), dtype=torch.long, device=attn.device)
+            pos = attn.long().sum(-1, keepdim=True)
+            ref = _HFStepper(model, copy.deepcopy(cache), attn).step(feed, pos)
+            got = _StaticDecoder.build(model, cache, attn, max_new).step(feed, pos)
+            diff = float((ref.float() - got.float()).abs().max())
+            self._fast_checked[id(model)] = diff <= 1e-4
+            if diff > 1e-4:
+                import warnings
+
+                warnings.warn(f"HFEngine: the static-cache decoder differs from the model's forward by "
+                              f"{diff:.2e} on {type(model).__name__}; using the model's forward")
+        return fast if self._fast_checked[id(model)] else _HFStepper(model, cache, attn)
 
     def _decode(self, model, requests, rows) -> list[Completion]:
         """Prefill each distinct request once, expand its KV cache to its n samples, then decode
@@ -206,7 +218,7 @@ class HFEngine:
             logits = logits[owner]
         attn = attn[owner]
         next_pos = position_ids[owner, -1:] + 1
-        step_fn = self._text_step(model)
+        stepper = self._stepper(model, cache, attn, max(limits))
         sampler = _GumbelSampler(gens, temps, logits.shape[-1], max(limits))
         live = list(range(bsz))                         # original row of each batch position
         tokens: list[list[int]] = [[] for _ in range(bsz)]
@@ -235,12 +247,10 @@ class HFEngine:
                 # a finished row would keep costing compute; drop them once a quarter of the batch is done
                 keep = [k for k, b in enumerate(live) if not finish[b]]
                 sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                attn, next_pos, feed = attn[sel], next_pos[sel], feed[sel]
+                stepper.select(sel)
+                next_pos, feed = next_pos[sel], feed[sel]
                 live = [live[k] for k in keep]
-            attn = torch.cat([attn, torch.ones((len(live), 1), dtype=attn.dtype, device=self.device)], dim=1)
-            logits, cache = step_fn(feed, attn, next_pos, cache)
-            logits = logits.float()
+            logits = stepper.step(feed, next_pos).float()
             next_pos = next_pos + 1
         comps = []
         for b, (ri, _) in enumerate(rows):
@@ -252,6 +262,154 @@ class HFEngine:
                                     token_ids=ids, logprobs=logps[b], finish_reason=finish[b],
                                     prompt_token_ids=prompt_ids[b], policy_version=self.policy_version))
         return comps
+
+
+class _HFStepper:
+    """Decode steps through the model's own forward. For a LLaVA-style model the multimodal wrapper
+    is skipped: after the prefill no row has images left, and the wrapper then only embeds the ids
+    and applies the LM head to the decoder's output — the same math minus per-call overhead."""
+
+    def __init__(self, model, cache, attn):
+        self.cache, self.attn = cache, attn
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        text_cfg = getattr(model.config, "text_config", model.config)
+        self.plain = (decoder is not None and decoder is not model and head is not None
+                      and not getattr(text_cfg, "final_logit_softcapping", None)
+                      and not getattr(text_cfg, "logit_scale", None))
+        self.model, self.decoder, self.head = model, decoder, head
+
+    def select(self, idx) -> None:
+        self.cache.batch_select_indices(idx)
+        self.attn = self.attn[idx]
+
+    def step(self, ids, pos):
+        import torch
+
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        if self.plain:
+            out = self.decoder(input_ids=ids, attention_mask=self.attn, position_ids=pos, cache=self.cache, use_cache=True)
+            return self.head(out.last_hidden_state[:, -1, :])
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos, cache=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+
+class _StaticDecoder:
+    """Decode steps for Llama/Qwen2/Qwen3-style text decoders, written out with a preallocated KV
+    cache and the q|k|v and gate|up projections fused into one matmul each: a decode step of a small
+    model is bound by the number of tensor ops, and this does about half of HF's (no cache
+    concatenation, no mask rebuilding, no module dispatch). Same math as the modules (RMSNorm in
+    float32, rotary embedding, GQA attention over the prefix and the tokens so far); HFEngine checks
+    it against the model's forward once per module before trusting it. `build` returns None for
+    anything it does not recognise (other block types, sliding windows, dynamic RoPE, biases in o/mlp)."""
+
+    @classmethod
+    def build(cls, model, cache, attn, max_new: int):
+        try:
+            dec = model.get_decoder()
+            head = model.get_output_embeddings()
+            layers = list(dec.layers)
+            rope = dec.rotary_emb
+            cfg = dec.config
+        except AttributeError:
+            return None
+        text_cfg = getattr(model.config, "text_config", model.config)
+        if (dec is model or head is None or not layers or getattr(rope, "rope_type", None) not in ("default", "linear")
+                or getattr(text_cfg, "final_logit_softcapping", None) or getattr(text_cfg, "logit_scale", None)
+                or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+                or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+                or len(getattr(cache, "layers", [])) != len(layers)):
+            return None
+        for layer in layers:
+            at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if (at is None or mlp is None or not all(hasattr(at, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                    or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+                    or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
+                    or len({at.q_proj.bias is None, at.k_proj.bias is None, at.v_proj.bias is None}) > 1
+                    or at.o_proj.bias is not None or mlp.down_proj.bias is not None
+                    or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None
+                    or getattr(at, "sliding_window", None)
+                    or not all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm))):
+                return None
+        return cls(dec, head, layers, cache, attn, max_new)
+
+    def __init__(self, dec, head, layers, cache, attn, max_new: int):
+        import torch
+
+        self.dec, self.head, self.layers = dec, head, layers
+        self.head_dim = layers[0].self_attn.head_dim
+        self.scaling = [l.self_attn.scaling for l in layers]
+        self.qkv, self.splits, self.gate_up, self.inter = [], [], [], []
+        for l in layers:
+            at = l.self_attn
+            ws = [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]
+            bs = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
+            self.qkv.append((torch.cat(ws), torch.cat(bs) if all(b is not None for b in bs) else None))
+            self.splits.append([w.shape[0] for w in ws])
+            self.gate_up.append(torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]))
+            self.inter.append(l.mlp.gate_proj.weight.shape[0])
+        rows, prefix = attn.shape
+        self.t = prefix                                    # next cache slot
+        self.mask = torch.zeros((rows, prefix + max_new), dtype=torch.bool, device=attn.device)
+        self.mask[:, :prefix] = attn.bool()
+        self.keys, self.values = [], []
+        for layer_cache in cache.layers:
+            k, v = layer_cache.keys, layer_cache.values       # [rows, kv_heads, prefix, head_dim]
+            kb = k.new_zeros((k.shape[0], k.shape[1], prefix + max_new, k.shape[3]))
+            vb = v.new_zeros((v.shape[0], v.shape[1], prefix + max_new, v.shape[3]))
+            kb[:, :, :prefix] = k
+            vb[:, :, :prefix] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+
+    @staticmethod
+    def _rms(x, norm):
+        import torch
+
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(dtype)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        import torch
+
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def select(self, idx) -> None:
+        self.mask = self.mask[idx]
+        self.keys = [k[idx] for k in self.keys]
+        self.values = [v[idx] for v in self.values]
+
+    def step(self, ids, pos):
+        import torch
+        import torch.nn.functional as F
+
+        rows, t, d = ids.shape[0], self.t, self.head_dim
+        h = self.dec.embed_tokens(ids[:, 0])                                    # [rows, hidden]
+        cos, sin = self.dec.rotary_emb(h, pos)                                  # [rows, 1, d]
+        self.mask[:, t] = True
+        mask = self.mask[:, None, None, :t + 1]
+        for i, layer in enumerate(self.layers):
+            at = layer.self_attn
+            w, b = self.qkv[i]
+            q, k, v = F.linear(self._rms(h, layer.input_layernorm), w, b).split(self.splits[i], dim=-1)
+            q, k, v = q.view(rows, -1, d), k.view(rows, -1, d), v.view(rows, -1, d)
+            if getattr(at, "q_norm", None) is not None:
+                q, k = self._rms(q, at.q_norm), self._rms(k, at.k_norm)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)            # [rows, heads, d]
+            self.keys[i][:, :, t] = k
+            self.values[i][:, :, t] = v
+            o = F.scaled_dot_product_attention(q[:, :, None], self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1],
+                                               attn_mask=mask, scale=self.scaling[i], enable_gqa=True)
+            h = h + at.o_proj(o.reshape(rows, -1))
+            gu = F.linear(self._rms(h, layer.post_attention_layernorm), self.gate_up[i])
+            n = self.inter[i]
+            h = h + layer.mlp.down_proj(F.silu(gu[:, :n]) * gu[:, n:])
+        self.t = t + 1
+        return self.head(self._rms(h, self.dec.norm))
 
 
 class _GumbelSampler:

@@ -85,6 +85,25 @@ def test_shared_prefill_and_dropping_finished_rows_do_not_change_results(tiny):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
 
 
+def test_static_cache_decoder_matches_the_models_forward(tiny):
+    """The engine decodes the tiny Qwen3 text model with its own static-cache step (checked once
+    against the model's forward); forcing the model's forward instead gives the same tokens and
+    logprobs within 1e-5, also while finished rows leave the batch."""
+    model, processor = tiny
+    reqs = [dataclasses.replace(r, temperature=t, n=4, seed=40 + i, max_new_tokens=k)
+            for i, (r, t, k) in enumerate(zip(_requests(), (1.0, 0.0, 1.2), (20, 7, 13)))]
+    fast_engine = HFEngine(model, processor)
+    fast = fast_engine.generate(reqs)
+    assert fast_engine._fast_checked == {id(model): True}
+    hf_engine = HFEngine(model, processor)
+    hf_engine._fast_checked[id(model)] = False              # as if the check had failed
+    slow = hf_engine.generate(reqs)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+    assert len({len(c.token_ids) for c in fast}) > 2
+    for a, b in zip(fast, slow):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
 def test_sampling_is_seeded_and_logprobs_follow_the_temperature(tiny):
     model, processor = tiny
     engine = HFEngine(model, processor)
