@@ -250,11 +250,16 @@ class RowStream:
 # Loss
 # ---------------------------------------------------------------------------------------------
 def token_losses(model, batch: dict, device, dtype=None) -> tuple[Any, Any, Any]:
-    """Per-token cross entropy (B, L-1) of the next-token targets, their mask, and their mode.
+    """Cross entropy of the next-token targets, their mask, and their mode (THINK / DIRECT).
 
-    A batch without `attention_mask` is for segment attention (training/packing.py); pixels take
-    `dtype` (the compute dtype), else the mask's dtype (SDPA wants the two equal).
+    With a 4D `attention_mask` in the batch: every position, shaped (B, L-1). Without one (segment
+    attention, training/packing.py) the rows are laid end to end as one sequence, which position ids
+    still cut into samples, and the LM head runs only where a target follows (`logits_to_keep`): the
+    1D results cover just those positions (mask all true). On the bi-mode mix that skips the head
+    and softmax for ~60 % of the tokens (prompts, images, pads). Pixels take `dtype` (the compute
+    dtype), else the mask's dtype (SDPA wants the two equal).
     """
+    import torch
     import torch.nn.functional as F
 
     from r4b_core.training.packing import IGNORE_INDEX
@@ -263,12 +268,20 @@ def token_losses(model, batch: dict, device, dtype=None) -> tuple[Any, Any, Any]
     if "pixel_values" in batch:
         pixels, mask = batch["pixel_values"], inputs.get("attention_mask")
         inputs["pixel_values"] = pixels.to(device, dtype or (mask.dtype if mask is not None else pixels.dtype))
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(device)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
-    mask = labels != IGNORE_INDEX
-    return ce, mask, batch["token_mode"][:, 1:].to(device)
+    if "attention_mask" in inputs:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(device)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+        return ce, labels != IGNORE_INDEX, batch["token_mode"][:, 1:].to(device)
+    inputs = {k: v.reshape(1, -1) if k != "pixel_values" else v for k, v in inputs.items()}
+    labels = batch["labels"].reshape(-1)
+    # Logit p predicts token p + 1; a row's first token is a prompt token, so p + 1 never crosses rows.
+    keep = (labels[1:] != IGNORE_INDEX).nonzero().flatten()
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep.to(device)).logits[0].float()
+    targets = labels[keep + 1].to(device)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    return ce, torch.ones_like(targets, dtype=torch.bool), batch["token_mode"].reshape(-1)[keep + 1].to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,28 +365,39 @@ def mode_compliance(model, processor, items: list, max_new_tokens: int, device, 
 # ---------------------------------------------------------------------------------------------
 # Attention and timing
 # ---------------------------------------------------------------------------------------------
-def choose_attention(model, samples: list, pad_id: int, pack_length: int) -> tuple[bool, str]:
-    """Segment attention (training/packing.py) where it gives the mask path's logits on a real pack
-    of two samples, else the 4D mask. Returns (segments on, a line saying which and why)."""
-    from r4b_core.training.packing import collate, segment_attention_max_diff, use_segment_attention
+def choose_attention(model, samples: list, pad_id: int, pack_length: int, device) -> tuple[bool, str]:
+    """Segment attention (training/packing.py) where it gives the 4D mask's per-token losses on
+    real packed rows, else the mask. Returns (segments on, a line saying which and why)."""
+    import torch
 
-    # Two samples sharing a row, images included when the data has any: the case that must not leak.
+    from r4b_core.training.packing import collate, use_segment_attention
+
+    # Two rows, the first holding two samples (the case that must not leak), images included when
+    # the data has any; the second row checks that rows laid end to end stay apart too.
     pool = [s for s in samples if s.pixel_values is not None] + [s for s in samples if s.pixel_values is None]
-    pair = next(([x, y] for x, y in zip(pool, pool[1:]) if len(x) + len(y) <= pack_length), pool[:1])
+    rows = next(([[x, y], [z]] for x, y, z in zip(pool, pool[1:], pool[2:]) if len(x) + len(y) <= pack_length),
+                [[s] for s in pool[:2]])
+    batch = collate(rows, pad_id)
+    bare = {k: v for k, v in batch.items() if k != "attention_mask"}
     was_training = model.training
     model.eval()  # no dropout: the two paths must see the same computation
     try:
-        diff = segment_attention_max_diff(model, collate([pair], pad_id))
+        with torch.no_grad():
+            use_segment_attention(model, False)
+            ref, mask, _ = token_losses(model, batch, device)
+            use_segment_attention(model, True)
+            got, _, _ = token_losses(model, bare, device)
+        diff = float((ref[mask] - got).abs().max())
     except Exception as exc:  # an architecture without position ids in its attention, an old transformers
         use_segment_attention(model, False)
         return False, f"attention: 4D block mask (segment attention failed: {str(exc).splitlines()[0][:160]})"
     finally:
         model.train(was_training)
-    if not diff <= 1e-3:
+    where = f"{sum(len(r) for r in rows)} samples in {len(rows)} rows"
+    if not diff <= 1e-4:
         use_segment_attention(model, False)
-        return False, (f"attention: 4D block mask (segment attention differs from it by {diff:.1e} on a "
-                       f"{len(pair)}-sample pack)")
-    return True, f"attention: per-sample segments (max logit difference to the 4D mask {diff:.1e} on a {len(pair)}-sample pack)"
+        return False, f"attention: 4D block mask (segment attention's token losses differ from it by {diff:.1e} on {where})"
+    return True, f"attention: per-sample segments (token losses within {diff:.1e} of the 4D mask's on {where})"
 
 
 class _PhaseClock:
@@ -562,7 +586,8 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
             segments, line = False, "attention: 4D block mask (anneal.attention=mask)"
             if a.attention == "auto":
-                segments, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length)
+                segments, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length,
+                                                  device)
             console.print(line)
             groups = param_groups(model, a.optim)
             optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)

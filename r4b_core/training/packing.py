@@ -22,8 +22,8 @@ Two ways to keep samples apart in attention, giving the same logits (tests/unit/
   attention function registered with transformers finds each sample from `position_ids` (a new
   sample starts where the position is 0) and runs causal SDPA per sample, the cu_seqlens idea of
   varlen flash-attention on any device. A sample of n tokens costs n^2, not n x L. The anneal stage
-  uses it after checking on a real pack that it gives the mask path's logits
-  (`segment_attention_max_diff`), and falls back to the mask otherwise.
+  uses it after checking on real packed rows that it gives the mask path's per-token losses, and
+  falls back to the mask otherwise (anneal.choose_attention).
 """
 
 from __future__ import annotations
@@ -166,11 +166,11 @@ def segment_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
                  **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: causal attention inside each segment of each row.
 
-    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D). A row holding one sample and a
-    pad tail (plain padding) is one batched causal call: with right padding a real token never
-    reaches a pad key, so only pad positions (no loss, never attended to) differ from the mask
-    path. A packed row's pad tail is part of its last segment (`collate` continues its positions)
-    for the same reason. Anything else this function is not for (a mask given, a KV cache, no position ids) goes
+    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D); B is 1 when the anneal loop
+    lays a micro-batch's rows end to end. A row's pad tail is part of its last segment (`collate`
+    continues its positions): with right padding a real token never reaches a pad key, so only pad
+    positions (no loss, never attended to) differ from the mask path. Segments of one length (plain
+    padding: every row one sample + pads) go through one batched causal call. Anything else this function is not for (a mask given, a KV cache, no position ids) goes
     to transformers' SDPA unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -185,18 +185,21 @@ def segment_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     B, H, _, D = query.shape
-    bounds = segment_bounds(position_ids.expand(B, -1))
+    sizes = [e - s for row in segment_bounds(position_ids.expand(B, -1)) for s, e in row]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if all(len(row) == 1 for row in bounds):  # one sample (+ pad tail) per row: one call
-        out = sdpa(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout)
-        return out.transpose(1, 2).contiguous(), None
-    # Rows laid end to end (segments never cross rows) and cut with `split`: its backward is one
-    # concatenation, where slicing would add every segment's gradient into a zeroed full-size copy.
-    sizes = [e - s for row in bounds for s, e in row]
-    flat = [t.transpose(0, 1).reshape(1, H, B * L, D).split(sizes, dim=2) for t in (query, key, value)]
-    parts = [sdpa(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout) for q, k, v in zip(*flat)]
-    out = torch.cat(parts, dim=2).view(H, B, L, D)
-    return out.permute(1, 2, 0, 3).contiguous(), None
+    # Rows laid end to end, (H, B*L, D): segments never cross rows.
+    q, k, v = (t.transpose(0, 1).reshape(H, B * L, D) for t in (query, key, value))
+    if len(set(sizes)) == 1:  # equal segments (padded rows): one batched call
+        S, n = len(sizes), sizes[0]
+        q, k, v = (t.view(H, S, n, D).transpose(0, 1) for t in (q, k, v))
+        out = sdpa(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout).transpose(0, 1).reshape(H, B * L, D)
+    else:
+        # `split`, not slicing: its backward is one concatenation, where slices would each add
+        # their gradient into a zeroed full-size copy.
+        parts = [sdpa(a[None], b[None], c[None], is_causal=True, scale=scaling, dropout_p=dropout)[0]
+                 for a, b, c in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))]
+        out = torch.cat(parts, dim=1)
+    return out.view(H, B, L, D).permute(1, 2, 0, 3).contiguous(), None
 
 
 def _text_config(model):
@@ -220,23 +223,3 @@ def use_segment_attention(model, on: bool = True) -> str:
     before = config._attn_implementation
     config._attn_implementation = SEGMENT_ATTENTION if on else ("sdpa" if before == SEGMENT_ATTENTION else before)
     return before
-
-
-def segment_attention_max_diff(model, batch: dict[str, torch.Tensor]) -> float:
-    """Largest |logit difference| on real tokens between the mask path and segment attention.
-
-    `batch` is a `collate` result with its mask. The model is left with segment attention on.
-    """
-    device = next(model.parameters()).device
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
-
-    def logits(mask):
-        with torch.no_grad():
-            return model(**inputs, attention_mask=mask, use_cache=False).logits.float()
-
-    use_segment_attention(model, False)
-    ref = logits(batch["attention_mask"].to(device))
-    use_segment_attention(model, True)
-    got = logits(None)
-    real = (batch["token_mode"] >= 0).to(device)
-    return float((ref - got).abs()[real].max())

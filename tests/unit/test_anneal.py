@@ -181,7 +181,7 @@ def test_attention_path_and_row_padding_leave_the_loss_curve_unchanged(tmp_path,
         cfg, data, base, _ = make_run(tmp_path, steps=6, **extra)
         runs[name] = run_anneal(cfg, str(data), str(base), str(tmp_path / name / "model"))
     printed = capsys.readouterr().out
-    assert "attention: per-sample segments (max logit difference to the 4D mask" in printed
+    assert "attention: per-sample segments (token losses within" in printed and "3 samples in 2 rows" in printed
     assert "attention: 4D block mask (anneal.attention=mask)" in printed
     auto, mask = runs["auto"], runs["mask"]
     assert auto["metrics"]["segment_attention"] is True and mask["metrics"]["segment_attention"] is False

@@ -225,3 +225,24 @@ def test_segment_attention_is_not_saved_with_the_model(tiny, tmp_path):
     assert SEGMENT_ATTENTION not in (tmp_path / "m" / "config.json").read_text()
     reloaded, _ = load_model(tmp_path / "m")
     assert reloaded.config.text_config._attn_implementation == "sdpa"
+
+
+def test_anneal_token_losses_with_rows_end_to_end_equal_the_mask_paths(tiny):
+    """The training loss of segment attention: rows laid end to end, the LM head only where a
+    target follows; the same per-token losses and modes as the 4D-mask path, in the same order."""
+    from r4b_core.anneal import token_losses
+
+    model, processor, samples = tiny
+    pad = processor.tokenizer.pad_token_id
+    batch = collate([samples[:3], samples[3:]], pad, length=256)
+    with torch.no_grad():
+        ref, mask, ref_mode = token_losses(model, batch, torch.device("cpu"))
+        try:
+            use_segment_attention(model, True)
+            got, got_mask, got_mode = token_losses(model, collate([samples[:3], samples[3:]], pad, mask=False),
+                                                   torch.device("cpu"))
+        finally:
+            use_segment_attention(model, False)
+    assert got.shape == (sum(s.n_target for s in samples),) and bool(got_mask.all())
+    assert torch.allclose(got, ref[mask], atol=1e-5)
+    assert torch.equal(got_mode, ref_mode[mask]) and set(got_mode.tolist()) == {MODE_THINK, MODE_DIRECT}
