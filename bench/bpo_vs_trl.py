@@ -1,6 +1,6 @@
 """Seconds per optimizer step: our BPO step (in-process HF engine) vs TRL's GRPOTrainer (use_vllm=False).
 
-    .venv/bin/python bench/bpo_vs_trl.py [--steps 6 --warmup 2 --prompts 4 --group 4 --max-new 32]
+    .venv/bin/python bench/bpo_vs_trl.py [--steps 6 --warmup 2 --prompts 4 --group 4 --max-new 32 --rounds 2]
 
 Same tiny VLM (random init, the project's LLaVA-style toy), same synthetic visual-math prompts with
 their images, same rollouts per prompt (TRL num_generations = our 2g), same maximum completion
@@ -14,8 +14,11 @@ excluded. TRL's loss is its default (dapo: token-level, normalised over the batc
 Zero-variance groups are trained on both sides (our default drops them, which TRL does not do;
 `--drop-zero-variance` shows that too).
 
-Prints the per-step figures of each side (wall and CPU seconds), our step-time split, and ends with
-`bpo_vs_trl ratio=X` (ours / TRL; goal <= 0.5).
+Both sides use AdamW with the fused kernel (TRL's default `adamw_torch_fused`; ours through
+`bpo.make_optimizer`, as the stage). The sides run in `--rounds` rounds that alternate which goes
+first, so drifting load on a shared machine hits both. Prints the per-round and pooled per-step
+figures of each side (wall and CPU seconds), our step-time split, and ends with
+`bpo_vs_trl ratio=X` (mean ours / mean TRL over all timed steps; goal <= 0.5).
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[fl
     from r4b_core.models.loading import load_model
     from r4b_core.rewards import RewardScorer
     from r4b_core.rollout.hf import HFEngine
-    from r4b_core.training.optim import param_groups
 
     cfg = RunConfig.model_validate({"bpo": {
         "algorithm": a.algorithm, "prompts_per_step": a.prompts, "group_size": a.group, "temperature": 1.0,
@@ -69,7 +71,7 @@ def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[fl
     model, processor = load_model(str(model_dir))
     model.eval()
     prompts = [bpo.Prompt(r, im) for r, im in zip(records, images)]
-    opt = torch.optim.AdamW(param_groups(model, cfg.bpo.optim), betas=tuple(cfg.bpo.optim.betas))
+    opt = bpo.make_optimizer(model, cfg.bpo)                # the stage's own optimizer
     walls, cpus, splits = [], [], []
     with RewardScorer() as scorer:
         engine = HFEngine(model, processor)
@@ -132,6 +134,10 @@ def time_trl(model_dir: Path, records, images, a, out_dir: Path) -> tuple[list[f
         trainer.train()
     finally:
         scorer.close()
+    opt = trainer.optimizer
+    opt = getattr(opt, "optimizer", opt)
+    print(f"TRL optimizer: {type(opt).__name__} (fused={opt.defaults.get('fused')}, "
+          f"foreach={opt.defaults.get('foreach')})")
     spans = [(marks[i + 1][0] - marks[i][0], marks[i + 1][1] - marks[i][1]) for i in range(0, len(marks) - 1, 2)]
     spans = spans[a.warmup:]
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -148,6 +154,7 @@ def main() -> int:
     p.add_argument("--max-new", type=int, default=32, help="max new tokens of every rollout")
     p.add_argument("--micro-batch", type=int, default=32, help="our trainer micro-batch")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    p.add_argument("--rounds", type=int, default=2, help="TRL/ours rounds, alternating which goes first")
     p.add_argument("--algorithm", default="bpo", choices=["bpo", "grpo"], help="our side's algorithm")
     p.add_argument("--drop-zero-variance", action="store_true",
                    help="our default: skip groups whose rewards are all equal (TRL trains on them)")
@@ -156,14 +163,32 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    trl_w, trl_c, our_w, our_c, splits, lengths = [], [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="r4b-bench-") as tmp:
         tmp = Path(tmp)
         model_dir, records, images = build(tmp, a.prompts)
         records, images = records[:max(a.prompts * 4, 16)], images[:max(a.prompts * 4, 16)]
         print(f"setup: {a.prompts} prompts x {2 * a.group} rollouts, max {a.max_new} new tokens, "
-              f"{a.threads} torch thread(s), {a.steps} timed steps after {a.warmup} warm-up")
-        trl_w, trl_c, trl_info = time_trl(model_dir, records, images, a, tmp / "trl")
-        our_w, our_c, splits = time_ours(model_dir, records, images, a)
+              f"{a.threads} torch thread(s), {a.steps} timed steps after {a.warmup} warm-up, {a.rounds} "
+              f"round(s) alternating which side goes first; load average {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} cores")
+        for r in range(a.rounds):
+            # alternate the order: on a shared machine the load drifts, and each side gets both slots
+            for side in (("trl", "ours") if r % 2 == 0 else ("ours", "trl")):
+                if side == "trl":
+                    w, c, info = time_trl(model_dir, records, images, a, tmp / f"trl{r}")
+                    trl_w += w
+                    trl_c += c
+                    lengths.append(info["mean_completion_length"])
+                else:
+                    w, c, sp = time_ours(model_dir, records, images, a)
+                    our_w += w
+                    our_c += c
+                    splits += sp
+            print(f"round {r}: TRL {statistics.mean(trl_w[-a.steps:]):.3f} s/step, ours "
+                  f"{statistics.mean(our_w[-a.steps:]):.3f} s/step, ratio "
+                  f"{statistics.mean(our_w[-a.steps:]) / statistics.mean(trl_w[-a.steps:]):.3f} "
+                  f"(load average {os.getloadavg()[0]:.1f})")
 
     def show(name, w, c):
         print(f"{name:>5}: {statistics.mean(w):.3f} s/step wall (median {statistics.median(w):.3f}), "
@@ -171,7 +196,7 @@ def main() -> int:
 
     show("TRL", trl_w, trl_c)
     show("ours", our_w, our_c)
-    print(f"TRL mean completion length {trl_info['mean_completion_length']}")
+    print(f"TRL mean completion length {statistics.mean(x for x in lengths if x is not None):.2f}")
     keys = sorted({k for s in splits for k in s})
     print("our step split (mean): " + ", ".join(f"{k}={statistics.mean(s.get(k, 0.0) for s in splits):.3f}"
                                                for k in keys))
