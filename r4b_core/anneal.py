@@ -643,6 +643,9 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             tokens_this_run = slots_this_run = 0
             clock = _PhaseClock(torch.cuda.synchronize if cuda else None)
             row_length = a.pack_length if a.pad_to == "pack_length" else None
+            # Packed rows under segment attention need no pads at all: the micro-batch's samples run
+            # end to end as one sequence (position ids keep them apart), as first-fit grouped them.
+            padding_free = a.packing and segments and row_length is None
             while step < a.steps:
                 t0 = time.time()
                 clock.mark()
@@ -654,8 +657,10 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
                 for m in range(a.grad_accum):
                     micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
-                    batch = collate([[samples[i] for i in row] for row in micro], pad_id, length=row_length,
-                                    mask_dtype=compute_dtype, mask=not segments)
+                    layout = [[samples[i] for i in row] for row in micro]
+                    if padding_free:
+                        layout = [[s for row in layout for s in row]]
+                    batch = collate(layout, pad_id, length=row_length, mask_dtype=compute_dtype, mask=not segments)
                     clock.lap("data")
                     last = m == a.grad_accum - 1
                     sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()

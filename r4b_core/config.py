@@ -180,13 +180,14 @@ class AnnealConfig(Section):
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     packing: bool = True
-    # -- row length of a micro-batch: "longest" pads to its longest row; "pack_length" pads every row
-    # to pack_length (static shapes; with packing off, the fixed-length padding of the SFT benchmark).
-    # Padding never changes the loss, so it is not part of the stage's identity.
+    # -- row length of a micro-batch: "longest" pads to its longest row (packed rows under segment
+    # attention run end to end with no pad at all); "pack_length" pads every row to pack_length
+    # (static shapes; with packing off, the fixed-length padding of the SFT benchmark). Padding
+    # never changes the loss, so it is not part of the stage's identity.
     pad_to: Literal["longest", "pack_length"] = "longest"
     # -- how packed samples are kept apart: "auto" runs attention per sample (boundaries from the
-    # position ids) after a start-up check that it gives the 4D mask's logits, else the mask; "mask"
-    # always uses the 4D block-diagonal mask. Same loss either way (not part of the identity).
+    # position ids) after a start-up check that it gives the 4D mask's token losses, else the mask;
+    # "mask" always uses the 4D block-diagonal mask. Same loss either way (not part of the identity).
     attention: Literal["auto", "mask"] = "auto"
     optim: OptimConfig = OptimConfig()
     distributed: DistributedConfig = DistributedConfig()
