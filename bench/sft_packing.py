@@ -9,8 +9,10 @@ R-4B's annealing data). All sides get the same token budget per micro-batch (mic
 pack_length slots for packing; as many samples as fit it at the data set's longest sample for
 padding: the same memory bound) and the same attention code (`anneal.attention=auto`).
 
-    packed   `micro_batch_size` rows of up to `pack_length` tokens, samples packed first-fit, each
-             sample attending only to itself; rows end at the micro-batch's longest row.
+    packed   samples grouped first-fit into `micro_batch_size` rows of up to `pack_length` tokens;
+             the micro-batch's samples then run end to end with no pad, each attending only to
+             itself (per-sample attention, boundaries from the position ids; the LM head only
+             where a target follows, as on every side).
     fixed    plain padding: one sample per row, every row padded to one fixed length, the data
              set's longest sample (`pad_to=pack_length` with pack_length = that length: the
              shortest fixed length that truncates nothing). This is the baseline of the last line.
