@@ -22,10 +22,11 @@ padding: the same memory bound) and the same attention code (`anneal.attention=a
              rows of exactly pack_length, for the before/after of the packed path.
 
 Why the last line is against fixed padding: the issue asks for "packing vs plain padding", and
-plain padding, the simplest thing an SFT script does, pads every sample to one length. Against
-dynamic padding the ratio is bounded by the real-token shares, (1 - packed waste) / (1 - dynamic
-waste), at equal cost per token slot (printed too), because dynamic padding already removes much of
-the waste that packing removes.
+plain padding, the simplest thing an SFT script does, pads every sample to one length. Dynamic
+padding already removes much of the waste that packing removes: at equal cost per token slot the
+ratio against it could reach the real-token shares, (1 - packed waste) / (1 - dynamic waste)
+(printed), and it stays below that because part of the cost follows real tokens, not slots (the
+vision tower per image, the LM head per target, attention per sample).
 
 Effective tokens are non-pad tokens; waste is the pad share of all token slots. Tokens per second
 are per second of compute: the training loop's CPU seconds with one torch thread (the default),
