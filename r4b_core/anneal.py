@@ -396,7 +396,8 @@ def choose_attention(model, samples: list, pad_id: int, pack_length: int, device
     where = f"{sum(len(r) for r in rows)} samples in {len(rows)} rows"
     if not diff <= 1e-4:
         use_segment_attention(model, False)
-        return False, f"attention: 4D block mask (segment attention's token losses differ from it by {diff:.1e} on {where})"
+        return False, (f"attention: 4D block mask (segment attention's token losses differ from it by "
+                       f"{diff:.1e} on {where})")
     return True, f"attention: per-sample segments (token losses within {diff:.1e} of the 4D mask's on {where})"
 
 

@@ -170,8 +170,9 @@ def segment_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     lays a micro-batch's rows end to end. A row's pad tail is part of its last segment (`collate`
     continues its positions): with right padding a real token never reaches a pad key, so only pad
     positions (no loss, never attended to) differ from the mask path. Segments of one length (plain
-    padding: every row one sample + pads) go through one batched causal call. Anything else this function is not for (a mask given, a KV cache, no position ids) goes
-    to transformers' SDPA unchanged.
+    padding: every row one sample + pads) go through one batched causal call. Anything this
+    function is not for (a mask given, a KV cache, no position ids) goes to transformers' SDPA
+    unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -72,7 +72,8 @@ def test_collate_without_mask_for_segment_attention():
     with_mask = collate([[a, b]], pad_id=0, length=6)
     bare = collate([[a, b]], pad_id=0, length=6, mask=False)
     assert "attention_mask" not in bare and "attention_mask" in with_mask
-    assert {k: v.tolist() for k, v in bare.items()} == {k: v.tolist() for k, v in with_mask.items() if k != "attention_mask"}
+    assert {k: v.tolist() for k, v in bare.items()} == {k: v.tolist() for k, v in with_mask.items()
+                                                        if k != "attention_mask"}
 
 
 def test_segment_bounds_come_from_position_id_restarts():
