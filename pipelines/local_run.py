@@ -114,8 +114,10 @@ def print_summary(summary: dict) -> None:
         table.add_row(r["stage"], "-" if r["seconds"] is None else f"{r['seconds']:.1f}", r["metric"], shown)
     console = Console()
     console.print(table)
-    console.print(f"report: {summary['report']}")
+    # soft_wrap: paths and the serve command stay on one line, copyable.
+    console.print(f"report: {summary['report']}", soft_wrap=True)
     if summary.get("deploy"):
-        console.print(f"deploy: {summary['deploy']}")
+        console.print(f"deploy: {summary['deploy']}", soft_wrap=True)
     if summary.get("log"):
-        console.print(f"full log (kfp.local's executor inputs and outputs, every line of every task): {summary['log']}")
+        console.print(f"full log (kfp.local's executor inputs and outputs, every line of every task): {summary['log']}",
+                      soft_wrap=True)
