@@ -79,7 +79,10 @@ def collect_summary(cfg: RunConfig) -> dict:
                      "value": pick(manifest, metrics) if manifest else None, "uri": prefix})
 
     row("data", layout.data_dir(cfg), "items", lambda m, _: sum((m.get("counts") or {}).values()) or None)
-    row("base model", layout.base_model_dir(cfg), "kind", lambda m, _: m.get("kind"))
+    if cfg.model.base == "tiny" and cfg.model.pretrain.steps > 0:
+        row("pretrain", layout.base_model_dir(cfg), "final loss", lambda _, x: x.get("loss"))
+    else:
+        row("base model", layout.base_model_dir(cfg), "kind", lambda m, _: m.get("kind"))
     row("curate", layout.stage_dir(cfg, "curate"), "reasoning ratio", lambda _, x: x.get("reasoning_ratio"))
     row("anneal", layout.model_dir(cfg, "anneal"), "final loss", lambda _, x: x.get("loss"))
     row("eval anneal", layout.eval_dir(cfg, "anneal"), "auto math accuracy", lambda _, x: x.get("auto/math/accuracy"))

@@ -41,8 +41,16 @@ def split_uri(cfg: RunConfig, split: str) -> str:
     return user or _join(data_dir(cfg), f"{split}.jsonl")
 
 
-def base_model_dir(cfg: RunConfig) -> str:
+def init_model_dir(cfg: RunConfig) -> str:
+    """The tiny model as built: tokenizer and random weights."""
     return _join(run_root(cfg), "base_model")
+
+
+def base_model_dir(cfg: RunConfig) -> str:
+    """The base every stage starts from: the pretrained tiny model when model.pretrain.steps > 0."""
+    if cfg.model.base == "tiny" and cfg.model.pretrain.steps > 0:
+        return model_dir(cfg, "pretrain")
+    return init_model_dir(cfg)
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> str:

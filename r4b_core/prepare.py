@@ -6,7 +6,8 @@
 - data: the seeded synthetic visual-math splits (train / rl / eval) with their images, or the user's
   JSONL URIs as given (validated later by the stages that read them).
 - base model: for `model.base: tiny`, a tokenizer trained on the training split and a randomly
-  initialised tiny LLaVA-style VLM saved as an HF folder; otherwise the HF id / URI as given.
+  initialised tiny LLaVA-style VLM saved as an HF folder, then pretrained to read and compute when
+  `model.pretrain.steps` > 0 (pretrain.py); otherwise the HF id / URI as given.
 
 Every part is skipped when its manifest exists with the same config hash.
 """
@@ -50,16 +51,19 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
     from r4b_core.data.synthetic import tokenizer_corpus
     from r4b_core.models.tiny import build_tiny_vlm
 
-    prefix = layout.base_model_dir(cfg)
+    prefix = layout.init_model_dir(cfg)
     model_hash = cfg.stage_hash("data")  # the tokenizer is trained on the data; model cfg is in the hash
-    if store.is_complete(prefix, model_hash):
-        return prefix
-    records = parse_jsonl(store.read_text(train_uri).splitlines(), train_uri).records
-    t0 = time.time()
-    with store.atomic_dir(prefix) as staging:
-        build_tiny_vlm(cfg.model.tiny, tokenizer_corpus(records), Path(staging), seed=cfg.seed)
-    store.commit(prefix, {"stage": "base_model", "config_hash": model_hash, "kind": "tiny",
-                          "tiny": cfg.model.tiny.model_dump(), "seconds": round(time.time() - t0, 2)})
+    if not store.is_complete(prefix, model_hash):
+        records = parse_jsonl(store.read_text(train_uri).splitlines(), train_uri).records
+        t0 = time.time()
+        with store.atomic_dir(prefix) as staging:
+            build_tiny_vlm(cfg.model.tiny, tokenizer_corpus(records), Path(staging), seed=cfg.seed)
+        store.commit(prefix, {"stage": "base_model", "config_hash": model_hash, "kind": "tiny",
+                              "tiny": cfg.model.tiny.model_dump(), "seconds": round(time.time() - t0, 2)})
+    if cfg.model.pretrain.steps > 0:
+        from r4b_core.pretrain import run_pretrain
+
+        return run_pretrain(cfg, store, train_uri, prefix)
     return prefix
 
 
