@@ -6,11 +6,17 @@ weights it loaded. A tied output layer (Qwen3-4B ties it to the input embedding)
 under its own name, so on CPU it keeps the matrix it packed at start-up and the server silently
 samples from stale logits. `r4b_refresh_output_layer` re-ties the head to the (new) embedding
 and re-packs it. Call it through `/collective_rpc` after every reload; it is cheap and correct for
-untied models too.
+untied models too. `r4b_reload_weights(weights_path)` does the reload and the refresh in one call.
 """
 
 
 class R4BWorkerExtension:
+    def r4b_reload_weights(self, weights_path: str):
+        """The worker's in-place `reload_weights` and `r4b_refresh_output_layer` in one RPC: a
+        weight sync pays one HTTP round trip for both (the sync is on BPO's critical path)."""
+        self.reload_weights(weights_path=weights_path)
+        return self.r4b_refresh_output_layer()
+
     def r4b_refresh_output_layer(self):
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
         from vllm.platforms import current_platform

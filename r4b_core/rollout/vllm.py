@@ -17,13 +17,15 @@ thread pool; each request's `seed` goes to vLLM's sampler.
 
 Weight sync (`update_weights`): the trainer's tensors are written as safetensors in vLLM's key
 layout into shared memory (`shm_dir`, else the server's `vllm.sync_dir`, else `$R4B_SHM_DIR`, else
-`/dev/shm`; on a cluster an emptyDir mounted in the trainer and the sidecar), then
-`POST /collective_rpc reload_weights` (dev mode), then the worker extension re-packs the output
-layer (the tied-embedding trap), then the encoder cache and the prefix cache are reset (vision
-embeddings and KV blocks computed with the old weights; a stale encoder-cache entry crashes the
-engine on the next request with the same image). Finally **verification**: greedy probe
-completions from the server are scored by the trainer's model (teacher-forced); if any per-token
-logprob differs by more than `sync_tolerance`, `WeightSyncError` names the difference.
+`/dev/shm`; on a cluster an emptyDir mounted in the trainer and the sidecar), then one
+`POST /collective_rpc r4b_reload_weights` (dev mode; the worker extension runs vLLM's in-place
+`reload_weights` and re-packs the output layer — the tied-embedding trap), then the encoder cache
+and the prefix cache are reset, both at once (vision embeddings and KV blocks computed with the old
+weights; a stale encoder-cache entry crashes the engine on the next request with the same image).
+Finally **verification**: one fixed probe (image, question, forced prefix and a fixed answer) is
+scored on the server in a single prefill (`prompt_logprobs`) while the trainer's model scores it
+too; if any position's logprob differs by more than `sync_tolerance`, `WeightSyncError` names the
+difference. The probe's encoding is computed once per engine.
 
 The image placeholder token is masked (logit_bias -100) as in HFEngine: see
 `hf.suppressed_token_ids`.
@@ -59,6 +61,7 @@ PASS_THROUGH_TEMPLATE = (
     "{%- endfor -%}{%- endif -%}{%- endfor -%}"
 )
 PROBE_QUESTIONS = ("What is 7 + 5?", "Which colour is the largest shape?")
+PROBE_ANSWER = "7 + 5 = 12\n</think>\n\nThe answer is 12."
 
 
 class VLLMEngineError(R4BError):
@@ -107,7 +110,8 @@ class VLLMEngine:
         self._shm_root = Path(shm_dir or cfg_dir) if (shm_dir or cfg_dir) else _default_shm_dir()
         self._sync_dir: Path | None = None
         self._probe_images = probe_images
-        self._probe_tokens = probe_tokens
+        self._probe_tokens = probe_tokens          # unused since the probe is teacher-forced; kept for callers
+        self._probe = None
         # The most negative bias vLLM accepts: e^-100 is below float32 resolution of any logprob.
         self._logit_bias = {str(t): -100 for t in suppressed_token_ids(processor)} if processor is not None else {}
         if not self.healthy():
@@ -148,7 +152,10 @@ class VLLMEngine:
 
     def _run_all(self, calls: list[tuple[Any, tuple]]) -> list[Any]:
         """Run calls on the pool; while waiting, check /health so a dead server fails fast."""
-        futures = [self._pool.submit(fn, *args) for fn, args in calls]
+        return self._wait([self._pool.submit(fn, *args) for fn, args in calls])
+
+    def _wait(self, futures: list[cf.Future]) -> list[Any]:
+        """Results of submitted calls; while waiting, check /health so a dead server fails fast."""
         pending = set(futures)
         while pending:
             done, pending = cf.wait(pending, timeout=self.health_every_s, return_when=cf.FIRST_EXCEPTION)
@@ -242,60 +249,98 @@ class VLLMEngine:
         return {"write_s": t1 - t0, "reload_s": t2 - t1}
 
     def reload_from(self, folder: str | Path, refresh_output_layer: bool = True) -> None:
-        """reload_weights RPC + output-layer refresh + cache resets on the server (no verification).
+        """Reload RPC (with the output-layer refresh) + cache resets on the server (no verification).
 
-        `refresh_output_layer=False` exists to demonstrate the tied-embedding trap in tests.
+        `refresh_output_layer=False` sends vLLM's bare `reload_weights`, to demonstrate the
+        tied-embedding trap in tests.
         """
         folder = str(Path(folder).absolute())
-        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}},
-                   f"reload_weights from {folder}")
         if refresh_output_layer:
-            refreshed = self._post("/collective_rpc", {"method": "r4b_refresh_output_layer"},
-                                   "r4b_refresh_output_layer")
+            # reload_weights + r4b_refresh_output_layer inside the worker: one round trip
+            refreshed = self._post("/collective_rpc", {"method": "r4b_reload_weights",
+                                                       "kwargs": {"weights_path": folder}},
+                                   f"r4b_reload_weights from {folder}")
             results = (refreshed or {}).get("results") or [{}]
             if not isinstance(results[0], dict) or not results[0].get("heads"):
                 raise WeightSyncError(f"vLLM server at {self.url}: the output-layer refresh found no LM head "
                                       f"({refreshed}); start the server with --worker-extension-cls "
                                       f"r4b_vllm_worker.R4BWorkerExtension (VLLMServer does)")
+        else:
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}},
+                       f"reload_weights from {folder}")
         # The scheduler still lists vision embeddings and KV blocks computed with the old weights:
         # without these resets a repeated image crashes the engine ("Encoder cache miss") and a
-        # repeated prompt prefix is served from stale KV.
-        self._post("/reset_encoder_cache", {}, "reset_encoder_cache")
-        reset = self._post("/reset_prefix_cache", {}, "reset_prefix_cache")
+        # repeated prompt prefix is served from stale KV. Independent: sent together.
+        _, reset = self._run_all([(self._post, ("/reset_encoder_cache", {}, "reset_encoder_cache")),
+                                  (self._post, ("/reset_prefix_cache", {}, "reset_prefix_cache"))])
+        deadline = time.monotonic() + self.health_timeout_s
+        while isinstance(reset, dict) and reset.get("success") is False and time.monotonic() < deadline:
+            # vLLM refuses while requests run: ones abandoned by an earlier failure may still be finishing
+            time.sleep(0.1)
+            reset = self._post("/reset_prefix_cache", {}, "reset_prefix_cache")
         if isinstance(reset, dict) and reset.get("success") is False:
             raise WeightSyncError(f"vLLM server at {self.url}: reset_prefix_cache refused (requests still "
                                   f"running?); weights were reloaded while rollouts were in flight")
 
     def probe_requests(self) -> list[GenerationRequest]:
-        """Fixed greedy prompts (one per forced mode, with an image) used to verify a sync."""
+        """The fixed verification probe: an image, a question, the forced thinking prefix and a
+        fixed answer (`PROBE_ANSWER`), all as prompt text (greedy, one new token)."""
         from PIL import Image
 
-        images = self._probe_images or [Image.new("RGB", (64, 64), (180, 40, 40)),
-                                        Image.new("RGB", (64, 64), (30, 90, 200))]
-        reqs = []
-        for i, (q, mode) in enumerate(zip(PROBE_QUESTIONS, (Mode.THINK, Mode.NO_THINK))):
-            im = images[i % len(images)]
-            reqs.append(GenerationRequest(prompt=modes.chat_prompt(q, 1, mode), images=[im], mode=mode,
-                                          max_new_tokens=self._probe_tokens, temperature=0.0, key=f"probe-{i}"))
-        return reqs
+        image = (self._probe_images or [Image.new("RGB", (64, 64), (180, 40, 40))])[0]
+        prompt = modes.chat_prompt(PROBE_QUESTIONS[0], 1, Mode.THINK) + PROBE_ANSWER
+        return [GenerationRequest(prompt=prompt, images=[image], mode=Mode.THINK, max_new_tokens=1,
+                                  temperature=0.0, key="probe")]
+
+    def _probe_inputs(self):
+        """(request, trainer-side processor output) of the probe, encoded once per engine."""
+        if self._probe is None:
+            req = self.probe_requests()[0]
+            images = load_images(req.images)
+            self._probe = (req, images, self.processor(text=[req.prompt], images=images, return_tensors="pt"))
+        return self._probe
 
     def verify(self, model, version: int | None = None) -> float:
-        """Max |logprob difference| between the server's greedy probe outputs and the trainer's
-        teacher-forced logprobs of the same tokens; raises WeightSyncError above the tolerance."""
-        from r4b_core.rollout.hf import teacher_forced_logprobs
+        """Max |logprob difference| between the server and the trainer's model on every position of
+        the fixed probe (image, question, forced prefix, answer), scored in one prefill on the server
+        (`prompt_logprobs`) while the trainer runs its own forward; raises WeightSyncError above the
+        tolerance or if the server tokenized the probe differently.
 
-        reqs = self.probe_requests()
-        comps = self.generate(reqs)
+        Teacher forcing a fixed text checks the same thing as scoring a generated one — every
+        position's full-vocabulary log-softmax depends on every weight — without a decode loop on
+        the server or a dependency between the two sides. Logprobs here are plain log_softmax(logits)
+        (prompt logprobs see no sampling processors), on both sides."""
+        import torch
+
+        req, images, enc = self._probe_inputs()
+        body = self._body(req, images)
+        body.update({"prompt_logprobs": 0, "logprobs": False})
+        body.pop("top_logprobs", None)
+        future = self._pool.submit(self._post, "/v1/chat/completions", body, "weight-sync probe")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(**{k: v.to(device) for k, v in enc.items()}).logits[0].float()
+        finally:
+            model.train(was_training)
+        ids = enc["input_ids"][0].tolist()
+        ours = torch.log_softmax(logits[:-1], dim=-1).gather(1, enc["input_ids"][0, 1:].to(device).unsqueeze(1))
+        resp = self._wait([future])[0]
+        server_ids = resp.get("prompt_token_ids") or []
+        if server_ids != ids:
+            raise WeightSyncError(f"weight sync: the server tokenized the probe differently from the trainer "
+                                  f"({len(server_ids)} vs {len(ids)} ids); the sidecar serves a different "
+                                  f"tokenizer or processor")
+        theirs = resp.get("prompt_logprobs") or []
+        if len(theirs) != len(ids):
+            raise VLLMEngineError(f"vLLM server at {self.url}: the probe returned {len(theirs)} prompt logprobs "
+                                  f"for {len(ids)} prompt tokens; the server must support prompt_logprobs")
         worst = 0.0
-        for req, comp in zip(reqs, comps):
-            ours = teacher_forced_logprobs(model, self.processor, req.prompt, req.images, comp.token_ids)
-            enc_ids = self.processor(text=[req.prompt], images=load_images(req.images),
-                                     return_tensors="pt")["input_ids"][0].tolist()
-            if comp.prompt_token_ids and comp.prompt_token_ids != enc_ids:
-                raise WeightSyncError(f"weight sync: the server tokenized probe {req.key!r} differently from the "
-                                      f"trainer ({len(comp.prompt_token_ids)} vs {len(enc_ids)} ids); the sidecar "
-                                      f"serves a different tokenizer or processor")
-            worst = max([worst] + [abs(a - b) for a, b in zip(ours, comp.logprobs)])
+        for t in range(1, len(ids)):
+            entry = theirs[t].get(str(ids[t])) or theirs[t].get(ids[t])
+            worst = max(worst, abs(float(entry["logprob"]) - float(ours[t - 1])))
         label = f"v{version}" if version is not None else "(check)"
         if worst > self.sync_tolerance:
             raise WeightSyncError(f"weight sync {label}: sidecar logprobs differ from the trainer's by max "

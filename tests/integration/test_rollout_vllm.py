@@ -110,6 +110,21 @@ def test_skipped_reload_fails_verification_loudly(engine, tiny):
     assert engine.policy_version == 0
 
 
+def test_probe_catches_a_change_in_the_vision_tower_alone(engine, tiny):
+    """The probe is scored on every position (image tokens included) in one prefill: weights that
+    only shape the image features are verified too, and a sync of them passes."""
+    model, _ = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "vision_tower" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    with pytest.raises(WeightSyncError, match="sidecar logprobs differ"):
+        engine.verify(policy, version=3)
+    engine.update_weights(policy, version=3)
+    assert engine.last_sync["max_abs_diff"] < 1e-4 and engine.policy_version == 3
+
+
 def test_eos_and_masked_image_token_after_sync_match_hf(engine, tiny):
     model, processor = tiny
     eos = processor.tokenizer.eos_token_id
