@@ -396,6 +396,7 @@ def hyperparameters(cfg: RunConfig) -> dict:
     """The settings that decide whether the effect appears (all of them are in the config too)."""
     return {
         "model.tiny": cfg.model.tiny.model_dump(mode="json"),
+        "model.pretrain": cfg.model.pretrain.model_dump(mode="json"),
         "data.synthetic": cfg.data.synthetic.model_dump(mode="json"),
         "curate": {k: getattr(cfg.curate, k) for k in ("num_samples", "max_correct_for_reasoning", "temperature",
                                                        "max_new_tokens", "annotator_train_steps")},

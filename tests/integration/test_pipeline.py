@@ -29,7 +29,7 @@ MICRO = [
     "anneal.compliance_samples=2", "anneal.checkpoint_every=2", "anneal.log_every=2",
     "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8", "bpo.engine=hf",
     "bpo.max_new_tokens_think=12", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2",
-    "eval.max_new_tokens=12", "eval.limit=6",
+    "eval.max_new_tokens=12", "eval.limit=6", "model.pretrain.steps=2", "model.pretrain.arithmetic_items=16",
 ]
 
 

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 MICRO = [
     "data.synthetic.train_size=24", "data.synthetic.rl_size=8", "data.synthetic.eval_size=4",
-    f"anneal.steps={STEPS}", "anneal.log_every=1", "anneal.checkpoint_every=100", "anneal.compliance_samples=2",
+    "model.pretrain.steps=0", f"anneal.steps={STEPS}", "anneal.log_every=1", "anneal.checkpoint_every=100", "anneal.compliance_samples=2",
     "anneal.optim.warmup_steps=1", "anneal.distributed.nproc_per_node=1", "anneal.pack_length=256",
     "bpo.steps=5", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8", "bpo.engine=hf",
     "bpo.max_new_tokens_think=8", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2", "bpo.probe_every=100",
