@@ -90,6 +90,7 @@ def main() -> int:
     import torch
 
     from r4b_core.config import VLLMConfig
+    from r4b_core.errors import R4BError
     from r4b_core.models.loading import load_model
     from r4b_core.rollout.hf import HFEngine
     from r4b_core.rollout.vllm import VLLMEngine
@@ -122,18 +123,26 @@ def main() -> int:
                         f"fp32, prefix caching on (vLLM default), one request per (prompt, mode) with n={a.n}, "
                         f"all requests in flight at once")
             t0 = time.perf_counter()
-            with VLLMServer(model_dir, vcfg) as server:
-                up = time.perf_counter() - t0
-                engine = VLLMEngine(server, processor)
-                try:
-                    v_rates, v_cpu, v_tok = measure(engine, prompts, a)
-                finally:
-                    engine.close()
+            try:
+                with VLLMServer(model_dir, vcfg) as server:
+                    up = time.perf_counter() - t0
+                    engine = VLLMEngine(server, processor)
+                    try:
+                        v_rates, v_cpu, v_tok = measure(engine, prompts, a)
+                    finally:
+                        engine.close()
+            except R4BError as exc:
+                # e.g. pinned threads on a loaded machine starve the API server until /health times out
+                print(f"vLLM sidecar ({settings}): failed: {str(exc).splitlines()[0]}")
+                continue
             print(f"vLLM sidecar ({settings}; up in {up:.0f} s): {statistics.mean(v_rates):8.1f} tokens/s "
                   f"({v_tok} tokens, {statistics.mean(v_cpu):.2f} s CPU per batch in this process, server CPU not "
                   f"counted; load average {os.getloadavg()[0]:.1f})")
             if statistics.mean(v_rates) > v_best:
                 v_best, v_label = statistics.mean(v_rates), label
+    if not v_best:
+        print("no vLLM setting completed")
+        return 1
     print(f"best HF {best:.1f} tokens/s; best vLLM {v_best:.1f} tokens/s ({v_label})")
     ratio = v_best / best
     print(f"rollout ratio={ratio:.2f}")

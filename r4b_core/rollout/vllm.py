@@ -244,17 +244,22 @@ class VLLMEngine:
                 old.unlink()
             write_safetensors(tensors, folder)
         t1 = time.perf_counter()
-        self.reload_from(folder)
+        server = self.reload_from(folder)
         t2 = time.perf_counter()
-        return {"write_s": t1 - t0, "reload_s": t2 - t1}
+        # reload_s: the whole RPC + resets as the trainer waits; server_reload_s: vLLM's in-place reload
+        # and the output-layer refresh inside the worker (the rest is HTTP and the cache resets)
+        return {"write_s": t1 - t0, "reload_s": t2 - t1,
+                "server_reload_s": float(server.get("reload_s", 0.0) + server.get("refresh_s", 0.0))}
 
-    def reload_from(self, folder: str | Path, refresh_output_layer: bool = True) -> None:
+    def reload_from(self, folder: str | Path, refresh_output_layer: bool = True) -> dict:
         """Reload RPC (with the output-layer refresh) + cache resets on the server (no verification).
+        Returns what the worker reported (LM heads refreshed, server-side seconds).
 
         `refresh_output_layer=False` sends vLLM's bare `reload_weights`, to demonstrate the
         tied-embedding trap in tests.
         """
         folder = str(Path(folder).absolute())
+        results: list = [{}]
         if refresh_output_layer:
             # reload_weights + r4b_refresh_output_layer inside the worker: one round trip
             refreshed = self._post("/collective_rpc", {"method": "r4b_reload_weights",
@@ -281,6 +286,7 @@ class VLLMEngine:
         if isinstance(reset, dict) and reset.get("success") is False:
             raise WeightSyncError(f"vLLM server at {self.url}: reset_prefix_cache refused (requests still "
                                   f"running?); weights were reloaded while rollouts were in flight")
+        return results[0] if isinstance(results[0], dict) else {}
 
     def probe_requests(self) -> list[GenerationRequest]:
         """The fixed verification probe: an image, a question, the forced thinking prefix and a

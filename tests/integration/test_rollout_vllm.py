@@ -83,7 +83,8 @@ def test_sync_perturbed_weights_verifies_and_changes_outputs(engine, tiny, tmp_p
             p.add_(torch.randn_like(p) * 0.05)
     engine.update_weights(policy, version=1)
     assert engine.policy_version == 1 and engine.last_sync["max_abs_diff"] < 1e-3
-    assert set(engine.last_sync) == {"write_s", "reload_s", "verify_s", "max_abs_diff"}
+    assert set(engine.last_sync) == {"write_s", "reload_s", "server_reload_s", "verify_s", "max_abs_diff"}
+    assert 0 < engine.last_sync["server_reload_s"] < engine.last_sync["reload_s"]
     after = engine.generate(reqs)
     assert all(c.policy_version == 1 for c in after)
     assert [c.token_ids for c in after] != [c.token_ids for c in before]
