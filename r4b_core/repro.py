@@ -11,6 +11,10 @@ follow the seed) it calls the stage functions in this process, no KFP:
             -> GRPO control from the same annealed model -> eval(grpo)          (repro.grpo_control)
             -> BPO with bpo.mode_token_trainable flipped -> eval(bpo-ablation)  (repro.mode_token_ablation)
 
+configs/repro.yaml switches on the two stand-ins the toy scale needs (docs/reproduction.md has the
+measurements behind them): a pretrained tiny base (`model.pretrain`, r4b_core/pretrain.py) and a
+simulated strong annotator at curation (`repro.annotator: simulated`, SimulatedAnnotator below).
+
 Every stage skips itself when its manifest matches, so a rerun only rebuilds the report. Seeds
 run one after another, or `repro.jobs` at a time as child processes (`r4b repro --seed-only`).
 Then `runs/<name>/repro/` gets `report.json` (every claim's figures and pass/fail per seed, the
