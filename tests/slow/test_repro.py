@@ -170,3 +170,63 @@ def test_cli_errors_are_one_line(tmp_path):
         "error: --seeds '0,x': expected comma-separated integers, e.g. --seeds 0,1"]
     proc = _run_cli(["repro", "--config", str(CONFIG), "--set", "repro.hard_difficulty=5"], tmp_path, timeout=120)
     assert proc.returncode == 2 and "repro.hard_difficulty=5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- fast: the simulated annotator ------------------------------------------------------------
+def _records():
+    from r4b_core.data.schema import Record
+
+    return [Record(id="p1", question="What colour is the first number?", answer="red", answer_type="text",
+                   category="perception", difficulty=1),
+            Record(id="m1", question="Compute A + B.", answer="7", category="math", difficulty=1,
+                   answer_type="integer"),
+            Record(id="m2", question="Compute A + B × C.", answer="43", category="math", difficulty=2,
+                   answer_type="integer")]
+
+
+def _answers(ann, rid, n=8, seed=0):
+    from r4b_core.rollout.base import GenerationRequest
+
+    return [c.text for c in ann.generate([GenerationRequest(prompt="?", key=rid, n=n, seed=seed)])]
+
+
+def test_simulated_annotator_answers_with_its_per_cell_accuracy_and_is_seeded():
+    ann = repro.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 0.0, "math": 0.5}, seed=3)
+    assert ann.p_correct(_records()[2]) == 0.5                 # no math/2 entry: the category's
+    assert _answers(ann, "p1") == ["red"] * 8
+    wrong = _answers(ann, "m1")
+    assert all(w != "7" and w.lstrip("-").isdigit() for w in wrong)   # wrong, but a number like the answer
+    many = [a == "43" for s in range(50) for a in _answers(ann, "m2", seed=s)]
+    assert 0.4 < sum(many) / len(many) < 0.6
+    assert _answers(ann, "m2", seed=7) == _answers(ann, "m2", seed=7)
+    colour_wrong = _answers(repro.SimulatedAnnotator(_records(), {"perception": 0.0, "math": 0.0}, 0), "p1")
+    assert all(c != "red" and c.isalpha() for c in colour_wrong)
+    with pytest.raises(repro.ReproError, match="no entry for math/2"):
+        repro.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 1.0}, 0).p_correct(_records()[2])
+
+
+def test_curation_with_the_simulated_annotator_labels_by_cell_and_skips_on_rerun(tmp_path):
+    from r4b_core.config import load_config
+    from r4b_core.curate import run_curate
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_all
+
+    cfg = load_config(CONFIG, [f"storage.root={tmp_path}", "data.synthetic.train_size=60",
+                               "data.synthetic.rl_size=4", "data.synthetic.eval_size=4"])
+    raw = generate_all(cfg.data.synthetic, tmp_path / "data")["train"]
+    records = read_jsonl(raw).records
+    ann = repro.SimulatedAnnotator(records, {"perception": 1.0, "math/1": 1.0, "math/2": 0.0}, seed=0)
+    out = str(tmp_path / "curate" / "sft.jsonl")
+    manifest = run_curate(cfg, str(raw), out, annotator=ann)
+    labels = {r.id: r.label for r in read_jsonl(out).records}
+    for r in records:
+        assert labels[r.id] == ("reasoning" if (r.category, r.difficulty) == ("math", 2) else "direct"), r
+    stamp = (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns
+    again = run_curate(cfg, str(raw), out, annotator=ann)                        # same annotator: skipped
+    assert again["config_hash"] == manifest["config_hash"]
+    assert (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns == stamp
+    other = repro.SimulatedAnnotator(records, {"perception": 1.0, "math/1": 0.0, "math/2": 0.0}, seed=0)
+    redone = run_curate(cfg, str(raw), out, annotator=other)                     # another annotator: redone
+    assert redone["config_hash"] != manifest["config_hash"]
+    assert sum(r.label == "reasoning" for r in read_jsonl(out).records) == sum(
+        r.category == "math" for r in records)
