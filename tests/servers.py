@@ -34,6 +34,11 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+def dead_uri() -> str:
+    """An http URL on a port nothing listens on (a server that is down)."""
+    return f"http://127.0.0.1:{free_ports(1)[0]}"
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct ports that are free right now (all held open together while choosing)."""
     socks = []

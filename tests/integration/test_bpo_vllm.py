@@ -48,15 +48,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in tests/unit/test_bpo.py: tiny models run fastest on one torch thread on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = _unit.one_thread      # autouse: tiny models run fastest on one torch thread
 
 
 @pytest.fixture(scope="module")

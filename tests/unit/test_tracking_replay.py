@@ -8,11 +8,11 @@ version (a SIGKILLed `mlflow server`) is tests/integration/test_pipeline_faults.
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from r4b_core.config import RunConfig
+from servers import dead_uri
 from r4b_core.tracking import PENDING_FILE, Tracker
 
 
@@ -22,12 +22,6 @@ def clean_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def _dead_uri() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def _spill_offline(cfg: RunConfig, uri: str) -> Tracker:
@@ -47,7 +41,7 @@ def test_records_for_this_server_are_sent_once_and_the_file_goes(tmp_path, clean
     sqlite_uri = f"sqlite:///{tmp_path}/replay/mlflow.db"
     spill = tmp_path / "replay" / PENDING_FILE
     # Written while "the server" (this SQLite store) was unreachable: same URI, never created runs.
-    offline = _spill_offline(cfg, _dead_uri())
+    offline = _spill_offline(cfg, dead_uri())
     lines = spill.read_text().splitlines()
     header = json.loads(lines[0])
     assert header["type"] == "target" and offline.spilled == 5
@@ -77,7 +71,7 @@ def test_records_for_this_server_are_sent_once_and_the_file_goes(tmp_path, clean
 def test_records_for_another_server_stay_in_the_file(tmp_path, clean_env):
     cfg = RunConfig(name="other", storage={"root": str(tmp_path)})
     spill = tmp_path / "other" / PENDING_FILE
-    elsewhere = _dead_uri()
+    elsewhere = dead_uri()
     _spill_offline(cfg, elsewhere)
     before = [json.loads(line) for line in spill.read_text().splitlines()]
     tracker = Tracker(cfg, uri=f"sqlite:///{tmp_path}/other/mlflow.db")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r4b_core.config import RunConfig
+from servers import dead_uri
 from r4b_core.tracking import (MAX_NAME_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH, PENDING_FILE,
                                Tracker, TrackingError, flatten_params, local_run_dir, sanitize_metric_name,
                                tracking_uri)
@@ -225,12 +225,6 @@ def test_pipeline_tracker_joins_one_pipeline_run_per_pipeline_id(sqlite_root, cl
 
 
 # -- a server that is not there ---------------------------------------------------------------------
-def _dead_uri() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def _records(path):
@@ -241,7 +235,7 @@ def test_unreachable_server_never_stops_training(tmp_path, clean_env, caplog):
     cfg = RunConfig(name="offline", storage={"root": str(tmp_path)})
     caplog.set_level(logging.WARNING, logger="r4b.tracking")
     t0 = time.monotonic()
-    tracker = Tracker(cfg, uri=_dead_uri(), retry_interval_s=60)
+    tracker = Tracker(cfg, uri=dead_uri(), retry_interval_s=60)
     with tracker.stage("anneal") as run:
         for step in range(300):
             run.log_metrics({"loss": 1.0 / (step + 1), "acc@8": step}, step=step)
@@ -265,7 +259,7 @@ def test_unreachable_server_never_stops_training(tmp_path, clean_env, caplog):
 def test_buffer_overflow_spills_once(tmp_path, clean_env, caplog):
     cfg = RunConfig(name="overflow", storage={"root": str(tmp_path)})
     caplog.set_level(logging.WARNING, logger="r4b.tracking")
-    tracker = Tracker(cfg, uri=_dead_uri(), max_buffered=50, retry_interval_s=60)
+    tracker = Tracker(cfg, uri=dead_uri(), max_buffered=50, retry_interval_s=60)
     for step in range(120):
         tracker.log_metrics({"loss": float(step)}, step=step)
     assert tracker.spilled >= 100  # overflowed twice: 51 + 51 metrics spilled, the rest buffered
@@ -280,7 +274,7 @@ def test_buffer_overflow_spills_once(tmp_path, clean_env, caplog):
 def test_colliding_metric_names_are_reported(tmp_path, clean_env, caplog):
     cfg = RunConfig(name="collide", storage={"root": str(tmp_path)})
     caplog.set_level(logging.WARNING, logger="r4b.tracking")
-    tracker = Tracker(cfg, uri=_dead_uri(), retry_interval_s=60)
+    tracker = Tracker(cfg, uri=dead_uri(), retry_interval_s=60)
     tracker.log_metrics({"acc(think)": 1.0, "acc[think]": 2.0, "acc@8": 3.0}, step=0)
     tracker.log_metrics({"acc[think]": 2.0}, step=1)
     tracker.close()
