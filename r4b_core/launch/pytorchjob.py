@@ -253,6 +253,11 @@ def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]
         limits[L.gpu_resource] = str(L.sidecar_gpus)
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(v.kv_cache_gib)
+        if v.cpu_threads:
+            # as the local sidecar (rollout/vllm_server.server_env): a few unpinned threads; with
+            # vllm.cpu_threads null vLLM binds one thread per core the container's cpuset grants
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env["OMP_NUM_THREADS"] = str(v.cpu_threads)
     period = 5
     sidecar = k8s.V1Container(
         name=SIDECAR, image=L.vllm_image, restart_policy="Always",

@@ -218,6 +218,25 @@ def test_bpo_pods_carry_the_vllm_native_sidecar():
         assert env["R4B_VLLM_URL"] == "http://127.0.0.1:8100" and env["R4B_SHM_DIR"] == pj.SHM_DIR
 
 
+def test_cpu_sidecar_gets_the_local_sidecars_thread_settings():
+    """A CPU sidecar runs vllm.cpu_threads unpinned OpenMP threads, as the local one does (pinned
+    threads on a shared core starve); null leaves vLLM to bind one thread per granted core."""
+    def sidecar_env(cfg):
+        pod = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, cfg, RUN_ID))["spec"]["pytorchReplicaSpecs"]
+        return all_env(pod["Master"]["template"]["spec"]["initContainers"][1])
+
+    cfg = make_cfg()
+    env = sidecar_env(cfg)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["OMP_NUM_THREADS"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(cfg.vllm.kv_cache_gib)
+    cfg.vllm.cpu_threads = 3
+    assert sidecar_env(cfg)["OMP_NUM_THREADS"] == "3"
+    cfg.vllm.cpu_threads = None
+    assert not {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"} & set(sidecar_env(cfg))
+    # a GPU sidecar gets none of the CPU settings
+    assert not {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE"} & set(sidecar_env(gpu_cfg()))
+
+
 def test_trainer_pod_spec():
     job = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, gpu_cfg(cpu="4", service_account="r4b-train"), RUN_ID))
     tmpl = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
