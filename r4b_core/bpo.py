@@ -592,6 +592,13 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         raise BPOError(f"step {step}: {len(stale)} rollouts came from policy version {stale[0]}, the "
                        f"trainer is at {tr.policy_version}; the engine is serving stale weights")
     t_rollout = time.perf_counter()
+    # With overlapped verification (vLLM, bpo.sync_overlap_verify) the previous push's probe check
+    # finished inside generate: log it here, and count the wait it added after the rollouts were
+    # done as sync time, not rollout time.
+    checked = getattr(tr.engine, "last_rollout_verify", None)
+    verify_wait = checked["wait_s"] if checked else 0.0
+    if checked:
+        m["sync/verify_wait_s"] = verify_wait
 
     # 2. reward -------------------------------------------------------------------------------
     scored = score_rollouts(tr.scorer, prompts, completions, per_prompt)
@@ -655,7 +662,8 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     elif n_train:
         tr.engine.update_weights(tr.model, tr.policy_version)
         for k, v in (getattr(tr.engine, "last_sync", None) or {}).items():
-            m[f"sync/{k}"] = float(v)       # vLLM: write / reload / verify seconds, max |logprob diff|
+            if k not in ("verify_s", "max_abs_diff"):      # logged with the check (sync_check_metrics)
+                m[f"sync/{k}"] = float(v)   # vLLM: write / reload seconds
     t_sync = time.perf_counter()
 
     # metrics per mode ------------------------------------------------------------------------
@@ -671,9 +679,24 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     if b.algorithm == "grpo":
         m["rollouts/no_think_share"] = sum(not s.chose_think for s in scored) / len(scored)
     m["policy_version"] = float(tr.policy_version)
-    m.update({"time/rollout": t_rollout - t_start, "time/reward": t_reward - t_rollout,
-              "time/train": t_train - t_reward, "time/sync": t_sync - t_train, "time/step": t_sync - t_start})
+    m.update({"time/rollout": t_rollout - t_start - verify_wait, "time/reward": t_reward - t_rollout,
+              "time/train": t_train - t_reward, "time/sync": t_sync - t_train + verify_wait,
+              "time/step": t_sync - t_start})
     return StepResult(m, _samples(scored, prompts, step, b))
+
+
+def sync_check_metrics(engine, verified: list[int]) -> dict[str, float]:
+    """The weight-sync checks the engine finished since the last call (vLLM): with overlapped
+    verification a push is checked during the next rollouts, so a step logs the checks that
+    ended in it, and which policy version they were for. Appends the versions to `verified`."""
+    checks = getattr(engine, "sync_checks", None)
+    if not checks:
+        return {}
+    done, checks[:] = list(checks), []
+    verified.extend(c["version"] for c in done)
+    return {"sync/verify_s": sum(c["verify_s"] for c in done) / len(done),
+            "sync/max_abs_diff": max(c["max_abs_diff"] for c in done),
+            "sync/verified_version": float(max(c["version"] for c in done))}
 
 
 def _mode_groups(scored: list[Scored], b: BPOConfig) -> dict[str, list[Scored]]:
@@ -797,7 +820,9 @@ def open_engine(cfg: RunConfig, model, processor, model_dir: str | Path) -> Iter
             server = stack.enter_context(VLLMServer(model_dir, cfg.vllm))
             print(f"{stage_name(cfg)}: vLLM sidecar pid {server.proc.pid} at {server.url} "
                   f"(up in {time.perf_counter() - t0:.0f} s, log {server.log_path})", flush=True)
-        engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance)
+        engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance,
+                            overlap_verify=cfg.bpo.sync_verify == "probe" and cfg.bpo.sync_overlap_verify,
+                            in_place_reload=cfg.vllm.in_place_reload)
         stack.callback(engine.close)
         yield engine
 
@@ -889,11 +914,16 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             # serves the initial weights; on a fresh start this proves it serves the init model
             t_push = time.perf_counter()
             engine.update_weights(model, version)
+            if hasattr(engine, "wait_verified"):
+                engine.wait_verified()
+            verified_versions: list[int] = []
+            sync_check_metrics(engine, verified_versions)
             if env.is_main:
                 check = (getattr(engine, "last_sync", None) or {}).get("max_abs_diff")
+                how = f", reload {engine.reload_path}" if getattr(engine, "reload_path", "") else ""
                 print(f"{name}: engine {b.engine} serves policy version {version} (full push "
                       f"{time.perf_counter() - t_push:.2f}s" + (f", verified: max |logprob diff| {check:.1e}"
-                                                                 if check is not None else "") + ")", flush=True)
+                                                                 if check is not None else "") + how + ")", flush=True)
             tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version, env)
             for step in range(start_step, b.steps):
                 position = base_position + (step - start_step) * b.prompts_per_step + env.rank * per_rank
@@ -901,6 +931,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 metrics = dict(result.metrics)
                 if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
                     metrics.update(run_probes(engine, scorer, probes, b, model, encoder))
+                metrics.update(sync_check_metrics(engine, verified_versions))
                 last = metrics
                 history.append({"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}})
                 samples.extend(result.samples)
@@ -919,6 +950,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                                "stage": name, "history": history, "samples": samples})
                     if env.is_main:
                         ckpt.prune(store, root, b.keep_checkpoints)
+            if hasattr(engine, "wait_verified"):
+                engine.wait_verified()      # the last push is checked too (overlap_verify)
+                sync_check_metrics(engine, verified_versions)
             samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
             if tracker is not None and env.is_main:
                 tracker.log_artifact(str(samples_path))
@@ -935,6 +969,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             "world_size": env.world_size,
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
             "reward_counters": counters,
+            # policy versions whose push to the sidecar was verified (vLLM; empty for hf)
+            "verified_versions": verified_versions,
             "history": history,
             "wall_time_s": round(time.perf_counter() - t0, 2),
         }

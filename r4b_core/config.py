@@ -264,6 +264,11 @@ class BPOConfig(Section):
     # sync_tolerance before any update — no probe cost, more tokens checked. Start and resume
     # always do a probe-verified full push.
     sync_verify: Literal["probe", "rollout"] = "probe"
+    # -- "probe" with overlap: the trainer scores the probe right after the push, the server's
+    # prefill of it runs alongside the next step's rollouts, and those rollouts are used only
+    # after it matched (a mismatch still fails that step). false: the check finishes before the
+    # push returns. Either way no rollout of unverified weights reaches the loss.
+    sync_overlap_verify: bool = True
     probe_every: int = Field(5, ge=1)
     probe_size: int = Field(16, ge=1)
     checkpoint_every: int = Field(10, ge=1)
@@ -397,6 +402,10 @@ class VLLMConfig(Section):
     # -- folder both trainer and server see, where weight syncs write safetensors (shared memory;
     # on a cluster the pod's emptyDir). null = $R4B_SHM_DIR, else /dev/shm.
     sync_dir: str | None = None
+    # -- weight syncs copy the tensors into the served model in place (assets/r4b_vllm_worker.py),
+    # falling back to vLLM's reload_weights by itself where that does not apply; false = always
+    # vLLM's reload_weights (3-4x slower on the tiny VLM).
+    in_place_reload: bool = True
 
 
 class LauncherConfig(Section):

@@ -7,22 +7,104 @@ under its own name, so on CPU it keeps the matrix it packed at start-up and the 
 samples from stale logits. `r4b_refresh_output_layer` re-ties the head to the (new) embedding
 and re-packs it. Call it through `/collective_rpc` after every reload; it is cheap and correct for
 untied models too. `r4b_reload_weights(weights_path)` does the reload and the refresh in one call.
+
+The reload itself (`r4b_reload_weights`) takes a fast path when it can: the trainer writes the
+weights under the served model's own module names (models/loading.state_dict_for_vllm), so the
+worker only concatenates the parts of packed layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj,
+from the model's `packed_modules_mapping`), copies every tensor into its parameter in place, and
+re-packs the linear layers whose weight vLLM's CPU backend keeps only inside a oneDNN handle.
+That is what vLLM's `reload_weights` does for this case, without its per-layer meta-device
+restore and deferred loaders (measured: 30-35 ms -> about 8 ms for the tiny VLM). Anything the
+fast path does not recognise (a name it cannot place, a shape it cannot fill, a parameter left
+unwritten) sends the call down vLLM's `reload_weights` instead, and says why in the reply; the
+trainer's probe verification checks the result either way.
 """
 
 
 class R4BWorkerExtension:
-    def r4b_reload_weights(self, weights_path: str):
+    def r4b_reload_weights(self, weights_path: str, fast: bool = True):
         """The worker's in-place `reload_weights` and `r4b_refresh_output_layer` in one RPC: a
         weight sync pays one HTTP round trip for both (the sync is on BPO's critical path)."""
         import time
 
         t0 = time.perf_counter()
-        self.reload_weights(weights_path=weights_path)
+        why_not = self._r4b_reload_in_place(weights_path) if fast else "fast path off"
+        if why_not:
+            self.reload_weights(weights_path=weights_path)
         t1 = time.perf_counter()
         out = self.r4b_refresh_output_layer()
         # server-side seconds, so a sync's cost can be split from the HTTP round trip
-        out.update(reload_s=t1 - t0, refresh_s=time.perf_counter() - t1)
+        out.update(reload_s=t1 - t0, refresh_s=time.perf_counter() - t1, fast=not why_not, slow_reason=why_not)
         return out
+
+    def _r4b_reload_in_place(self, weights_path: str) -> str:
+        """Load the safetensors in `weights_path` into the served model in place; returns "" on
+        success, else why the fast path does not apply (nothing has been half-written then: every
+        tensor is placed and checked before the first copy)."""
+        from pathlib import Path
+
+        import torch
+        from safetensors.torch import load_file
+
+        files = sorted(Path(weights_path).glob("*.safetensors"))
+        if not files:
+            return f"no *.safetensors in {weights_path}"
+        tensors: dict = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        model = self.model_runner.get_model()
+        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        part_of = {part: (name, i) for name, parts in packed.items() for i, part in enumerate(parts)}
+        parts_by_target: dict = {}
+        flat: dict = {}
+        for key, t in tensors.items():
+            module_path, _, leaf = key.rpartition(".")
+            parent, _, module_name = module_path.rpartition(".")
+            if module_name in part_of:
+                name, i = part_of[module_name]
+                parts_by_target.setdefault((f"{parent}.{name}" if parent else name, leaf, name), {})[i] = t
+            else:
+                flat[key] = t
+        for (module_path, leaf, name), parts in parts_by_target.items():
+            if sorted(parts) != list(range(len(packed[name]))):
+                return f"{module_path}.{leaf}: got parts {sorted(parts)} of {packed[name]}"
+            flat[f"{module_path}.{leaf}"] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+
+        plan = []                      # (module, leaf, parameter, tensor, how)
+        for key, t in flat.items():
+            module_path, _, leaf = key.rpartition(".")
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                continue               # a checkpoint tensor the served model has no use for (vLLM skips it too)
+            param = getattr(module, leaf, None)
+            if not isinstance(param, torch.Tensor):
+                continue
+            if tuple(param.shape) == tuple(t.shape):
+                plan.append((module, leaf, param, t, "copy"))
+            elif leaf == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+                plan.append((module, leaf, param, t, "repack"))     # CPU linear: weight lives in the handle
+            else:
+                return f"{key}: checkpoint shape {tuple(t.shape)} does not fit parameter {tuple(param.shape)}"
+        written = {id(p) for _, _, p, _, _ in plan}
+        unwritten = [n for n, p in model.named_parameters() if id(p) not in written]
+        if unwritten:
+            return f"{len(unwritten)} parameter(s) not in the checkpoint, e.g. {unwritten[0]}"
+
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        with torch.no_grad():
+            for module, leaf, param, t, how in plan:
+                if how == "copy":
+                    param.copy_(t)
+                else:
+                    # what UnquantizedLinearMethod.process_weights_after_loading does on CPU
+                    module.weight = torch.nn.Parameter(t.to(param.dtype).contiguous(), requires_grad=False)
+                    dispatch_cpu_unquantized_gemm(module, remove_weight=True)
+        # what vLLM's reload_weights clears after loading: state computed from the old weights
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+        return ""
 
     def r4b_refresh_output_layer(self):
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding

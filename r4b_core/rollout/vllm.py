@@ -18,14 +18,17 @@ thread pool; each request's `seed` goes to vLLM's sampler.
 Weight sync (`update_weights`): the trainer's tensors are written as safetensors in vLLM's key
 layout into shared memory (`shm_dir`, else the server's `vllm.sync_dir`, else `$R4B_SHM_DIR`, else
 `/dev/shm`; on a cluster an emptyDir mounted in the trainer and the sidecar), then one
-`POST /collective_rpc r4b_reload_weights` (dev mode; the worker extension runs vLLM's in-place
-`reload_weights` and re-packs the output layer — the tied-embedding trap), then the encoder cache
-and the prefix cache are reset, both at once (vision embeddings and KV blocks computed with the old
-weights; a stale encoder-cache entry crashes the engine on the next request with the same image).
-Finally **verification**: one fixed probe (image, question, forced prefix and a fixed answer) is
-scored on the server in a single prefill (`prompt_logprobs`) while the trainer's model scores it
-too; if any position's logprob differs by more than `sync_tolerance`, `WeightSyncError` names the
-difference. The probe's encoding is computed once per engine.
+`POST /collective_rpc r4b_reload_weights` (dev mode; the worker extension copies the tensors into
+the served model in place, or falls back to vLLM's `reload_weights`, and re-packs the output
+layer — the tied-embedding trap), then the encoder cache and the prefix cache are reset, both at
+once (vision embeddings and KV blocks computed with the old weights; a stale encoder-cache entry
+crashes the engine on the next request with the same image). Finally **verification**: one fixed
+probe (image, question, forced prefix and a fixed answer) is scored on the server in a single
+prefill (`prompt_logprobs`) while the trainer's model scores it too; if any position's logprob
+differs by more than `sync_tolerance`, `WeightSyncError` names the difference. The probe's
+encoding is computed once per engine. With `overlap_verify` the server's half of the check runs
+alongside the next `generate` call's requests, which returns its completions only once the probe
+matched; the trainer's half always runs on the caller's thread, at push time.
 
 The image placeholder token is masked (logit_bias -100) as in HFEngine: see
 `hf.suppressed_token_ids`.
@@ -46,7 +49,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from r4b_core import modes
 from r4b_core.errors import R4BError
@@ -90,7 +93,8 @@ class VLLMEngine:
 
     def __init__(self, server_or_url: Any, processor, sync_tolerance: float = 1e-3, max_workers: int = 16,
                  request_timeout_s: float = 600.0, health_timeout_s: float = 5.0, health_every_s: float = 5.0,
-                 shm_dir: str | Path | None = None, probe_images: list[Any] | None = None, probe_tokens: int = 8):
+                 shm_dir: str | Path | None = None, probe_images: list[Any] | None = None,
+                 overlap_verify: bool = False, in_place_reload: bool = True):
         import requests
 
         self.server = server_or_url if not isinstance(server_or_url, str) else None
@@ -103,6 +107,12 @@ class VLLMEngine:
         self.health_every_s = health_every_s
         self.policy_version = 0
         self.last_sync: dict[str, float] = {}
+        self.overlap_verify = overlap_verify
+        self.in_place_reload = in_place_reload
+        self._pending_verify: tuple | None = None
+        self.last_rollout_verify: dict[str, float] | None = None
+        self.sync_checks: list[dict] = []     # every passed check: version, verify_s, max_abs_diff
+        self.reload_path = ""
         self._requests = requests
         self._local = threading.local()
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="r4b-vllm")
@@ -110,7 +120,6 @@ class VLLMEngine:
         self._shm_root = Path(shm_dir or cfg_dir) if (shm_dir or cfg_dir) else _default_shm_dir()
         self._sync_dir: Path | None = None
         self._probe_images = probe_images
-        self._probe_tokens = probe_tokens          # unused since the probe is teacher-forced; kept for callers
         self._probe = None
         # The most negative bias vLLM accepts: e^-100 is below float32 resolution of any logprob.
         self._logit_bias = {str(t): -100 for t in suppressed_token_ids(processor)} if processor is not None else {}
@@ -220,14 +229,36 @@ class VLLMEngine:
         return comps
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Completions of all requests, run concurrently. If the last weight push is still being
+        verified (`overlap_verify`), the check finishes here and a mismatch raises WeightSyncError
+        instead of returning rollouts of stale weights. `last_rollout_verify`: that check's figures
+        (None if there was none), with wait_s = how long the rollouts, once done, waited for it
+        (the part of it the overlap did not hide)."""
         for req in requests:
             check_request(req)
-        results = self._run_all([(self._one, (req,)) for req in requests])
+        finished: list[float] = []
+        futures = [self._pool.submit(self._one, req) for req in requests]
+        for f in futures:
+            f.add_done_callback(lambda _f: finished.append(time.perf_counter()))
+        self.last_rollout_verify = None
+        try:
+            if self._pending_verify is not None:
+                checked = self.wait_verified()
+                done = time.perf_counter()
+                ended = list(finished)
+                wait = done - max(ended) if len(ended) == len(futures) and ended else 0.0
+                self.last_rollout_verify = dict(checked, wait_s=max(0.0, wait))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        results = self._wait(futures)
         return [c for comps in results for c in comps]
 
     # -- weight sync -----------------------------------------------------------------------------
-    def push_weights(self, model_or_path: Any) -> dict[str, float]:
-        """Make the server load the given weights (no verification; see `update_weights`)."""
+    def push_weights(self, model_or_path: Any, while_reloading: Callable[[], Any] | None = None) -> dict[str, float]:
+        """Make the server load the given weights (no verification; see `update_weights`).
+        `while_reloading` runs on the calling thread while the server reloads."""
         from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
 
         t0 = time.perf_counter()
@@ -244,40 +275,48 @@ class VLLMEngine:
                 old.unlink()
             write_safetensors(tensors, folder)
         t1 = time.perf_counter()
-        server = self.reload_from(folder)
+        server = self.reload_from(folder, while_waiting=while_reloading)
         t2 = time.perf_counter()
-        # reload_s: the whole RPC + resets as the trainer waits; server_reload_s: vLLM's in-place reload
-        # and the output-layer refresh inside the worker (the rest is HTTP and the cache resets)
+        # reload_path: "in place" (the worker extension's fast path) or why vLLM's reload_weights ran
+        self.reload_path = "in place" if server.get("fast") else f"vLLM reload_weights ({server.get('slow_reason')})"
+        # reload_s: the RPC + resets as the trainer waits (anything run meanwhile included);
+        # server_reload_s: the reload and the output-layer refresh inside the worker
         return {"write_s": t1 - t0, "reload_s": t2 - t1,
-                "server_reload_s": float(server.get("reload_s", 0.0) + server.get("refresh_s", 0.0))}
+                "server_reload_s": float(server.get("reload_s", 0.0) + server.get("refresh_s", 0.0)),
+                "fast_reload": float(bool(server.get("fast")))}
 
-    def reload_from(self, folder: str | Path, refresh_output_layer: bool = True) -> dict:
+    def reload_from(self, folder: str | Path, refresh_output_layer: bool = True, fast: bool | None = None,
+                    while_waiting: Callable[[], Any] | None = None) -> dict:
         """Reload RPC (with the output-layer refresh) + cache resets on the server (no verification).
         Returns what the worker reported (LM heads refreshed, server-side seconds).
 
+        The three requests go out together: with no request running on the server, emptying the
+        caches before or after the reload leaves the same state, and the engine handles them one
+        at a time. `while_waiting` runs on the calling thread while the server works.
         `refresh_output_layer=False` sends vLLM's bare `reload_weights`, to demonstrate the
         tied-embedding trap in tests.
         """
         folder = str(Path(folder).absolute())
-        results: list = [{}]
         if refresh_output_layer:
-            # reload_weights + r4b_refresh_output_layer inside the worker: one round trip
-            refreshed = self._post("/collective_rpc", {"method": "r4b_reload_weights",
-                                                       "kwargs": {"weights_path": folder}},
-                                   f"r4b_reload_weights from {folder}")
-            results = (refreshed or {}).get("results") or [{}]
-            if not isinstance(results[0], dict) or not results[0].get("heads"):
-                raise WeightSyncError(f"vLLM server at {self.url}: the output-layer refresh found no LM head "
-                                      f"({refreshed}); start the server with --worker-extension-cls "
-                                      f"r4b_vllm_worker.R4BWorkerExtension (VLLMServer does)")
+            # the reload + r4b_refresh_output_layer inside the worker: one round trip
+            rpc = {"method": "r4b_reload_weights",
+                   "kwargs": {"weights_path": folder, "fast": self.in_place_reload if fast is None else fast}}
         else:
-            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}},
-                       f"reload_weights from {folder}")
+            rpc = {"method": "reload_weights", "kwargs": {"weights_path": folder}}
         # The scheduler still lists vision embeddings and KV blocks computed with the old weights:
-        # without these resets a repeated image crashes the engine ("Encoder cache miss") and a
-        # repeated prompt prefix is served from stale KV. Independent: sent together.
-        _, reset = self._run_all([(self._post, ("/reset_encoder_cache", {}, "reset_encoder_cache")),
-                                  (self._post, ("/reset_prefix_cache", {}, "reset_prefix_cache"))])
+        # without the resets a repeated image crashes the engine ("Encoder cache miss") and a
+        # repeated prompt prefix is served from stale KV.
+        futures = [self._pool.submit(self._post, "/collective_rpc", rpc, f"{rpc['method']} from {folder}"),
+                   self._pool.submit(self._post, "/reset_encoder_cache", {}, "reset_encoder_cache"),
+                   self._pool.submit(self._post, "/reset_prefix_cache", {}, "reset_prefix_cache")]
+        if while_waiting is not None:
+            while_waiting()
+        reloaded, _, reset = self._wait(futures)
+        results = (reloaded or {}).get("results") or [{}]
+        if refresh_output_layer and (not isinstance(results[0], dict) or not results[0].get("heads")):
+            raise WeightSyncError(f"vLLM server at {self.url}: the output-layer refresh found no LM head "
+                                  f"({reloaded}); start the server with --worker-extension-cls "
+                                  f"r4b_vllm_worker.R4BWorkerExtension (VLLMServer does)")
         deadline = time.monotonic() + self.health_timeout_s
         while isinstance(reset, dict) and reset.get("success") is False and time.monotonic() < deadline:
             # vLLM refuses while requests run: ones abandoned by an earlier failure may still be finishing
@@ -316,13 +355,26 @@ class VLLMEngine:
         position's full-vocabulary log-softmax depends on every weight — without a decode loop on
         the server or a dependency between the two sides. Logprobs here are plain log_softmax(logits)
         (prompt logprobs see no sampling processors), on both sides."""
-        import torch
+        return self._check_probe(*self._start_probe(model), version)
 
-        req, images, enc = self._probe_inputs()
+    def _start_probe(self, model) -> tuple[cf.Future, list[int], list[float]]:
+        """Score the probe with the trainer's model and send it to the server (a pool future)."""
+        future = self._send_probe()
+        return (future, *self._trainer_probe(model))
+
+    def _send_probe(self) -> cf.Future:
+        req, images, _ = self._probe_inputs()
         body = self._body(req, images)
         body.update({"prompt_logprobs": 0, "logprobs": False})
         body.pop("top_logprobs", None)
-        future = self._pool.submit(self._post, "/v1/chat/completions", body, "weight-sync probe")
+        return self._pool.submit(self._post, "/v1/chat/completions", body, "weight-sync probe")
+
+    def _trainer_probe(self, model) -> tuple[list[int], list[float]]:
+        """The probe's token ids and the trainer's logprob of each next token. Runs on the calling
+        thread: the model is never touched from another thread."""
+        import torch
+
+        _, _, enc = self._probe_inputs()
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -333,6 +385,9 @@ class VLLMEngine:
             model.train(was_training)
         ids = enc["input_ids"][0].tolist()
         ours = torch.log_softmax(logits[:-1], dim=-1).gather(1, enc["input_ids"][0, 1:].to(device).unsqueeze(1))
+        return ids, ours.flatten().tolist()
+
+    def _check_probe(self, future: cf.Future, ids: list[int], ours: list[float], version: int | None) -> float:
         resp = self._wait([future])[0]
         server_ids = resp.get("prompt_token_ids") or []
         if server_ids != ids:
@@ -346,7 +401,7 @@ class VLLMEngine:
         worst = 0.0
         for t in range(1, len(ids)):
             entry = theirs[t].get(str(ids[t])) or theirs[t].get(ids[t])
-            worst = max(worst, abs(float(entry["logprob"]) - float(ours[t - 1])))
+            worst = max(worst, abs(float(entry["logprob"]) - ours[t - 1]))
         label = f"v{version}" if version is not None else "(check)"
         if worst > self.sync_tolerance:
             raise WeightSyncError(f"weight sync {label}: sidecar logprobs differ from the trainer's by max "
@@ -355,17 +410,40 @@ class VLLMEngine:
         return worst
 
     def update_weights(self, model_or_path: Any, version: int) -> None:
-        """Push the weights, then verify them against the trainer's model; raise on mismatch."""
-        timings = self.push_weights(model_or_path)
-        t0 = time.perf_counter()
+        """Push the weights, then verify them against the trainer's model; raise on mismatch.
+
+        The trainer scores the probe while the server reloads. With `overlap_verify` the server's
+        answer is checked by the next `generate` (or `wait_verified`): the probe prefill runs
+        alongside the next rollouts instead of before them, and those rollouts are returned only
+        once it matched."""
+        self.wait_verified()               # an earlier push's check is never dropped
         model = model_or_path
         if isinstance(model_or_path, (str, Path)):
             from r4b_core.models.loading import load_model
 
             model, _ = load_model(str(model_or_path))
-        diff = self.verify(model, version)
+        scored: list = []
+        timings = self.push_weights(model_or_path, while_reloading=lambda: scored.append(self._trainer_probe(model)))
+        ids, ours = scored[0]
+        self._pending_verify = (self._send_probe(), ids, ours, version, time.perf_counter())
+        self.last_sync = dict(timings)
+        if not self.overlap_verify:
+            self.wait_verified()
         self.policy_version = version
-        self.last_sync = dict(timings, verify_s=time.perf_counter() - t0, max_abs_diff=diff)
+
+    def wait_verified(self) -> dict[str, float] | None:
+        """Finish the pending sync check, if any: its figures (also merged into `last_sync`:
+        verify_s from sending the probe to checking the answer, max_abs_diff), or None if none
+        was pending. Raises WeightSyncError on a mismatch."""
+        if self._pending_verify is None:
+            return None
+        future, ids, ours, version, t0 = self._pending_verify
+        self._pending_verify = None
+        diff = self._check_probe(future, ids, ours, version)
+        result = {"verify_s": time.perf_counter() - t0, "max_abs_diff": diff}
+        self.last_sync.update(result)
+        self.sync_checks.append(dict(result, version=version))
+        return result
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

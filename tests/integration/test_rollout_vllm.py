@@ -83,8 +83,11 @@ def test_sync_perturbed_weights_verifies_and_changes_outputs(engine, tiny, tmp_p
             p.add_(torch.randn_like(p) * 0.05)
     engine.update_weights(policy, version=1)
     assert engine.policy_version == 1 and engine.last_sync["max_abs_diff"] < 1e-3
-    assert set(engine.last_sync) == {"write_s", "reload_s", "server_reload_s", "verify_s", "max_abs_diff"}
+    assert set(engine.last_sync) == {"write_s", "reload_s", "server_reload_s", "fast_reload", "verify_s",
+                                     "max_abs_diff"}
     assert 0 < engine.last_sync["server_reload_s"] < engine.last_sync["reload_s"]
+    assert engine.last_sync["fast_reload"] == 1.0 and engine.reload_path == "in place"
+    assert [c["version"] for c in engine.sync_checks] == [1]
     after = engine.generate(reqs)
     assert all(c.policy_version == 1 for c in after)
     assert [c.token_ids for c in after] != [c.token_ids for c in before]
@@ -97,6 +100,73 @@ def test_sync_perturbed_weights_verifies_and_changes_outputs(engine, tiny, tmp_p
     engine.update_weights(policy, version=2)
     assert [c.token_ids for c in engine.generate(reqs)] == [c.token_ids for c in HFEngine(policy, processor).generate(reqs)]
     assert not list(engine._shm_root.glob(f"r4b-weights-{os.getpid()}-*/*.tmp"))
+
+
+def test_in_place_reload_serves_what_vllms_reload_serves(engine, tiny, tmp_path):
+    """The worker extension's in-place copy and vLLM's own reload_weights leave the server with
+    the same weights: the probe matches the trainer within 1e-4 after each, and greedy tokens
+    are the same."""
+    model, processor = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    base, perturbed = _weights(tmp_path / "base", model), _weights(tmp_path / "perturbed", policy)
+    reqs = _requests()
+    outputs = {}
+    for fast in (True, False):
+        engine.reload_from(base)
+        assert engine.verify(model) < 1e-4
+        reply = engine.reload_from(perturbed, fast=fast)
+        assert reply["fast"] is fast and (reply["slow_reason"] == "fast path off") is (not fast), reply
+        assert engine.verify(policy) < 1e-4
+        outputs[fast] = [c.token_ids for c in engine.generate(reqs)]
+    assert outputs[True] == outputs[False] == [c.token_ids for c in HFEngine(policy, processor).generate(reqs)]
+    engine.reload_from(base)                                  # the next tests start from the base weights
+    assert engine.verify(model) < 1e-4
+
+
+def _weights(folder, model):
+    from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+
+    folder.mkdir(parents=True)
+    write_safetensors(state_dict_for_vllm(model), folder)
+    return folder
+
+
+def test_overlapped_check_holds_back_rollouts_of_a_stale_sidecar(vllm_server, tiny, monkeypatch):
+    """overlap_verify: the probe's server half runs with the next rollouts, and generate returns
+    them only once it matched. A reload the server silently drops (the peers' top failure,
+    injected by skipping the reload request) fails that generate with WeightSyncError."""
+    model, processor = tiny
+    engine = VLLMEngine(vllm_server, processor, sync_tolerance=1e-3, overlap_verify=True)
+    try:
+        policy = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        engine.update_weights(policy, version=1)
+        assert "verify_s" not in engine.last_sync and engine.sync_checks == []      # still pending
+        served = engine.generate(_requests())
+        assert [c.token_ids for c in served] == [c.token_ids for c in HFEngine(policy, processor).generate(_requests())]
+        checked = engine.last_rollout_verify
+        assert checked["max_abs_diff"] < 1e-3 and checked["wait_s"] >= 0
+        assert [c["version"] for c in engine.sync_checks] == [1]
+
+        def dropped_reload(folder, while_waiting=None, **kw):
+            while_waiting()
+            return {"fast": True, "heads": 1}
+
+        monkeypatch.setattr(engine, "reload_from", dropped_reload)
+        engine.update_weights(model, version=2)           # back to the base weights, never reaching the server
+        with pytest.raises(WeightSyncError, match=r"weight sync v2: sidecar logprobs differ"):
+            engine.generate(_requests())
+        assert engine.last_rollout_verify is None and [c["version"] for c in engine.sync_checks] == [1]
+        monkeypatch.undo()
+        engine.update_weights(model, version=3)           # a real push repairs it
+        assert engine.wait_verified()["max_abs_diff"] < 1e-3
+    finally:
+        engine.close()
 
 
 def test_skipped_reload_fails_verification_loudly(engine, tiny):
