@@ -258,11 +258,11 @@ class BPOConfig(Section):
     engine: Literal["hf", "vllm"] = "hf"
     # -- max |logprob difference| between sidecar and trainer on the sync probe.
     sync_tolerance: float = Field(1e-3, gt=0)
-    # -- how each step's weight push is verified: "probe" = greedy probe prompts scored by the
-    # trainer right after the push (the engine's update_weights); "rollout" = push only, then the
-    # next step's rollout logprobs (every sampled token) must match the trainer's within
-    # sync_tolerance before any update — no probe cost, more tokens checked. Start and resume
-    # always do a probe-verified full push.
+    # -- how each step's weight push is verified: "probe" = a fixed probe (image, question, forced
+    # prefix, answer) scored on every position by the sidecar and by the trainer (the engine's
+    # update_weights); "rollout" = push only, then the next step's rollout logprobs (every sampled
+    # token) must match the trainer's within sync_tolerance before any update — no probe cost,
+    # more tokens checked. Start and resume always do a probe-verified full push.
     sync_verify: Literal["probe", "rollout"] = "probe"
     # -- "probe" with overlap: the trainer scores the probe right after the push, the server's
     # prefill of it runs alongside the next step's rollouts, and those rollouts are used only
