@@ -127,6 +127,8 @@ def main() -> int:
                         "cores), one server each; the fastest counts, as for HF")
     p.add_argument("--no-stock-generate", dest="stock_generate", action="store_false",
                    help="skip the reference line for transformers' own model.generate")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="vLLM's --max-num-seqs (its CPU default is 128 running sequences per server)")
     a = p.parse_args()
 
     import torch
@@ -164,10 +166,12 @@ def main() -> int:
                   f"generation, one call, num_return_sequences={a.n}): {stock:8.1f} tokens/s ({g_tok} tokens)")
         v_best, v_label = 0.0, ""
         for threads in a.vllm_threads:
-            vcfg = VLLMConfig(cpu_threads=threads or None)
+            vcfg = VLLMConfig(cpu_threads=threads or None,
+                              extra_args=["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else [])
             label = f"{threads} unpinned OMP thread(s)" if threads else "OMP threads pinned to all cores"
             settings = (f"{label}, enforce_eager={vcfg.enforce_eager}, "
                         f"max_num_batched_tokens={vcfg.max_num_batched_tokens}, KV cache {vcfg.kv_cache_gib} GiB, "
+                        f"max_num_seqs={a.max_num_seqs or 'vLLM default'}, "
                         f"fp32, prefix caching on (vLLM default), one request per (prompt, mode) with n={a.n}, "
                         f"all requests in flight at once")
             t0 = time.perf_counter()

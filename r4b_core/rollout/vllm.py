@@ -34,7 +34,8 @@ The image placeholder token is masked (logit_bias -100) as in HFEngine: see
 `hf.suppressed_token_ids`.
 
 A server that is down or stops answering raises `VLLMEngineError` (health is checked every few
-seconds while requests are in flight), never a hang.
+seconds while requests are in flight; a server down fails at once, a silent one after
+`health_grace_s`), never a hang.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class VLLMEngine:
 
     def __init__(self, server_or_url: Any, processor, sync_tolerance: float = 1e-3, max_workers: int = 16,
                  request_timeout_s: float = 600.0, health_timeout_s: float = 5.0, health_every_s: float = 5.0,
+                 health_grace_s: float = 15.0,
                  shm_dir: str | Path | None = None, probe_images: list[Any] | None = None,
                  overlap_verify: bool = False, in_place_reload: bool = True):
         import requests
@@ -105,6 +107,7 @@ class VLLMEngine:
         self.request_timeout_s = request_timeout_s
         self.health_timeout_s = health_timeout_s
         self.health_every_s = health_every_s
+        self.health_grace_s = health_grace_s
         self.policy_version = 0
         self.last_sync: dict[str, float] = {}
         self.overlap_verify = overlap_verify
@@ -163,9 +166,30 @@ class VLLMEngine:
         """Run calls on the pool; while waiting, check /health so a dead server fails fast."""
         return self._wait([self._pool.submit(fn, *args) for fn, args in calls])
 
+    def _health(self) -> str:
+        """"ok"; "down" (connection refused, or the local server process has exited); "slow"
+        (no answer within health_timeout_s, or an error status)."""
+        if self.server is not None and hasattr(self.server, "alive") and not self.server.alive():
+            return "down"
+        try:
+            r = self._session().get(self.url + "/health", timeout=self.health_timeout_s)
+        except self._requests.ConnectTimeout:
+            return "slow"
+        except self._requests.ConnectionError:
+            return "down"
+        except self._requests.RequestException:
+            return "slow"
+        return "ok" if r.status_code == 200 else "slow"
+
     def _wait(self, futures: list[cf.Future]) -> list[Any]:
-        """Results of submitted calls; while waiting, check /health so a dead server fails fast."""
+        """Results of submitted calls; while waiting, check /health so a dead server fails fast.
+
+        A server that refuses connections (or whose process exited) fails at the next check; one
+        that stops answering fails once it has been silent for `health_grace_s`. The grace is for
+        a live but saturated API server: a burst of image requests on a 2-core machine kept vLLM's
+        event loop from answering /health for over 5 s while it was generating."""
         pending = set(futures)
+        silent_since: float | None = None
         while pending:
             done, pending = cf.wait(pending, timeout=self.health_every_s, return_when=cf.FIRST_EXCEPTION)
             for f in done:
@@ -173,12 +197,24 @@ class VLLMEngine:
                     for p in pending:
                         p.cancel()
                     raise f.exception()
-            if pending and not self.healthy():
-                for p in pending:
-                    p.cancel()
-                raise VLLMEngineError(f"vLLM server at {self.url} stopped answering /health with "
-                                      f"{len(pending)} request(s) in flight; is the sidecar alive? "
-                                      + (f"(log: {self.server.log_path})" if self.server is not None else ""))
+            if not pending:
+                break
+            started = time.monotonic()
+            state = self._health()
+            if state == "ok":
+                silent_since = None
+                continue
+            if state == "slow":
+                silent_since = started if silent_since is None else silent_since
+                if time.monotonic() - silent_since < self.health_grace_s:
+                    continue
+            for p in pending:
+                p.cancel()
+            what = (f"stopped answering /health for {time.monotonic() - silent_since:.0f} s" if state == "slow"
+                    else "is down (refuses connections or its process exited)")
+            raise VLLMEngineError(f"vLLM server at {self.url} {what} with {len(pending)} request(s) in flight; "
+                                  f"is the sidecar alive? "
+                                  + (f"(log: {self.server.log_path})" if self.server is not None else ""))
         return [f.result() for f in futures]
 
     # -- generation ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -247,6 +248,23 @@ def test_frozen_server_fails_within_30_seconds(engine, vllm_server):
     while not engine.healthy() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(engine.generate(reqs[:1])[0].token_ids) > 0       # and it serves again once resumed
+
+
+def test_a_server_silent_for_less_than_the_grace_is_waited_for(engine, vllm_server):
+    """A live server whose API process is too busy to answer /health for a few seconds (seen
+    with bursts of image requests on 2 cores) is not declared dead: 9 s frozen < 15 s grace."""
+    reqs = _requests()
+    pgid = os.getpgid(vllm_server.pid)
+    os.killpg(pgid, signal.SIGSTOP)
+    resume = threading.Timer(9.0, os.killpg, (pgid, signal.SIGCONT))
+    resume.start()
+    try:
+        t0 = time.monotonic()
+        served = engine.generate(reqs)
+    finally:
+        resume.cancel()
+        os.killpg(pgid, signal.SIGCONT)
+    assert time.monotonic() - t0 >= 9 and [len(c.token_ids) > 0 for c in served] == [True] * 3
 
 
 @pytest.fixture(scope="module")
