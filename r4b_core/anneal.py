@@ -430,36 +430,6 @@ class _PhaseClock:
 # ---------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------
-def _deepspeed_engine(model, optimizer, cfg: RunConfig, use_bf16: bool):
-    """Wrap model + torch optimizer in a DeepSpeed engine (ZeRO-2/3, no DeepSpeed optimizer)."""
-    import warnings
-
-    import deepspeed
-
-    # DeepSpeed calls collectives that torch 2.13 deprecates, once per step per rank.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)",
-                            category=FutureWarning)
-    ops = vars(deepspeed.ops)
-    # The CPU shared-memory allreduce op would JIT-compile for minutes on first use; gloo does the
-    # job. A private dict (ENVIRONMENT.md "Training on CPU"): re-check on a DeepSpeed upgrade.
-    compat = dict(ops.get("__compatible_ops__") or {})
-    compat["deepspeed_shm_comm"] = False
-    deepspeed.ops.__compatible_ops__ = compat
-    a = cfg.anneal
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,  # one collated micro-batch per call (it holds several rows)
-        "gradient_accumulation_steps": a.grad_accum,
-        "gradient_clipping": a.optim.grad_clip,
-        "zero_optimization": {"stage": 2 if a.distributed.deepspeed == "zero2" else 3},
-        "bf16": {"enabled": use_bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-    }
-    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, ds_optimizer
-
-
 class _Console:
     """Rank-0 console: plain lines always, and a rich progress bar with ETA on a terminal."""
 
@@ -596,7 +566,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             has_text_only = any(s.pixel_values is None for s in samples)
             engine = ddp = None
             if use_ds:
-                engine, ds_optimizer = _deepspeed_engine(model, optimizer, cfg, use_bf16)
+                from r4b_core.training.zero import deepspeed_engine
+
+                zero_stage = 2 if a.distributed.deepspeed == "zero2" else 3
+                engine, ds_optimizer = deepspeed_engine(model, optimizer, stage=zero_stage, grad_accum=a.grad_accum,
+                                                        grad_clip=a.optim.grad_clip, use_bf16=use_bf16)
                 trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
                 forward_model = engine
             else:

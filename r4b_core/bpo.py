@@ -39,8 +39,9 @@ gradient and drifted with shared weights to 0.43 / 0.44 — no content dependenc
 
 Where this simplifies the paper's description: the reference for the KL term is the initial
 (annealed) model; several processes (torchrun) train by summing gradients (plain data
-parallelism, no DeepSpeed ZeRO yet), each with its own engine; rewards are accuracy only, as the
-paper states. Checkpoints (model, optimizer, scheduler, RNG, prompt position, policy version)
+parallelism), or under DeepSpeed ZeRO-2 (`bpo.distributed.deepspeed: zero2`: optimizer state and
+gradients partitioned, the same update), each with its own engine; rewards are accuracy only, as
+the paper states. Checkpoints (model, optimizer, scheduler, RNG, prompt position, policy version)
 are written every `checkpoint_every` steps and resumed automatically; after a resume — and at every
 start — the engine gets a full, verified weight push before the first rollout.
 """
@@ -90,11 +91,12 @@ def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_
     if world_size is None:
         world_size = b.distributed.nnodes * b.distributed.nproc_per_node
     problems = bpo_config_problems(b, world_size)
-    if b.distributed.deepspeed != "none":
-        # refused here, not at config load: the paper-scale config asks for it and must stay loadable
-        problems.append(f"bpo.distributed.deepspeed={b.distributed.deepspeed}: DeepSpeed ZeRO is not "
-                        f"implemented for the BPO stage yet (it trains with plain data parallelism, "
-                        f"gradients summed across processes); set bpo.distributed.deepspeed: none")
+    if b.distributed.deepspeed == "zero3":
+        # ZeRO-3 shards the parameters: the sidecar push, the rank fingerprint, the probe and the
+        # HF engine all read full weights from the module, which ZeRO-2 keeps and ZeRO-3 does not
+        problems.append("bpo.distributed.deepspeed=zero3: ZeRO-3 is not supported for the BPO stage (the "
+                        "weight push and the probe need full weights on every rank); set "
+                        "bpo.distributed.deepspeed: zero2 (partitioned optimizer state and gradients) or none")
     if num_prompts is not None and num_prompts < b.prompts_per_step:
         problems.append(f"the prompt set has {num_prompts} usable prompts but bpo.prompts_per_step="
                         f"{b.prompts_per_step}; lower prompts_per_step or add prompts")
@@ -439,14 +441,20 @@ def check_ranks_agree(model, env) -> str:
 
 
 def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
-                  pad_id: int, suppress: tuple[int, ...] = (), env=None) -> dict[str, float]:
+                  pad_id: int, suppress: tuple[int, ...] = (), env=None, ds_engine=None) -> dict[str, float]:
     """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics.
 
     Under several processes (`env`, training/distributed.py) every rank calls this with its own
-    share of the rollouts (possibly none); totals and gradients are summed across ranks."""
+    share of the rollouts (possibly none); totals and gradients are summed across ranks.
+    `ds_engine` (DeepSpeed ZeRO-2 around `model`; `optimizer` is then its ZeRO optimizer) does the
+    reduction, clipping and step instead, with the same update: see `_zero_epoch`."""
     from r4b_core.training.distributed import all_reduce_sum
 
     dist_on = env is not None and env.initialized
+    # DeepSpeed averages gradients over ranks where the plain path sums them: scaling each rank's
+    # loss by the world size makes the two updates identical
+    ds_scale = float(env.world_size) if (ds_engine is not None and dist_on) else 1.0
+    forward = ds_engine if ds_engine is not None else model
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in
                                             ("ratio_gen", "entropy", "kl", "clipped", "think_p", "no_think_p")}
     losses: list[float] = []
@@ -464,39 +472,53 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     for epoch in range(b.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         epoch_loss = 0.0
-        for n, mb in enumerate(batches):
-            logp, entropy = sequence_logprobs(model, mb, b.temperature, suppress)
-            if epoch == 0:
-                forced_old[n] = logp.detach()
-                gap = (logp.detach() - mb.rollout_logp).abs()[mb.generated_mask]
-                worst_gap = max(worst_gap, gap.max().item() if gap.numel() else 0.0)
-                # engine-vs-trainer mismatch: the ratio before any update, on sampled tokens only
-                stats["ratio_gen"].append(torch.exp(logp.detach() - mb.rollout_logp)[mb.generated_mask])
-                stats["entropy"].append(entropy.detach()[mb.loss_mask])
-                first_forced = mb.forced_mask & ~torch.cat(
-                    [torch.zeros_like(mb.forced_mask[:, :1]), mb.forced_mask[:, :-1]], dim=1)
-                p_first = logp.detach().exp()[first_forced]
-                rows = first_forced.any(-1)
-                stats["think_p"].append(p_first[mb.think[rows]])
-                stats["no_think_p"].append(p_first[~mb.think[rows]])
-            old = torch.where(mb.forced_mask, forced_old[n], mb.rollout_logp)
-            terms = bpo_math.ppo_clip_loss(logp, old, mb.advantages, b.clip_eps)
-            per_token = terms.loss
-            if b.kl_beta > 0 and ref_model is not None:
-                if n not in ref_cache:
-                    with torch.no_grad():
-                        ref_cache[n], _ = sequence_logprobs(ref_model, mb, b.temperature, suppress)
-                kl = bpo_math.k3_kl(logp, ref_cache[n])
-                per_token = per_token + b.kl_beta * kl
-                stats["kl"].append(kl.detach()[mb.loss_mask])
-            stats["clipped"].append(terms.clipped[mb.loss_mask].float())
-            loss = bpo_math.aggregate(per_token, mb.loss_mask, b.loss_agg,
-                                      total_tokens=total_tokens, total_seqs=total_seqs)
-            loss.backward()
-            epoch_loss += loss.item()
-        stale = worst_gap > b.sync_tolerance
-        if epoch == 0 and dist_on:
-            stale = all_reduce_sum([float(stale)], env)[0] > 0      # every rank stops, or none
+        # ZeRO-2 would reduce gradients inside every backward, a collective that needs the same
+        # number of backward calls on every rank; coalescing keeps them local until the block ends
+        # (one reduction per optimizer step), so ranks with more, fewer or no micro-batches agree
+        accumulate = ds_engine.coalesce_grad_reduction() if ds_engine is not None else contextlib.nullcontext()
+        with accumulate:
+            for n, mb in enumerate(batches):
+                logp, entropy = sequence_logprobs(forward, mb, b.temperature, suppress)
+                if epoch == 0:
+                    forced_old[n] = logp.detach()
+                    gap = (logp.detach() - mb.rollout_logp).abs()[mb.generated_mask]
+                    worst_gap = max(worst_gap, gap.max().item() if gap.numel() else 0.0)
+                    # engine-vs-trainer mismatch: the ratio before any update, on sampled tokens only
+                    stats["ratio_gen"].append(torch.exp(logp.detach() - mb.rollout_logp)[mb.generated_mask])
+                    stats["entropy"].append(entropy.detach()[mb.loss_mask])
+                    first_forced = mb.forced_mask & ~torch.cat(
+                        [torch.zeros_like(mb.forced_mask[:, :1]), mb.forced_mask[:, :-1]], dim=1)
+                    p_first = logp.detach().exp()[first_forced]
+                    rows = first_forced.any(-1)
+                    stats["think_p"].append(p_first[mb.think[rows]])
+                    stats["no_think_p"].append(p_first[~mb.think[rows]])
+                old = torch.where(mb.forced_mask, forced_old[n], mb.rollout_logp)
+                terms = bpo_math.ppo_clip_loss(logp, old, mb.advantages, b.clip_eps)
+                per_token = terms.loss
+                if b.kl_beta > 0 and ref_model is not None:
+                    if n not in ref_cache:
+                        with torch.no_grad():
+                            ref_cache[n], _ = sequence_logprobs(ref_model, mb, b.temperature, suppress)
+                    kl = bpo_math.k3_kl(logp, ref_cache[n])
+                    per_token = per_token + b.kl_beta * kl
+                    stats["kl"].append(kl.detach()[mb.loss_mask])
+                stats["clipped"].append(terms.clipped[mb.loss_mask].float())
+                loss = bpo_math.aggregate(per_token, mb.loss_mask, b.loss_agg,
+                                          total_tokens=total_tokens, total_seqs=total_seqs)
+                if ds_engine is not None:
+                    ds_engine.backward(loss * ds_scale)     # gradient_accumulation_steps is 1: no division
+                else:
+                    loss.backward()
+                epoch_loss += loss.item()
+            stale = worst_gap > b.sync_tolerance
+            if epoch == 0 and dist_on:
+                stale = all_reduce_sum([float(stale)], env)[0] > 0      # every rank stops, or none
+            if ds_engine is not None:
+                # every rank must reduce the same tensors: a parameter this rank's micro-batches
+                # never reached (or a rank without rollouts) contributes zeros, as in _all_reduce_grads
+                for p in model.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
         if epoch == 0 and stale:
             # before any update: the rollouts were not sampled from the trainer's weights (a stale
             # or wrong sidecar, a different temperature or tokenizer); training on them is wrong
@@ -506,14 +528,19 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
                            f"> bpo.sync_tolerance {b.sync_tolerance:g} on the sampled tokens; the rollout "
                            f"engine is not serving the trainer's policy (stale weights?). Nothing was updated")
         if dist_on:
-            _all_reduce_grads(model)
             epoch_loss = all_reduce_sum([epoch_loss], env)[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), b.optim.grad_clip)
-        optimizer.step()
+        if ds_engine is not None:
+            ds_engine.step()            # clips at bpo.optim.grad_clip (the engine's config), steps, zeroes
+            grad_norm = float(ds_engine.get_global_grad_norm() or 0.0)
+        else:
+            if dist_on:
+                _all_reduce_grads(model)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), b.optim.grad_clip))
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         losses.append(epoch_loss)
-        grad_norms.append(float(grad_norm))
+        grad_norms.append(grad_norm)
     model.eval()
 
     def cat(name):
@@ -566,6 +593,7 @@ class Trainer:
     cfg: RunConfig
     policy_version: int = 0
     env: Any = None                  # training/distributed.DistEnv; None = one process
+    ds_engine: Any = None            # DeepSpeed ZeRO-2 engine around `model` (optimizer: its ZeRO one)
 
 
 @dataclass
@@ -646,7 +674,7 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         n_train = int(all_reduce_sum([float(n_train)], tr.env)[0])    # every rank updates, or none
     if n_train:
         m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id,
-                               tr.encoder.suppress, tr.env))
+                               tr.encoder.suppress, tr.env, tr.ds_engine))
         tr.policy_version += 1
     else:
         m["skipped_update"] = 1.0
@@ -852,7 +880,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     t0 = time.perf_counter()
     if b.cpu_threads:
         torch.set_num_threads(b.cpu_threads)
-    env = init_distributed(b.distributed.backend)
+    use_ds = b.distributed.deepspeed == "zero2"      # zero3 is refused by check_bpo_config
+    env = init_distributed(b.distributed.backend, force=use_ds)   # DeepSpeed always wants a group
     check_bpo_config(cfg, world_size=env.world_size)       # before anything is loaded
     cache = Path(tempfile.gettempdir()) / "r4b-cache" / name
     work = Path(tempfile.mkdtemp(prefix=f"r4b-{name}-"))
@@ -871,7 +900,18 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = make_optimizer(model, b)
         scheduler = cosine_scheduler(optimizer, b.steps * b.ppo_epochs, b.optim.warmup_steps)
-        trainee = ckpt.Trainee(model, optimizer, scheduler)
+        ds_engine = None
+        if use_ds:
+            # ZeRO-2: optimizer state and gradients partitioned, full weights on every rank (the
+            # engine push, the rank fingerprint, the probe and save_model read the bare module).
+            # One engine step per PPO epoch; policy_update accumulates the micro-batches itself.
+            from r4b_core.training.zero import deepspeed_engine
+
+            use_bf16 = env.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            ds_engine, optimizer = deepspeed_engine(model, optimizer, stage=2, grad_accum=1,
+                                                    grad_clip=b.optim.grad_clip, use_bf16=use_bf16)
+            model = ds_engine.module
+        trainee = ckpt.Trainee(model, optimizer, scheduler, engine=ds_engine)
 
         # -- resume -----------------------------------------------------------------------------
         root = checkpoints_root(out_uri)
@@ -924,7 +964,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 print(f"{name}: engine {b.engine} serves policy version {version} (full push "
                       f"{time.perf_counter() - t_push:.2f}s" + (f", verified: max |logprob diff| {check:.1e}"
                                                                  if check is not None else "") + how + ")", flush=True)
-            tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version, env)
+            tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version, env, ds_engine)
             for step in range(start_step, b.steps):
                 position = base_position + (step - start_step) * b.prompts_per_step + env.rank * per_rank
                 result = bpo_step(tr, stream.take(position, per_rank), step)
@@ -967,6 +1007,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                        "policy_version": tr.policy_version},
             "resumed_from_step": start_step if found is not None else None,
             "world_size": env.world_size,
+            "deepspeed": b.distributed.deepspeed,
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
             "reward_counters": counters,
             # policy versions whose push to the sidecar was verified (vLLM; empty for hf)

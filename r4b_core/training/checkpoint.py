@@ -193,8 +193,8 @@ def load(store, uri: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path)
     blob = torch.load(local / "optim.pt", map_location="cpu", weights_only=False)
     if blob.get("zero_stage", 0) != trainee.zero_stage:
         raise CheckpointError(f"{uri}: written with ZeRO stage {blob.get('zero_stage', 0)}, now stage "
-                              f"{trainee.zero_stage}; set anneal.distributed.deepspeed back or start fresh "
-                              "(delete the checkpoints folder)")
+                              f"{trainee.zero_stage}; set the stage's distributed.deepspeed (anneal or bpo) back "
+                              "or start fresh (delete the checkpoints folder)")
     if trainee.zero_stage != 3:
         # ZeRO-3 restores its parameter partitions from the optimizer's fp32 copies below.
         try:

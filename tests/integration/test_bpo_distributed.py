@@ -1,0 +1,165 @@
+"""`r4b bpo` under torchrun with DeepSpeed ZeRO-2 (`bpo.distributed.deepspeed: zero2`), on CPU/gloo.
+
+Two real processes, each with its in-process HF rollout engine, on the briefly annealed tiny VLM
+(test_bpo.warm_start). The plain data-parallel path (gradients summed by hand) is the reference:
+ZeRO-2 averages gradients, partitions the optimizer state and steps once per PPO epoch after
+several backward calls, and must still end with the same weights. A ZeRO-2 run SIGKILLed after its
+first checkpoint resumes (partitioned optimizer state, scheduler, RNG, prompt position, policy
+version) and ends with the uninterrupted run's weights. ZeRO-3 is refused with a one-line error.
+The 2-process DDP test without DeepSpeed is test_bpo.py's torchrun test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+_spec = importlib.util.spec_from_file_location("bpo_unit_tests", Path(__file__).parents[1] / "unit" / "test_bpo.py")
+_unit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_unit)
+
+STEPS = 3
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "DS_ACCELERATOR": "cpu", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+
+
+def _cmd(root: Path, deepspeed: str, warm, nproc: int = 2) -> tuple[list[str], Path]:
+    """The `r4b bpo` command line of a run under `root`, and its output folder."""
+    model_dir, rl = warm
+    cfg = _unit.bpo_run_config(root / "runs", steps=STEPS, checkpoint_every=1, probe_every=100,
+                               distributed={"deepspeed": deepspeed})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = root / "bpo" / "model"
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+              if nproc > 1 else [sys.executable])
+    return [*launch, "-m", "r4b_core.cli", "bpo", "--config", str(root / "cfg.yaml"), "--prompts", str(rl),
+            "--init-model", str(model_dir), "--out", str(out)], out
+
+
+def _run(cmd: list[str]) -> str:
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its ranks (each rank runs in its own session), as a lost pod."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(pid)
+        kids = parent.children(recursive=True)
+        for p in [parent, *kids]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(kids, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    return _unit.warm_start(tmp_path_factory.mktemp("bpo-dist-warm"))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(warm, tmp_path_factory):
+    """An uninterrupted 2-process ZeRO-2 run: (stdout, output folder)."""
+    cmd, out = _cmd(tmp_path_factory.mktemp("zero2"), "zero2", warm)
+    return _run(cmd), out
+
+
+def test_zero2_gives_the_weights_of_the_plain_data_parallel_path(warm, zero2_run, tmp_path):
+    stdout, out = zero2_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["deepspeed"] == "zero2" and manifest["world_size"] == 2
+    assert manifest["counts"]["policy_version"] >= 2, "too few informative steps to compare updates"
+    norms = [h.get("grad_norm") for h in manifest["history"]]
+    assert any(n and n > 0 for n in norms), manifest["history"]
+    # every checkpoint compared the ranks' weights: ZeRO-2 keeps the full weights on both
+    assert sum("weights agree across 2 processes" in x for x in stdout.splitlines()) == STEPS, stdout
+    plain_cmd, plain_out = _cmd(tmp_path, "none", warm)
+    _run(plain_cmd)
+    plain = json.loads((plain_out / "manifest.json").read_text())
+    assert plain["deepspeed"] == "none"
+    assert plain["counts"]["policy_version"] == manifest["counts"]["policy_version"]
+    for mine, ref in zip(manifest["history"], plain["history"], strict=True):
+        for key in ("reward/think", "reward/no_think", "train_tokens"):         # the same rollouts ...
+            assert mine.get(key) == pytest.approx(ref.get(key)), (mine["step"], key)
+        for key in ("loss", "grad_norm"):                                     # ... and the same updates
+            if ref.get(key) is None:                                          # a step without informative groups
+                assert mine.get(key) is None, (mine["step"], key)
+            else:
+                assert mine.get(key) == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (mine["step"], key)
+    init, a, b = _weights(warm[0]), _weights(plain_out), _weights(out)
+    assert _max_diff(init, a) > 1e-3                             # the runs did learn something
+    worst = _max_diff(a, b)
+    assert worst < 1e-5, f"ZeRO-2 and plain data parallelism differ by {worst}"
+
+
+def test_killed_zero2_run_resumes_and_ends_with_the_uninterrupted_weights(warm, zero2_run, tmp_path):
+    _, reference = zero2_run
+    cmd, out = _cmd(tmp_path, "zero2", warm)
+    first = out.parent / "checkpoints" / "step-000001"
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait(timeout=60)
+    assert not (out / "manifest.json").exists()
+    # the sharded optimizer state of both ranks is in the checkpoint
+    blob = torch.load(first / "optim.pt", map_location="cpu", weights_only=False)
+    assert blob["zero_stage"] == 2 and len(blob["optimizer"]) == 2
+    stdout = _run(cmd)
+    assert "resumed from" in stdout and "policy version" in stdout, stdout[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] in (1, 2) and manifest["deepspeed"] == "zero2"
+    ref = json.loads((reference / "manifest.json").read_text())
+    assert manifest["counts"]["policy_version"] == ref["counts"]["policy_version"]
+    worst = _max_diff(_weights(reference), _weights(out))
+    assert worst < 1e-5, f"the resumed ZeRO-2 run differs from the uninterrupted one by {worst}"
+
+
+def test_zero3_is_refused_with_a_one_line_error_naming_the_field_and_the_fix(warm, tmp_path):
+    from r4b_core import bpo
+    from r4b_core.config import load_config
+
+    cmd, out = _cmd(tmp_path, "zero3", warm, nproc=1)
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and not out.exists()
+    text = res.stdout + res.stderr
+    assert "Traceback" not in text, text[-3000:]
+    line = next(x for x in text.splitlines() if "bpo.distributed.deepspeed=zero3" in x)
+    assert "bpo.distributed.deepspeed: zero2" in line
+    # the paper-scale config asks for ZeRO-2 for BPO and passes the checks
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "r4b-4b.yaml")
+    assert cfg.bpo.distributed.deepspeed == "zero2"
+    bpo.check_bpo_config(cfg)
