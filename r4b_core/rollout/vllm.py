@@ -167,8 +167,8 @@ class VLLMEngine:
         return self._wait([self._pool.submit(fn, *args) for fn, args in calls])
 
     def _health(self) -> str:
-        """"ok"; "down" (connection refused, or the local server process has exited); "slow"
-        (no answer within health_timeout_s, or an error status)."""
+        """The server's state: "ok", "down" (connection refused, or the local server process has
+        exited) or "slow" (no answer within health_timeout_s, or an error status)."""
         if self.server is not None and hasattr(self.server, "alive") and not self.server.alive():
             return "down"
         try:
