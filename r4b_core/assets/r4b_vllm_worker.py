@@ -14,7 +14,7 @@ worker only concatenates the parts of packed layers (q/k/v -> qkv_proj, gate/up 
 from the model's `packed_modules_mapping`), copies every tensor into its parameter in place, and
 re-packs the linear layers whose weight vLLM's CPU backend keeps only inside a oneDNN handle.
 That is what vLLM's `reload_weights` does for this case, without its per-layer meta-device
-restore and deferred loaders (measured: 30-35 ms -> about 8 ms for the tiny VLM). Anything the
+restore and deferred loaders (measured on the tiny VLM: 26-29 ms -> 9-10 ms). Anything the
 fast path does not recognise (a name it cannot place, a shape it cannot fill, a parameter left
 unwritten) sends the call down vLLM's `reload_weights` instead, and says why in the reply; the
 trainer's probe verification checks the result either way.
