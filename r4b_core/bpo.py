@@ -58,7 +58,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -320,6 +320,15 @@ class MicroBatch:
     think: torch.Tensor              # [B] bool
     index: list[int]                 # positions in the train list
 
+    def to(self, device: torch.device) -> MicroBatch:
+        """The tensors on the trainer's device (DeepSpeed moves the model to its accelerator);
+        the same object where they are already there (CPU)."""
+        if self.prefix_ids.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
 
 def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_trainable: bool) -> MicroBatch:
     keys: dict[str, int] = {}
@@ -370,7 +379,7 @@ def sequence_logprobs(model, mb: MicroBatch, temperature: float,
     cache = getattr(head, "cache", None) or head.past_key_values
     cache.batch_select_indices(mb.owner)                 # each response gets its prompt's K/V
     start = mb.prefix_mask.sum(-1)[mb.owner].unsqueeze(-1)
-    resp_pos = start + torch.arange(mb.response_ids.shape[1]).unsqueeze(0)
+    resp_pos = start + torch.arange(mb.response_ids.shape[1], device=start.device).unsqueeze(0)
     attn = torch.cat([mb.prefix_mask[mb.owner], mb.response_mask], dim=1)
     body = model(input_ids=mb.response_ids, attention_mask=attn, position_ids=resp_pos, cache=cache,
                  use_cache=True)
@@ -460,7 +469,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     losses: list[float] = []
     grad_norms: list[float] = []
     chunks = micro_batches(items, b.micro_batch_size)
-    batches = [collate([items[k] for k in c], c, pad_id, b.mode_token_trainable) for c in chunks]
+    device = next(model.parameters()).device
+    batches = [collate([items[k] for k in c], c, pad_id, b.mode_token_trainable).to(device) for c in chunks]
     total_tokens = float(sum(mb.loss_mask.sum().item() for mb in batches))
     total_seqs = float(sum((mb.loss_mask.sum(-1) > 0).sum().item() for mb in batches))
     if dist_on:
@@ -766,7 +776,7 @@ def decision_probability(model, encoder: PromptEncoder, prompts: list[Prompt]) -
     for p in prompts:
         think = encoder.encode(p, Mode.THINK)
         items.append(TrainItem(think, [], [], 0.0, True))
-    mb = collate(items, list(range(len(items))), encoder.pad_id, True)
+    mb = collate(items, list(range(len(items))), encoder.pad_id, True).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
@@ -911,6 +921,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             ds_engine, optimizer = deepspeed_engine(model, optimizer, stage=2, grad_accum=1,
                                                     grad_clip=b.optim.grad_clip, use_bf16=use_bf16)
             model = ds_engine.module
+            if ref_model is not None:
+                ref_model.to(env.device)        # where the engine put the policy (its accelerator)
         trainee = ckpt.Trainee(model, optimizer, scheduler, engine=ds_engine)
 
         # -- resume -----------------------------------------------------------------------------

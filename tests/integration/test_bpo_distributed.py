@@ -100,7 +100,9 @@ def test_zero2_gives_the_weights_of_the_plain_data_parallel_path(warm, zero2_run
     assert manifest["counts"]["policy_version"] >= 2, "too few informative steps to compare updates"
     norms = [h.get("grad_norm") for h in manifest["history"]]
     assert any(n and n > 0 for n in norms), manifest["history"]
-    # every checkpoint compared the ranks' weights: ZeRO-2 keeps the full weights on both
+    # the probe ran on the trained module at the last step (full weights on rank 0) ...
+    assert {"probe/hard_math/p_think", "probe/hard_math/think_rate"} <= manifest["metrics"].keys()
+    # ... and every checkpoint compared the ranks' weights: ZeRO-2 keeps the full weights on both
     assert sum("weights agree across 2 processes" in x for x in stdout.splitlines()) == STEPS, stdout
     plain_cmd, plain_out = _cmd(tmp_path, "none", warm)
     _run(plain_cmd)
