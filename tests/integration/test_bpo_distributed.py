@@ -6,6 +6,8 @@ ZeRO-2 averages gradients, partitions the optimizer state and steps once per PPO
 several backward calls, and must still end with the same weights. A ZeRO-2 run SIGKILLed after its
 first checkpoint resumes (partitioned optimizer state, scheduler, RNG, prompt position, policy
 version) and ends with the uninterrupted run's weights. ZeRO-3 is refused with a one-line error.
+In-process (a world of one), `policy_update` through the engine equals the plain update over
+several micro-batches and PPO epochs, and a stale batch is refused before the engine steps.
 The 2-process DDP test without DeepSpeed is test_bpo.py's torchrun test.
 """
 
@@ -165,3 +167,58 @@ def test_zero3_is_refused_with_a_one_line_error_naming_the_field_and_the_fix(war
     cfg = load_config(Path(__file__).parents[2] / "configs" / "r4b-4b.yaml")
     assert cfg.bpo.distributed.deepspeed == "zero2"
     bpo.check_bpo_config(cfg)
+
+
+def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epochs(warm, monkeypatch):
+    """In-process, a world of one: `policy_update` through a ZeRO-2 engine (several backward calls
+    per optimizer step, 2 PPO epochs, clipping active) moves the weights exactly as the plain path;
+    a stale batch is refused under ZeRO-2 too, before the engine steps."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+
+    from r4b_core import bpo
+    from r4b_core.config import BPOConfig
+    from r4b_core.models.loading import load_model
+    from r4b_core.training.distributed import init_distributed, teardown
+    from r4b_core.training.zero import deepspeed_engine
+
+    model, processor = load_model(str(warm[0]))
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = []
+    for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
+        items += _unit._items(enc, _unit._prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+                              tok.encode("7 7 7", add_special_tokens=False), a, b_, model)
+    b = BPOConfig(micro_batch_size=2, ppo_epochs=2, kl_beta=0.0,
+                  optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "grad_clip": 0.5})
+    port = socket.create_server(("127.0.0.1", 0))          # a free port for the world of one
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port.getsockname()[1]), "RANK": "0",
+                 "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(k, v)
+    port.close()
+    env = init_distributed("gloo", force=True)
+    try:
+        plain = copy.deepcopy(model)
+        ref = bpo.policy_update(plain, None, bpo.make_optimizer(plain, b), None, items, b, enc.pad_id,
+                                enc.suppress, env)
+        zero = copy.deepcopy(model)
+        engine, zero_opt = deepspeed_engine(zero, bpo.make_optimizer(zero, b), stage=2, grad_accum=1,
+                                            grad_clip=b.optim.grad_clip, use_bf16=False)
+        stale = [bpo.TrainItem(it.prompt, it.gen_ids, [x - 0.01 for x in it.rollout_logprobs], it.advantage,
+                               it.think) for it in items]
+        before = [p.detach().clone() for p in zero.parameters()]
+        with pytest.raises(bpo.BPOError, match="rollout check"):
+            bpo.policy_update(zero, None, zero_opt, None, stale, b, enc.pad_id, enc.suppress, env, engine)
+        assert all(torch.equal(x, p) for x, p in zip(before, zero.parameters()))   # nothing updated
+        got = bpo.policy_update(zero, None, zero_opt, None, items, b, enc.pad_id, enc.suppress, env, engine)
+    finally:
+        teardown(env)
+    assert not dist.is_initialized()
+    assert ref["grad_norm"] > b.optim.grad_clip                   # clipping was active
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and ref["loss"] != ref["loss_first_epoch"]
+    worst = max((p - q).abs().max().item() for p, q in zip(plain.parameters(), zero.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
+    assert moved > 1e-4 and worst < 1e-6, (moved, worst)
