@@ -413,16 +413,24 @@ def micro_batches(items: list[TrainItem], size: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # Loss + update over one rollout batch
 # ---------------------------------------------------------------------------------------------
+def _fill_missing_grads(model) -> list:
+    """Zero gradients for the trainable parameters no backward reached, so every rank reduces the
+    same tensors (a rank without rollouts, or whose micro-batches skipped a module). Returns the
+    trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return params
+
+
 def _all_reduce_grads(model) -> None:
     """Sum gradients over the training processes in one flat buffer. Each rank's loss is already
     normalised by whole-batch totals, so the sum is the full-batch gradient; a rank without
     rollouts this step contributes zeros (it must still join, or the others would wait forever)."""
     import torch.distributed as dist
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = _fill_missing_grads(model)
     flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
     dist.all_reduce(flat)
     for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
@@ -456,7 +464,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     Under several processes (`env`, training/distributed.py) every rank calls this with its own
     share of the rollouts (possibly none); totals and gradients are summed across ranks.
     `ds_engine` (DeepSpeed ZeRO-2 around `model`; `optimizer` is then its ZeRO optimizer) does the
-    reduction, clipping and step instead, with the same update: see `_zero_epoch`."""
+    reduction, clipping and step instead, with the same update."""
     from r4b_core.training.distributed import all_reduce_sum
 
     dist_on = env is not None and env.initialized
@@ -524,11 +532,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
             if epoch == 0 and dist_on:
                 stale = all_reduce_sum([float(stale)], env)[0] > 0      # every rank stops, or none
             if ds_engine is not None:
-                # every rank must reduce the same tensors: a parameter this rank's micro-batches
-                # never reached (or a rank without rollouts) contributes zeros, as in _all_reduce_grads
-                for p in model.parameters():
-                    if p.requires_grad and p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                _fill_missing_grads(model)          # DeepSpeed reduces when the block ends
         if epoch == 0 and stale:
             # before any update: the rollouts were not sampled from the trainer's weights (a stale
             # or wrong sidecar, a different temperature or tokenizer); training on them is wrong

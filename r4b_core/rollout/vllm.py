@@ -139,10 +139,7 @@ class VLLMEngine:
         return s
 
     def healthy(self) -> bool:
-        try:
-            return self._session().get(self.url + "/health", timeout=self.health_timeout_s).status_code == 200
-        except self._requests.RequestException:
-            return False
+        return self._health() == "ok"
 
     def _get(self, path: str) -> Any:
         try:
@@ -161,10 +158,6 @@ class VLLMEngine:
         if r.status_code != 200:
             raise VLLMEngineError(f"vLLM server at {self.url}: {what} -> HTTP {r.status_code}: {r.text[:500]}")
         return r.json() if r.content else None
-
-    def _run_all(self, calls: list[tuple[Any, tuple]]) -> list[Any]:
-        """Run calls on the pool; while waiting, check /health so a dead server fails fast."""
-        return self._wait([self._pool.submit(fn, *args) for fn, args in calls])
 
     def _health(self) -> str:
         """The server's state: "ok", "down" (connection refused, or the local server process has
