@@ -89,6 +89,17 @@ def _default_shm_dir() -> Path:
     return Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
 
 
+def _reset_after_connecting(exc: Exception) -> bool:
+    """Whether a requests ConnectionError came from a connection that was open and then reset or
+    closed (urllib3 ProtocolError), as opposed to one that could not be opened (refused, no route)."""
+    from urllib3.exceptions import MaxRetryError, ProtocolError
+
+    cause = exc.args[0] if exc.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, ProtocolError)
+
+
 class VLLMEngine:
     """RolloutEngine over a vLLM OpenAI server (a `VLLMServer` or its base URL)."""
 
@@ -141,9 +152,24 @@ class VLLMEngine:
     def healthy(self) -> bool:
         return self._health() == "ok"
 
+    def _request(self, method: str, path: str, **kw):
+        """One HTTP call on this thread's pooled connection, retried once on a fresh connection if
+        the server reset the pooled one. uvicorn closes connections idle past its keep-alive (5 s);
+        a request that reaches such a connection as it closes (or while a frozen server's timer runs
+        out) is reset unread. Resending is safe in any case: generation and reloading one weights
+        folder are idempotent."""
+        try:
+            return self._session().request(method, self.url + path, **kw)
+        except self._requests.ConnectionError as exc:
+            if not _reset_after_connecting(exc):
+                raise
+            stale, self._local.session = self._local.session, None
+            stale.close()
+            return self._session().request(method, self.url + path, **kw)
+
     def _get(self, path: str) -> Any:
         try:
-            r = self._session().get(self.url + path, timeout=self.health_timeout_s * 2)
+            r = self._request("GET", path, timeout=self.health_timeout_s * 2)
         except self._requests.RequestException as exc:
             raise VLLMEngineError(f"vLLM server at {self.url}: GET {path} failed: {exc}") from None
         if r.status_code != 200:
@@ -152,7 +178,7 @@ class VLLMEngine:
 
     def _post(self, path: str, body: dict, what: str, timeout: float | None = None) -> Any:
         try:
-            r = self._session().post(self.url + path, json=body, timeout=(self.health_timeout_s, timeout or self.request_timeout_s))
+            r = self._request("POST", path, json=body, timeout=(self.health_timeout_s, timeout or self.request_timeout_s))
         except self._requests.RequestException as exc:
             raise VLLMEngineError(f"vLLM server at {self.url}: {what} failed: {type(exc).__name__}: {exc}") from None
         if r.status_code != 200:
@@ -160,16 +186,20 @@ class VLLMEngine:
         return r.json() if r.content else None
 
     def _health(self) -> str:
-        """The server's state: "ok", "down" (connection refused, or the local server process has
-        exited) or "slow" (no answer within health_timeout_s, or an error status)."""
+        """The server's state: "ok", "down" (no connection can be opened, or the local server
+        process has exited) or "slow" (no answer within health_timeout_s, a reset, or an error
+        status). Each check opens its own connection: a pooled one may have been closed by the
+        server's keep-alive timer while it was frozen, and that reset says nothing about whether
+        the server is alive."""
         if self.server is not None and hasattr(self.server, "alive") and not self.server.alive():
             return "down"
         try:
-            r = self._session().get(self.url + "/health", timeout=self.health_timeout_s)
+            r = self._requests.get(self.url + "/health", timeout=self.health_timeout_s,
+                                   headers={"Connection": "close"})
         except self._requests.ConnectTimeout:
             return "slow"
-        except self._requests.ConnectionError:
-            return "down"
+        except self._requests.ConnectionError as exc:
+            return "slow" if _reset_after_connecting(exc) else "down"
         except self._requests.RequestException:
             return "slow"
         return "ok" if r.status_code == 200 else "slow"

@@ -3,11 +3,13 @@ greedy, logprobs equal the trainer's teacher-forced values, seeds reproduce), ve
 (perturb -> sync -> verify passes and outputs change; skipped reload -> verification fails
 loudly), the in-place reload serving what vLLM's own reload serves, the overlapped check holding
 back rollouts of a stale sidecar, EOS semantics after a sync, the tied-embedding trap and its fix
-on a second server, fast failure on an unreachable or frozen server, and patience with one that
-is silent for less than the grace."""
+on a second server, fast failure on an unreachable or frozen server, patience with one that is
+silent for less than the grace, and a connection reset by a server resuming from a freeze being
+resent rather than read as a dead server."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import copy
 import os
 import signal
@@ -267,6 +269,32 @@ def test_a_server_silent_for_less_than_the_grace_is_waited_for(engine, vllm_serv
         resume.cancel()
         os.killpg(pgid, signal.SIGCONT)
     assert time.monotonic() - t0 >= 9 and [len(c.token_ids) > 0 for c in served] == [True] * 3
+
+
+def test_a_connection_the_frozen_server_closed_is_resent_not_reported_as_a_dead_server(engine, vllm_server):
+    """The CI failure of session 3: a request sent on a pooled keep-alive connection while the
+    server is frozen past uvicorn's 5 s keep-alive is reset when the server resumes. That reset
+    made /health read as "down". Now /health opens its own connection and other calls are resent
+    once on a fresh one. A bare requests session, pooled the same way, shows the reset is real."""
+    import requests
+
+    bare = requests.Session()
+    with cf.ThreadPoolExecutor(1) as engine_thread:          # the engine pools per thread
+        assert engine_thread.submit(engine._get, "/v1/models").result()["data"]
+        assert bare.get(engine.url + "/health", timeout=5).status_code == 200
+        time.sleep(0.5)                                       # lets the server arm its keep-alive timers
+        pgid = os.getpgid(vllm_server.pid)
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+            time.sleep(6.5)                                   # past the server's keep-alive
+            threading.Timer(1.0, os.killpg, (pgid, signal.SIGCONT)).start()
+            models = engine_thread.submit(engine._get, "/v1/models")
+            with pytest.raises(requests.ConnectionError, match="reset"):
+                bare.get(engine.url + "/health", timeout=5)
+            assert models.result()["data"][0]["id"] == engine.model_name
+        finally:
+            os.killpg(pgid, signal.SIGCONT)
+    assert engine._health() == "ok"
 
 
 @pytest.fixture(scope="module")
