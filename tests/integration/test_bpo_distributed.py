@@ -1,7 +1,7 @@
 """`r4b bpo` under torchrun with DeepSpeed ZeRO-2 (`bpo.distributed.deepspeed: zero2`), on CPU/gloo.
 
 Two real processes, each with its in-process HF rollout engine, on the briefly annealed tiny VLM
-(test_bpo.warm_start). The plain data-parallel path (gradients summed by hand) is the reference:
+(bpo_helpers.warm_start). The plain data-parallel path (gradients summed by hand) is the reference:
 ZeRO-2 averages gradients, partitions the optimizer state and steps once per PPO epoch after
 several backward calls, and must still end with the same weights. A ZeRO-2 run SIGKILLed after its
 first checkpoint resumes (partitioned optimizer state, scheduler, RNG, prompt position, policy
@@ -14,7 +14,6 @@ The 2-process DDP test without DeepSpeed is test_bpo.py's torchrun test.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -27,9 +26,8 @@ import pytest
 import torch
 import yaml
 
-_spec = importlib.util.spec_from_file_location("bpo_unit_tests", Path(__file__).parents[1] / "unit" / "test_bpo.py")
-_unit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_unit)
+from bpo_helpers import bpo_run_config, math_prompt, on_policy_items, warm_start
+
 
 STEPS = 3
 
@@ -42,7 +40,7 @@ def _env() -> dict[str, str]:
 def _cmd(root: Path, deepspeed: str, warm, nproc: int = 2) -> tuple[list[str], Path]:
     """The `r4b bpo` command line of a run under `root`, and its output folder."""
     model_dir, rl = warm
-    cfg = _unit.bpo_run_config(root / "runs", steps=STEPS, checkpoint_every=1, probe_every=100,
+    cfg = bpo_run_config(root / "runs", steps=STEPS, checkpoint_every=1, probe_every=100,
                                distributed={"deepspeed": deepspeed})
     root.mkdir(parents=True, exist_ok=True)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -85,7 +83,7 @@ def _kill_tree(pid: int) -> None:
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
-    return _unit.warm_start(tmp_path_factory.mktemp("bpo-dist-warm"))
+    return warm_start(tmp_path_factory.mktemp("bpo-dist-warm"))
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,7 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
     tok = processor.tokenizer
     items = []
     for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
-        items += _unit._items(enc, _unit._prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+        items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
                               tok.encode("7 7 7", add_special_tokens=False), a, b_, model)
     b = BPOConfig(micro_batch_size=2, ppo_epochs=2, kl_beta=0.0,
                   optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "grad_clip": 0.5})

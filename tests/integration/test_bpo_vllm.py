@@ -10,7 +10,6 @@ finishes, and every step's weight sync was verified within `bpo.sync_tolerance`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -20,14 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-_spec = importlib.util.spec_from_file_location("bpo_unit_tests", Path(__file__).parents[1] / "unit" / "test_bpo.py")
-_unit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_unit)
+from bpo_helpers import bpo_run_config, one_thread, warm_start  # noqa: F401  (one_thread: autouse)
 
 
 def _stream(proc: subprocess.Popen, lines: list[str], q: queue.Queue) -> threading.Thread:
@@ -48,18 +44,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-one_thread = _unit.one_thread      # autouse: tiny models run fastest on one torch thread
 
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
-    return _unit.warm_start(tmp_path_factory.mktemp("bpo-warm"))
+    return warm_start(tmp_path_factory.mktemp("bpo-warm"))
 
 
 @pytest.mark.vllm
 def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(warm, tmp_path):
     model_dir, rl = warm
-    cfg = _unit.bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
+    cfg = bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
                                sync_tolerance=1e-3)
     cfg_path = tmp_path / "bpo.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -145,7 +140,7 @@ def test_bpo_reads_and_writes_s3(warm, tmp_path, s3_store, s3_root, s3_env):
     model_dir, rl = warm
     s3_store.upload_dir(rl.parent, f"{s3_root}/data")
     s3_store.upload_dir(model_dir, f"{s3_root}/anneal/model")
-    cfg = _unit.bpo_run_config(tmp_path, steps=3, checkpoint_every=2, probe_every=100)
+    cfg = bpo_run_config(tmp_path, steps=3, checkpoint_every=2, probe_every=100)
     cfg.storage.s3_endpoint_url = s3_env.endpoint_url
     out = f"{s3_root}/bpo/model"
     m = run_bpo(cfg, f"{s3_root}/data/{rl.name}", f"{s3_root}/anneal/model", out)

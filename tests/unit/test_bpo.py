@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from r4b_core import bpo, modes
 from r4b_core.config import BPOConfig, RunConfig, load_config
-from r4b_core.data.schema import Record
 from r4b_core.modes import Mode
 
-QUESTIONS = [f"What is {a} + {b}?" for a in range(3) for b in range(3)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP
-    threads spin against other processes and run 5-25x slower (ENVIRONMENT.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, one_thread, warm_start  # noqa: F401  (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
@@ -44,33 +32,12 @@ def tiny(tmp_path_factory):
     return path, model.eval(), processor
 
 
-def _prompt(i: int) -> bpo.Prompt:
-    rec = Record(id=f"q{i}", question=QUESTIONS[i], answer="0", images=["x.png"], category="math")
-    img = Image.new("RGB", (64, 64), (40 * i % 255, 90, 200))
-    return bpo.Prompt(rec, [img])
-
-
 def _decision_logprobs(model, encoder, prompt) -> torch.Tensor:
     """log p(next token | prompt up to `<think>`) over the vocabulary, in auto mode."""
     enc = encoder.encode(prompt, Mode.AUTO)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([enc.ids]), pixel_values=enc.pixel_values)
     return torch.log_softmax(out.logits[0, -1].float(), -1)
-
-
-def _items(encoder, prompt, gen_think, gen_no_think, adv_think, adv_no_think, model, g=2):
-    """Train items for one prompt: g think + g no-think rollouts with fixed generated tokens, and
-    rollout logprobs taken from the model itself (an on-policy batch)."""
-    items = []
-    for mode, gen, adv in ((Mode.THINK, gen_think, adv_think), (Mode.NO_THINK, gen_no_think, adv_no_think)):
-        enc = encoder.encode(prompt, mode)
-        tmp = bpo.TrainItem(enc, list(gen), [0.0] * len(gen), adv, mode == Mode.THINK)
-        mb = bpo.collate([tmp], [0], encoder.pad_id, True)
-        with torch.no_grad():
-            logp, _ = bpo.sequence_logprobs(model, mb, 1.0, encoder.suppress)
-        lp = logp[mb.generated_mask].tolist()
-        items += [bpo.TrainItem(enc, list(gen), lp, adv, mode == Mode.THINK) for _ in range(g)]
-    return items
 
 
 def _update(model, items, encoder, lr=0.5, **over):
@@ -84,7 +51,7 @@ def test_prompt_encoding_splits_at_think(tiny):
     _, _, processor = tiny
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
-    p = _prompt(0)
+    p = math_prompt(0)
     auto, think, nothink = (enc.encode(p, m) for m in (Mode.AUTO, Mode.THINK, Mode.NO_THINK))
     assert auto.n_forced == 0 and think.n_forced == 1 and nothink.n_forced == 3
     assert auto.prompt_len == think.prompt_len == nothink.prompt_len == len(auto.ids)
@@ -101,17 +68,17 @@ def test_mixed_advantage_raises_better_modes_decision_token_only_when_trainable(
     trainable -> it rises; prompt-only -> the loss has no tokens and nothing moves at all."""
     _, base, processor = tiny
     enc = bpo.PromptEncoder(processor)
-    p = _prompt(1)
+    p = math_prompt(1)
     think_id = enc.encode(p, Mode.THINK).ids[-1]
     before = _decision_logprobs(base, enc, p)[think_id].item()
 
     on = copy.deepcopy(base)
-    _update(on, _items(enc, p, [], [], 1.0, -1.0, on), enc, mode_token_trainable=True)
+    _update(on, on_policy_items(enc, p, [], [], 1.0, -1.0, on), enc, mode_token_trainable=True)
     after_on = _decision_logprobs(on, enc, p)[think_id].item()
     assert after_on > before + 0.05, (before, after_on)
 
     off = copy.deepcopy(base)
-    _update(off, _items(enc, p, [], [], 1.0, -1.0, off), enc, mode_token_trainable=False)
+    _update(off, on_policy_items(enc, p, [], [], 1.0, -1.0, off), enc, mode_token_trainable=False)
     for a, c in zip(base.parameters(), off.parameters()):
         assert torch.equal(a, c)
     assert _decision_logprobs(off, enc, p)[think_id].item() == before
@@ -123,7 +90,7 @@ def test_decision_token_gradient_with_generated_tokens(tiny):
     _, base, processor = tiny
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
-    p = _prompt(2)
+    p = math_prompt(2)
     think_id = enc.encode(p, Mode.THINK).ids[-1]
     gen_think = tok.encode("2 + 2 = 4\n</think>\n\n4<|im_end|>", add_special_tokens=False)
     gen_direct = tok.encode("5<|im_end|>", add_special_tokens=False)
@@ -131,7 +98,7 @@ def test_decision_token_gradient_with_generated_tokens(tiny):
     moved = {}
     for trainable in (True, False):
         m = copy.deepcopy(base)
-        stats = _update(m, _items(enc, p, gen_think, gen_direct, 1.0, -1.0, m), enc,
+        stats = _update(m, on_policy_items(enc, p, gen_think, gen_direct, 1.0, -1.0, m), enc,
                         mode_token_trainable=trainable, lr=0.2)
         moved[trainable] = _decision_logprobs(m, enc, p)[think_id].item() - before
         assert stats["is_ratio/max"] == pytest.approx(1.0, abs=1e-4)     # on-policy batch
@@ -152,7 +119,7 @@ def test_shared_prefix_logprobs_equal_full_sequence_forward(tiny):
     for i in (0, 4):                                   # two prompts of different lengths
         for mode, texts in gens.items():
             for t in texts:
-                items.append(bpo.TrainItem(enc.encode(_prompt(i), mode), tok.encode(t, add_special_tokens=False),
+                items.append(bpo.TrainItem(enc.encode(math_prompt(i), mode), tok.encode(t, add_special_tokens=False),
                                            [], 0.0, mode == Mode.THINK))
     for it in items:
         it.rollout_logprobs = [0.0] * len(it.gen_ids)
@@ -161,7 +128,7 @@ def test_shared_prefix_logprobs_equal_full_sequence_forward(tiny):
     with torch.no_grad():
         logp, _ = bpo.sequence_logprobs(model, mb, 0.7, enc.suppress)
     for b, it in enumerate(items):
-        p = _prompt(0 if b < 4 else 4)
+        p = math_prompt(0 if b < 4 else 4)
         auto = modes.chat_prompt(p.record.question, 1, mode=Mode.AUTO)
         ref = teacher_forced_logprobs(model, processor, auto, p.images, it.response, temperature=0.7)
         got = logp[b, :len(it.response)]
@@ -185,7 +152,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny, agg):
     tok = processor.tokenizer
     items = []
     for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
-        items += _items(enc, _prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+        items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
                         tok.encode("7 7 7", add_special_tokens=False), a, b_, base)
     whole = _grads(base, items, enc, micro_batch_size=len(items), loss_agg=agg)
     parts = _grads(base, items, enc, micro_batch_size=1, loss_agg=agg)
@@ -200,7 +167,7 @@ def test_loss_value_matches_hand_computation(tiny):
     tok = processor.tokenizer
     gen_t = tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False)
     gen_n = tok.encode("3", add_special_tokens=False)
-    items = _items(enc, _prompt(0), gen_t, gen_n, 0.5, -2.0, base, g=1)
+    items = on_policy_items(enc, math_prompt(0), gen_t, gen_n, 0.5, -2.0, base, g=1)
     for trainable, (n_t, n_n) in ((True, (len(gen_t) + 1, len(gen_n) + 3)), (False, (len(gen_t), len(gen_n)))):
         m = copy.deepcopy(base)
         stats = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.0), None, items,
@@ -219,7 +186,7 @@ def test_kl_term_is_zero_against_itself_and_positive_after_a_change(tiny):
     _, base, processor = tiny
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
-    items = _items(enc, _prompt(0), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+    items = on_policy_items(enc, math_prompt(0), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
                    tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
     b = BPOConfig(kl_beta=0.1, ppo_epochs=3, micro_batch_size=2)
     m = copy.deepcopy(base)
@@ -236,7 +203,7 @@ def test_rollouts_not_sampled_from_the_trainers_weights_are_refused_before_any_u
     _, base, processor = tiny
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
-    items = _items(enc, _prompt(0), tok.encode("1 + 1 = 2", add_special_tokens=False),
+    items = on_policy_items(enc, math_prompt(0), tok.encode("1 + 1 = 2", add_special_tokens=False),
                    tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
     for it in items:
         it.rollout_logprobs = [x - 0.01 for x in it.rollout_logprobs]     # "older" weights
@@ -279,7 +246,7 @@ def test_config_arithmetic_errors_name_the_numbers(tmp_path):
 
 
 def test_prompt_stream_is_a_pure_function_of_position():
-    prompts = [_prompt(i) for i in range(5)]
+    prompts = [math_prompt(i) for i in range(5)]
     s = bpo.PromptStream(prompts, seed=3)
     first = [p.record.id for p in s.take(0, 12)]
     assert sorted(first[:5]) == sorted(p.record.id for p in prompts)      # each epoch a permutation
@@ -289,55 +256,19 @@ def test_prompt_stream_is_a_pure_function_of_position():
 
 def test_rollout_plan_forces_both_modes_with_budgets_and_seeds():
     b = BPOConfig(group_size=3, max_new_tokens_think=50, max_new_tokens_no_think=7, temperature=0.7)
-    reqs = bpo.plan_rollouts([_prompt(0), _prompt(1)], b, run_seed=1, step=4)
+    reqs = bpo.plan_rollouts([math_prompt(0), math_prompt(1)], b, run_seed=1, step=4)
     assert [r.mode for r in reqs] == [Mode.THINK, Mode.NO_THINK] * 2
     assert all(r.n == 3 and r.temperature == 0.7 for r in reqs)
     assert [r.max_new_tokens for r in reqs] == [50, 7, 50, 7]
     assert reqs[0].prompt.endswith("<think>\n") and reqs[1].prompt.endswith("<think>\n\n</think>\n\n")
     assert len({r.seed for r in reqs}) == 4
-    assert bpo.plan_rollouts([_prompt(0)], b, 1, 4)[0].seed == reqs[0].seed       # reproducible
-    assert bpo.plan_rollouts([_prompt(0)], b, 1, 5)[0].seed != reqs[0].seed
-    g = bpo.plan_rollouts([_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4)
+    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 4)[0].seed == reqs[0].seed       # reproducible
+    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 5)[0].seed != reqs[0].seed
+    g = bpo.plan_rollouts([math_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4)
     assert len(g) == 1 and g[0].mode == Mode.AUTO and g[0].n == 6 and g[0].prompt.endswith("<think>")
 
 
 # --- whole runs with the in-process HF engine -----------------------------------------------------
-def warm_start(root: Path, anneal_steps: int = 40, reasoning_every: int | None = None) -> tuple[Path, Path]:
-    """(annealed model folder, RL prompts JSONL). The tiny VLM is annealed briefly on level-1
-    synthetic items (direct answers for all, thinking traces for math — or, with
-    `reasoning_every=k`, for every k-th item of either category) so that its rollouts are
-    sometimes right: a random model scores 0 everywhere and every group would be dropped.
-    Reused by tests/integration/test_bpo_vllm.py and bench/weight_sync.py."""
-    from r4b_core.anneal import run_anneal
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.schema import read_jsonl, write_jsonl
-    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
-    from r4b_core.models.tiny import build_tiny_vlm
-
-    data = SyntheticDataConfig(seed=0, difficulties=[1])
-    raw = read_jsonl(generate_split("train", 160, data, root / "data")).records
-    sft = [r.model_copy(update={"label": "direct"}) for r in raw]
-    think = [r for i, r in enumerate(raw) if (i % reasoning_every == 0 if reasoning_every else r.category == "math")]
-    sft += [r.model_copy(update={"id": r.id + "-t", "label": "reasoning"}) for r in think]
-    write_jsonl(root / "data" / "sft.jsonl", sft)
-    rl = generate_split("rl", 48, data, root / "data")
-    base = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(raw), root / "base", seed=0)
-    cfg = RunConfig.model_validate({"name": "warm", "storage": {"root": str(root / "runs")}, "anneal": {
-        "steps": anneal_steps, "pack_length": 512, "micro_batch_size": 4, "log_every": 20, "checkpoint_every": 1000,
-        "compliance_samples": 0,
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 5}}})
-    run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(root / "anneal"))
-    return root / "anneal", rl
-
-
-def bpo_run_config(root: Path, **over) -> RunConfig:
-    b = dict(engine="hf", steps=3, prompts_per_step=4, group_size=4, micro_batch_size=16, max_new_tokens_think=40,
-             max_new_tokens_no_think=8, probe_size=4, probe_every=2, checkpoint_every=2, cpu_threads=1,
-             optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "warmup_steps": 0})
-    b.update(over)
-    return RunConfig.model_validate({"name": "t", "storage": {"root": str(root)}, "bpo": b})
-
-
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
     return warm_start(tmp_path_factory.mktemp("bpo-warm"))
