@@ -6,6 +6,7 @@ PYTHON ?= python3.11
 VENV := .venv
 VENV_VLLM := .venv-vllm
 CONFIG ?= configs/tiny.yaml
+LINT_PATHS := r4b_core components pipelines tests bench
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -64,6 +65,9 @@ test-slow: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## learning runs (minutes)
 
 test-kind: $(VENV)/.stamp $(HELM) ## kind cluster tests (needs Docker + kind)
 	$(VENV)/bin/python -m pytest -m kind tests/kind $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp ## pyflakes: unused imports and variables, undefined names (also a unit test)
+	$(VENV)/bin/python -m pyflakes $(LINT_PATHS)
 
 bench: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## all benchmarks in bench/
 	@for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done

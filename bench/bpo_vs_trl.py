@@ -55,8 +55,6 @@ def build(tmp: Path, n_prompts: int):
 
 
 def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[float], list[dict]]:
-    import torch
-
     from r4b_core import bpo
     from r4b_core.config import RunConfig
     from r4b_core.models.loading import load_model

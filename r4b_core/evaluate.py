@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 from r4b_core import modes
 from r4b_core.config import RunConfig
-from r4b_core.data.schema import DataError, Record, parse_jsonl
+from r4b_core.data.schema import Record, parse_jsonl
 from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import GenerationRequest, RolloutEngine

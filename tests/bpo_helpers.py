@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
@@ -16,16 +15,6 @@ from r4b_core.data.schema import Record
 from r4b_core.modes import Mode
 
 QUESTIONS = [f"What is {a} + {b}?" for a in range(3) for b in range(3)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP
-    threads spin against other processes and run 5-25x slower (ENVIRONMENT.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def math_prompt(i: int) -> bpo.Prompt:

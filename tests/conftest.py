@@ -21,3 +21,17 @@ pytest_plugins = ["servers", "vllm_fixtures"]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine two OpenMP
+    threads spin against other processes and run 5-25x slower (ENVIRONMENT.md). Module-scoped so
+    that a module asking for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`
+    also builds its module fixtures (the warm-started model) on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

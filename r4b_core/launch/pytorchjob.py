@@ -52,7 +52,7 @@ from kubernetes.utils import parse_quantity
 from r4b_core import layout
 from r4b_core.config import ConfigError, RunConfig
 from r4b_core.errors import R4BError
-from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, WORKER_EXTENSION, server_command  # noqa: F401 (re-exported)
+from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, server_command
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 STAGES = ("anneal", "bpo")
@@ -65,7 +65,7 @@ SIDECAR_MODEL_DIR = SHM_DIR + "/model"
 SIDECAR_CHAT_TEMPLATE = SHM_DIR + "/chat_template.jinja"   # written by the fetch step from modes.py
 RUN_AS = 1000                    # the uid our images create (docker/*.Dockerfile)
 # Where docker/vllm.Dockerfile puts r4b_core/assets (sitecustomize.py, the worker extension named by
-# WORKER_EXTENSION): on the sidecar's PYTHONPATH.
+# vllm_server.WORKER_EXTENSION): on the sidecar's PYTHONPATH.
 VLLM_ASSETS_DIR = "/opt/r4b/assets"
 # Pod names are <job>-worker-<i> and the operator makes a Service of each: keep room under 63.
 MAX_NAME = 48

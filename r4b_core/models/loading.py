@@ -210,7 +210,7 @@ def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
 def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtype=None, store=None):
     """A LLaVA model from a pretrained vision tower and a pretrained causal LM (fresh projector)."""
     import torch
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
+    from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
                               LlavaConfig, LlavaForConditionalGeneration)
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 

@@ -384,7 +384,6 @@ class _StaticDecoder:
         self.values = [v[idx] for v in self.values]
 
     def step(self, ids, pos):
-        import torch
         import torch.nn.functional as F
 
         rows, t, d = ids.shape[0], self.t, self.head_dim

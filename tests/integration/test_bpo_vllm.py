@@ -23,7 +23,9 @@ import time
 import pytest
 import yaml
 
-from bpo_helpers import bpo_run_config, one_thread, warm_start  # noqa: F401  (one_thread: autouse)
+from bpo_helpers import bpo_run_config, warm_start
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _stream(proc: subprocess.Popen, lines: list[str], q: queue.Queue) -> threading.Thread:

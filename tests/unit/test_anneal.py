@@ -8,12 +8,11 @@ passes the mode-compliance check, and the skip on rerun.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
-from r4b_core.config import RunConfig, SyntheticDataConfig, TinyModelConfig, load_config
+from r4b_core.config import RunConfig, SyntheticDataConfig, TinyModelConfig
 
 
 def sft_records(out_dir: Path, n: int, seed: int = 0, both_modes: bool = True) -> Path:
@@ -64,17 +63,6 @@ def make_run(root: Path, n_records: int = 24, **anneal) -> tuple[RunConfig, Path
             overrides[k] = v
     cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(root / "runs")}, "anneal": overrides})
     return cfg, data, base, root / "runs" / "t" / "anneal" / "model"
-
-
-@pytest.fixture
-def one_thread():
-    """Two OpenMP threads on a loaded 2-core machine can be 5-50x slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- LR schedule and parameter groups ---------------------------------------------------------
@@ -135,7 +123,7 @@ def test_param_groups_give_vision_projector_llm_their_own_lr(tmp_path):
 
 
 # -- a short real run ------------------------------------------------------------------------
-def test_tiny_anneal_learns_reloads_passes_compliance_and_skips_on_rerun(tmp_path, one_thread, capsys):
+def test_tiny_anneal_learns_reloads_passes_compliance_and_skips_on_rerun(tmp_path, one_torch_thread, capsys):
     import time
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -171,7 +159,7 @@ def test_tiny_anneal_learns_reloads_passes_compliance_and_skips_on_rerun(tmp_pat
     assert time.time() - t0 < 5
 
 
-def test_attention_path_and_row_padding_leave_the_loss_curve_unchanged(tmp_path, one_thread, capsys):
+def test_attention_path_and_row_padding_leave_the_loss_curve_unchanged(tmp_path, one_torch_thread, capsys):
     """Segment attention + rows padded to the longest (the default) trains exactly what the 4D mask
     + rows of pack_length did; the manifest says where the time went."""
     from r4b_core.anneal import PHASES, run_anneal
@@ -209,7 +197,7 @@ def _write_bad_data(path: Path, good: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_bad_records_are_counted_and_skipped_never_crash_the_loop(tmp_path, one_thread, capsys):
+def test_bad_records_are_counted_and_skipped_never_crash_the_loop(tmp_path, one_torch_thread, capsys):
     from r4b_core.anneal import run_anneal
 
     cfg, data, base, out = make_run(tmp_path, n_records=4, steps=3)
@@ -255,7 +243,7 @@ def test_only_bad_records_is_one_clear_error(tmp_path):
         run_anneal(cfg, str(data.parent / "nope.jsonl"), str(base), str(out))
 
 
-def test_checkpoint_from_another_config_is_refused_naming_the_values(tmp_path, one_thread):
+def test_checkpoint_from_another_config_is_refused_naming_the_values(tmp_path, one_torch_thread):
     from r4b_core.anneal import AnnealError, run_anneal
 
     cfg, data, base, out = make_run(tmp_path, n_records=4, steps=4, checkpoint_every=2)

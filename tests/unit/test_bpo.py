@@ -17,7 +17,9 @@ from r4b_core import bpo, modes
 from r4b_core.config import BPOConfig, RunConfig, load_config
 from r4b_core.modes import Mode
 
-from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, one_thread, warm_start  # noqa: F401  (one_thread: autouse)
+from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, warm_start
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ keyword filter, quarantine of bad lines, and a whole run_curate with a replaying
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r4b_core import evaluate, modes, report
+from r4b_core import evaluate, report
 from r4b_core.data.schema import Record
-from r4b_core.modes import Mode
 
 
 def row(item, cat, diff, mode, correct, tokens, thought, bench="eval"):

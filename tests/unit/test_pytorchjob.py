@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from r4b_core.config import ConfigError, RunConfig
 from r4b_core.launch import pytorchjob as pj
+from r4b_core.rollout.vllm_server import WORKER_EXTENSION
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "tests/data/crds/kubeflow.org_pytorchjobs.v1.9.4.yaml"
@@ -509,7 +510,7 @@ def test_images_match_what_the_pods_expect():
     assert "USER ${UID}" in platform and "USER ${UID}" in vllm
     # the sidecar's PYTHONPATH holds the assets, which include the worker extension it names
     assert f"COPY r4b_core/assets/ {pj.VLLM_ASSETS_DIR}/" in vllm and f"PYTHONPATH={pj.VLLM_ASSETS_DIR}" in vllm
-    module = pj.WORKER_EXTENSION.split(".")[0]
+    module = WORKER_EXTENSION.split(".")[0]
     assert (REPO / "r4b_core/assets" / f"{module}.py").is_file()
     assert (REPO / "r4b_core/assets/sitecustomize.py").is_file()
     # every path the platform image copies exists, and its pins come from constraints.txt
