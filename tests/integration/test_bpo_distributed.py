@@ -208,7 +208,7 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
     items = []
     for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
         items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
-                              tok.encode("7 7 7", add_special_tokens=False), a, b_, model)
+                                 tok.encode("7 7 7", add_special_tokens=False), a, b_, model)
     b = BPOConfig(micro_batch_size=2, ppo_epochs=2, kl_beta=0.0,
                   optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "grad_clip": 0.5})
     port = socket.create_server(("127.0.0.1", 0))          # a free port for the world of one

@@ -46,8 +46,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-
-
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
     return warm_start(tmp_path_factory.mktemp("bpo-warm"))
@@ -57,7 +55,7 @@ def warm(tmp_path_factory):
 def test_bpo_vllm_verified_sync_killed_sidecar_fails_fast_and_resumes(warm, tmp_path):
     model_dir, rl = warm
     cfg = bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
-                               sync_tolerance=1e-3)
+                         sync_tolerance=1e-3)
     cfg_path = tmp_path / "bpo.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     out = tmp_path / "stage" / "bpo" / "model"

@@ -155,7 +155,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny, agg):
     items = []
     for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
         items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
-                        tok.encode("7 7 7", add_special_tokens=False), a, b_, base)
+                                 tok.encode("7 7 7", add_special_tokens=False), a, b_, base)
     whole = _grads(base, items, enc, micro_batch_size=len(items), loss_agg=agg)
     parts = _grads(base, items, enc, micro_batch_size=1, loss_agg=agg)
     # clip_grad_norm_ rescales both identically (same total norm), so compare directly
@@ -189,7 +189,7 @@ def test_kl_term_is_zero_against_itself_and_positive_after_a_change(tiny):
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
     items = on_policy_items(enc, math_prompt(0), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
-                   tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
+                            tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
     b = BPOConfig(kl_beta=0.1, ppo_epochs=3, micro_batch_size=2)
     m = copy.deepcopy(base)
     stats = bpo.policy_update(m, copy.deepcopy(base).requires_grad_(False), torch.optim.SGD(m.parameters(), lr=0.5),
@@ -206,7 +206,7 @@ def test_rollouts_not_sampled_from_the_trainers_weights_are_refused_before_any_u
     enc = bpo.PromptEncoder(processor)
     tok = processor.tokenizer
     items = on_policy_items(enc, math_prompt(0), tok.encode("1 + 1 = 2", add_special_tokens=False),
-                   tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
+                            tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
     for it in items:
         it.rollout_logprobs = [x - 0.01 for x in it.rollout_logprobs]     # "older" weights
     m = copy.deepcopy(base)
