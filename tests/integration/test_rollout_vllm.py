@@ -275,25 +275,34 @@ def test_a_connection_the_frozen_server_closed_is_resent_not_reported_as_a_dead_
     """The CI failure of session 3: a request sent on a pooled keep-alive connection while the
     server is frozen past uvicorn's 5 s keep-alive is reset when the server resumes. That reset
     made /health read as "down". Now /health opens its own connection and other calls are resent
-    once on a fresh one. A bare requests session, pooled the same way, shows the reset is real."""
+    once on a fresh one. A bare requests session, pooled the same way, shows the reset is real;
+    the freeze is repeated (at most 3 times) until it does, and the engine must succeed each time."""
     import requests
 
-    bare = requests.Session()
+    pgid = os.getpgid(vllm_server.pid)
+    bare_resets = 0
     with cf.ThreadPoolExecutor(1) as engine_thread:          # the engine pools per thread
-        assert engine_thread.submit(engine._get, "/v1/models").result()["data"]
-        assert bare.get(engine.url + "/health", timeout=5).status_code == 200
-        time.sleep(0.5)                                       # lets the server arm its keep-alive timers
-        pgid = os.getpgid(vllm_server.pid)
-        os.killpg(pgid, signal.SIGSTOP)
-        try:
-            time.sleep(6.5)                                   # past the server's keep-alive
-            threading.Timer(1.0, os.killpg, (pgid, signal.SIGCONT)).start()
-            models = engine_thread.submit(engine._get, "/v1/models")
-            with pytest.raises(requests.ConnectionError, match="reset"):
-                bare.get(engine.url + "/health", timeout=5)
-            assert models.result()["data"][0]["id"] == engine.model_name
-        finally:
-            os.killpg(pgid, signal.SIGCONT)
+        for _ in range(3):
+            bare = requests.Session()
+            assert engine_thread.submit(engine._get, "/v1/models").result()["data"]
+            assert bare.get(engine.url + "/health", timeout=5).status_code == 200
+            time.sleep(0.5)                                   # lets the server arm its keep-alive timers
+            os.killpg(pgid, signal.SIGSTOP)
+            try:
+                time.sleep(6.5)                               # past the server's keep-alive
+                threading.Timer(1.0, os.killpg, (pgid, signal.SIGCONT)).start()
+                models = engine_thread.submit(engine._get, "/v1/models")
+                try:
+                    bare.get(engine.url + "/health", timeout=5)
+                except requests.ConnectionError as exc:
+                    assert "Connection aborted" in str(exc), exc
+                    bare_resets += 1
+                assert models.result()["data"][0]["id"] == engine.model_name
+            finally:
+                os.killpg(pgid, signal.SIGCONT)
+            if bare_resets:
+                break
+    assert bare_resets == 1, "the frozen server never reset a pooled connection: the test did not test"
     assert engine._health() == "ok"
 
 
