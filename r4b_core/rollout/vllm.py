@@ -34,8 +34,9 @@ The image placeholder token is masked (logit_bias -100) as in HFEngine: see
 `hf.suppressed_token_ids`.
 
 A server that is down or stops answering raises `VLLMEngineError` (health is checked every few
-seconds while requests are in flight; a server down fails at once, a silent one after
-`health_grace_s`), never a hang.
+seconds while requests are in flight, each check on a connection of its own; a server that
+refuses connections fails at once, a silent one after `health_grace_s`), never a hang. A call
+whose pooled keep-alive connection the server reset unread is sent once more on a new one.
 """
 
 from __future__ import annotations
