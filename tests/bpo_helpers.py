@@ -38,6 +38,17 @@ def on_policy_items(encoder, prompt, gen_think, gen_no_think, adv_think, adv_no_
     return items
 
 
+def two_prompt_batch(encoder, model) -> list:
+    """On-policy items for prompts 0 and 1 (2 think + 2 no-think rollouts each, advantages of both
+    signs): the batch the micro-batching tests split and compare."""
+    tok = encoder.processor.tokenizer
+    items = []
+    for i, (adv_think, adv_direct) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
+        items += on_policy_items(encoder, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
+                                 tok.encode("7 7 7", add_special_tokens=False), adv_think, adv_direct, model)
+    return items
+
+
 def warm_start(root: Path, anneal_steps: int = 40, reasoning_every: int | None = None) -> tuple[Path, Path]:
     """(annealed model folder, RL prompts JSONL). The tiny VLM is annealed briefly on level-1
     synthetic items (direct answers for all, thinking traces for math — or, with

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from bpo_helpers import bpo_run_config, math_prompt, on_policy_items, warm_start
+from bpo_helpers import bpo_run_config, two_prompt_batch, warm_start
 
 
 STEPS = 3
@@ -204,11 +204,7 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
 
     model, processor = load_model(str(warm[0]))
     enc = bpo.PromptEncoder(processor)
-    tok = processor.tokenizer
-    items = []
-    for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
-        items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
-                                 tok.encode("7 7 7", add_special_tokens=False), a, b_, model)
+    items = two_prompt_batch(enc, model)
     b = BPOConfig(micro_batch_size=2, ppo_epochs=2, kl_beta=0.0,
                   optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "grad_clip": 0.5})
     port = socket.create_server(("127.0.0.1", 0))          # a free port for the world of one

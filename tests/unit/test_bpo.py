@@ -17,7 +17,7 @@ from r4b_core import bpo, modes
 from r4b_core.config import BPOConfig, RunConfig, load_config
 from r4b_core.modes import Mode
 
-from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, warm_start
+from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, two_prompt_batch, warm_start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,11 +151,7 @@ def _grads(model, items, encoder, **over):
 def test_micro_batching_does_not_change_the_gradient(tiny, agg):
     _, base, processor = tiny
     enc = bpo.PromptEncoder(processor)
-    tok = processor.tokenizer
-    items = []
-    for i, (a, b_) in enumerate(((0.8, -0.3), (-1.2, 0.5))):
-        items += on_policy_items(enc, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
-                                 tok.encode("7 7 7", add_special_tokens=False), a, b_, base)
+    items = two_prompt_batch(enc, base)
     whole = _grads(base, items, enc, micro_batch_size=len(items), loss_agg=agg)
     parts = _grads(base, items, enc, micro_batch_size=1, loss_agg=agg)
     # clip_grad_norm_ rescales both identically (same total norm), so compare directly
