@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from r4b_core.errors import R4BError
+from r4b_core.errors import R4BError, clip, decode_utf8, shorten
 
 
 class ConfigError(R4BError, ValueError):
@@ -506,13 +506,28 @@ def _line_of(node: yaml.Node | None, path: tuple) -> int | None:
     return line
 
 
-def format_validation_error(err: ValidationError, source: str = "<config>", tree: yaml.Node | None = None) -> str:
+def _where(loc: tuple, source: str, tree: yaml.Node | None, overrides: list[tuple[tuple[str, ...], str]]) -> str:
+    """Where the value at `loc` came from: the `--set` that gave it, else its YAML line.
+
+    A check over a whole section (loc `bpo`) with a `--set` inside it names the file line and
+    that `--set`, since either may hold the value at fault."""
+    keys = tuple(str(p) for p in loc)
+    for path, item in reversed(overrides):
+        if keys[:len(path)] == path:
+            return f"--set {clip(item)}"
+    line = _line_of(tree, loc) if tree is not None else None
+    where = f"{source}:{line}" if line else source
+    inside = [item for path, item in overrides if path[:len(keys)] == keys]
+    return where + "".join(f" (with --set {clip(item)})" for item in inside)
+
+
+def format_validation_error(err: ValidationError, source: str = "<config>", tree: yaml.Node | None = None,
+                            overrides: list[tuple[tuple[str, ...], str]] = ()) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(tree, loc) if tree is not None else None
-        where = f"{source}:{line}" if line else source
+        where = _where(loc, source, tree, list(overrides))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = RunConfig
@@ -527,23 +542,48 @@ def format_validation_error(err: ValidationError, source: str = "<config>", tree
             lines.append(f"{where}: {key}: {msg}")
             continue
         if "input" in e and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
+            msg += f" (got {shorten(e['input'])})"
         lines.append(f"{where}: {key}: {msg}")
     return "\n".join(lines)
 
 
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """One `a.b.c=value` (value parsed as YAML) as (key path, value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {clip(item)}: expected KEY.PATH=VALUE, e.g. anneal.steps=50")
+    key, _, raw = item.partition("=")
+    path = tuple(p.strip() for p in key.strip().split("."))
+    if not all(path):
+        raise ConfigError(f"--set {clip(item)}: empty part in the key {shorten(key.strip())}; "
+                          "write e.g. anneal.optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {clip(item)}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                          "quote it as a string or fix the brackets") from None
+    return path, value
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """`a.b.c=value` strings (value parsed as YAML) into a nested dict."""
+    """`a.b.c=value` strings (value parsed as YAML) into a nested dict.
+
+    The same key given twice: the last wins. A key inside another one's value (`anneal=5` and
+    `anneal.steps=3`) is a ConfigError naming both, since neither order has an obvious meaning.
+    """
     result: dict = {}
+    given: list[tuple[tuple[str, ...], str]] = []
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. anneal.steps=50")
-        key, _, raw = item.partition("=")
+        path, value = _parse_override(item)
+        for other, other_item in given:
+            n = min(len(path), len(other))
+            if path[:n] == other[:n] and len(path) != len(other):
+                raise ConfigError(f"--set {clip(item)}: overlaps --set {clip(other_item)} (one sets a value "
+                                  "inside the other); keep one of them")
+        given.append((path, item))
         node = result
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[path[-1]] = value
     return result
 
 
@@ -565,17 +605,46 @@ def _read_config_text(path: str) -> str:
     local = Path(path.removeprefix("file://"))
     if not local.exists():
         raise ConfigError(f"{local}: config file not found")
-    return local.read_text()
+    if local.is_dir():
+        raise ConfigError(f"{local}: is a folder; pass a config file, e.g. {local / 'tiny.yaml'}")
+    try:
+        return decode_utf8(local.read_bytes(), str(local))
+    except OSError as exc:
+        raise ConfigError(f"{local}: cannot read the config ({exc.strerror})") from None
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str, prefix: str = "") -> list[str]:
+    """Keys given twice in one mapping (YAML keeps the last silently), each with both lines."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            name = f"{prefix}{k.value}"
+            line = k.start_mark.line + 1
+            if k.value in first:
+                problems.append(f"{source}:{line}: {name}: duplicate key (first on line {first[k.value]}); "
+                                "keep one of them")
+            else:
+                first[k.value] = line
+            problems += _duplicate_keys(v, source, f"{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            problems += _duplicate_keys(v, source, f"{prefix.rstrip('.')}[{i}].")
+    return problems
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a run config; raise ConfigError listing every problem with file:line."""
+    """Load and validate a run config; raise ConfigError listing every problem with file:line
+    (or with the `--set` that caused it)."""
     data: dict = {}
     tree = None
     source = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
-        text = _read_config_text(str(path))
+        try:
+            text = _read_config_text(str(path))
+        except R4BError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             tree = yaml.compose(text)
             data = yaml.safe_load(text) or {}
@@ -583,13 +652,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        duplicates = _duplicate_keys(tree, str(p))
+        if duplicates:
+            raise ConfigError("\n".join(duplicates))
         if not isinstance(data, dict):
             raise ConfigError(f"{p}:1: the config must be a mapping of sections (name, model, anneal, ...)")
     data = _merge(data, parse_overrides(overrides))
+    given = [(_parse_override(item)[0], item) for item in overrides or []]
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, tree)) from None
+        raise ConfigError(format_validation_error(err, source, tree, given)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -54,3 +54,59 @@ def test_stage_hash_changes_with_section():
     b = load_config(None, ["anneal.steps=11"])
     assert a.stage_hash("anneal") != b.stage_hash("anneal")
     assert a.stage_hash("bpo") == b.stage_hash("bpo")
+
+
+def test_set_errors_name_the_override_not_a_yaml_line():
+    tiny = CONFIGS / "tiny.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, ["anneal.optim.lr=-1"])
+    assert str(info.value) == "--set anneal.optim.lr=-1: anneal.optim.lr: Input should be greater than 0 (got -1)"
+    with pytest.raises(ConfigError, match=r"^--set anneal\.colour=1: anneal\.colour: unknown key"):
+        load_config(tiny, ["anneal.colour=1"])
+    # A check over a whole section names the file line and the --set inside that section.
+    with pytest.raises(ConfigError, match=r"tiny\.yaml:\d+ \(with --set bpo\.micro_batch_size=1000\): bpo: "):
+        load_config(tiny, ["bpo.micro_batch_size=1000"])
+
+
+@pytest.mark.parametrize("sets, expect", [
+    (["anneal=5", "anneal.steps=3"], r"^--set anneal\.steps=3: overlaps --set anneal=5 .*keep one of them$"),
+    (["anneal.steps=3", "anneal=5"], r"^--set anneal=5: overlaps --set anneal\.steps=3 "),
+    (["anneal.steps=["], r"^--set anneal\.steps=\[: the value is not valid YAML \("),
+    (["anneal..steps=3"], r"^--set anneal\.\.steps=3: empty part in the key"),
+    (["anneal.steps"], r"^--set anneal\.steps: expected KEY\.PATH=VALUE"),
+])
+def test_bad_set_is_one_line(sets, expect):
+    with pytest.raises(ConfigError, match=expect) as info:
+        load_config(None, sets)
+    assert "\n" not in str(info.value)
+
+
+def test_same_set_twice_last_wins():
+    assert load_config(None, ["anneal.steps=3", "anneal.steps=4"]).anneal.steps == 4
+
+
+def test_config_path_folder_or_not_utf8(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a folder; pass a config file"):
+        load_config(tmp_path)
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: t\nanneal:\n  steps: 3 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value).startswith(f"{p}:3: not UTF-8 at byte 32 (0xe9, column 17)")
+
+
+def test_duplicate_yaml_keys_rejected_with_both_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: a\nanneal:\n  steps: 3\n  optim: {lr: 1.0e-4}\n  steps: 5\nname: b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value).splitlines() == [
+        f"{p}:5: anneal.steps: duplicate key (first on line 3); keep one of them",
+        f"{p}:6: name: duplicate key (first on line 1); keep one of them",
+    ]
+
+
+def test_long_bad_value_is_shortened_in_the_message():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["name=" + "x" * 100_000])
+    assert len(str(info.value)) < 400 and "(100002 characters)" in str(info.value)
