@@ -38,8 +38,9 @@ RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
 COPY r4b_core ./r4b_core
 COPY components ./components
 COPY pipelines ./pipelines
+COPY r4b_kfp ./r4b_kfp
 RUN pip install -c /tmp/constraints.txt . && rm /tmp/constraints.txt \
- && python -c "import r4b_core, kfp, kubeflow.training, mlflow, torch; print('r4b', r4b_core.__version__, 'torch', torch.__version__)"
+ && python -c "import r4b_core, r4b_kfp.pipelines.r4b_pipeline, kfp, kubeflow.training, mlflow, torch; print('r4b', r4b_core.__version__, 'torch', torch.__version__)"
 
 USER ${UID}:${UID}
 CMD ["r4b", "--help"]

@@ -27,8 +27,8 @@ def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False, verbos
     """Run the whole pipeline; returns a summary (also printed as a table)."""
     from kfp import local
 
-    from pipelines.r4b_pipeline import build_pipeline
-    from pipelines.run_console import RunConsole
+    from r4b_kfp.pipelines.r4b_pipeline import build_pipeline
+    from r4b_kfp.pipelines.run_console import RunConsole
     from r4b_core.tracking import local_run_dir
 
     run_dir = local_run_dir(cfg)

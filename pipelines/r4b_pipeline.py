@@ -13,12 +13,12 @@ import json
 
 from kfp import dsl
 
-from components.curate import curate
-from components.evaluate import evaluate
-from components.prepare import prepare
-from components.registry import deploy, register
-from components.train import anneal, bpo
 from r4b_core.config import RunConfig
+from r4b_kfp.components.curate import curate
+from r4b_kfp.components.evaluate import evaluate
+from r4b_kfp.components.prepare import prepare
+from r4b_kfp.components.registry import deploy, register
+from r4b_kfp.components.train import anneal, bpo
 
 # Environment variables the platform Secret provides (S3 + MLflow credentials).
 SECRET_ENV = {

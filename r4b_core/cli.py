@@ -1,10 +1,10 @@
-"""`r4b` — the command line. Each stage command loads the run config, then calls the stage's
-`run_<stage>()` function; heavy imports (torch, transformers, mlflow) happen inside commands so
-`r4b --help` is instant.
+"""The stage commands of `r4b`. Each loads the run config, then calls the stage's `run_<stage>()`
+function; heavy imports (torch, transformers, mlflow) happen inside commands so `r4b --help` is
+instant. The `r4b` entry point (r4b_kfp/cli.py) adds the commands that need the KFP pipeline,
+`r4b run` and `r4b pipeline`; this module knows nothing of them.
 
-    r4b run --config configs/tiny.yaml          the whole pipeline (kfp.local)
-    r4b anneal --config configs/tiny.yaml       one stage
-    r4b config check configs/r4b-4b.yaml        validate a config, print the resolved values
+    python -m r4b_core.cli anneal --config configs/tiny.yaml       one stage (what launchers run)
+    r4b config check configs/r4b-4b.yaml                           validate a config, print the resolved values
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load(args):
+def load_args_config(args):
     from r4b_core.config import load_config
 
     return load_config(args.config, args.set)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="configs/tiny.yaml", help="run config YAML (default: %(default)s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config value, e.g. --set anneal.steps=20 (repeatable)")
@@ -59,7 +59,7 @@ def _cmd_data_generate(args) -> int:
     from r4b_core.data.schema import read_jsonl
     from r4b_core.data.synthetic import generate_all
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     out = args.out or layout.data_dir(cfg)
     if out.startswith("file://"):
         out = out[len("file://"):]
@@ -99,7 +99,7 @@ def _add_data(sub) -> None:
     c.add_argument("--max-errors", type=int, default=20)
     c.set_defaults(func=_cmd_data_check)
     c = s.add_parser("generate", help="write train/rl/eval JSONL + PNGs (sizes from data.synthetic)")
-    _config_args(c)
+    config_args(c)
     c.add_argument("--out", help="output folder (default: <run>/data)")
     c.set_defaults(func=_cmd_data_generate)
 
@@ -109,7 +109,7 @@ def _cmd_model_init(args) -> int:
     import time
     from pathlib import Path
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     t0 = time.time()
     if cfg.model.base == "tiny":
         from r4b_core.data.synthetic import draw_split, tokenizer_corpus
@@ -136,7 +136,7 @@ def _add_model(sub) -> None:
     p = sub.add_parser("model", help="build or fetch the base model folder (tiny VLM, or a composed pair)")
     s = p.add_subparsers(dest="action", required=True)
     c = s.add_parser("init", help="write model.base as a save_pretrained folder that transformers and vLLM load")
-    _config_args(c)
+    config_args(c)
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--corpus", action="append", metavar="JSONL", default=[],
                    help="records whose texts train the tiny tokenizer (default: the synthetic train split)")
@@ -154,7 +154,7 @@ def _cmd_curate(args) -> int:
     from r4b_core import layout
     from r4b_core.curate import run_curate
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     run_curate(cfg, args.input or layout.split_uri(cfg, "train"), args.out or layout.curated_uri(cfg),
                tracker=_stage_tracker(cfg))
     return 0
@@ -162,7 +162,7 @@ def _cmd_curate(args) -> int:
 
 def _add_curate(sub) -> None:
     p = sub.add_parser("curate", help="label raw records reasoning/direct with an annotator model -> bi-mode SFT data")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--input", help="raw JSONL URI (default: the run's train split)")
     p.add_argument("--out", help="curated JSONL URI (default: <run>/curate/sft.jsonl)")
     p.set_defaults(func=_cmd_curate)
@@ -172,7 +172,7 @@ def _cmd_eval(args) -> int:
     from r4b_core import layout
     from r4b_core.evaluate import run_eval
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     tag = args.tag
     model = args.model or (layout.base_model_dir(cfg) if tag == "base" else layout.model_dir(cfg, tag))
     run_eval(cfg, model, args.data or layout.split_uri(cfg, "eval"), args.out or layout.eval_dir(cfg, tag), tag,
@@ -182,7 +182,7 @@ def _cmd_eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model in auto / think / no-think mode -> report.json + report.md")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--tag", default="bpo",
                    help="name of this evaluation; without --model also the stage whose model is evaluated "
                         "(base, anneal, bpo, grpo; default: %(default)s)")
@@ -199,7 +199,7 @@ def _cmd_anneal(args) -> int:
     from r4b_core import layout
     from r4b_core.anneal import run_anneal
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     out = args.out or layout.model_dir(cfg, "anneal")
     manifest = run_anneal(cfg, args.train or layout.curated_uri(cfg), args.base_model or layout.base_model_dir(cfg),
                           out, tracker=_stage_tracker(cfg))
@@ -217,7 +217,7 @@ def _cmd_anneal(args) -> int:
 def _add_anneal(sub) -> None:
     p = sub.add_parser("anneal", help="bi-mode annealing (SFT on thinking + direct targets); under torchrun: DDP "
                                       "or DeepSpeed (anneal.distributed.deepspeed)")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--train", help="curated bi-mode JSONL URI (default: <run>/curate/sft.jsonl)")
     p.add_argument("--base-model", help="starting model URI (default: <run>/base_model)")
     p.add_argument("--out", help="output model URI (default: <run>/anneal/model)")
@@ -229,7 +229,7 @@ def _cmd_bpo(args) -> int:
     from r4b_core import layout
     from r4b_core.bpo import run_bpo
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     out = args.out or layout.model_dir(cfg, cfg.bpo.algorithm)       # bpo/model or grpo/model
     manifest = run_bpo(cfg, args.prompts or layout.split_uri(cfg, "rl"),
                        args.init_model or layout.model_dir(cfg, "anneal"), out, tracker=_stage_tracker(cfg))
@@ -240,15 +240,16 @@ def _cmd_bpo(args) -> int:
 
 def _add_bpo(sub) -> None:
     p = sub.add_parser("bpo", help="Bi-mode Policy Optimization (or the GRPO control: --set bpo.algorithm=grpo)")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--prompts", help="RL prompts JSONL URI (default: the run's rl split)")
     p.add_argument("--init-model", help="starting model URI (default: <run>/anneal/model)")
     p.add_argument("--out", help="output model URI (default: <run>/bpo/model, or <run>/grpo/model for grpo)")
     p.set_defaults(func=_cmd_bpo)
 
 
-# --- the whole pipeline ---------------------------------------------------------------------
-def _apply_service_flags(args, cfg):
+# --- prepare --------------------------------------------------------------------------------
+def apply_service_flags(args, cfg):
+    """`--s3-endpoint` / `--mlflow-uri`: the services this machine reaches, over the config's."""
     if getattr(args, "s3_endpoint", None):
         cfg.storage.s3_endpoint_url = args.s3_endpoint
     if getattr(args, "mlflow_uri", None):
@@ -256,87 +257,20 @@ def _apply_service_flags(args, cfg):
     return cfg
 
 
-def _cmd_run(args) -> int:
-    from pipelines.local_run import run_pipeline_locally
-
-    cfg = _apply_service_flags(args, _load(args))
-    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control, verbose=args.verbose)
-    return 0
-
-
 def _cmd_prepare(args) -> int:
     from r4b_core.prepare import run_prepare
 
-    out = run_prepare(_apply_service_flags(args, _load(args)))
+    out = run_prepare(apply_service_flags(args, load_args_config(args)))
     for key, value in out.items():
         print(f"{key}: {value}")
     return 0
 
 
-def _cmd_pipeline_compile(args) -> int:
-    from pipelines.r4b_pipeline import compile_pipeline
-
-    cfg = _load(args)
-    compile_pipeline(cfg, args.out, with_grpo_control=args.grpo_control)
-    print(f"wrote {args.out} (pipeline r4b-{cfg.name}, image {cfg.launcher.image}); upload it in the KFP UI "
-          "or run `r4b pipeline submit`")
-    return 0
-
-
-def _cmd_pipeline_submit(args) -> int:
-    import json
-    import tempfile
-
-    import kfp
-
-    from pipelines.r4b_pipeline import compile_pipeline
-
-    host = args.host or os.environ.get("KFP_HOST")
-    if not host:
-        raise R4BError("no KFP endpoint: pass --host URL or set KFP_HOST (e.g. http://ml-pipeline-ui.kubeflow)")
-    cfg = _load(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = compile_pipeline(cfg, f"{tmp}/r4b.yaml", with_grpo_control=args.grpo_control)
-        client = kfp.Client(host=host, namespace=args.namespace)
-        run = client.create_run_from_pipeline_package(
-            path, arguments={"config_yaml": json.dumps(cfg.model_dump(mode="json"))},
-            run_name=args.run_name or f"r4b-{cfg.name}", experiment_name=args.experiment or f"r4b-{cfg.name}",
-            namespace=args.namespace)
-    print(f"submitted run {run.run_id} to {host}")
-    return 0
-
-
-def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run the whole pipeline on this machine (kfp.local): what `make run` does")
-    _config_args(p)
-    p.add_argument("--s3-endpoint", help="write artifacts to this S3 endpoint (storage.root must be s3://...)")
-    p.add_argument("--mlflow-uri", help="log to this MLflow server instead of the SQLite file in the run dir")
-    p.add_argument("--grpo-control", action="store_true", help="also train the plain-GRPO control and evaluate it")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="print kfp.local's full output (executor inputs, task outputs) here too; it always goes to "
-                        "<run dir>/logs/run-<time>.log")
-    p.set_defaults(func=_cmd_run)
-
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="publish the run config, data splits and base model")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--s3-endpoint")
     p.set_defaults(func=_cmd_prepare)
-
-    p = sub.add_parser("pipeline", help="compile or submit the Kubeflow pipeline")
-    s = p.add_subparsers(dest="action", required=True)
-    c = s.add_parser("compile", help="write KFP IR YAML (upload it in the KFP UI)")
-    _config_args(c)
-    c.add_argument("--out", required=True, help="output YAML file")
-    c.add_argument("--grpo-control", action="store_true")
-    c.set_defaults(func=_cmd_pipeline_compile)
-    c = s.add_parser("submit", help="compile and submit a run to a KFP endpoint")
-    _config_args(c)
-    c.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
-    c.add_argument("--namespace", default=None)
-    c.add_argument("--experiment", default=None)
-    c.add_argument("--run-name", default=None)
-    c.add_argument("--grpo-control", action="store_true")
-    c.set_defaults(func=_cmd_pipeline_submit)
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -344,7 +278,7 @@ def _cmd_register(args) -> int:
     from r4b_core import layout
     from r4b_core.promote import register_and_gate
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     model_uri = args.model or layout.model_dir(cfg, "bpo")
     report_uri = args.report or layout.eval_dir(cfg, "bpo") + "/report.json"
     register_and_gate(cfg, model_uri, report_uri, pipeline_run_id=os.environ.get("R4B_PIPELINE_RUN_ID", ""))
@@ -354,18 +288,18 @@ def _cmd_register(args) -> int:
 def _cmd_promote(args) -> int:
     from r4b_core.promote import promote_manually
 
-    promote_manually(_load(args), args.name, args.version, args.reason)
+    promote_manually(load_args_config(args), args.name, args.version, args.reason)
     return 0
 
 
 def _add_registry(sub) -> None:
     p = sub.add_parser("register", help="register a model in MLflow and run the promotion gate")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--model", help="model storage URI (default: the run's bpo/model)")
     p.add_argument("--report", help="its eval report.json URI (default: the run's eval/bpo/report.json)")
     p.set_defaults(func=_cmd_register)
     p = sub.add_parser("promote", help="move the champion alias to a version by hand")
-    _config_args(p)
+    config_args(p)
     p.add_argument("name", help="registered model name, e.g. r4b-tiny")
     p.add_argument("version", type=int)
     p.add_argument("--reason", required=True, help="why (recorded as a version tag)")
@@ -376,7 +310,7 @@ def _add_registry(sub) -> None:
 def _cmd_serve(args) -> int:
     from r4b_core import serve
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     if args.fetch_only:
         if not args.out:
             raise R4BError("--fetch-only needs --out DIR: the folder the server will load the model from")
@@ -423,7 +357,7 @@ def _parse_seeds(text: str | None) -> list[int] | None:
 def _cmd_repro(args) -> int:
     from r4b_core.repro import run_repro, run_seed
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     seeds = _parse_seeds(args.seeds)
     tracker = _stage_tracker(cfg) if args.mlflow else None
     if args.seed_only:   # a child of a parallel repro: its seeds' stages, no combined report
@@ -437,7 +371,7 @@ def _cmd_repro(args) -> int:
 def _add_repro(sub) -> None:
     p = sub.add_parser("repro", help="reproduce the paper's claims at toy scale (atrophy, BPO recovery, GRPO "
                                      "collapse) -> runs/<name>/repro/report.{json,md}")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--seeds", help="comma-separated seeds (default: repro.seeds), e.g. 0,1")
     p.add_argument("--mlflow", action="store_true", help="log every stage to MLflow (tracking.uri)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim does not reproduce")
@@ -445,7 +379,8 @@ def _add_repro(sub) -> None:
     p.set_defaults(func=_cmd_repro)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*extra_commands) -> argparse.ArgumentParser:
+    """The `r4b` parser; each of `extra_commands` adds its subcommands (listed first)."""
     parser = argparse.ArgumentParser(
         prog="r4b",
         description="Train auto-thinking multimodal models (R-4B recipe): "
@@ -453,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"r4b {__import__('r4b_core').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_run(sub)
+    for add in extra_commands:
+        add(sub)
+    _add_prepare(sub)
     _add_config(sub)
     _add_registry(sub)
     _add_data(sub)
@@ -467,9 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except R4BError as exc:

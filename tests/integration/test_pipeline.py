@@ -37,7 +37,7 @@ def test_compiled_pipeline_loads_back_with_the_kfp_sdk(tmp_path):
     from kfp import components
 
     out = tmp_path / "r4b.yaml"
-    subprocess.run([sys.executable, "-m", "r4b_core.cli", "pipeline", "compile", "--config",
+    subprocess.run([sys.executable, "-m", "r4b_kfp.cli", "pipeline", "compile", "--config",
                     str(REPO / "configs/r4b-4b.yaml"), "--out", str(out), "--grpo-control"], check=True, cwd=REPO)
     pipeline = components.load_component_from_file(str(out))
     assert pipeline.name == "r4b-r4b-4b"
@@ -61,7 +61,7 @@ def test_compiled_pipeline_loads_back_with_the_kfp_sdk(tmp_path):
 
 def _run(args, env, cwd):
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "r4b_core.cli", *args], env=env, cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "r4b_kfp.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=1500)
     return proc, time.time() - started
 
