@@ -98,14 +98,15 @@ class DataReport:
         return d
 
 
-def read_records(store, train_uri: str, cache_dir: Path, report: DataReport):
-    """Records of the curated JSONL; bad lines are counted and left out."""
+def read_records(store, train_uri: str, cache_dir: Path, report: DataReport, max_question_chars: int = 0):
+    """Records of the curated JSONL; bad lines (questions over `max_question_chars` included) are
+    counted and left out."""
     from r4b_core.data.schema import read_jsonl
 
     if not store.exists(train_uri):
         raise AnnealError(f"{train_uri}: training data not found; run `r4b curate` first or pass --train URI")
     local = Path(store.local_path(train_uri, cache_dir / "data"))
-    result = read_jsonl(local, on_error="collect")
+    result = read_jsonl(local, on_error="collect", max_question_chars=max_question_chars)
     for bad in result.bad:
         if bad.field == "answer":
             report.empty_answers += 1
@@ -155,7 +156,7 @@ def prepare_data(cfg: RunConfig, store, train_uri: str, processor, cache_dir: Pa
     """(train samples, held-out (record, images) pairs for the compliance check, DataReport)."""
     a = cfg.anneal
     report = DataReport()
-    records = read_records(store, train_uri, cache_dir, report)
+    records = read_records(store, train_uri, cache_dir, report, cfg.data.max_question_chars)
     held: list = []
     if a.compliance_samples and a.compliance_from == "holdout":
         order = list(range(len(records)))

@@ -138,7 +138,7 @@ class PromptStream:
         return out
 
 
-def load_prompts(prompts_uri: str, store) -> tuple[list[Prompt], str]:
+def load_prompts(prompts_uri: str, store, max_question_chars: int = 0) -> tuple[list[Prompt], str]:
     """Read the RL prompt records (objective items with a reference answer) and their images.
 
     Images are read through the store relative to the JSONL's URI (local or s3://). A record whose
@@ -148,7 +148,7 @@ def load_prompts(prompts_uri: str, store) -> tuple[list[Prompt], str]:
     from r4b_core.data.schema import DataError, read_jsonl
 
     local = store.local_path(prompts_uri, Path(tempfile.gettempdir()) / "r4b-cache")
-    records = read_jsonl(local).records
+    records = read_jsonl(local, max_question_chars=max_question_chars).records
     prompts, bad = [], []
     for rec in records:
         if not rec.objective:
@@ -903,7 +903,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         # -- setup ------------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        prompts, _ = load_prompts(prompts_uri, store)
+        prompts, _ = load_prompts(prompts_uri, store, cfg.data.max_question_chars)
         model, processor = load_model(init_model_uri, cfg.model, store=store)
         model.eval()
         encoder = PromptEncoder(processor)

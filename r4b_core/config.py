@@ -139,6 +139,9 @@ class DataConfig(Section):
     train_uri: str | None = None
     rl_uri: str | None = None
     eval_uri: str | None = None
+    # -- a record whose question is longer is a bad line (reported, left out) in every stage that
+    # reads records; 0 = no limit. Prompts are also checked against the model's positions.
+    max_question_chars: int = Field(8000, ge=0)
 
     @model_validator(mode="after")
     def _uris(self) -> DataConfig:

@@ -305,18 +305,13 @@ def resolve_ref(jsonl_uri: str, image: str) -> str:
     return str((Path(jsonl_uri).parent / image).resolve())
 
 
-def read_raw(text: str, uri: str) -> tuple[list[Item], list[dict]]:
-    """Parse raw JSONL text into items (with file:line) and reject rows for bad lines."""
-    lines = text.splitlines()
-    result = parse_jsonl(lines, uri, on_error="collect")
-    bad_lines = {b.line for b in result.bad}
+def read_raw(text: str | bytes, uri: str, max_question_chars: int = 0) -> tuple[list[Item], list[dict]]:
+    """Parse raw JSONL into items (with file:line) and reject rows for bad lines."""
+    result = parse_jsonl(text, uri, on_error="collect", max_question_chars=max_question_chars)
     rejects = [{"where": f"{b.path}:{b.line}", "reason": f"bad_line: {b.field}: {b.message}", "line": b.raw}
                for b in result.bad]
-    # parse_jsonl keeps good records in line order and skips blank lines: recover their line numbers.
-    good_lines = [i for i, raw in enumerate(lines, start=1) if raw.strip() and i not in bad_lines]
-    items = [Item(record=rec, where=f"{uri}:{ln}", raw=lines[ln - 1],
-                  image_refs=[resolve_ref(uri, im) for im in rec.images])
-             for rec, ln in zip(result.records, good_lines)]
+    items = [Item(record=rec, where=f"{uri}:{ln}", raw=raw, image_refs=[resolve_ref(uri, im) for im in rec.images])
+             for rec, (ln, raw) in zip(result.records, result.rows)]
     return items, rejects
 
 
@@ -478,7 +473,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
 
     # Files of an earlier, different attempt must not be vouched for by its manifest.
     store.invalidate(prefix)
-    items, rejects = read_raw(raw_text, raw_uri)
+    items, rejects = read_raw(raw_text, raw_uri, cfg.data.max_question_chars)
     stats = CurateStats(num_samples=c.num_samples)
     for rj in rejects:
         stats.add_reject(rj["reason"])

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable
 
 from r4b_core import modes
 from r4b_core.config import RunConfig
-from r4b_core.data.schema import Record, parse_jsonl
-from r4b_core.errors import R4BError
+from r4b_core.data.schema import Record, json_object, jsonl_lines, parse_jsonl
+from r4b_core.errors import R4BError, shorten
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import GenerationRequest, RolloutEngine
 
@@ -136,35 +136,34 @@ def map_external(obj: dict, field_map: dict[str, str], where: str, name: str, li
         if errs:
             e = errs[0]
             fld = ".".join(str(p) for p in e["loc"])
-            raise EvalError(f"{where}:{lineno}: {field_map.get(fld, fld)}: {e['msg']} (got {e.get('input')!r}); "
+            raise EvalError(f"{where}:{lineno}: {field_map.get(fld, fld)}: {e['msg']} (got {shorten(e.get('input'))}); "
                             f"fix the line or eval.field_map.{fld}") from None
         raise
 
 
-def load_benchmark(text: str, uri: str, field_map: dict[str, str] | None = None, name: str | None = None,
-                   limit: int = 0) -> list[Record]:
+def load_benchmark(text: str | bytes, uri: str, field_map: dict[str, str] | None = None, name: str | None = None,
+                   limit: int = 0, max_question_chars: int = 0) -> list[Record]:
     """Benchmark items from JSONL text; image references made absolute against `uri`.
 
     field_map None: our own schema, validated strictly (any bad line is an error with file:line).
+    A question longer than `max_question_chars` (data.max_question_chars; 0 = no limit) is an error.
     """
     from r4b_core.curate import resolve_ref
 
     name = name or Path(uri.rsplit("/", 1)[-1]).stem
     if field_map is None:
-        records = parse_jsonl(text.splitlines(), uri, on_error="raise").records
+        records = parse_jsonl(text, uri, on_error="raise", max_question_chars=max_question_chars).records
     else:
         records, seen, found = [], set(), set()
-        for lineno, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{uri}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                "fix or drop the line") from None
-            if not isinstance(obj, dict):
-                raise EvalError(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        for lineno, raw in jsonl_lines(text, uri):
+            obj = json_object(raw)
+            if isinstance(obj, str):
+                raise EvalError(f"{uri}:{lineno}: {obj}; fix or drop the line")
             rec = map_external(obj, field_map, uri, name, lineno, found)
+            if max_question_chars and len(rec.question) > max_question_chars:
+                raise EvalError(f"{uri}:{lineno}: {field_map.get('question', 'question')}: {len(rec.question)} "
+                                f"characters, more than data.max_question_chars={max_question_chars}; shorten it "
+                                "or raise the limit")
             if rec.id in seen:
                 raise EvalError(f"{uri}:{lineno}: id: duplicate id {rec.id!r}; map eval.field_map.id to a unique field")
             seen.add(rec.id)
@@ -382,11 +381,13 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
 
     benchmarks: list[tuple[str, str, list[Record]]] = []
     if eval_uri:
-        benchmarks.append(("eval", eval_uri, load_benchmark(texts["eval"], eval_uri, None, "eval", e.limit)))
+        benchmarks.append(("eval", eval_uri, load_benchmark(texts["eval"], eval_uri, None, "eval", e.limit,
+                                                                  cfg.data.max_question_chars)))
     if e.external_uri:
         name = Path(e.external_uri.rsplit("/", 1)[-1]).stem
         benchmarks.append((name, e.external_uri, load_benchmark(texts["external"], e.external_uri,
-                                                                e.field_map, name, e.limit)))
+                                                                e.field_map, name, e.limit,
+                                                                cfg.data.max_question_chars)))
 
     def images_of(rec: Record) -> list[Any]:
         return [load_image(ref, store=store) for ref in rec.images]

@@ -54,7 +54,7 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
     prefix = layout.init_model_dir(cfg)
     model_hash = cfg.stage_hash("data")  # the tokenizer is trained on the data; model cfg is in the hash
     if not store.is_complete(prefix, model_hash):
-        records = parse_jsonl(store.read_text(train_uri).splitlines(), train_uri).records
+        records = parse_jsonl(store.read_bytes(train_uri), train_uri).records
         t0 = time.time()
         with store.atomic_dir(prefix) as staging:
             build_tiny_vlm(cfg.model.tiny, tokenizer_corpus(records), Path(staging), seed=cfg.seed)

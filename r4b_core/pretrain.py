@@ -89,7 +89,7 @@ def run_pretrain(cfg: RunConfig, store, train_uri: str, init_uri: str) -> str:
     out_uri = layout.base_model_dir(cfg)
     records = []
     if "read" in p.tasks:
-        train = parse_jsonl(store.read_text(train_uri).splitlines(), train_uri).records
+        train = parse_jsonl(store.read_bytes(train_uri), train_uri).records
         records += reading_records(cfg, train)
     if "arithmetic" in p.tasks:
         records += arithmetic_records(cfg)

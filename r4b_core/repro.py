@@ -203,7 +203,7 @@ def _annotator(scfg: RunConfig, raw_uri: str, store):
         return None
     from r4b_core.data.schema import parse_jsonl
 
-    records = parse_jsonl(store.read_text(raw_uri).splitlines(), raw_uri, on_error="collect").records
+    records = parse_jsonl(store.read_bytes(raw_uri), raw_uri, on_error="collect").records
     return SimulatedAnnotator(records, scfg.repro.simulated_accuracy, scfg.seed)
 
 
@@ -268,13 +268,14 @@ def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
 def reasoning_shares(sft_text: str) -> dict[str, float]:
     """Share of curated records labelled reasoning per "category/difficulty": the statistic that
     decides whether the annealed model's auto mode can tell when to think."""
+    from r4b_core.data.schema import jsonl_lines
+
     counts: dict[str, list[int]] = {}
-    for line in sft_text.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            c = counts.setdefault(f"{r.get('category')}/{r.get('difficulty')}", [0, 0])
-            c[0] += r.get("label") == "reasoning"
-            c[1] += 1
+    for _, line in jsonl_lines(sft_text):
+        r = json.loads(line)
+        c = counts.setdefault(f"{r.get('category')}/{r.get('difficulty')}", [0, 0])
+        c[0] += r.get("label") == "reasoning"
+        c[1] += 1
     return {k: round(a / n, 3) for k, (a, n) in sorted(counts.items())}
 
 

@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from r4b_core.errors import R4BError
+from r4b_core.errors import R4BError, decode_utf8
 
 if TYPE_CHECKING:
     from r4b_core.config import StorageConfig
@@ -443,11 +443,17 @@ class Store:
         else:
             self._call("write", uri, lambda: self._s3().put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
 
-    def read_text(self, uri: str, encoding: str = "utf-8") -> str:
-        return self.read_bytes(uri).decode(encoding)
+    def read_text(self, uri: str) -> str:
+        """The UTF-8 text of a file; StorageError `uri:line: not UTF-8 at byte N` otherwise."""
+        try:
+            return decode_utf8(self.read_bytes(uri), uri)
+        except StorageError:
+            raise
+        except R4BError as exc:
+            raise StorageError(str(exc)) from None
 
-    def write_text(self, uri: str, text: str, encoding: str = "utf-8") -> None:
-        self.write_bytes(uri, text.encode(encoding))
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
 
     def read_json(self, uri: str) -> Any:
         text = self.read_text(uri)

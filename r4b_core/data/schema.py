@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from r4b_core.errors import R4BError
+from r4b_core.errors import R4BError, decode_utf8, shorten
 
 AnswerType = Literal["integer", "number", "choice", "text"]
 Label = Literal["reasoning", "direct"]
@@ -86,17 +86,45 @@ class BadLine:
 class ReadResult:
     records: list[Record] = field(default_factory=list)
     bad: list[BadLine] = field(default_factory=list)
+    # (line number, line text) of each record, in the order of `records`.
+    rows: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _check_line(path: str, lineno: int, raw: str) -> Record | BadLine:
+def jsonl_lines(data: str | bytes, path: str = "<jsonl>") -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of JSONL content.
+
+    Lines end at "\n" only, so a "\r" or U+2028 inside a JSON string (our writer emits U+2028
+    raw) never shifts the numbering; a CRLF line ending is dropped. Bytes that are not UTF-8
+    raise DataError `path:line: not UTF-8 at byte N`.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = decode_utf8(bytes(data), path)
+        except R4BError as exc:
+            raise DataError(str(exc)) from None
+    for lineno, line in enumerate(data.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield lineno, line
+
+
+def json_object(raw: str) -> dict | str:
+    """The JSON object on one line, or why it is not one (columns count from the line's start)."""
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
-        return BadLine(path, lineno, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", raw)
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(obj, dict):
-        return BadLine(path, lineno, "(line)", f"expected a JSON object, got {type(obj).__name__}", raw)
+        return f"expected a JSON object, got {type(obj).__name__}"
+    return obj
+
+
+def _check_line(path: str, lineno: int, raw: str, max_question_chars: int) -> Record | BadLine:
+    obj = json_object(raw)
+    if isinstance(obj, str):
+        return BadLine(path, lineno, "(line)", obj, raw)
     try:
-        return Record.model_validate(obj)
+        record = Record.model_validate(obj)
     except ValidationError as err:
         e = err.errors()[0]
         name = ".".join(str(p) for p in e["loc"]) or "(record)"
@@ -106,19 +134,26 @@ def _check_line(path: str, lineno: int, raw: str) -> Record | BadLine:
         elif e["type"] == "extra_forbidden":
             msg = f"unknown field; allowed: {', '.join(Record.model_fields)}"
         elif "input" in e and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
+            msg += f" (got {shorten(e['input'])})"
         return BadLine(path, lineno, name, msg, raw)
+    if max_question_chars and len(record.question) > max_question_chars:
+        return BadLine(path, lineno, "question", f"{len(record.question)} characters, more than "
+                       f"data.max_question_chars={max_question_chars}; shorten it or raise the limit", raw)
+    return record
 
 
-def parse_jsonl(lines: Iterable[str], path: str = "<jsonl>", on_error: Literal["raise", "collect"] = "raise") -> ReadResult:
+def parse_jsonl(data: str | bytes, path: str = "<jsonl>", on_error: Literal["raise", "collect"] = "raise",
+                max_question_chars: int = 0) -> ReadResult:
+    """Validate JSONL content (text or bytes) into records; every stage reads records this way.
+
+    `max_question_chars` (0 = no limit) turns a longer question into a bad line."""
     result = ReadResult()
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        item = _check_line(path, lineno, raw)
+    for lineno, raw in jsonl_lines(data, path):
+        item = _check_line(path, lineno, raw, max_question_chars)
         if isinstance(item, Record) and item.id in seen:
-            item = BadLine(path, lineno, "id", f"duplicate id {item.id!r} (first on line {seen[item.id]})", raw)
+            item = BadLine(path, lineno, "id", f"duplicate id {shorten(item.id)} (first on line {seen[item.id]})",
+                           raw)
         if isinstance(item, BadLine):
             if on_error == "raise":
                 raise DataError(f"{item}. Fix the line or drop it.")
@@ -126,16 +161,17 @@ def parse_jsonl(lines: Iterable[str], path: str = "<jsonl>", on_error: Literal["
         else:
             seen[item.id] = lineno
             result.records.append(item)
+            result.rows.append((lineno, raw))
     return result
 
 
-def read_jsonl(path: str | Path, on_error: Literal["raise", "collect"] = "raise") -> ReadResult:
+def read_jsonl(path: str | Path, on_error: Literal["raise", "collect"] = "raise",
+               max_question_chars: int = 0) -> ReadResult:
     """Read and validate a local JSONL file (use storage to fetch remote ones first)."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file not found")
-    with p.open(encoding="utf-8") as fh:
-        return parse_jsonl(fh, str(p), on_error)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found" if not p.exists() else f"{p}: is a folder, not a JSONL file")
+    return parse_jsonl(p.read_bytes(), str(p), on_error, max_question_chars)
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:

@@ -41,7 +41,7 @@ def test_bad_lines_name_file_line_field(tmp_path, line, expect):
 
 
 def test_blank_lines_skipped():
-    res = parse_jsonl(["", _line(), "   "])
+    res = parse_jsonl("\n" + _line() + "\n   \n")
     assert [r.id for r in res.records] == ["a"]
 
 
@@ -57,3 +57,58 @@ def test_cli_data_check_reports_every_bad_line(tmp_path, capsys):
     assert "1 valid records, 2 bad lines" in out.out
     p.write_text(_line() + "\n")
     assert main(["data", "check", str(p)]) == 0
+
+
+def test_not_utf8_is_one_line_with_file_line_byte(tmp_path, capsys):
+    from r4b_core.cli import main
+    from r4b_core.storage import Store, StorageError
+
+    p = tmp_path / "d.jsonl"
+    second = '{"id": "b", "question": "caf\xe9?", "answer": "1"}'
+    p.write_bytes(_line().encode() + b"\n" + second.encode("latin-1") + b"\n")
+    offset = len(_line()) + 1 + second.index("\xe9")
+    with pytest.raises(DataError) as info:
+        read_jsonl(p)
+    assert str(info.value).startswith(f"{p}:2: not UTF-8 at byte {offset} (0xe9, column ")
+    with pytest.raises(StorageError, match=rf"^{p}:2: not UTF-8 at byte {offset} "):
+        Store().read_text(str(p))          # what curate, eval and prepare read raw data with
+    assert main(["data", "check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}:2: not UTF-8 at byte {offset}") and err.count("\n") == 1
+
+
+def test_line_numbers_split_on_newline_only(tmp_path):
+    """U+2028 (which write_jsonl emits raw) and a stray \\r inside a line keep their line's number."""
+    from r4b_core.curate import read_raw
+    from r4b_core.evaluate import EvalError, load_benchmark
+
+    first = Record(id="a", question="line one\u2028line two", answer="1")
+    p = tmp_path / "d.jsonl"
+    write_jsonl(p, [first])
+    assert "\u2028" in p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8") + '{"id": "b", "question": "x\ry", "answer": "2"}\n{oops\n'
+    p.write_bytes(text.encode())
+    bad = read_jsonl(p, on_error="collect").bad
+    assert [(b.line, b.field) for b in bad] == [(2, "(line)"), (3, "(line)")]
+    assert "not valid JSON" in bad[0].message and "column 1" not in bad[0].message
+    items, rejects = read_raw(text, "d.jsonl")
+    assert [i.where for i in items] == ["d.jsonl:1"] and items[0].raw == text.split("\n")[0]
+    assert [r["where"] for r in rejects] == ["d.jsonl:2", "d.jsonl:3"]
+    with pytest.raises(DataError, match=r"^e\.jsonl:3: \(line\): not valid JSON \(Expecting property name"
+                                        r" enclosed in double quotes at column 2\)"):
+        load_benchmark(text.replace("x\ry", "xy"), "e.jsonl")
+    with pytest.raises(EvalError, match=r"^e\.jsonl:3: not valid JSON .* at column 2\)"):
+        load_benchmark(text.replace("x\ry", "xy"), "e.jsonl", {"question": "question"})
+    # Windows line endings are line endings, not part of the record.
+    crlf = parse_jsonl(_line().encode() + b"\r\n" + _line(id="b").encode() + b"\r\n")
+    assert [r.id for r in crlf.records] == ["a", "b"] and crlf.rows[1][0] == 2
+
+
+def test_long_values_are_shortened_and_long_questions_refused(tmp_path):
+    huge = "9" * 1_000_000
+    res = parse_jsonl(_line(difficulty=huge) + "\n" + _line(id="b", question="q" * 9000) + "\n",
+                      "d.jsonl", on_error="collect", max_question_chars=8000)
+    assert len(str(res.bad[0])) < 300 and "(1000002 characters)" in str(res.bad[0])
+    assert str(res.bad[1]) == ("d.jsonl:2: question: 9000 characters, more than data.max_question_chars=8000; "
+                               "shorten it or raise the limit")
+    assert parse_jsonl(_line(question="q" * 9000), max_question_chars=0).records   # 0 = no limit
