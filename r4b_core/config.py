@@ -327,6 +327,16 @@ class EvalConfig(Section):
     # -- an external benchmark as JSONL + images, with its field names mapped onto ours.
     external_uri: str | None = None
     field_map: dict[str, str] = Field(default_factory=dict)
+    # -- pass@k and maj@k per mode for these k (e.g. [1, 4, 8]); [] = off. Opt-in: every item is
+    # answered max(k) more times per mode, sampled at `sample_temperature`, seeded by the run seed.
+    pass_k: list[int] = Field(default_factory=list)
+    sample_temperature: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pass_k(self) -> EvalConfig:
+        if any(k < 1 for k in self.pass_k):
+            raise ValueError(f"pass_k values are sample counts >= 1; got {self.pass_k} (e.g. [1, 4, 8])")
+        return self
 
 
 class ReproConfig(Section):

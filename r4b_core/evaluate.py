@@ -13,7 +13,9 @@ rollout (`curate.correct_flags`); a think block that never closed has no answer 
 Benchmarks: the run's eval split (our record schema) and, when `eval.external_uri` is set, an
 external JSONL + images (MathVista-style) whose fields `eval.field_map` maps onto ours — see
 `map_external`. Metrics (`compute_metrics`) per mode, per category and per difficulty: accuracy,
-mean output tokens, think-rate, hybrid accuracy, oracle accuracy, tokens at matched accuracy.
+mean output tokens, think-rate, hybrid accuracy, oracle accuracy, mode selection (MCC, precision,
+recall of "thought" against "thinking was needed"), tokens at matched accuracy; with `eval.pass_k`,
+pass@k and maj@k per mode from sampled answers (`samples.jsonl`).
 
 Outputs under `out_uri` (`<run>/eval/<tag>/` by default): `report.json`, `predictions.jsonl`,
 `report.md` with PNG plots (r4b_core/report.py), `manifest.json` last; all logged to MLflow.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -209,9 +212,12 @@ def compute_metrics(predictions: Iterable[dict], mode_names: Iterable[str] = MOD
         no-think correct on i}. It asks: where some mode could solve the item, did auto mode's own
         choice solve it? 1.0 = auto always picked a mode that works; None when S is empty.
       `oracle_accuracy` = |S| / items (the best a perfect per-item mode choice could score).
-      `tokens_at_matched_accuracy` = mean tokens per mode over the items EVERY evaluated mode got
-        right (same items, same accuracy 100 %), with their count: the token price of each mode
-        when accuracy is held equal.
+      `mode_selection` = auto's choice to think as a classifier of "thinking was needed" (forced
+        think right, forced no-think wrong): MCC, precision, recall and the confusion counts.
+    `tokens_at_matched_accuracy` = auto's mean tokens against the cheapest forced mode whose accuracy
+      reaches auto's (`matched_accuracy_tokens`).
+    `tokens_where_all_correct` = mean tokens per mode over the items EVERY evaluated mode got right,
+      with their count: each mode's price on the same, solved items.
     """
     mode_names = [m for m in MODE_ORDER if m in set(mode_names)]
     by_item: dict[tuple, dict[str, dict]] = defaultdict(dict)
@@ -233,12 +239,111 @@ def compute_metrics(predictions: Iterable[dict], mode_names: Iterable[str] = MOD
     out["hybrid_items"] = len(solvable)
     out["hybrid_accuracy"] = _mean([float(v["auto"]["correct"]) for v in solvable])
     out["oracle_accuracy"] = (len(solvable) / len(full)) if full else None
-    matched = [v for v in by_item.values() if mode_names and all(m in v and v[m]["correct"] for m in mode_names)]
-    tam: dict[str, Any] = {"items": len(matched)}
-    for m in mode_names:
-        tam[m] = _mean([float(v[m]["tokens"]) for v in matched])
-    out["tokens_at_matched_accuracy"] = tam
+    out["mode_selection"] = mode_selection(full)
+    out["tokens_at_matched_accuracy"] = matched_accuracy_tokens(out["modes"])
+    common = [v for v in by_item.values() if mode_names and all(m in v and v[m]["correct"] for m in mode_names)]
+    out["tokens_where_all_correct"] = {"items": len(common),
+                                       **{m: _mean([float(v[m]["tokens"]) for v in common]) for m in mode_names}}
     return out
+
+
+def mode_selection(items: list[dict[str, dict]]) -> dict:
+    """Auto mode's choice to think, scored as a classifier of "thinking was needed".
+
+    Over items answered in all three modes: needed = forced think right and forced no-think wrong;
+    predicted = auto mode thought. MCC = (tp·tn − fp·fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)),
+    precision = tp / (tp+fp) (of the items auto thought on, the share that needed it), recall =
+    tp / (tp+fn) (of the items that needed thinking, the share auto thought on). Each is None
+    where its denominator is 0 (MCC: no item needed thinking, or auto always / never thought).
+    """
+    tp = fp = fn = tn = 0
+    for v in items:
+        needed = bool(v["think"]["correct"]) and not v["no_think"]["correct"]
+        thought = bool(v["auto"]["thought"])
+        tp += needed and thought
+        fp += thought and not needed
+        fn += needed and not thought
+        tn += not needed and not thought
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {"items": len(items), "needed": tp + fn, "thought": tp + fp, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "mcc": (tp * tn - fp * fn) / denom if denom else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None}
+
+
+def matched_accuracy_tokens(per_mode: dict[str, dict]) -> dict:
+    """Auto mode's tokens against the cheapest forced mode that is at least as accurate as auto.
+
+    `mode` is None when no forced mode reaches auto's accuracy (auto beats both); then there is no
+    matched price and `auto_over_mode` is None. Below 1: auto reaches that accuracy for fewer tokens.
+    """
+    auto = per_mode.get("auto") or {}
+    if auto.get("accuracy") is None:
+        return {}
+    reach = [m for m in ("think", "no_think") if (per_mode.get(m) or {}).get("accuracy") is not None
+             and per_mode[m]["accuracy"] >= auto["accuracy"] - 1e-9]
+    best = min(reach, key=lambda m: per_mode[m]["mean_tokens"]) if reach else None
+    mode_tokens = per_mode[best]["mean_tokens"] if best else None
+    return {"auto_accuracy": auto["accuracy"], "auto_tokens": auto["mean_tokens"], "mode": best,
+            "mode_accuracy": per_mode[best]["accuracy"] if best else None, "mode_tokens": mode_tokens,
+            "auto_over_mode": auto["mean_tokens"] / mode_tokens if mode_tokens else None}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 − C(n−c, k) / C(n, k), the chance that k samples drawn without replacement hold a correct one."""
+    if k > n:
+        raise EvalError(f"pass@{k} needs at least {k} samples per item, got {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _vote_key(answer: str) -> str:
+    return " ".join(answer.casefold().split())
+
+
+def majority_correct(samples: list[dict], k: int) -> bool:
+    """maj@k of one item: the most frequent answer among its first k samples (by sample index) is
+    correct. Answers are compared after folding case and whitespace; a sample without an answer
+    (think block never closed) does not vote; a tie goes to the answer that appeared first."""
+    votes: dict[str, list] = {}
+    for s in sorted(samples, key=lambda s: s["sample"])[:k]:
+        key = _vote_key(s.get("prediction") or "")
+        if key:
+            votes.setdefault(key, [0, bool(s["correct"])])[0] += 1
+    if not votes:
+        return False
+    return max(votes.values(), key=lambda v: v[0])[1]     # max keeps the first of equal counts
+
+
+def sampling_metrics(samples: Iterable[dict], ks: Iterable[int], mode_names: Iterable[str] = MODE_ORDER) -> dict:
+    """pass@k and maj@k per mode from sampled rows (prediction rows with a `sample` index):
+    means over items; also the sampled think-rate and mean tokens."""
+    per_item: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        per_item[s["mode"]][(s.get("benchmark"), s["id"])].append(s)
+    out: dict[str, dict] = {}
+    for m in [m for m in MODE_ORDER if m in set(mode_names) and m in per_item]:
+        groups = list(per_item[m].values())
+        n = min(len(g) for g in groups)
+        block: dict[str, Any] = {"items": len(groups), "samples_per_item": n}
+        for k in sorted(set(ks)):
+            block[f"pass@{k}"] = _mean([pass_at_k(len(g), sum(bool(s["correct"]) for s in g), k) for g in groups])
+            block[f"maj@{k}"] = _mean([float(majority_correct(g, k)) for g in groups])
+        rows = [s for g in groups for s in g]
+        block["think_rate"] = _mean([float(s["thought"]) for s in rows])
+        block["mean_tokens"] = _mean([float(s["tokens"]) for s in rows])
+        out[m] = block
+    return out
+
+
+def sampling_report(samples: list[dict], e, seed: int) -> dict:
+    """The `sampling` block of a report: pass@k / maj@k per mode, overall and per category."""
+    by_cat: dict[str, list[dict]] = defaultdict(list)
+    for r in samples:
+        by_cat[str(r["category"])].append(r)
+    return {"k": sorted(set(e.pass_k)), "samples_per_item": max(e.pass_k), "temperature": e.sample_temperature,
+            "seed": seed, "modes": sampling_metrics(samples, e.pass_k, e.modes),
+            "by_category": {c: sampling_metrics(rows, e.pass_k, e.modes) for c, rows in sorted(by_cat.items())}}
 
 
 def build_report(predictions: list[dict], mode_names: Iterable[str] = MODE_ORDER) -> dict:
@@ -261,12 +366,21 @@ def build_report(predictions: list[dict], mode_names: Iterable[str] = MODE_ORDER
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
+def sample_seed(run_seed: int, benchmark: str, item_id: str, mode: str) -> int:
+    """The seed of one item's samples in one mode: a rerun draws the same samples."""
+    h = hashlib.sha256(f"{run_seed}:{benchmark}:{item_id}:{mode}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
 def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], max_new_tokens: int,
             batch_size: int, scorer, benchmark: str,
-            load_images: Callable[[Record], list[Any]]) -> tuple[list[dict], dict]:
-    """Greedy answers of every item in every mode; one `generate` call per batch of items.
+            load_images: Callable[[Record], list[Any]], samples: int = 1, temperature: float = 0.0,
+            seed: int | None = None) -> tuple[list[dict], dict]:
+    """Answers of every item in every mode; one `generate` call per batch of items.
 
-    `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it."""
+    Greedy by default. With `samples` > 1 (pass@k / maj@k) each item is answered `samples` times
+    per mode at `temperature`, seeded per (seed, benchmark, item, mode), and each row carries its
+    `sample` index. `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it."""
     from r4b_core.curate import correct_flags
 
     rows: list[dict] = []
@@ -279,23 +393,30 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
             for m in mode_names:
                 reqs.append(GenerationRequest(
                     prompt=modes.chat_prompt(rec.question, len(imgs), mode=m), images=imgs,
-                    mode=Mode.parse(m), max_new_tokens=max_new_tokens, temperature=0.0, n=1,
+                    mode=Mode.parse(m), max_new_tokens=max_new_tokens, temperature=temperature, n=samples,
+                    seed=None if seed is None else sample_seed(seed, benchmark, rec.id, m),
                     key=f"{rec.id}\x1f{m}"))
         tg = time.perf_counter()
         completions = engine.generate(reqs)
         gen_s += time.perf_counter() - tg
-        if len(completions) != len(reqs):
-            raise EvalError(f"rollout engine returned {len(completions)} completions for {len(reqs)} requests")
+        if len(completions) != len(reqs) * samples:
+            raise EvalError(f"rollout engine returned {len(completions)} completions for {len(reqs)} requests "
+                            f"x {samples} samples")
         by_id = {r.id: r for r in batch}
-        recs = [by_id[req.key.partition("\x1f")[0]] for req in reqs]
-        flags = correct_flags(scorer, [c.text for c in completions], [r.mode for r in reqs], recs)
-        for req, comp, rec, ok in zip(reqs, completions, recs, flags):
+        per_comp = [req for req in reqs for _ in range(samples)]
+        recs = [by_id[req.key.partition("\x1f")[0]] for req in per_comp]
+        flags = correct_flags(scorer, [c.text for c in completions], [r.mode for r in per_comp], recs)
+        for j, (req, comp, rec, ok) in enumerate(zip(per_comp, completions, recs, flags)):
             n_tokens += len(comp.token_ids)
-            rows.append(prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason,
-                                       ok, benchmark))
+            row = prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason, ok,
+                                 benchmark)
+            if samples > 1:
+                row["sample"] = j % samples
+            rows.append(row)
         done = start + len(batch)
-        print(f"eval[{benchmark}]: {done}/{len(items)} items x {len(mode_names)} modes "
-              f"({done / max(time.perf_counter() - t0, 1e-9):.2f} items/s)", flush=True)
+        print(f"eval[{benchmark}]: {done}/{len(items)} items x {len(mode_names)} modes"
+              + (f" x {samples} samples" if samples > 1 else "")
+              + f" ({done / max(time.perf_counter() - t0, 1e-9):.2f} items/s)", flush=True)
     wall = time.perf_counter() - t0
     return rows, {"items": len(items), "seconds": round(wall, 3),
                   "items_per_s": len(items) / wall if wall > 0 else None,
@@ -393,6 +514,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
         return [load_image(ref, store=store) for ref in rec.images]
 
     predictions: list[dict] = []
+    samples: list[dict] = []
     throughput: dict[str, dict] = {}
     engine_name = e.engine if engine is None else type(engine).__name__
     with contextlib.ExitStack() as stack:
@@ -404,6 +526,11 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                                name, images_of)
             predictions.extend(rows)
             throughput[name] = tp
+            if e.pass_k:
+                rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, scorer, name,
+                                   images_of, samples=max(e.pass_k), temperature=e.sample_temperature, seed=cfg.seed)
+                samples.extend(rows)
+                throughput[f"{name}/sampled"] = tp
         scoring = scorer.counters
 
     primary = benchmarks[0][0]
@@ -416,21 +543,25 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     report["data"] = {name: uri for name, uri, _ in benchmarks}
     report["settings"] = {"modes": list(e.modes), "max_new_tokens": e.max_new_tokens, "greedy": True,
                           "engine": engine_name}
+    if samples:
+        report["sampling"] = sampling_report([r for r in samples if r["benchmark"] == primary], e, cfg.seed)
     report["throughput"] = throughput
     report["scoring"] = scoring
     if other is not None:
         report["compare"] = {"tag": other.get("tag", "other"), "model": other.get("model"),
                              **{k: other[k] for k in ("modes", "by_category", "by_difficulty", "cells",
                                                       "hybrid_accuracy", "hybrid_items", "oracle_accuracy",
-                                                      "tokens_at_matched_accuracy", "n_items")
+                                                      "mode_selection", "tokens_at_matched_accuracy",
+                                                      "tokens_where_all_correct", "sampling", "n_items")
                                 if k in other}}
 
-    _write_outputs(store, prefix, report, predictions)
+    _write_outputs(store, prefix, report, predictions, samples)
     manifest = {"stage": "eval", "tag": tag, "config_hash": chash, "identity": ident,
                 "inputs": {"model": model_uri, "data": report["data"], "compare": compare_key},
                 "outputs": {"report": store.join(prefix, "report.json"),
                             "predictions": store.join(prefix, "predictions.jsonl"),
-                            "report_md": store.join(prefix, "report.md")},
+                            "report_md": store.join(prefix, "report.md"),
+                            **({"samples": store.join(prefix, "samples.jsonl")} if samples else {})},
                 "counts": {"items": report["n_items"], "predictions": len(predictions)},
                 "metrics": headline(report), "throughput": throughput,
                 "wall_time_s": round(time.time() - started, 2)}
@@ -450,6 +581,17 @@ def headline(report: dict) -> dict[str, float]:
     for k in ("hybrid_accuracy", "oracle_accuracy"):
         if report.get(k) is not None:
             out[k] = report[k]
+    sel = report.get("mode_selection") or {}
+    for k in ("mcc", "precision", "recall"):
+        if sel.get(k) is not None:
+            out[f"auto/think_{k}"] = sel[k]
+    ratio = (report.get("tokens_at_matched_accuracy") or {}).get("auto_over_mode")
+    if ratio is not None:
+        out["auto/tokens_over_matched_mode"] = ratio
+    for m, d in ((report.get("sampling") or {}).get("modes") or {}).items():
+        for k, v in d.items():
+            if k.startswith(("pass@", "maj@")) and v is not None:
+                out[f"{m}/{k}"] = v
     for cat, block in report.get("by_category", {}).items():
         for m, d in block["modes"].items():
             if d.get("accuracy") is not None:
@@ -470,17 +612,22 @@ def format_headline(report: dict) -> str:
         parts.append(f"{m} acc {acc:.3f} tokens {tok:.1f} think-rate {tr:.2f}" if acc is not None else f"{m} n/a")
     h = report.get("hybrid_accuracy")
     parts.append(f"hybrid {h:.3f} over {report.get('hybrid_items')} items" if h is not None else "hybrid n/a")
+    mcc = (report.get("mode_selection") or {}).get("mcc")
+    parts.append(f"think-when-needed MCC {mcc:.3f}" if mcc is not None else "think-when-needed MCC n/a")
     return "; ".join(parts)
 
 
-def _write_outputs(store, prefix: str, report: dict, predictions: list[dict]) -> None:
-    """report.json, predictions.jsonl, report.md + plots: rendered locally, then stored."""
+def _write_outputs(store, prefix: str, report: dict, predictions: list[dict], samples: list[dict]) -> None:
+    """report.json, predictions.jsonl (+ samples.jsonl), report.md + plots: rendered locally, then stored."""
     import tempfile
 
     from r4b_core.report import write_report
 
     store.write_text(store.join(prefix, "predictions.jsonl"),
                      "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    if samples:
+        store.write_text(store.join(prefix, "samples.jsonl"),
+                         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in samples))
     store.write_text(store.join(prefix, "report.json"), json.dumps(report, indent=2, sort_keys=False))
     with tempfile.TemporaryDirectory() as tmp:
         files = write_report(report, Path(tmp))

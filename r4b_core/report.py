@@ -7,6 +7,7 @@ Plots (matplotlib, Agg backend, no display needed):
   accuracy_tokens.png           accuracy and mean output tokens per mode
   think_rate_by_difficulty.png  auto-mode think-rate per difficulty level, one line per category
   auto_vs_forced.png            per (category, difficulty) cell: auto vs forced accuracy and tokens
+  by_level.png                  per category: accuracy per mode and auto think-rate by level
 When the report carries a `compare` block (another model's report), every table and plot shows
 both models side by side.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("auto", "think", "no_think")
-PLOTS = ("accuracy_tokens.png", "think_rate_by_difficulty.png", "auto_vs_forced.png")
+PLOTS = ("accuracy_tokens.png", "think_rate_by_difficulty.png", "auto_vs_forced.png", "by_level.png")
 
 
 def _models(report: dict) -> list[tuple[str, dict]]:
@@ -185,6 +186,55 @@ def _group_table(models: list[tuple[str, dict]], modes: list[str], key: str, tit
     return lines
 
 
+def _cell_table(models: list[tuple[str, dict]], modes: list[str]) -> list[str]:
+    """Accuracy per mode, auto think-rate and tokens per (category, level) cell."""
+    cells = sorted({c for _, rep in models for c in rep.get("cells", {})},
+                   key=lambda c: (c.rpartition("/")[0], _level(c.rpartition("/")[2])))
+    if not cells:
+        return []
+    cols = [f"{m} acc" for m in modes] + ["auto think-rate"] + [f"{m} tokens" for m in modes]
+    lines = ["| category | level | " + " | ".join(f"{lab} {c}" for lab, _ in models for c in cols) + " |",
+             "|---|---|" + "---|" * (len(cols) * len(models))]
+    for cell in cells:
+        cat, _, level = cell.rpartition("/")
+        vals = []
+        for _, rep in models:
+            ms = (rep.get("cells", {}).get(cell) or {}).get("modes", {})
+            vals += [_f((ms.get(m) or {}).get("accuracy")) for m in modes]
+            vals.append(_f((ms.get("auto") or {}).get("think_rate"), 2))
+            vals += [_f((ms.get(m) or {}).get("mean_tokens"), 1) for m in modes]
+        lines.append(f"| {cat} | {level} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def _sampling_table(models: list[tuple[str, dict]]) -> list[str]:
+    """pass@k / maj@k per mode (only when the eval sampled: eval.pass_k)."""
+    sampled = [(lab, rep["sampling"]) for lab, rep in models if rep.get("sampling")]
+    if not sampled:
+        return []
+    s0 = sampled[0][1]
+    ks = s0["k"]
+    lines = ["", "## pass@k and maj@k", "",
+             f"{s0['samples_per_item']} answers per item and mode, sampled at temperature {s0['temperature']} "
+             f"(seed {s0['seed']}); pass@k is the unbiased estimate from those samples, maj@k the majority answer "
+             "of the first k.", "",
+             "| model | mode | " + " | ".join(f"pass@{k}" for k in ks) + " | " + " | ".join(f"maj@{k}" for k in ks)
+             + " | sampled think-rate | sampled tokens |", "|---|---|" + "---|" * (2 * len(ks) + 2)]
+    for lab, smp in sampled:
+        for m, d in smp["modes"].items():
+            lines.append(f"| {lab} | {m} | " + " | ".join(_f(d.get(f"pass@{k}")) for k in ks) + " | "
+                         + " | ".join(_f(d.get(f"maj@{k}")) for k in ks)
+                         + f" | {_f(d.get('think_rate'), 2)} | {_f(d.get('mean_tokens'), 1)} |")
+    return lines
+
+
+def _level(x: str) -> float:
+    try:
+        return float(x)
+    except ValueError:
+        return float("inf")
+
+
 def render_markdown(report: dict) -> str:
     models = _models(report)
     modes = _mode_names(report)
@@ -198,17 +248,33 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Per mode", ""] + _mode_table(models, modes, lambda r: r) + [""]
     lines += ["## Did auto mode pick a working mode?", "",
               "hybrid accuracy = share of items where auto is correct, among items that think or "
-              "no-think mode answers correctly; oracle = share of items some forced mode answers.", "",
-              "| model | hybrid accuracy | over items | oracle accuracy | matched items | "
-              + " | ".join(f"tokens@matched {m}" for m in modes) + " |",
-              "|---|---|---|---|---|" + "---|" * len(modes)]
+              "no-think mode answers correctly; oracle = share of items some forced mode answers. "
+              "Thinking was needed on an item when forced think answers it and forced no-think does not: "
+              "MCC, precision and recall score auto mode's choice to think against that.", "",
+              "| model | hybrid accuracy | over items | oracle accuracy | needed | auto thought | MCC | "
+              "precision | recall |", "|---|---|---|---|---|---|---|---|---|"]
+    for lab, rep in models:
+        sel = rep.get("mode_selection") or {}
+        lines.append(f"| {lab} | {_f(rep.get('hybrid_accuracy'))} | {_f(rep.get('hybrid_items'))} | "
+                     f"{_f(rep.get('oracle_accuracy'))} | {_f(sel.get('needed'))} | {_f(sel.get('thought'))} | "
+                     f"{_f(sel.get('mcc'))} | {_f(sel.get('precision'))} | {_f(sel.get('recall'))} |")
+    lines += ["", "## Tokens at matched accuracy", "",
+              "Auto mode against the cheapest forced mode at least as accurate as auto (none: auto beats both); "
+              "then each mode's tokens on the items every mode answers.", "",
+              "| model | auto acc | auto tokens | matched mode | its acc | its tokens | auto / matched | "
+              "items all right | " + " | ".join(f"{m} tokens there" for m in modes) + " |",
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(modes)]
     for lab, rep in models:
         tam = rep.get("tokens_at_matched_accuracy") or {}
-        lines.append(f"| {lab} | {_f(rep.get('hybrid_accuracy'))} | {_f(rep.get('hybrid_items'))} | "
-                     f"{_f(rep.get('oracle_accuracy'))} | {_f(tam.get('items'))} | "
-                     + " | ".join(_f(tam.get(m), 1) for m in modes) + " |")
+        common = rep.get("tokens_where_all_correct") or {}
+        lines.append(f"| {lab} | {_f(tam.get('auto_accuracy'))} | {_f(tam.get('auto_tokens'), 1)} | "
+                     f"{tam.get('mode') or 'none'} | {_f(tam.get('mode_accuracy'))} | {_f(tam.get('mode_tokens'), 1)} | "
+                     f"{_f(tam.get('auto_over_mode'), 2)} | {_f(common.get('items'))} | "
+                     + " | ".join(_f(common.get(m), 1) for m in modes) + " |")
     lines += ["", "## By category", ""] + _group_table(models, modes, "by_category", "category")
     lines += ["", "## By difficulty", ""] + _group_table(models, modes, "by_difficulty", "difficulty")
+    lines += ["", "## By category and level", ""] + _cell_table(models, modes)
+    lines += _sampling_table(models)
     if len(report.get("benchmarks", {})) > 1:
         lines += ["", "## By benchmark", ""] + _group_table([models[0]], modes, "benchmarks", "benchmark")
     lines += ["", "## Plots", ""]
@@ -222,12 +288,42 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_by_level(report: dict, path: Path) -> Path:
+    """One panel per category: accuracy per mode (solid) and auto think-rate (dashed) by level."""
+    plt = _plt()
+    models = _models(report)
+    cats = sorted({c for _, rep in models for c in _cells(rep)}) or ["all"]
+    fig, axes = plt.subplots(1, len(cats), figsize=(4.5 * len(cats), 3.8), squeeze=False)
+    colors = {"auto": "tab:green", "think": "tab:red", "no_think": "tab:blue"}
+    styles = ("-", ":")
+    for ax, cat in zip(axes[0], cats):
+        for j, (label, rep) in enumerate(models):
+            by_level = _cells(rep).get(cat) or {}
+            levels = sorted(by_level, key=_level)
+            for m in _mode_names(rep):
+                ys = [(by_level[lv].get(m) or {}).get("accuracy") for lv in levels]
+                ax.plot(levels, [y if y is not None else float("nan") for y in ys], styles[j % 2], marker="o",
+                        color=colors[m], label=f"{label}: {m} accuracy")
+            ys = [(by_level[lv].get("auto") or {}).get("think_rate") for lv in levels]
+            ax.plot(levels, [y if y is not None else float("nan") for y in ys], styles[j % 2], marker="x",
+                    color="k", linewidth=2.5, alpha=0.6, label=f"{label}: auto think-rate")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("level")
+        ax.set_title(cat)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("accuracy / think-rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict, out_dir: Path) -> list[Path]:
-    """Render report.md and the three PNG plots into `out_dir`; return their paths."""
+    """Render report.md and the PNG plots into `out_dir`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [plot_accuracy_tokens(report, out_dir / PLOTS[0]), plot_think_rate(report, out_dir / PLOTS[1]),
-             plot_auto_vs_forced(report, out_dir / PLOTS[2])]
+             plot_auto_vs_forced(report, out_dir / PLOTS[2]), plot_by_level(report, out_dir / PLOTS[3])]
     md = out_dir / "report.md"
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(render_markdown(report))

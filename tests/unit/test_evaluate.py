@@ -46,7 +46,123 @@ def test_metrics_hand_computed():
     assert m["hybrid_accuracy"] == pytest.approx(2 / 3)
     assert m["oracle_accuracy"] == 0.75
     # Only A is right in all three modes.
-    assert m["tokens_at_matched_accuracy"] == {"items": 1, "auto": 3.0, "think": 20.0, "no_think": 2.0}
+    assert m["tokens_where_all_correct"] == {"items": 1, "auto": 3.0, "think": 20.0, "no_think": 2.0}
+    # Needed (think right, no-think wrong): B, C. Auto thought: C, D. tp C, fn B, fp D, tn A.
+    assert m["mode_selection"] == {"items": 4, "needed": 2, "thought": 2, "tp": 1, "fp": 1, "fn": 1, "tn": 1,
+                                   "mcc": 0.0, "precision": 0.5, "recall": 0.5}
+    # Auto 0.5 at 20 tokens; only think (0.75, 35 tokens) is at least as accurate: 20 / 35.
+    assert m["tokens_at_matched_accuracy"] == {"auto_accuracy": 0.5, "auto_tokens": 20.0, "mode": "think",
+                                               "mode_accuracy": 0.75, "mode_tokens": 35.0,
+                                               "auto_over_mode": pytest.approx(20 / 35)}
+
+
+def _item(i, needed, thought):
+    """An item whose forced modes make thinking needed (or not) and whose auto answer thought (or not)."""
+    return [row(i, "math", 2, "think", True, 30, True), row(i, "math", 2, "no_think", not needed, 2, False),
+            row(i, "math", 2, "auto", True, 30 if thought else 2, thought)]
+
+
+def test_mode_selection_mcc_precision_recall_hand_computed():
+    # (needed, thought): tp tp fn tn fp -> tp 2, fn 1, tn 1, fp 1
+    cases = [(True, True), (True, True), (True, False), (False, False), (False, True)]
+    preds = [r for i, (n, t) in enumerate(cases) for r in _item(f"i{i}", n, t)]
+    sel = evaluate.compute_metrics(preds)["mode_selection"]
+    assert (sel["tp"], sel["fn"], sel["tn"], sel["fp"]) == (2, 1, 1, 1)
+    # MCC = (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2) = 1/6
+    assert sel["mcc"] == pytest.approx(1 / 6)
+    assert sel["precision"] == pytest.approx(2 / 3) and sel["recall"] == pytest.approx(2 / 3)
+    perfect = evaluate.compute_metrics([r for i, n in enumerate((True, False, True)) for r in _item(f"p{i}", n, n)])
+    assert perfect["mode_selection"]["mcc"] == 1.0
+    inverted = evaluate.compute_metrics([r for i, n in enumerate((True, False)) for r in _item(f"q{i}", n, not n)])
+    assert inverted["mode_selection"]["mcc"] == -1.0 and inverted["mode_selection"]["precision"] == 0.0
+    # Nothing needed thinking: MCC and recall undefined; auto thought once, wrongly: precision 0.
+    none = evaluate.compute_metrics(_item("a", False, True) + _item("b", False, False))["mode_selection"]
+    assert none["mcc"] is None and none["recall"] is None and none["precision"] == 0.0
+
+
+def test_tokens_at_matched_accuracy_picks_the_cheapest_mode_that_reaches_auto():
+    per_mode = {"auto": {"accuracy": 0.5, "mean_tokens": 12.0}, "think": {"accuracy": 0.8, "mean_tokens": 40.0},
+                "no_think": {"accuracy": 0.5, "mean_tokens": 3.0}}
+    t = evaluate.matched_accuracy_tokens(per_mode)
+    assert t["mode"] == "no_think" and t["auto_over_mode"] == 4.0          # both reach 0.5; no-think is cheaper
+    per_mode["auto"]["accuracy"] = 0.6
+    t = evaluate.matched_accuracy_tokens(per_mode)
+    assert t["mode"] == "think" and t["auto_over_mode"] == 0.3 and t["mode_accuracy"] == 0.8
+    per_mode["auto"]["accuracy"] = 0.9                                      # auto beats both forced modes
+    t = evaluate.matched_accuracy_tokens(per_mode)
+    assert t["mode"] is None and t["auto_over_mode"] is None and t["auto_tokens"] == 12.0
+    assert evaluate.matched_accuracy_tokens({"think": per_mode["think"]}) == {}
+
+
+def test_pass_at_k_hand_computed():
+    assert evaluate.pass_at_k(8, 2, 1) == 0.25
+    assert evaluate.pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)       # 1 - C(6,4)/C(8,4)
+    assert evaluate.pass_at_k(8, 2, 8) == 1.0 and evaluate.pass_at_k(8, 0, 8) == 0.0
+    assert evaluate.pass_at_k(4, 3, 2) == 1.0                               # 1 wrong cannot fill 2 draws
+    with pytest.raises(evaluate.EvalError, match="pass@8 needs at least 8 samples"):
+        evaluate.pass_at_k(4, 1, 8)
+
+
+def sample(item, mode, j, answer, correct, thought=False, tokens=5):
+    return {"benchmark": "eval", "id": item, "category": "math", "difficulty": 2, "mode": mode, "sample": j,
+            "prediction": answer, "correct": correct, "thought": thought, "tokens": tokens}
+
+
+def test_majority_vote_hand_computed():
+    s = [sample("x", "auto", j, a, a.strip() == "7") for j, a in enumerate(["7", "5", "5", " 7 ", "5"])]
+    assert evaluate.majority_correct(s, 1) is True
+    assert evaluate.majority_correct(s, 4) is True        # 7 and 5 twice each: 7 appeared first
+    assert evaluate.majority_correct(s, 5) is False       # 5 three times
+    assert evaluate.majority_correct(list(reversed(s)), 4) is True     # by sample index, not list order
+    blank = [sample("y", "think", 0, "", False), sample("y", "think", 1, "", False), sample("y", "think", 2, "9", True)]
+    assert evaluate.majority_correct(blank, 3) is True    # unanswered samples do not vote
+    assert evaluate.majority_correct(blank, 2) is False   # no vote at all
+
+
+def test_sampling_metrics_hand_computed():
+    rows = [sample("X", "think", j, a, c, True, 20) for j, (a, c) in enumerate(
+                [("12", True), ("11", False), ("11", False), ("12", True)])]
+    rows += [sample("Y", "think", j, a, False, True, 30) for j, a in enumerate(["3", "4", "3", ""])]
+    rows += [sample("X", "no_think", j, "12", True) for j in range(4)]
+    m = evaluate.sampling_metrics(rows, [1, 4], ["think", "no_think"])
+    t = m["think"]
+    # X: 2 of 4 right -> pass@1 0.5, pass@4 1; Y: none right. maj@1: X's "12" right, Y's "3" wrong;
+    # maj@4: X 12/11 tie -> 12 (first) right; Y "3" twice, wrong.
+    assert t["items"] == 2 and t["samples_per_item"] == 4
+    assert t["pass@1"] == 0.25 and t["pass@4"] == 0.5 and t["maj@1"] == 0.5 and t["maj@4"] == 0.5
+    assert t["think_rate"] == 1.0 and t["mean_tokens"] == 25.0
+    assert m["no_think"]["pass@1"] == 1.0 and m["no_think"]["maj@4"] == 1.0
+    assert set(m) == {"think", "no_think"}
+
+
+def test_sampled_predictions_are_seeded_per_item_and_mode(tiny_model_dir):
+    """The real tiny model through the HF engine: k samples per item and mode, each row indexed;
+    the same seed gives the same samples, another seed others."""
+    from r4b_core.models.loading import load_model
+    from r4b_core.rewards import RewardScorer
+    from r4b_core.rollout.hf import HFEngine
+
+    model, processor = load_model(str(tiny_model_dir))
+    engine = HFEngine(model, processor)
+    items = [Record(id=f"r{i}", question=f"What is {i} + 1?", answer=str(i + 1), answer_type="integer",
+                    images=["x"]) for i in range(3)]
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+
+    with RewardScorer() as scorer:
+        def run(seed, batch_size=3):
+            return evaluate.predict(engine, items, ["auto", "no_think"], 6, batch_size, scorer, "eval",
+                                    lambda r: [image], samples=4, temperature=1.0, seed=seed)[0]
+
+        a = run(0)
+        assert len(a) == 3 * 2 * 4
+        assert [(r["id"], r["mode"], r["sample"]) for r in a[:5]] == [
+            ("r0", "auto", 0), ("r0", "auto", 1), ("r0", "auto", 2), ("r0", "auto", 3), ("r0", "no_think", 0)]
+        texts = lambda rows: [r["text"] for r in rows]   # noqa: E731
+        assert texts(run(0, batch_size=1)) == texts(a)              # seeded per item and mode, not per batch
+        assert texts(run(1)) != texts(a)
+        assert len({r["text"] for r in a if r["id"] == "r0" and r["mode"] == "auto"}) > 1     # really sampled
+        greedy, _ = evaluate.predict(engine, items[:1], ["auto"], 6, 1, scorer, "eval", lambda r: [image])
+    assert "sample" not in greedy[0]
 
 
 def test_report_groups_hand_computed():
@@ -167,7 +283,11 @@ def test_write_report_files_and_plots(tmp_path):
         _png_ok(tmp_path / p)
     md = (tmp_path / "report.md").read_text()
     assert "| auto | 0.500 | 20.0 | 0.50 |" in md
-    assert "| anneal | 0.667 | 3 | 0.750 | 1 |" in md
+    assert "| anneal | 0.667 | 3 | 0.750 | 2 | 2 | 0.000 | 0.500 | 0.500 |" in md
+    assert "| anneal | 0.500 | 20.0 | think | 0.750 | 35.0 | 0.57 | 1 | 3.0 | 20.0 | 2.0 |" in md
+    # by category and level: math/3 auto 0.5, think 0.5, no-think 0, think-rate 1, tokens 37.5 / 45 / 2.5
+    assert "| math | 3 | 0.500 | 0.500 | 0.000 | 1.00 | 37.5 | 45.0 | 2.5 |" in md
+    assert "pass@k" not in md                               # not sampled: no table
     for p in report.PLOTS:
         assert f"({p})" in md
 
@@ -179,7 +299,8 @@ def test_compare_report_side_by_side(tmp_path):
     rep = evaluate.build_report(better)
     rep.update(tag="bpo", model="b", compare={k: base[k] for k in ("modes", "by_category", "by_difficulty", "cells",
                                                                   "hybrid_accuracy", "hybrid_items", "oracle_accuracy",
-                                                                  "tokens_at_matched_accuracy", "n_items")} | {"tag": "anneal", "model": "a"})
+                                                                  "mode_selection", "tokens_at_matched_accuracy",
+                                                                  "tokens_where_all_correct", "n_items")} | {"tag": "anneal", "model": "a"})
     report.write_report(rep, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "# Three-mode evaluation: bpo vs anneal" in md
@@ -191,6 +312,24 @@ def test_compare_report_side_by_side(tmp_path):
     single = tmp_path / "single"
     report.write_report(evaluate.build_report(better) | {"tag": "bpo"}, single)
     assert (single / "accuracy_tokens.png").read_bytes() != (tmp_path / "accuracy_tokens.png").read_bytes()
+
+
+def test_sampling_block_reaches_the_markdown_and_the_headline(tmp_path):
+    from r4b_core.config import EvalConfig
+
+    rows = [sample("X", m, j, "12", j % 2 == 0) for m in ("auto", "think", "no_think") for j in range(4)]
+    rep = evaluate.build_report(PREDS)
+    rep.update(tag="t", sampling=evaluate.sampling_report(rows, EvalConfig(pass_k=[1, 4]), seed=3))
+    assert rep["sampling"]["samples_per_item"] == 4 and rep["sampling"]["by_category"]["math"]["auto"]["pass@4"] == 1.0
+    report.write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "sampled at temperature 1.0 (seed 3)" in md
+    # every sample answers 12 (maj right: sample 0 is correct), half of them marked correct
+    assert "| t | auto | 0.500 | 1.000 | 1.000 | 1.000 | 0.00 | 5.0 |" in md
+    h = evaluate.headline(rep)
+    assert h["think/pass@4"] == 1.0 and h["no_think/maj@1"] == 1.0
+    assert h["auto/think_mcc"] == 0.0 and h["auto/think_recall"] == 0.5
+    assert h["auto/tokens_over_matched_mode"] == pytest.approx(20 / 35)
 
 
 def test_headline_keys_the_promotion_gate_reads():
