@@ -195,18 +195,35 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """`folder` itself or its nearest existing parent, when that is a file rather than a folder."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def _remove_local(path: Path) -> None:
+    """Remove a file, link or folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _replace_dir(staging: Path, target: Path) -> None:
-    """Put `staging` at `target`; an old `target` is swapped out in one step, then removed."""
-    if not target.exists():
+    """Put `staging` at `target`; an old `target` (folder or file) is swapped out in one step, then removed."""
+    if not target.exists() and not target.is_symlink():
         os.rename(staging, target)
     elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the old content
+        _remove_local(staging)  # now holds the old content
     else:
         # Two renames: a crash in between leaves the old copy under its .r4b-tmp- name, never mixed.
         old = target.with_name(f".{target.name}{TMP_TAG}old-{os.getpid()}-{time.monotonic_ns()}")
         os.rename(target, old)
         os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_local(old)
     _fsync_dir(target.parent)
 
 
@@ -687,6 +704,11 @@ class Store:
         """
         loc = parse_uri(uri)
         if isinstance(loc, Path):
+            # Refused before any work: a file there is someone's data, not an older folder.
+            blocker = _file_in_the_way(loc)
+            if blocker is not None:
+                raise StorageError(f"{uri}: publish folder: the file {blocker} is in the way; move or delete it, "
+                                   "or choose another output path")
             loc.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{loc.name}{TMP_TAG}", dir=loc.parent))
         else:

@@ -153,6 +153,23 @@ def test_atomic_dir_success_failure_and_replace(store, root):
     assert _leftovers(local_dir_of(root)) == []
 
 
+def test_atomic_dir_over_a_file_is_refused_before_any_work(store, root):
+    """A file where the folder would go (or above it) is someone's data: one line, the file kept,
+    nothing staged and no hidden leftovers."""
+    base = local_dir_of(root)
+    base.mkdir(parents=True)
+    (base / "out").write_text("keep me")
+    for target in ("out", "out/sub/step-000001"):
+        ran = []
+        with pytest.raises(StorageError, match=rf"^{join(root, target)}: publish folder: the file "
+                                               rf"{base / 'out'} is in the way; move or delete it"):
+            with store.atomic_dir(join(root, target)) as tmp:
+                ran.append(tmp)
+        assert ran == []
+    assert (base / "out").read_text() == "keep me"
+    assert sorted(p.name for p in base.iterdir()) == ["out"]
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
