@@ -41,6 +41,14 @@ class StorageConfig(Section):
     s3_region: str = "us-east-1"
     # -- attempts per S3 call (exponential backoff between them).
     max_attempts: int = Field(8, ge=1, le=50)
+    # -- seconds to open a connection to the S3 endpoint, and to wait for each read of an answer.
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0)
+    # -- seconds one S3 call may spend on failed attempts and backoff before it gives up (a failed
+    # attempt counts at most connect + read timeout, so a long transfer that broke late is still
+    # retried). The defaults give up on an endpoint that accepts but never answers in about a
+    # minute, and still ride out a 20 s outage of a server that refuses connections.
+    retry_budget_s: float = Field(60.0, gt=0)
     # -- files above this size are uploaded in parts.
     multipart_threshold_mb: int = Field(64, ge=5)
 

@@ -20,8 +20,10 @@ Guarantees:
   is written last (local: temp file + `os.replace`; S3: a single PUT, which is atomic);
 - `atomic_dir` content appears all at once (local: rename of a staging folder; S3: upload, then a
   `_COMPLETE` marker object), and an exception inside the block leaves nothing visible;
-- S3 calls are retried with exponential backoff on connection errors, 5xx and throttling
-  (`StorageConfig.max_attempts`; the defaults wait >= 30 s in all before giving up);
+- S3 calls are retried with exponential backoff on connection errors, timeouts, 5xx and
+  throttling, up to `StorageConfig.max_attempts` and within `retry_budget_s` (the defaults wait
+  >= 30 s for a server that refuses connections, and give up on one that accepts but never
+  answers after about a minute: three 20 s read timeouts);
 - failures raise `StorageError`, one line naming the URI, the operation and the fix.
 
 S3 credentials come only from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
@@ -288,7 +290,8 @@ class Store:
     def __init__(self, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1",
                  max_attempts: int = 8, multipart_threshold_mb: int = 64,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 10.0,
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0) -> None:
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 20.0,
+                 retry_budget_s: float = 60.0) -> None:
         self.endpoint_url = (s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                              or os.environ.get("AWS_ENDPOINT_URL") or None)
         self.region = s3_region
@@ -298,6 +301,7 @@ class Store:
         self.backoff_max_s = backoff_max_s
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.retry_budget_s = retry_budget_s
         # Number of S3 attempts that failed and were retried (reported in stage logs/metrics).
         self.retries = 0
         self._client: Any = None
@@ -307,7 +311,9 @@ class Store:
     def from_config(cls, cfg: StorageConfig, **overrides: Any) -> Store:
         kwargs: dict[str, Any] = dict(s3_endpoint_url=cfg.s3_endpoint_url, s3_region=cfg.s3_region,
                                       max_attempts=cfg.max_attempts,
-                                      multipart_threshold_mb=cfg.multipart_threshold_mb)
+                                      multipart_threshold_mb=cfg.multipart_threshold_mb,
+                                      connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s,
+                                      retry_budget_s=cfg.retry_budget_s)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -356,7 +362,9 @@ class Store:
     def _call(self, op: str, uri: str, fn: Callable[[], _T]) -> _T:
         """Run one S3 operation with retries; turn failures into a one-line StorageError."""
         start = time.monotonic()
+        spent = 0.0   # seconds charged to the retry budget
         for attempt in range(1, self.max_attempts + 1):
+            began = time.monotonic()
             try:
                 return fn()
             except _NoCredentials:
@@ -365,9 +373,12 @@ class Store:
                     f"(on a cluster, mount the credentials Secret as environment variables)") from None
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised as StorageError
                 kind, code, status = _classify(exc)
-                if kind == "retry" and attempt < self.max_attempts:
-                    # Jitter: many ranks must not retry in lockstep.
-                    delay = self.backoff_delay(attempt) * random.uniform(0.75, 1.0)
+                # An attempt counts at most one connect + read timeout: longer, it was moving data.
+                spent += min(time.monotonic() - began, self.connect_timeout_s + self.read_timeout_s)
+                # Jitter: many ranks must not retry in lockstep.
+                delay = self.backoff_delay(attempt) * random.uniform(0.75, 1.0)
+                if kind == "retry" and attempt < self.max_attempts and spent + delay < self.retry_budget_s:
+                    spent += delay
                     self.retries += 1
                     log.warning("%s: %s attempt %d/%d failed (%s); retrying in %.1f s",
                                 uri, op, attempt, self.max_attempts, code or type(exc).__name__, delay)
@@ -396,10 +407,15 @@ class Store:
         if kind == "creds":
             return StorageError(f"{uri}: {op}: no usable S3 credentials ({code}); set AWS_ACCESS_KEY_ID "
                                 f"and AWS_SECRET_ACCESS_KEY")
+        if kind == "retry" and "Timeout" in code:
+            return StorageError(f"{uri}: {op}: endpoint {ep} did not answer: {attempts} attempts over {elapsed:.0f} s "
+                                f"({code}; storage.connect_timeout_s={self.connect_timeout_s:g}, read_timeout_s="
+                                f"{self.read_timeout_s:g}, retry_budget_s={self.retry_budget_s:g}); check that the "
+                                "server is healthy and storage.s3_endpoint_url points at its S3 port")
         if kind == "retry" and status == 0:
             return StorageError(f"{uri}: {op}: endpoint {ep} unreachable after {attempts} attempts over "
-                                f"{elapsed:.0f} s ({code}); check storage.s3_endpoint_url / AWS_ENDPOINT_URL_S3 "
-                                f"and that the server is up")
+                                f"{elapsed:.0f} s ({code}; storage.retry_budget_s={self.retry_budget_s:g}); check "
+                                f"storage.s3_endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up")
         if kind == "retry":
             return StorageError(f"{uri}: {op}: {ep} kept failing ({status} {code}) after {attempts} attempts "
                                 f"over {elapsed:.0f} s; check the server's health, or raise storage.max_attempts")

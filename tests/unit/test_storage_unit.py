@@ -192,6 +192,41 @@ def test_unreachable_endpoint_error_names_attempts(monkeypatch):
     assert store.retries == 2
 
 
+def test_endpoint_that_never_answers_fails_within_the_budget(monkeypatch):
+    """A real socket that accepts connections (the kernel completes the handshake) and never
+    answers: each attempt ends at the read timeout, the call gives up once the budget is spent,
+    and the one line names the endpoint, the timeouts and the budget."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        store = Store.from_config(StorageConfig(s3_endpoint_url=endpoint, connect_timeout_s=0.5, read_timeout_s=1.0,
+                                                retry_budget_s=3.0), backoff_base_s=0.1, backoff_max_s=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            store.read_text("s3://bucket/run/config.yaml")
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    msg = str(err.value)
+    assert msg.startswith(f"s3://bucket/run/config.yaml: read: endpoint {endpoint} did not answer: 3 attempts over ")
+    assert ("(ReadTimeoutError; storage.connect_timeout_s=0.5, read_timeout_s=1, retry_budget_s=3)" in msg
+            and "\n" not in msg)
+    assert 3.0 <= took < 8.0, took   # 3 read timeouts + backoff; a stuck client would wait far longer
+
+
+def test_default_timeouts_give_up_in_about_a_minute():
+    """The defaults (the scenario above at full size): attempts of one read timeout each are made
+    while the budget lasts, and the last may start just before it runs out."""
+    cfg = StorageConfig()
+    store = Store.from_config(cfg)
+    assert (store.connect_timeout_s, store.read_timeout_s, store.retry_budget_s) == (5.0, 20.0, 60.0)
+    assert cfg.retry_budget_s + cfg.read_timeout_s <= 90
+
+
 def test_default_backoff_outlasts_a_20s_outage():
     """Issue 6 stops SeaweedFS for ~10 s mid-upload; the default schedule waits longer than that
     even with the smallest jitter, before giving up."""
