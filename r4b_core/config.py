@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r4b_core.errors import R4BError, clip, decode_utf8, shorten
 
@@ -400,7 +401,23 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_model_len: int = Field(2048, ge=64)
+    # -- largest media item (an image, inline or downloaded) a request may carry; larger ones get a 413.
     max_image_bytes: int = Field(2_000_000, ge=1)
+    # -- host names the server may fetch media URLs from (http/https image_url parts). Empty = none:
+    # clients send images inline as data: URLs and cannot make the server reach the cluster's network.
+    allowed_media_domains: list[str] = Field(default_factory=list)
+    # -- refuse to start without an API key in $R4B_SERVE_API_KEY. Whenever that variable is set,
+    # every route but /health, /ping and /metrics needs `Authorization: Bearer <key>`.
+    require_api_key: bool = False
+
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _host_names(cls, domains: list[str]) -> list[str]:
+        bad = [d for d in domains if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", d)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a host name; list bare host names (e.g. images.example.org), "
+                             f"without scheme, port or path")
+        return [d.lower() for d in domains]
 
 
 class VLLMConfig(Section):

@@ -21,9 +21,12 @@ is served in place, S3 is cached under `<run dir>/serving/cache`, `--out` copies
 launch (`rollout/vllm_server.VLLMServer`, the one launcher of vLLM, with the serving flags of
 `serving_args()`: no dev-mode routes, no client-supplied chat templates, the model length, and the
 `r4b_vllm_serving` plugins from r4b_core/assets: a reasoning parser that knows our forced prefixes,
-so `reasoning_content` / `content` come back split, and a middleware that refuses oversize images).
+so `reasoning_content` / `content` come back split, and a middleware in front of every route).
 Bad requests are 4xx with a message: unknown thinking_mode (the chat template, 400), max_tokens
-beyond the model length (vLLM, 400), an image over `serve.max_image_bytes` (middleware, 413).
+beyond the model length (vLLM, 400), and from the middleware, on every route that takes media: an
+item over `serve.max_image_bytes` (413), a modality the model does not take (400), a media URL
+whose host is not in `serve.allowed_media_domains` (400; empty by default: no URL is fetched).
+With `$R4B_SERVE_API_KEY` set, requests without `Authorization: Bearer <key>` get a 401.
 
 `deploy_champion(cfg, decision)` is the pipeline's deploy step: locally it fetches the champion into
 `<run dir>/serving/model` and says how to serve it; on a cluster (`launcher.kind: pytorchjob`) it
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -52,6 +56,8 @@ PLUGIN_MODULE = "r4b_vllm_serving"
 REASONING_PARSER = "r4b"
 MIDDLEWARE = f"{PLUGIN_MODULE}.R4BServingMiddleware"
 ENV_MAX_IMAGE_BYTES = "R4B_MAX_IMAGE_BYTES"
+ENV_ALLOWED_MEDIA_DOMAINS = "R4B_ALLOWED_MEDIA_DOMAINS"
+ENV_API_KEY = "R4B_SERVE_API_KEY"      # the key itself: from the environment (a Secret), never the config
 # written next to fetched weights: what they are (skip a refetch of the same version)
 ORIGIN_FILE = "r4b_serving.json"
 # pod-template annotations of the serving Deployment (the first is what `kubectl rollout restart` sets)
@@ -215,19 +221,36 @@ def fetch_model(cfg: RunConfig, resolved: ResolvedModel, out: str | Path | None 
 # ---------------------------------------------------------------------------------------------
 def serving_args(cfg: RunConfig) -> list[str]:
     """vLLM flags that serving adds to the launcher's (rollout/vllm_server.server_command); the
-    Helm chart's serving container needs the same (its `serving.extraArgs`)."""
-    return ["--max-model-len", str(cfg.serve.max_model_len),
+    Helm chart's serving container has the same (charts/r4b/templates/serving/deployment.yaml)."""
+    args = ["--max-model-len", str(cfg.serve.max_model_len),
             "--dtype", cfg.model.dtype,     # later flags win: the served dtype, not the sidecar's fp32
             "--reasoning-parser-plugin", PLUGIN_MODULE, "--reasoning-parser", REASONING_PARSER,
             "--middleware", MIDDLEWARE]
+    if cfg.serve.allowed_media_domains:   # vLLM checks the host again (empty means "any" to vLLM)
+        args += ["--allowed-media-domains", *cfg.serve.allowed_media_domains]
+    return args
 
 
 def serving_env(cfg: RunConfig) -> dict[str, str]:
-    """Environment of the serving process (the chart: `serving.env`)."""
+    """Environment of the serving process (the chart sets the same from its values)."""
     limit = cfg.serve.max_image_bytes
-    # data: URLs are checked by the middleware; vLLM caps http(s) image downloads itself (in MiB)
     return {ENV_MAX_IMAGE_BYTES: str(limit),
-            "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max(1, math.ceil(limit / 2**20)))}
+            ENV_ALLOWED_MEDIA_DOMAINS: ",".join(cfg.serve.allowed_media_domains),
+            # inline media is checked by the middleware; vLLM caps downloads itself (in MiB) ...
+            "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max(1, math.ceil(limit / 2**20))),
+            # ... and must not follow a redirect from an allowed host to one that is not
+            "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
+
+
+def api_key_note(cfg: RunConfig, host: str, env: dict[str, str] | None = None) -> str:
+    """How clients authenticate, for the start-up line; refuses to go on without a required key."""
+    env = os.environ if env is None else env
+    if env.get(ENV_API_KEY):
+        return f"API key required (${ENV_API_KEY}): clients send 'Authorization: Bearer <key>'"
+    if cfg.serve.require_api_key:
+        raise ServeError(f"serve.require_api_key is true but ${ENV_API_KEY} is empty; export the key "
+                         f"(e.g. {ENV_API_KEY}=$(openssl rand -hex 24)) or set serve.require_api_key: false")
+    return f"no API key: whoever reaches {host} can use the server (set ${ENV_API_KEY} to require one)"
 
 
 def serving_server(cfg: RunConfig, model_dir: str | Path, host: str | None = None, port: int | None = None,
@@ -245,11 +268,13 @@ def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = 
     """Resolve, fetch and serve `ref` until Ctrl-C / SIGTERM (or the server dies: ServeError)."""
     from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME
 
+    access = api_key_note(cfg, host or cfg.serve.host)   # before anything is fetched or started
     resolved = resolve_model(cfg, ref)
     model_dir = fetch_model(cfg, resolved)
     log_path = Path(log_path) if log_path else serving_dir(cfg) / "vllm.log"
     server = serving_server(cfg, model_dir, host, port, log_path)
     echo(f"serving {resolved.describe()} from {model_dir} on {server.host}:{server.port}; vLLM log: {log_path}")
+    echo(access)
     main_thread = threading.current_thread() is threading.main_thread()   # signals: main thread only
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
 

@@ -40,6 +40,8 @@ from r4b_core.config import RunConfig, ServeConfig
 REPO = Path(__file__).resolve().parents[2]
 NAME = "r4b-tiny"
 MAX_IMAGE_BYTES = 100_000   # small, so the oversize request stays cheap
+API_KEY = "test-key-" + os.urandom(6).hex()   # the served fixture requires it (R4B_SERVE_API_KEY)
+MEDIA_DOMAIN = "localhost"                    # its serve.allowed_media_domains; 127.0.0.1 is not in it
 
 
 def _plugin():
@@ -48,6 +50,7 @@ def _plugin():
     path = REPO / "r4b_core" / "assets" / "r4b_vllm_serving.py"
     spec = importlib.util.spec_from_file_location("r4b_vllm_serving_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module    # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -96,6 +99,7 @@ def test_plugin_constants_are_the_projects():
     assert PLUGIN.DIRECT_MODES == {n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.NO_THINK}
     assert PLUGIN.DEFAULT_MAX_IMAGE_BYTES == ServeConfig().max_image_bytes
     assert PLUGIN.ENV_MAX_IMAGE_BYTES == serve.ENV_MAX_IMAGE_BYTES
+    assert (PLUGIN.ENV_API_KEY, PLUGIN.ENV_ALLOWED_MEDIA_DOMAINS) == (serve.ENV_API_KEY, serve.ENV_ALLOWED_MEDIA_DOMAINS)
     assert serve.MIDDLEWARE == "r4b_vllm_serving." + PLUGIN.R4BServingMiddleware.__name__
     # the template's precedence: thinking_mode, then enable_thinking, default auto
     assert PLUGIN.is_direct({"enable_thinking": False}) and not PLUGIN.is_direct({"enable_thinking": True})
@@ -164,6 +168,199 @@ def test_middleware_aliases_reasoning_across_chunk_boundaries_and_refuses_big_im
     error = json.loads(sent[-1]["body"])["error"]
     assert error["param"] == "messages[0].content[1].image_url"
     assert "1001 bytes" in error["message"] and "1000 bytes (serve.max_image_bytes)" in error["message"]
+
+
+def _b64(n: int) -> str:
+    return base64.b64encode(b"x" * n).decode()
+
+
+def _data_url(n: int, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + _b64(n)
+
+
+def _chat_body(part: dict) -> dict:
+    return {"model": "r4b", "max_tokens": 2, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is shown?"}, part]}]}
+
+
+# One request body per route shape that carries media: (route, body with one 2000-byte item, param).
+# The media part is what vLLM 0.32 parses on that route (renderers/chat_utils.py, the Anthropic router).
+def _shapes(n: int) -> dict[str, tuple[str, dict, str]]:
+    url = _data_url(n)
+    return {
+        "chat": ("/v1/chat/completions", _chat_body({"type": "image_url", "image_url": {"url": url}}),
+                 "messages[0].content[1].image_url"),
+        "chat-string-url": ("/v1/chat/completions", _chat_body({"type": "image_url", "image_url": url}),
+                            "messages[0].content[1].image_url"),
+        "chat-no-type": ("/v1/chat/completions", _chat_body({"image_url": {"url": url}}),
+                         "messages[0].content[1].image_url"),
+        "invocations": ("/invocations", _chat_body({"type": "image_url", "image_url": {"url": url}}),
+                        "messages[0].content[1].image_url"),
+        "render": ("/v1/chat/completions/render", _chat_body({"type": "image_url", "image_url": {"url": url}}),
+                   "messages[0].content[1].image_url"),
+        "batch": ("/v1/chat/completions/batch", {"model": "r4b", "messages": [
+            [{"role": "user", "content": "hi"}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]]},
+            "messages[1][0].content[0].image_url"),
+        "responses": ("/v1/responses", {"model": "r4b", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": url}]}]},
+            "input[0].content[1].image_url"),
+        "messages": ("/v1/messages", {"model": "r4b", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _b64(n)}}]}]},
+            "messages[0].content[0].source"),
+        "tokenize": ("/tokenize", {"model": "r4b", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]}, "messages[0].content[0].image_url"),
+        "tool-result": ("/v1/chat/completions", {"model": "r4b", "messages": [
+            {"role": "user", "content": "look"},
+            {"role": "tool", "tool_call_id": "1", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+            "messages[1].content[0].image_url"),
+    }
+
+
+@pytest.mark.parametrize("shape", list(_shapes(1)))
+def test_media_limit_holds_on_every_route_shape(shape):
+    """Before: only /v1/chat/completions `messages[*].content[*]` image_url parts were checked."""
+    policy = PLUGIN.MediaPolicy(max_bytes=2000, kinds=frozenset({"image"}))
+    _, small, _ = _shapes(2000)[shape]
+    assert PLUGIN.check_request(small, policy) is None
+    _, big, param = _shapes(2001)[shape]
+    status, message, where = PLUGIN.check_request(big, policy)
+    assert (status, where) == (413, param)
+    assert message.startswith(f"{param}: the image is 2001 bytes, more than this server's limit of 2000 bytes "
+                              f"(serve.max_image_bytes)")
+
+
+@pytest.mark.parametrize("part,modality", [
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "video"),
+    ({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,AAAA"}}, "audio"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+    ({"type": "image_embeds", "image_embeds": "AAAA"}, "image_embeds"),
+    ({"image_embeds": {"image_embeds": "AAAA", "image_grid_thw": "AAAA"}}, "image_embeds"),
+    ({"type": "video_embeds", "video_embeds": "AAAA"}, "video_embeds"),
+])
+def test_media_the_model_does_not_take_is_refused(part, modality):
+    policy = PLUGIN.MediaPolicy(kinds=frozenset({"image"}))
+    status, message, param = PLUGIN.check_request(_chat_body(part), policy)
+    assert status == 400 and param.startswith("messages[0].content[1]")
+    assert f"does not take {modality} input (it takes: image)" in message
+    # a model that takes it (Qwen2-VL takes video; embeddings where the server enables them) passes
+    assert PLUGIN.check_request(_chat_body(part), PLUGIN.MediaPolicy(kinds=frozenset({"image", modality}))) is None
+    text_model = PLUGIN.check_request(_chat_body(part), PLUGIN.MediaPolicy(kinds=frozenset()))
+    assert "(it takes: text only)" in text_model[1]
+    status, message, _ = PLUGIN.check_request({"model": "r4b", "prompt_embeds": "AAAA"}, policy)   # /v1/completions
+    assert status == 400 and message.startswith("prompt_embeds: this server does not take prompt embeddings")
+
+
+def test_media_urls_are_fetched_only_from_allowed_domains():
+    """Before: any http(s) URL was fetched by the server (a door into the cluster's network)."""
+    def check(url, domains=()):
+        return PLUGIN.check_request(_chat_body({"type": "image_url", "image_url": {"url": url}}),
+                                    PLUGIN.MediaPolicy(domains=frozenset(domains), kinds=frozenset({"image"})))
+
+    status, message, param = check("http://10.0.0.7:5000/api/2.0/mlflow/experiments/search")
+    assert (status, param) == (400, "messages[0].content[1].image_url")
+    assert "does not fetch media from URLs (serve.allowed_media_domains is empty)" in message
+    assert "data: URL" in message
+    assert check("https://images.example.org/a.png", ["images.example.org"]) is None
+    assert check("https://IMAGES.example.org:443/a.png", ["images.example.org"]) is None
+    for url in ("https://evil.example.org/a.png", "https://images.example.org.evil.net/a.png",
+                "https://images.example.org@169.254.169.254/latest/meta-data"):
+        assert "is not one of this server's media domains (images.example.org" in check(url, ["images.example.org"])[1]
+    for url in ("file:///etc/passwd", "ftp://images.example.org/a.png", "s3://bucket/a.png"):
+        status, message, _ = check(url, ["images.example.org"])
+        assert status == 400 and "URLs are not accepted; send the media inline as a data: URL" in message
+    # the Anthropic route's URL images and the Responses API's URL strings alike
+    anthropic = {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url",
+                                                                                        "url": "http://10.0.0.7/x"}}]}]}
+    assert PLUGIN.check_request(anthropic, PLUGIN.MediaPolicy())[0] == 400
+    responses = {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://10.0.0.7/x"}]}]}
+    assert PLUGIN.check_request(responses, PLUGIN.MediaPolicy())[0] == 400
+
+
+def test_request_checks_ignore_what_is_not_media():
+    policy = PLUGIN.MediaPolicy(max_bytes=10, kinds=frozenset())
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "image_url": {"type": "string"}, "video_url": {"type": "string"}}}}}
+    body = {"model": "r4b", "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 100}]}],
+            "tools": [tool], "response_format": {"type": "json_object"}}
+    assert PLUGIN.check_request(body, policy) is None
+    deep = {"messages": []}
+    node = deep["messages"]
+    for _ in range(5000):      # deeper than Python's recursion limit: no RecursionError
+        node.append([])
+        node = node[0]
+    assert PLUGIN.check_request(deep, policy) is None
+    assert PLUGIN.check_request([1, "a", None], policy) is None and PLUGIN.check_request("x", policy) is None
+
+
+def _call(app_status: list, path: str, headers: list, method: str = "POST", body: bytes = b"{}") -> list[dict]:
+    """One request through the middleware around an app that answers 200 (and records that it ran)."""
+    sent = []
+
+    async def app(scope, receive, send):
+        app_status.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await PLUGIN.R4BServingMiddleware(app)(
+            {"type": "http", "method": method, "path": path, "headers": headers}, receive, send)
+
+    asyncio.run(main())
+    return sent
+
+
+def test_api_key_guards_every_route_but_health_and_metrics(monkeypatch):
+    """Before: no key at all; vLLM's own --api-key guards /v1/* only."""
+    reached: list = []
+    assert _call(reached, "/invocations", [])[0]["status"] == 200      # no key configured: open
+    monkeypatch.setenv(PLUGIN.ENV_API_KEY, "s3cret")
+    for path in ("/v1/chat/completions", "/invocations", "/tokenize", "/scale_elastic_ep", "/v1/models", "/version"):
+        for headers in ([], [(b"authorization", b"Bearer wrong")], [(b"authorization", b"Basic czNjcmV0")],
+                        [(b"x-api-key", b"")]):
+            sent = _call(reached, path, headers, method="GET" if path == "/v1/models" else "POST")
+            assert sent[0]["status"] == 401, (path, headers)
+            assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+            assert "missing or wrong API key" in json.loads(sent[-1]["body"])["error"]["message"]
+    assert reached == ["/invocations"]
+    for headers in ([(b"authorization", b"Bearer s3cret")], [(b"Authorization", b"bearer s3cret")],
+                    [(b"x-api-key", b"s3cret")]):
+        assert _call(reached, "/invocations", headers)[0]["status"] == 200
+    for path in ("/health", "/ping", "/metrics"):
+        assert _call(reached, path, [], method="GET")[0]["status"] == 200
+    assert _call(reached, "/v1/chat/completions", [], method="OPTIONS")[0]["status"] == 200   # CORS preflight
+
+
+def test_serve_settings_for_the_doors(tmp_path, monkeypatch, capsys):
+    """serve.require_api_key refuses to start without the key (before anything is fetched);
+    allowed_media_domains takes bare host names and reaches vLLM's own flag and the middleware."""
+    from r4b_core import serve
+    from r4b_core.cli import main
+    from r4b_core.config import ConfigError, load_config
+
+    monkeypatch.delenv(serve.ENV_API_KEY, raising=False)
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--set", "serve.require_api_key=true"]) == 2
+    err = capsys.readouterr().err
+    assert "error: serve.require_api_key is true but $R4B_SERVE_API_KEY is empty" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  allowed_media_domains: [https://images.example.org/]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: serve.allowed_media_domains: .*'https://images.example.org/' is not a host name"):
+        load_config(str(bad))
+    cfg = RunConfig.model_validate({"serve": {"allowed_media_domains": ["images.example.org", "cdn.example.org"]}})
+    args = serve.serving_args(cfg)
+    assert args[args.index("--allowed-media-domains"):][:3] == ["--allowed-media-domains", "images.example.org",
+                                                              "cdn.example.org"]
+    env = serve.serving_env(cfg)
+    assert env[serve.ENV_ALLOWED_MEDIA_DOMAINS] == "images.example.org,cdn.example.org"
+    assert env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert "--allowed-media-domains" not in serve.serving_args(RunConfig())   # vLLM reads an empty list as "any"
+    assert serve.serving_env(RunConfig())[serve.ENV_ALLOWED_MEDIA_DOMAINS] == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +516,7 @@ class Served:
     def client(self):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
@@ -346,14 +543,17 @@ def served(tmp_path_factory):
     config = root / "serve.yaml"
     config.write_text(yaml.safe_dump({"name": "t", "storage": {"root": str(root / "runs")},
                                       "tracking": {"uri": f"sqlite:///{db}", "registered_model": NAME},
-                                      "serve": {"max_image_bytes": MAX_IMAGE_BYTES, "max_model_len": 1024}}))
+                                      "serve": {"max_image_bytes": MAX_IMAGE_BYTES, "max_model_len": 1024,
+                                                "allowed_media_domains": [MEDIA_DOMAIN],
+                                                "require_api_key": True}}))
     port = free_port()
     stdout_path = root / "r4b-serve.out"
     with open(stdout_path, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "r4b_core.cli", "serve", "--config", str(config),
                                  "--model", f"models:/{NAME}@champion", "--port", str(port),
                                  "--log", str(root / "vllm.log")],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "R4B_SERVE_API_KEY": API_KEY})
     url = f"http://127.0.0.1:{port}"
     served = Served(proc, url, stdout_path, model_dir, records, root / "data")
     served.version = version
@@ -398,10 +598,11 @@ def test_r4b_serve_resolved_the_champion_alias_through_mlflow(served):
     out = served.stdout()
     assert f"serving models:/{NAME}@champion (v{served.version}: {served.model_dir})" in out
     assert "ready in" in out and f"{served.url}/v1" in out
+    assert "API key required ($R4B_SERVE_API_KEY)" in out
     assert [m.id for m in served.client().models.list().data] == ["r4b"]
     # a served model cannot be reloaded by its clients: no dev-mode routes
     req = urllib.request.Request(served.url + "/collective_rpc", b'{"method": "reload_weights"}',
-                                 {"Content-Type": "application/json"})
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 404
@@ -507,6 +708,151 @@ def test_bad_requests_get_4xx_with_a_clear_message(served):
     assert err.value.status_code == 413
     assert f"{MAX_IMAGE_BYTES + 4} bytes, more than this server's limit of {MAX_IMAGE_BYTES} bytes" in err.value.message
     assert _chat(served, record, {"thinking_mode": "short"}).choices[0].message.content   # still serving
+
+
+def _post(served: Served, path: str, body: dict, key: str | None = API_KEY):
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(served.url + path, json=body, headers=headers, timeout=120)
+
+
+@pytest.mark.vllm
+def test_every_route_that_takes_media_enforces_the_limit(served):
+    """Before (main at 7f26c7c): /invocations, /v1/chat/completions/batch, /v1/responses,
+    /v1/messages and /tokenize took an image over the limit (HTTP 200)."""
+    for shape, (path, body, param) in _shapes(MAX_IMAGE_BYTES + 1).items():
+        r = _post(served, path, body)
+        assert r.status_code == 413, (shape, r.status_code, r.text[:200])
+        assert r.json()["error"]["message"].startswith(f"{param}: the image is {MAX_IMAGE_BYTES + 1} bytes"), shape
+    # a real image within the limit goes through on each generating route
+    record = served.records[2]
+    png = (served.data_dir / record.images[0]).read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    chat = _chat_body({"type": "image_url", "image_url": {"url": url}})
+    responses = {"model": "r4b", "max_output_tokens": 16, "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": record.question}]}]}
+    anthropic = {"model": "r4b", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(png).decode()}},
+        {"type": "text", "text": record.question}]}]}
+    for path, body in (("/v1/chat/completions", chat), ("/invocations", chat), ("/v1/responses", responses),
+                       ("/v1/messages", anthropic), ("/tokenize", {"model": "r4b", "messages": chat["messages"]})):
+        r = _post(served, path, body)
+        assert r.status_code == 200, (path, r.text[:300])
+    # the image reached the prompt: the tokenized chat holds the tiny tower's 16 image tokens
+    with_image = _post(served, "/tokenize", {"model": "r4b", "messages": chat["messages"]}).json()["count"]
+    text_only = _post(served, "/tokenize", {"model": "r4b", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is shown?"}]}]}).json()["count"]
+    assert with_image - text_only >= 16
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("part,modality", [
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "video"),
+    ({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,AAAA"}}, "audio"),
+    ({"type": "image_embeds", "image_embeds": "AAAA"}, "image_embeds"),
+], ids=["video_url", "audio_url", "image_embeds"])
+def test_media_the_served_model_does_not_take_is_refused_by_name(served, part, modality):
+    """What the model takes comes from vLLM's processor for it (LLaVA: images); before, these
+    parts reached vLLM's parser. The message names the part and what the model takes."""
+    for path in ("/v1/chat/completions", "/invocations"):
+        r = _post(served, path, _chat_body(part))
+        assert r.status_code == 400, r.text[:300]
+        message = r.json()["error"]["message"]
+        assert message == (f"messages[0].content[1].{next(k for k in part if k != 'type')}: this server's model "
+                           f"does not take {modality} input (it takes: image); remove that part"), message
+
+
+class _MediaHost:
+    """A local HTTP server with one PNG and a redirect to it; counts what was fetched."""
+
+    def __init__(self, png: bytes):
+        import http.server
+        import threading
+
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append(self.path)
+                if self.path == "/redirect.png":
+                    self.send_response(302)
+                    self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/image.png")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.vllm
+def test_media_urls_are_fetched_only_from_the_allowed_domains(served):
+    """Before: the server fetched any http(s) URL a client named (cluster-internal addresses
+    included) and answered file:// URLs with a 500."""
+    png = (served.data_dir / served.records[3].images[0]).read_bytes()
+    host = _MediaHost(png)
+    try:
+        def ask(url):
+            return _post(served, "/v1/chat/completions", _chat_body({"type": "image_url", "image_url": {"url": url}}))
+
+        refused = ask(f"http://127.0.0.1:{host.port}/image.png")
+        assert refused.status_code == 400
+        assert f"'127.0.0.1' is not one of this server's media domains ({MEDIA_DOMAIN}; " \
+               f"serve.allowed_media_domains)" in refused.json()["error"]["message"]
+        r = _post(served, "/v1/messages", {"model": "r4b", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": f"http://127.0.0.1:{host.port}/image.png"}}]}]})
+        assert r.status_code == 400, r.text[:300]
+        assert host.hits == []                                   # nothing was fetched
+        allowed = ask(f"http://{MEDIA_DOMAIN}:{host.port}/image.png")
+        assert allowed.status_code == 200, allowed.text[:300]
+        assert host.hits == ["/image.png"]
+        # an allowed host may not redirect the server elsewhere (VLLM_MEDIA_URL_ALLOW_REDIRECTS=0)
+        redirected = ask(f"http://{MEDIA_DOMAIN}:{host.port}/redirect.png")
+        assert 400 <= redirected.status_code < 500, redirected.text[:300]
+        assert host.hits == ["/image.png", "/redirect.png"]
+    finally:
+        host.close()
+    local = ask("file:///etc/passwd")
+    assert local.status_code == 400
+    assert "file URLs are not accepted; send the media inline as a data: URL" in local.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+def test_api_key_is_required_on_every_route_but_health_and_metrics(served):
+    """Before: no key could be set; vLLM's own --api-key leaves /invocations, /tokenize and
+    /scale_elastic_ep open."""
+    import requests
+
+    chat = _chat_body({"type": "text", "text": "hi"})
+    for path, body in (("/v1/chat/completions", chat), ("/invocations", chat), ("/tokenize", chat),
+                       ("/v1/messages", chat), ("/scale_elastic_ep", {"new_data_parallel_size": 2})):
+        for key in (None, "wrong"):
+            r = _post(served, path, body, key=key)
+            assert r.status_code == 401, (path, key, r.status_code, r.text[:200])
+            assert "missing or wrong API key" in r.json()["error"]["message"]
+    assert requests.get(served.url + "/v1/models", timeout=30).status_code == 401
+    import openai
+    from openai import OpenAI
+
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert requests.get(served.url + "/health", timeout=30).status_code == 200      # kubelet probes
+    assert requests.get(served.url + "/metrics", timeout=30).status_code == 200     # Prometheus
+    assert _post(served, "/tokenize", chat).status_code == 200                      # with the key
 
 
 @pytest.mark.vllm
