@@ -366,40 +366,52 @@ def mode_compliance(model, processor, items: list, max_new_tokens: int, device, 
 # ---------------------------------------------------------------------------------------------
 # Attention and timing
 # ---------------------------------------------------------------------------------------------
-def choose_attention(model, samples: list, pad_id: int, pack_length: int, device) -> tuple[bool, str]:
-    """Segment attention (training/packing.py) where it gives the 4D mask's per-token losses on
-    real packed rows, else the mask. Returns (segments on, a line saying which and why)."""
+def choose_attention(model, samples: list, pad_id: int, pack_length: int, device,
+                     dtype=None) -> tuple[str | None, str]:
+    """The first varlen attention (training/packing.py: the flash-attention varlen kernel where
+    installed on CUDA, then per-sample SDPA) that gives the 4D mask's per-token losses on real
+    packed rows, else the mask. Returns (the implementation or None for the mask, a line saying
+    which and why). `dtype`: the compute dtype under autocast (bf16 on GPU; flash-attention runs
+    in nothing wider), compared against the mask path under the same autocast."""
     import torch
 
-    from r4b_core.training.packing import collate, use_segment_attention
+    from r4b_core.training.packing import VARLEN, collate, use_segment_attention, varlen_attentions
 
     # Two rows, the first holding two samples (the case that must not leak), images included when
     # the data has any; the second row checks that rows laid end to end stay apart too.
     pool = [s for s in samples if s.pixel_values is not None] + [s for s in samples if s.pixel_values is None]
     rows = next(([[x, y], [z]] for x, y, z in zip(pool, pool[1:], pool[2:]) if len(x) + len(y) <= pack_length),
                 [[s] for s in pool[:2]])
-    batch = collate(rows, pad_id)
+    batch = collate(rows, pad_id, mask_dtype=dtype or torch.float32)
     bare = {k: v for k, v in batch.items() if k != "attention_mask"}
+    where = f"{sum(len(r) for r in rows)} samples in {len(rows)} rows"
+    half = dtype is not None and dtype != torch.float32
+    amp = (torch.autocast(torch.device(device).type, dtype=dtype) if half else contextlib.nullcontext())
+    # fp32 paths agree to rounding; bf16 ones to its 8-bit mantissa
+    tolerance = 3e-2 if half else 1e-4
     was_training = model.training
-    model.eval()  # no dropout: the two paths must see the same computation
+    model.eval()  # no dropout: the paths must see the same computation
+    refused = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             use_segment_attention(model, False)
-            ref, mask, _ = token_losses(model, batch, device)
-            use_segment_attention(model, True)
-            got, _, _ = token_losses(model, bare, device)
-        diff = float((ref[mask] - got).abs().max())
-    except Exception as exc:  # an architecture without position ids in its attention, an old transformers
-        use_segment_attention(model, False)
-        return False, f"attention: 4D block mask (segment attention failed: {str(exc).splitlines()[0][:160]})"
+            ref, mask, _ = token_losses(model, batch, device, dtype)
+            for impl in varlen_attentions(device):
+                try:
+                    use_segment_attention(model, impl)
+                    got, _, _ = token_losses(model, bare, device, dtype)
+                    diff = float((ref[mask].float() - got.float()).abs().max())
+                except Exception as exc:  # an architecture without position ids in its attention, ...
+                    refused.append(f"{impl} failed: {str(exc).splitlines()[0][:120]}")
+                    continue
+                if diff <= tolerance:
+                    return impl, (f"attention: {VARLEN[impl]} (token losses within {diff:.1e} of the 4D "
+                                  f"mask's on {where})" + (f"; {'; '.join(refused)}" if refused else ""))
+                refused.append(f"{impl}'s token losses differ from it by {diff:.1e} on {where}")
     finally:
         model.train(was_training)
-    where = f"{sum(len(r) for r in rows)} samples in {len(rows)} rows"
-    if not diff <= 1e-4:
-        use_segment_attention(model, False)
-        return False, (f"attention: 4D block mask (segment attention's token losses differ from it by "
-                       f"{diff:.1e} on {where})")
-    return True, f"attention: per-sample segments (token losses within {diff:.1e} of the 4D mask's on {where})"
+    use_segment_attention(model, False)
+    return None, f"attention: 4D block mask ({'; '.join(refused)})"
 
 
 class _PhaseClock:
@@ -556,10 +568,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
                               f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
             # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
-            segments, line = False, "attention: 4D block mask (anneal.attention=mask)"
+            varlen, line = None, "attention: 4D block mask (anneal.attention=mask)"
             if a.attention == "auto":
-                segments, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length,
-                                                  device)
+                varlen, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length,
+                                                device, compute_dtype)
+            segments = varlen is not None
             console.print(line)
             groups = param_groups(model, a.optim)
             optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
@@ -742,6 +755,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         "time_split_s": _PhaseClock.rounded(clock.wall),
                         "time_split_cpu_s": _PhaseClock.rounded(clock.cpu),
                         "segment_attention": segments,
+                        "attention": varlen or "mask",
                     }
                     manifest = {
                         "stage": STAGE,

@@ -247,3 +247,22 @@ def test_anneal_token_losses_with_rows_end_to_end_equal_the_mask_paths(tiny):
     assert got.shape == (sum(s.n_target for s in samples),) and bool(got_mask.all())
     assert torch.allclose(got, ref[mask], atol=1e-5)
     assert torch.equal(got_mode, ref_mode[mask]) and set(got_mode.tolist()) == {MODE_THINK, MODE_DIRECT}
+
+
+def test_varlen_choice_takes_the_first_path_that_matches_the_mask_and_says_why(tiny, monkeypatch):
+    """CPU offers per-sample SDPA only; CUDA adds the flash-attention varlen kernel where the
+    package is installed. A candidate that cannot run here (flash-attention on CPU) is refused with
+    its reason and the next one is checked against the 4D mask."""
+    from r4b_core import anneal
+    from r4b_core.training import packing
+
+    model, processor, samples = tiny
+    assert packing.varlen_attentions("cpu") == [SEGMENT_ATTENTION]
+    monkeypatch.setattr(packing, "varlen_attentions", lambda device: [packing.FLASH_VARLEN, SEGMENT_ATTENTION])
+    try:
+        impl, line = anneal.choose_attention(model, samples, processor.tokenizer.pad_token_id, 256, "cpu")
+        assert impl == SEGMENT_ATTENTION == model.config.text_config._attn_implementation
+    finally:
+        use_segment_attention(model, False)
+    assert line.startswith("attention: per-sample SDPA (token losses within ")
+    assert "flash_attention_2 failed: " in line
