@@ -92,7 +92,46 @@ def collect_summary(cfg: RunConfig) -> dict:
     rows.append({"stage": "register", "seconds": decision.get("seconds"), "metric": "decision",
                  "value": (f"v{decision['version']} " + ("champion" if decision.get("promoted") else "challenger"))
                  if decision else None, "uri": decision.get("model_uri")})
-    return {"rows": rows, "report": layout.eval_dir(cfg, "bpo") + "/report.md"}
+    reports = []
+    for tag in ("anneal", "bpo"):
+        uri = layout.eval_dir(cfg, tag) + "/report.json"
+        reports.append(json.loads(store.read_text(uri)) if store.exists(uri) else None)
+    return {"rows": rows, "story": paper_story(*reports) if None not in reports else [],
+            "report": layout.eval_dir(cfg, "bpo") + "/report.md"}
+
+
+def paper_story(before: dict, after: dict) -> list[dict]:
+    """R-4B's effect in a few numbers, annealed model (before) vs BPO (after): auto mode's accuracy
+    on the hardest math against forced thinking's, where auto mode thinks (hard math vs easy items:
+    perception and the easiest math level), and what auto mode pays in tokens."""
+    def cell_levels(rep):
+        return sorted(int(c.split("/")[1]) for c in rep.get("cells", {}) if c.startswith("math/"))
+
+    levels = cell_levels(before)
+    if not levels:
+        return []
+    hard, easiest = f"math/{levels[-1]}", f"math/{levels[0]}"
+    easy = [c for c in before.get("cells", {}) if c.startswith("perception/")] + [easiest]
+
+    def get(rep, cell, mode, key):
+        return ((rep.get("cells", {}).get(cell) or {}).get("modes", {}).get(mode) or {}).get(key)
+
+    def pooled_think_rate(rep):
+        pairs = [((rep.get("cells", {}).get(c) or {}).get("modes", {}).get("auto") or {}) for c in easy]
+        n = sum(p.get("n") or 0 for p in pairs)
+        return sum((p.get("think_rate") or 0.0) * (p.get("n") or 0) for p in pairs) / n if n else None
+
+    def token_ratio(rep):
+        auto, think = ((rep.get("modes", {}).get(m) or {}).get("mean_tokens") for m in ("auto", "think"))
+        return auto / think if auto is not None and think else None
+
+    rows = [(f"auto accuracy, hardest math ({hard})", lambda r: get(r, hard, "auto", "accuracy")),
+            (f"forced-think accuracy, {hard}", lambda r: get(r, hard, "think", "accuracy")),
+            (f"forced-no-think accuracy, {hard}", lambda r: get(r, hard, "no_think", "accuracy")),
+            (f"auto think-rate, {hard}", lambda r: get(r, hard, "auto", "think_rate")),
+            (f"auto think-rate, easy items ({', '.join(sorted(easy))})", pooled_think_rate),
+            ("auto tokens / forced-think tokens, whole eval", token_ratio)]
+    return [{"metric": name, "before": pick(before), "after": pick(after)} for name, pick in rows]
 
 
 def _seconds(manifest: dict) -> float | None:
@@ -117,6 +156,13 @@ def print_summary(summary: dict) -> None:
         table.add_row(r["stage"], "-" if r["seconds"] is None else f"{r['seconds']:.1f}", r["metric"], shown)
     console = Console()
     console.print(table)
+    if summary.get("story"):
+        story = Table(title="R-4B's story at toy scale: annealed model -> after BPO")
+        for col in ("", "annealed", "after BPO"):
+            story.add_column(col)
+        for r in summary["story"]:
+            story.add_row(r["metric"], *("-" if v is None else f"{v:.2f}" for v in (r["before"], r["after"])))
+        console.print(story)
     # soft_wrap: paths and the serve command stay on one line, copyable.
     console.print(f"report: {summary['report']}", soft_wrap=True)
     if summary.get("deploy"):

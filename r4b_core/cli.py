@@ -355,11 +355,14 @@ def _parse_seeds(text: str | None) -> list[int] | None:
 
 
 def _cmd_repro(args) -> int:
-    from r4b_core.repro import run_repro, run_seed
+    from r4b_core.repro import mechanism_report, run_repro, run_seed
 
     cfg = load_args_config(args)
     seeds = _parse_seeds(args.seeds)
     tracker = _stage_tracker(cfg) if args.mlflow else None
+    if args.mechanism:
+        mechanism_report(cfg, (seeds or cfg.repro.seeds)[0], tracker=tracker)
+        return 0
     if args.seed_only:   # a child of a parallel repro: its seeds' stages, no combined report
         for seed in seeds if seeds is not None else cfg.repro.seeds:
             run_seed(cfg, seed, tracker=tracker)
@@ -375,6 +378,9 @@ def _add_repro(sub) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (default: repro.seeds), e.g. 0,1")
     p.add_argument("--mlflow", action="store_true", help="log every stage to MLflow (tracking.uri)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim does not reproduce")
+    p.add_argument("--mechanism", action="store_true",
+                   help="the mechanism figure instead: BPO vs GRPO per annotator strength (repro.mechanism) on the "
+                        "first seed -> runs/<name>/repro/mechanism/")
     p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_repro)
 

@@ -169,8 +169,13 @@ class CurateConfig(Section):
     max_correct_for_reasoning: int = Field(0, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     max_new_tokens: int = Field(32, ge=1)
-    # -- the annotator: "base" (the run's base model, briefly trained direct-only) or a model path.
+    # -- the annotator: "base" (the run's base model, briefly trained direct-only), a model path, or
+    # "simulated": a stand-in for a strong annotator (the paper's is 32B) on synthetic data, whose
+    # num_samples no-think tries are each right with the probability in simulated_accuracy.
     annotator: str = "base"
+    # -- annotator: simulated only: per-try accuracy by "category/difficulty" or "category".
+    simulated_accuracy: dict[str, float] = Field(default_factory=lambda: {
+        "perception": 0.95, "math/1": 0.6, "math/2": 0.35, "math/3": 0.3, "math/4": 0.2, "math/5": 0.15})
     # -- steps of direct-answer SFT that make the tiny annotator (tiny runs only).
     annotator_train_steps: int = Field(150, ge=0)
     engine: Literal["hf", "vllm"] = "hf"
@@ -184,6 +189,13 @@ class CurateConfig(Section):
     teacher: str | None = None
     # -- token budget of a teacher trace (think mode, greedy).
     teacher_max_new_tokens: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _accuracies(self) -> CurateConfig:
+        bad = {k: v for k, v in self.simulated_accuracy.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"simulated_accuracy values are probabilities in [0, 1]; got {bad}")
+        return self
 
 
 class OptimConfig(Section):
@@ -352,7 +364,7 @@ class ReproConfig(Section):
     """`r4b repro`: the toy-scale reproduction of the paper's claims (r4b_core/repro.py)."""
 
     # -- seeds to run; each is its own run `<name>-s<seed>` (data, init, sampling all seeded).
-    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     # -- seeds trained at the same time, one single-threaded process each (2 on a 2-core machine).
     jobs: int = Field(1, ge=1)
     # -- also train plain GRPO (auto-mode rollouts) from the same annealed model: claim 5.
@@ -363,20 +375,9 @@ class ReproConfig(Section):
     hard_difficulty: int | None = Field(None, ge=1)
     # -- torch CPU threads per process (0 = torch's default); tiny models gain nothing from more.
     threads: int = Field(1, ge=0)
-    # -- who labels the training split: "tiny" = the curate stage's own annotator (curate.annotator);
-    # "simulated" = a stand-in for the paper's strong annotator, answering each of the curate.num_samples
-    # no-think tries right with the per-sample probability in simulated_accuracy (see repro.py).
-    annotator: Literal["tiny", "simulated"] = "tiny"
-    # -- simulated annotator: per-sample accuracy by "category/difficulty" or "category".
-    simulated_accuracy: dict[str, float] = Field(default_factory=lambda: {
-        "perception": 0.95, "math/1": 0.9, "math/2": 0.1, "math/3": 0.05})
-
-    @model_validator(mode="after")
-    def _accuracies(self) -> ReproConfig:
-        bad = {k: v for k, v in self.simulated_accuracy.items() if not 0.0 <= v <= 1.0}
-        if bad:
-            raise ValueError(f"simulated_accuracy values are probabilities in [0, 1]; got {bad}")
-        return self
+    # -- the mechanism figure (`r4b repro --mechanism`): annotator strengths as overrides of
+    # curate.simulated_accuracy, one arm each (BPO and GRPO from each annealed model).
+    mechanism: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
 class PromotionConfig(Section):

@@ -23,11 +23,12 @@ The recipe (RECIPE.md, "Bi-mode data curation"), one batch of `curate.batch_size
    items/s and tokens/s; the same numbers go to MLflow. A manifest with the same config hash
    means the work is done: the stage returns it without recomputing.
 
-In a tiny run the annotator is the run's base model after `curate.annotator_train_steps` steps of
-direct-answer SFT (`train_annotator`, which calls the annealing stage on direct-only targets): it
-learns to read numbers but not to do multi-step arithmetic in one go, so math items end up as
-reasoning items and perception items as direct ones. The mechanism is the paper's; only the
-annotator is small.
+With `curate.annotator: base` in a tiny run the annotator is the run's base model after
+`curate.annotator_train_steps` steps of direct-answer SFT (`train_annotator`, which calls the
+annealing stage on direct-only targets): it learns to read numbers but not to do multi-step
+arithmetic in one go, so it labels most math items reasoning. `curate.annotator: simulated`
+(configs/tiny.yaml, configs/repro.yaml) stands in for the paper's much stronger annotator instead
+(`SimulatedAnnotator`): the labelling rule is the same, only the annotator's answers are simulated.
 """
 
 from __future__ import annotations
@@ -359,6 +360,69 @@ def open_engine(cfg: RunConfig, model_uri: str, kind: str) -> Iterator[RolloutEn
         yield engine
 
 
+class SimulatedAnnotator:
+    """`curate.annotator: simulated`: a RolloutEngine standing in for a strong annotator (the paper's
+    Qwen2.5-VL-32B) on data whose answers are known, for toy runs.
+
+    A tiny annotator (a ~1M model answering directly) fails nearly every multi-digit item, so it
+    labels most items reasoning and the annealed model thinks on everything (docs/reproduction.md).
+    The paper's annotator answers many hard items directly, so those land in both label classes.
+    This engine reproduces exactly that statistic and nothing else: each no-think try on a record is
+    right with probability `accuracy[category/difficulty]` (else a wrong answer of the same kind),
+    seeded per (seed, record, request seed, try). The labelling rule (N tries, all wrong ->
+    reasoning) runs unchanged in `run_curate`.
+    """
+
+    policy_version = 0
+
+    def __init__(self, records, accuracy: dict[str, float], seed: int):
+        self.records = {r.id: r for r in records}
+        self.accuracy = dict(accuracy)
+        self.seed = seed
+        # what the stage's skip check identifies this annotator by
+        self.identity = {"kind": "simulated", "accuracy": dict(sorted(self.accuracy.items())), "seed": seed}
+
+    def p_correct(self, record) -> float:
+        for key in (f"{record.category}/{record.difficulty}", record.category):
+            if key in self.accuracy:
+                return self.accuracy[key]
+        raise CurateError(f"curate.simulated_accuracy has no entry for {record.category}/{record.difficulty} "
+                          f"(keys: {sorted(self.accuracy)}); add '{record.category}' or "
+                          f"'{record.category}/{record.difficulty}'")
+
+    def _wrong(self, record, rng) -> str:
+        from r4b_core.data.synthetic import PALETTE
+
+        answer = record.answer.strip()
+        if answer.lstrip("-").isdigit():
+            value = int(answer)
+            offset = rng.randint(1, max(9, abs(value) // 2))
+            return str(value + offset if value - offset < 0 or rng.random() < 0.5 else value - offset)
+        return rng.choice(sorted(c for c in PALETTE if c != answer.lower()) or ["none"])
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        import random
+
+        out = []
+        for req in requests:
+            rec = self.records.get(req.key)
+            if rec is None:
+                raise CurateError(f"simulated annotator: no record with id {req.key!r} among the items it was given")
+            p = self.p_correct(rec)
+            for i in range(req.n):
+                rng = random.Random(f"{self.seed}:{rec.id}:{req.seed}:{i}")
+                text = rec.answer if rng.random() < p else self._wrong(rec, rng)
+                out.append(Completion(key=req.key, mode=req.mode, text=text, token_ids=[], logprobs=[],
+                                      finish_reason="stop"))
+        return out
+
+    def update_weights(self, model_or_path, version: int) -> None:
+        raise CurateError("the simulated annotator has no weights to update")
+
+    def close(self) -> None:
+        pass
+
+
 def train_annotator(cfg: RunConfig, items: list[Item], base_model_uri: str, stage_uri: str, store) -> str:
     """The tiny annotator: the base model after `annotator_train_steps` steps of direct-answer SFT.
 
@@ -425,6 +489,8 @@ def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool,
                              "raw": hashlib.sha256(raw_text.encode()).hexdigest()}
     if annotator_given:
         parts["annotator"] = None          # an engine we cannot identify: always recompute
+    elif c.annotator == "simulated":
+        parts["annotator"] = {"kind": "simulated", "seed": cfg.seed}    # its accuracies are in curate.*
     elif c.annotator == "base":
         from r4b_core import layout
 
@@ -460,7 +526,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     raw_text = store.read_text(raw_uri)
     ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None)
     if annotator is not None and getattr(annotator, "identity", None):
-        # an engine that states what it is (repro's simulated annotator) can be skipped on that
+        # an engine that states what it is (a SimulatedAnnotator passed in) can be skipped on that
         ident["annotator"] = annotator.identity
     chash = identity_hash(ident)
     if chash is not None and store.is_complete(prefix, chash):
@@ -508,7 +574,9 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
 
     with contextlib.ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer())
-        if annotator is None:
+        if annotator is None and c.annotator == "simulated":
+            annotator = SimulatedAnnotator([it.record for it in kept], c.simulated_accuracy, cfg.seed)
+        elif annotator is None:
             model_uri = c.annotator
             if c.annotator == "base":
                 # tiny: the folder `r4b prepare` built; otherwise the configured model id / URI.

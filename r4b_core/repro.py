@@ -1,28 +1,34 @@
 """The toy-scale reproduction of R-4B's claims: thinking atrophy, BPO recovery, GRPO collapse.
 
-    r4b repro --config configs/repro.yaml                    # seeds from repro.seeds
-    r4b repro --config configs/repro.yaml --seeds 0 --set bpo.steps=20
+    r4b repro --config configs/repro.yaml --seeds 0,1,2      # seeds default to repro.seeds
+    r4b repro --config configs/repro.yaml --mechanism        # BPO vs GRPO per annotator strength
     from r4b_core.repro import run_repro                     # run_repro(cfg) -> report dict
 
 Per seed s (its own run `<name>-s<s>`, so stages never collide; data, model init and sampling all
 follow the seed) it calls the stage functions in this process, no KFP:
 
-    prepare -> curate -> anneal -> eval(anneal) -> BPO -> eval(bpo)
+    prepare -> curate -> anneal -> eval(anneal), p(think) per cell -> BPO -> eval(bpo)
             -> GRPO control from the same annealed model -> eval(grpo)          (repro.grpo_control)
             -> BPO with bpo.mode_token_trainable flipped -> eval(bpo-ablation)  (repro.mode_token_ablation)
 
 configs/repro.yaml switches on the two stand-ins the toy scale needs (docs/reproduction.md has the
 measurements behind them): a pretrained tiny base (`model.pretrain`, r4b_core/pretrain.py) and a
-simulated strong annotator at curation (`repro.annotator: simulated`, SimulatedAnnotator below).
+simulated strong annotator at curation (`curate.annotator: simulated`, curate.SimulatedAnnotator).
 
 Every stage skips itself when its manifest matches, so a rerun only rebuilds the report. Seeds
 run one after another, or `repro.jobs` at a time as child processes (`r4b repro --seed-only`).
-Then `runs/<name>/repro/` gets `report.json` (every claim's figures and pass/fail per seed, the
-hyperparameters, wall and CPU time), `report.md` and the plots.
+Then `runs/<name>/repro/` gets `report.json` (every claim's figures and pass/fail per seed, their
+spread over seeds, the hyperparameters, wall and CPU time), `report.md` and the plots, among them
+the training curves of the paper's Figs 8-10; with `--mlflow` the report and plots go to MLflow too,
+next to each RL run's per-step metrics. `--mechanism` trains, for the first seed, one arm per
+annotator strength in `repro.mechanism` and plots BPO's and GRPO's final auto accuracy and
+think-rate on hard math against the annealed p(think) (`runs/<name>/repro/mechanism/`).
 
 The claims (issue 9, from RECIPE.md "What BPO should produce"); "hard math" is the highest math
 difficulty (or `repro.hard_difficulty`), every figure is greedy eval accuracy on the eval split:
 
+  0 precondition (not a claim) annealed model: forced think >= no-think + 15 points on hard math;
+                when it fails the report says the seed has nothing to recover
   1 atrophy     annealed model: |auto - no_think| <= 5 points and auto <= think - 15 points (hard math)
   2 recovery    after BPO: auto >= think - 2 points, and auto >= annealed auto + 10 points (hard math)
   3 by content  after BPO: auto think-rate >= 80 % on hard math and <= 20 % on perception
@@ -31,6 +37,7 @@ difficulty (or `repro.hard_difficulty`), every figure is greedy eval accuracy on
                 `CURVE_TAIL` steps, < 10 % or > 90 %) while BPO's rollouts keep both modes
                 >= 25 % (forced, 50/50 by construction; reported with the auto-mode mix BPO learned)
 """
+
 
 from __future__ import annotations
 
@@ -60,8 +67,7 @@ COLLAPSE_SHARE = 0.10
 BPO_MODE_SHARE_MIN = 0.25
 CURVE_TAIL = 3          # GRPO's mode share is the mean over its last logged steps (one is noisy)
 
-PLOTS = ("accuracy_per_mode.png", "think_rate_by_difficulty.png", "bpo_curves.png", "tokens_per_mode.png",
-         "grpo_mode_share.png")
+PLOTS = ("accuracy_per_mode.png", "think_rate_by_difficulty.png", "training_curves.png", "tokens_per_mode.png")
 
 
 class ReproError(R4BError):
@@ -132,87 +138,77 @@ class _Clock:
         return out
 
 
-class SimulatedAnnotator:
-    """A RolloutEngine standing in for the paper's strong annotator (Qwen2.5-VL-32B) at curation.
-
-    The tiny annotator the curate stage trains (a ~1M model, direct answers only) cannot read the
-    images reliably after any affordable number of steps, so it fails nearly every multi-digit
-    item by luck alone and the curated set becomes content-separable (see docs/reproduction.md).
-    The paper's annotator answers many hard items directly, so hard items land in both label
-    classes. This engine reproduces exactly that statistic and nothing else: each no-think try
-    on a record is right with probability `accuracy[category/difficulty]` (else a wrong answer of
-    the same kind), seeded per (seed, record, try). The curation rule itself (N tries, all wrong
-    -> reasoning) runs unchanged in `run_curate`.
-    """
-
-    policy_version = 0
-
-    def __init__(self, records, accuracy: dict[str, float], seed: int):
-        self.records = {r.id: r for r in records}
-        self.accuracy = dict(accuracy)
-        self.seed = seed
-        # what the curate stage's skip check identifies this annotator by
-        self.identity = {"kind": "simulated", "accuracy": dict(sorted(self.accuracy.items())), "seed": seed}
-
-    def p_correct(self, record) -> float:
-        for key in (f"{record.category}/{record.difficulty}", record.category):
-            if key in self.accuracy:
-                return self.accuracy[key]
-        raise ReproError(f"repro.simulated_accuracy has no entry for {record.category}/{record.difficulty} "
-                         f"(keys: {sorted(self.accuracy)}); add '{record.category}' or "
-                         f"'{record.category}/{record.difficulty}'")
-
-    def _wrong(self, record, rng) -> str:
-        from r4b_core.data.synthetic import PALETTE
-
-        answer = record.answer.strip()
-        if answer.lstrip("-").isdigit():
-            value = int(answer)
-            offset = rng.randint(1, max(9, abs(value) // 2))
-            return str(value + offset if value - offset < 0 or rng.random() < 0.5 else value - offset)
-        return rng.choice(sorted(c for c in PALETTE if c != answer.lower()) or ["none"])
-
-    def generate(self, requests):
-        import random
-
-        from r4b_core.rollout.base import Completion
-
-        out = []
-        for req in requests:
-            rec = self.records.get(req.key)
-            if rec is None:
-                raise ReproError(f"simulated annotator: no record with id {req.key!r} in the raw split")
-            p = self.p_correct(rec)
-            for i in range(req.n):
-                rng = random.Random(f"{self.seed}:{rec.id}:{req.seed}:{i}")
-                text = rec.answer if rng.random() < p else self._wrong(rec, rng)
-                out.append(Completion(key=req.key, mode=req.mode, text=text, token_ids=[], logprobs=[],
-                                      finish_reason="stop"))
-        return out
-
-    def update_weights(self, model_or_path, version: int) -> None:
-        raise ReproError("the simulated annotator has no weights to update")
-
-    def close(self) -> None:
-        pass
+def _stage(cfg: RunConfig, arm: str | None, stage: str) -> str:
+    """Where a stage of an arm writes: the run's own layout for the main arm, else under mechanism/<arm>/."""
+    return layout.stage_dir(cfg, stage if arm is None else f"mechanism/{arm}/{stage}")
 
 
-def _annotator(scfg: RunConfig, raw_uri: str, store):
-    """None (the curate stage builds its own from curate.*) or the simulated annotator."""
-    if scfg.repro.annotator != "simulated":
-        return None
-    from r4b_core.data.schema import parse_jsonl
+def annealed_p_think(model_uri: str, eval_uri: str, store) -> dict[str, float]:
+    """The annealed model's mean probability of choosing to think in auto mode, per eval cell
+    ("math/4"): the first token after `<think>` being the thinking prefix's (bpo.decision_probability).
+    Greedy auto mode thinks only where this passes 1/2; plain GRPO samples thinking at this rate."""
+    from r4b_core.bpo import PromptEncoder, decision_probability, load_prompts
+    from r4b_core.models.loading import load_model
 
-    records = parse_jsonl(store.read_bytes(raw_uri), raw_uri, on_error="collect").records
-    return SimulatedAnnotator(records, scfg.repro.simulated_accuracy, scfg.seed)
+    model, processor = load_model(model_uri, store=store)
+    prompts, _ = load_prompts(eval_uri, store)
+    encoder = PromptEncoder(processor)
+    cells: dict[str, list] = {}
+    for p in prompts:
+        cells.setdefault(f"{p.record.category}/{p.record.difficulty}", []).append(p)
+    return {c: round(decision_probability(model, encoder, ps), 4) for c, ps in sorted(cells.items())}
 
 
-def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
-    """All stages of one seed; returns the seed's summary (also written to <run>/repro_seed.json)."""
+def train_arm(scfg: RunConfig, inputs: dict, store, clock: _Clock, names: list[str], arm: str | None = None,
+              tracker=None) -> dict:
+    """curate -> anneal -> eval(anneal), then each variant in `names` (bpo, grpo, bpo-ablation) from
+    the annealed model -> eval. `arm` None is the seed's main run; a mechanism arm writes under
+    mechanism/<arm>/. Returns what the claims, plots and the mechanism figure need."""
     from r4b_core.anneal import run_anneal
     from r4b_core.bpo import run_bpo
     from r4b_core.curate import run_curate
     from r4b_core.evaluate import run_eval
+
+    label = "" if arm is None else f"{arm}: "
+    curated = _stage(scfg, arm, "curate") + "/sft.jsonl"
+    curate_manifest = clock.run(f"{label}curate", run_curate, scfg, inputs["train"], curated, tracker=tracker)
+    anneal_uri = _stage(scfg, arm, "anneal") + "/model"
+    anneal_manifest = clock.run(f"{label}anneal", run_anneal, scfg, curated, inputs["base_model"], anneal_uri,
+                                tracker=tracker)
+    eval_dir = _stage(scfg, arm, "eval")
+    reports = {"anneal": clock.run(f"{label}eval anneal", run_eval, scfg, anneal_uri, inputs["eval"],
+                                   eval_dir + "/anneal", "anneal", tracker=tracker)}
+    p_think = clock.run(f"{label}annealed p(think)", annealed_p_think, anneal_uri, inputs["eval"], store)
+    manifests: dict[str, dict] = {}
+    for v in names:
+        vcfg = variant_config(scfg, v)
+        out = _stage(scfg, arm, v) + "/model"
+        manifests[v] = clock.run(f"{label}{v}", run_bpo, vcfg, inputs["rl"], anneal_uri, out, tracker=tracker)
+        reports[v] = clock.run(f"{label}eval {v}", run_eval, vcfg, out, inputs["eval"], f"{eval_dir}/{v}", v,
+                               tracker=tracker, compare=reports["anneal"])
+    return {
+        "curate": {"reasoning_ratio": curate_manifest["stats"]["reasoning_ratio"],
+                   "annotator": scfg.curate.annotator,
+                   "simulated_accuracy": scfg.curate.simulated_accuracy if scfg.curate.annotator == "simulated"
+                   else None,
+                   "reasoning_share_by_cell": reasoning_shares(store.read_text(curated)),
+                   "by_category": {c: {k: d[k] for k in ("items", "reasoning", "reasoning_ratio", "pass_hist")}
+                                   for c, d in curate_manifest["stats"]["by_category"].items()}},
+        "anneal": {"metrics": anneal_manifest.get("metrics"), "data": {k: anneal_manifest.get("data", {}).get(k)
+                                                                        for k in ("used", "think", "direct",
+                                                                                  "reasoning_ratio")}},
+        "annealed_p_think": p_think,
+        "evals": {tag: _eval_block(rep) for tag, rep in reports.items()},
+        "curves": {v: m.get("history", []) for v, m in manifests.items()},
+        "variants": {v: {"mode_token_trainable": variant_config(scfg, v).bpo.mode_token_trainable,
+                         "algorithm": variant_config(scfg, v).bpo.algorithm,
+                         "wall_time_s": m.get("wall_time_s"), "skipped": bool(m.get("skipped"))}
+                     for v, m in manifests.items()},
+    }
+
+
+def _start(cfg: RunConfig, seed: int):
+    """The seed's config, store, clock and prepared inputs (data, pretrained base)."""
     from r4b_core.prepare import run_prepare
     from r4b_core.storage import Store
 
@@ -223,46 +219,67 @@ def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
         torch.set_num_threads(scfg.repro.threads)
     store = Store.from_config(scfg.storage)
     clock = _Clock()
-    t0, c0 = time.perf_counter(), _cpu_seconds()
     inputs = clock.run("prepare", run_prepare, scfg, store)
-    curated = layout.curated_uri(scfg)
-    curate_manifest = clock.run("curate", run_curate, scfg, inputs["train"], curated,
-                                annotator=_annotator(scfg, inputs["train"], store), tracker=tracker)
-    anneal_uri = layout.model_dir(scfg, "anneal")
-    anneal_manifest = clock.run("anneal", run_anneal, scfg, curated, inputs["base_model"], anneal_uri,
-                                tracker=tracker)
-    reports = {"anneal": clock.run("eval anneal", run_eval, scfg, anneal_uri, inputs["eval"],
-                                   layout.eval_dir(scfg, "anneal"), "anneal", tracker=tracker)}
-    manifests: dict[str, dict] = {}
-    for v in variants(scfg):
-        vcfg = variant_config(scfg, v)
-        out = layout.model_dir(scfg, v)
-        manifests[v] = clock.run(v, run_bpo, vcfg, inputs["rl"], anneal_uri, out, tracker=tracker)
-        reports[v] = clock.run(f"eval {v}", run_eval, vcfg, out, inputs["eval"], layout.eval_dir(scfg, v), v,
-                               tracker=tracker, compare=reports["anneal"])
-    summary = {
-        "seed": seed, "run": scfg.name, "run_uri": scfg.run_uri(),
-        "hard_difficulty": hard_level(scfg),
-        "curate": {"reasoning_ratio": curate_manifest["stats"]["reasoning_ratio"],
-                   "annotator": scfg.repro.annotator if scfg.repro.annotator == "simulated" else scfg.curate.annotator,
-                   "reasoning_share_by_cell": reasoning_shares(store.read_text(curated)),
-                   "by_category": {c: {k: d[k] for k in ("items", "reasoning", "reasoning_ratio", "pass_hist")}
-                                   for c, d in curate_manifest["stats"]["by_category"].items()}},
-        "anneal": {"metrics": anneal_manifest.get("metrics"), "data": {k: anneal_manifest.get("data", {}).get(k)
-                                                                        for k in ("used", "think", "direct",
-                                                                                  "reasoning_ratio")}},
-        "evals": {tag: _eval_block(rep) for tag, rep in reports.items()},
-        "curves": {v: m.get("history", []) for v, m in manifests.items()},
-        "variants": {v: {"mode_token_trainable": variant_config(scfg, v).bpo.mode_token_trainable,
-                         "algorithm": variant_config(scfg, v).bpo.algorithm,
-                         "wall_time_s": m.get("wall_time_s"), "skipped": bool(m.get("skipped"))}
-                     for v, m in manifests.items()},
-        "timing": {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_seconds() - c0, 1),
-                   "phases": clock.phases},
-    }
+    return scfg, store, clock, inputs
+
+
+def run_seed(cfg: RunConfig, seed: int, tracker=None) -> dict:
+    """All stages of one seed; returns the seed's summary (also written to <run>/repro_seed.json)."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    scfg, store, clock, inputs = _start(cfg, seed)
+    summary = {"seed": seed, "run": scfg.name, "run_uri": scfg.run_uri(), "hard_difficulty": hard_level(scfg),
+               **train_arm(scfg, inputs, store, clock, variants(scfg), tracker=tracker)}
+    summary["timing"] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_seconds() - c0, 1),
+                         "phases": clock.phases}
     summary["claims"] = seed_claims(summary)
     store.write_text(store.join(scfg.run_uri(), "repro_seed.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def arm_accuracy(cfg: RunConfig, arm: str) -> dict[str, float]:
+    """A mechanism arm's simulated annotator: curate.simulated_accuracy with the arm's overrides."""
+    return {**cfg.curate.simulated_accuracy, **cfg.repro.mechanism[arm]}
+
+
+def run_mechanism(cfg: RunConfig, seed: int, tracker=None) -> dict:
+    """The mechanism figure's runs for one seed: per annotator strength (repro.mechanism), BPO and
+    plain GRPO from the annealed model. An arm equal to the main config reuses the seed's main run."""
+    if cfg.curate.annotator != "simulated" or not cfg.repro.mechanism:
+        raise ReproError("the mechanism figure varies the simulated annotator: set curate.annotator: simulated "
+                         "and repro.mechanism (arm name -> curate.simulated_accuracy overrides, e.g. "
+                         "common: {math/4: 0.05})")
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    scfg, store, clock, inputs = _start(cfg, seed)
+    arms = {}
+    for arm in cfg.repro.mechanism:
+        acfg = scfg.model_copy(deep=True)
+        acfg.curate.simulated_accuracy = arm_accuracy(scfg, arm)
+        same = acfg.curate.simulated_accuracy == scfg.curate.simulated_accuracy
+        arms[arm] = train_arm(acfg, inputs, store, clock, ["bpo", "grpo"], None if same else arm, tracker=tracker)
+        arms[arm]["simulated_accuracy"] = acfg.curate.simulated_accuracy
+    out = {"seed": seed, "run_uri": scfg.run_uri(), "hard_difficulty": hard_level(scfg), "arms": arms,
+           "timing": {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_seconds() - c0, 1),
+                      "phases": clock.phases}}
+    out["points"] = mechanism_points(out)
+    return out
+
+
+def mechanism_points(mech: dict) -> dict[str, dict]:
+    """Per arm: annealed p(think) and greedy think-rate on hard math, and each algorithm's final auto
+    accuracy and think-rate there: the figure's coordinates."""
+    hard = f"math/{mech['hard_difficulty']}"
+    pts = {}
+    for arm, a in mech["arms"].items():
+        cell = lambda tag, k: (((a["evals"].get(tag) or {}).get("cells", {}).get(hard) or {}).get("auto") or {}).get(k)  # noqa: E731
+        pts[arm] = {"reasoning_share": a["curate"]["reasoning_share_by_cell"].get(hard),
+                    "annealed_p_think": a["annealed_p_think"].get(hard),
+                    "annealed_think_rate": cell("anneal", "think_rate"),
+                    "annealed_auto_accuracy": cell("anneal", "accuracy"),
+                    "annealed_think_accuracy": _acc(a["evals"]["anneal"], hard, "think"),
+                    **{f"{v}_{k}": cell(v, k) for v in ("bpo", "grpo") for k in ("accuracy", "think_rate")},
+                    "grpo_no_think_share_final": _tail_mean(a["curves"].get("grpo") or [],
+                                                            "rollouts/no_think_share")}
+    return pts
 
 
 def reasoning_shares(sft_text: str) -> dict[str, float]:
@@ -314,6 +331,14 @@ def seed_claims(s: dict) -> dict[str, dict]:
     a = ev["anneal"]
     auto, think, nothink = (_acc(a, hard, m) for m in ("auto", "think", "no_think"))
     ok = None not in (auto, think, nothink)
+    # Not a claim: what claims 1-2 presuppose. If forced thinking does not beat answering directly on
+    # hard math before BPO, there is nothing for auto mode to recover, whatever the seed's verdicts.
+    out["0_thinking_usable"] = {
+        "cell": hard, "think": _pt(think), "no_think": _pt(nothink),
+        "think_minus_no_think": _pt(think - nothink) if ok else None,
+        "annealed_p_think": (s.get("annealed_p_think") or {}).get(hard),
+        "pass": ok and think >= nothink + ATROPHY_BELOW_THINK - 1e-9,
+    }
     out["1_atrophy"] = {
         "cell": hard, "auto": _pt(auto), "think": _pt(think), "no_think": _pt(nothink),
         "auto_minus_no_think": _pt(auto - nothink) if ok else None,
@@ -382,15 +407,26 @@ def seed_claims(s: dict) -> dict[str, dict]:
 
 
 def combine_claims(seeds: list[dict]) -> dict[str, dict]:
-    """Per claim: every seed's figures and a pass that needs every seed to pass."""
+    """Per claim: every seed's figures, their spread over seeds (min, max, mean of each number) and a
+    pass that needs every seed to pass."""
     names = sorted({k for s in seeds for k in s["claims"]})
     out = {}
     for name in names:
         per_seed = {str(s["seed"]): s["claims"].get(name) for s in seeds}
         passes = [c.get("pass") for c in per_seed.values() if c is not None and "pass" in c]
-        out[name] = {"per_seed": per_seed}
+        out[name] = {"per_seed": per_seed, "spread": spread(list(per_seed.values()))}
         if passes:
             out[name]["pass"] = all(passes) and len(passes) == len(seeds)
+    return out
+
+
+def spread(figures: list[dict | None]) -> dict[str, dict[str, float]]:
+    """Each numeric figure's min, max and mean over the seeds that have it."""
+    out: dict[str, dict[str, float]] = {}
+    keys = [k for f in figures if f for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for k in dict.fromkeys(keys):
+        vals = [f[k] for f in figures if f and isinstance(f.get(k), (int, float)) and not isinstance(f[k], bool)]
+        out[k] = {"min": min(vals), "max": max(vals), "mean": round(sum(vals) / len(vals), 4)}
     return out
 
 
@@ -403,8 +439,9 @@ def hyperparameters(cfg: RunConfig) -> dict:
         "model.tiny": cfg.model.tiny.model_dump(mode="json"),
         "model.pretrain": cfg.model.pretrain.model_dump(mode="json"),
         "data.synthetic": cfg.data.synthetic.model_dump(mode="json"),
-        "curate": {k: getattr(cfg.curate, k) for k in ("num_samples", "max_correct_for_reasoning", "temperature",
-                                                       "max_new_tokens", "annotator_train_steps")},
+        "curate": {k: getattr(cfg.curate, k) for k in ("annotator", "simulated_accuracy", "num_samples",
+                                                       "max_correct_for_reasoning", "temperature", "max_new_tokens",
+                                                       "annotator_train_steps")},
         "anneal": {"steps": cfg.anneal.steps, "pack_length": cfg.anneal.pack_length,
                    "micro_batch_size": cfg.anneal.micro_batch_size, "optim": cfg.anneal.optim.model_dump(mode="json")},
         "bpo": cfg.bpo.model_dump(mode="json", exclude={"distributed", "engine", "sync_tolerance", "checkpoint_every",
@@ -489,17 +526,80 @@ def run_repro(cfg: RunConfig, seeds: list[int] | None = None, tracker=None) -> d
                    "per_seed": {str(s["seed"]): s["timing"] for s in summaries}},
         "per_seed": {str(s["seed"]): s for s in summaries},
     }
-    write_report(store, out_dir, report)
+    write_report(store, out_dir, report, tracker)
     print(format_claims(report))
     print(f"repro: report in {out_dir}/report.md ({report['timing']['wall_s']} s wall, "
           f"{report['timing']['cpu_s']} s CPU)")
     return report
 
 
+def mechanism_report(cfg: RunConfig, seed: int, tracker=None) -> dict:
+    """`r4b repro --mechanism`: run the arms, then write runs/<name>/repro/mechanism/ (JSON, markdown,
+    mechanism.png)."""
+    from r4b_core.storage import Store
+
+    store = Store.from_config(cfg.storage)
+    mech = run_mechanism(cfg, seed, tracker=tracker)
+    out_dir = layout.stage_dir(cfg, "repro/mechanism")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = _save(_mechanism_figure(_plt(), mech), Path(tmp) / "mechanism.png", _plt())
+        store.write_bytes(store.join(out_dir, png.name), png.read_bytes())
+    store.write_text(store.join(out_dir, "mechanism.md"), render_mechanism(mech))
+    store.write_text(store.join(out_dir, "mechanism.json"), json.dumps(mech, indent=1))
+    print(render_mechanism(mech))
+    print(f"repro: mechanism figure in {out_dir}/mechanism.png")
+    return mech
+
+
+MECHANISM_COLUMNS = (("reasoning_share", "hard items labelled reasoning"), ("annealed_p_think", "annealed p(think)"),
+                     ("annealed_think_accuracy", "annealed forced-think acc"),
+                     ("annealed_auto_accuracy", "annealed auto acc"), ("bpo_accuracy", "BPO auto acc"),
+                     ("bpo_think_rate", "BPO think-rate"), ("grpo_accuracy", "GRPO auto acc"),
+                     ("grpo_think_rate", "GRPO think-rate"), ("grpo_no_think_share_final", "GRPO no-think share"))
+
+
+def render_mechanism(mech: dict) -> str:
+    hard = f"math/{mech['hard_difficulty']}"
+    lines = [f"# Mechanism: BPO vs GRPO against the annealed think-rate (seed {mech['seed']}, hard math = {hard})",
+             "", "Each arm anneals with another simulated annotator strength (how often hard items are labelled "
+             "reasoning), then trains BPO and plain GRPO from the annealed model. Figures are on hard math "
+             "(greedy eval) except the GRPO no-think share (its rollouts, all prompts, last steps).", "",
+             "| arm | " + " | ".join(t for _, t in MECHANISM_COLUMNS) + " |", "|---|" + "---|" * len(MECHANISM_COLUMNS)]
+    for arm, pt in mech["points"].items():
+        lines.append(f"| {arm} | " + " | ".join(_n(pt.get(k)) for k, _ in MECHANISM_COLUMNS) + " |")
+    lines += ["", "![mechanism](mechanism.png)", ""]
+    return "\n".join(lines)
+
+
+def _mechanism_figure(plt, mech: dict):
+    """Final auto accuracy and think-rate on hard math, BPO vs GRPO, against the annealed p(think)."""
+    pts = sorted(mech["points"].items(), key=lambda kv: kv[1].get("annealed_p_think") or 0.0)
+    xs = [p.get("annealed_p_think") or 0.0 for _, p in pts]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9))
+    for ax, key, title in ((axes[0], "accuracy", "auto accuracy on hard math"),
+                           (axes[1], "think_rate", "auto think-rate on hard math")):
+        for algo, color in (("bpo", "tab:green"), ("grpo", "tab:purple")):
+            ax.plot(xs, [p.get(f"{algo}_{key}") for _, p in pts], "-o", color=color, label=f"after {algo.upper()}")
+        ref = "annealed_auto_accuracy" if key == "accuracy" else "annealed_think_rate"
+        ax.plot(xs, [p.get(ref) for _, p in pts], ":s", color="gray", label="annealed (before RL)")
+        if key == "accuracy":
+            ax.plot(xs, [p.get("annealed_think_accuracy") for _, p in pts], ":^", color="tab:red",
+                    label="annealed, forced think")
+        for x, (arm, _) in zip(xs, pts):
+            ax.annotate(arm, (x, 1.0), fontsize=7, ha="center")
+        ax.set_xscale("log")
+        ax.set_xlabel("annealed p(think) on hard math (log)")
+        ax.set_ylim(-0.05, 1.1)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # Report: JSON, markdown, plots
 # ---------------------------------------------------------------------------------------------
 CLAIM_TITLES = {
+    "0_thinking_usable": "precondition (not a claim): annealed forced think >= no-think + 15 pts (hard math)",
     "1_atrophy": "1 atrophy: annealed auto ~ no-think, well below think (hard math)",
     "2_recovery": "2 recovery: BPO auto >= think - 2 pts and >= annealed auto + 10 pts (hard math)",
     "3_think_by_content": "3 thinking by content: BPO think-rate >= 80 % hard math, <= 20 % perception",
@@ -532,6 +632,7 @@ def format_claims(report: dict) -> str:
         lines.append(f"  {_verdict(c):4s} {CLAIM_TITLES.get(name, name)}")
         for seed, figs in c["per_seed"].items():
             lines.append(f"         seed {seed}: {_figures(figs)}")
+    lines.append("  " + _claim_count(report).replace("**", ""))
     return "\n".join(lines)
 
 
@@ -542,11 +643,21 @@ def render_markdown(report: dict) -> str:
              f"Wall {t['wall_s']} s, CPU {t['cpu_s']} s on {t['cpu_count']} cores "
              f"({t['jobs']} seed process(es) at a time; load average {t['loadavg_1m_start']} at start, "
              f"{t['loadavg_1m_end']} at end).", "",
-             "## Claims", "", "| claim | result | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |",
-             "|---|---|" + "---|" * len(report["seeds"])]
+             "## Claims", "", f"{_claim_count(report)}", "",
+             "| claim | result | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " | spread over seeds |",
+             "|---|---|" + "---|" * (len(report["seeds"]) + 1)]
     for name, c in report["claims"].items():
         cells = [_figures(c["per_seed"].get(str(s))) for s in report["seeds"]]
-        lines.append(f"| {CLAIM_TITLES.get(name, name)} | {_verdict(c)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {CLAIM_TITLES.get(name, name)} | {_verdict(c)} | " + " | ".join(cells)
+                     + f" | {_spread_text(c.get('spread') or {})} |")
+    lines += [""] + _precondition_lines(report)
+    lines += ["", "## Annealed p(think) per cell", "",
+              "The annealed model's mean probability of choosing to think in auto mode (the decision token): "
+              "greedy auto mode thinks only above 1/2, plain GRPO samples thinking at this rate.", ""]
+    cells = sorted({c for s in report["per_seed"].values() for c in s.get("annealed_p_think") or {}})
+    lines += ["| seed | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+    for seed, s in report["per_seed"].items():
+        lines.append(f"| {seed} | " + " | ".join(_n((s.get("annealed_p_think") or {}).get(c)) for c in cells) + " |")
     lines += ["", "## Accuracy / tokens / auto think-rate per model", ""]
     for seed, s in report["per_seed"].items():
         lines += [f"### seed {seed} (`{s['run_uri']}`)", "",
@@ -570,16 +681,57 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _claim_count(report: dict) -> str:
+    claims = [c for name, c in report["claims"].items() if name[0] in "12345" and "pass" in c]
+    return (f"**{sum(c['pass'] for c in claims)}/{len(claims)} claims reproduce on every seed** "
+            f"({', '.join(str(s) for s in report['seeds'])}); a claim passes only if it passes on each seed.")
+
+
+def _spread_text(sp: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['min']:.3g}–{v['max']:.3g}" for k, v in sp.items()) or "–"
+
+
+def _precondition_lines(report: dict) -> list[str]:
+    """One sentence per seed on whether the annealed model can use thinking on hard math at all."""
+    pre = report["claims"].get("0_thinking_usable")
+    if not pre:
+        return []
+    out = []
+    for seed, c in pre["per_seed"].items():
+        if c is None:
+            continue
+        if c["pass"]:
+            out.append(f"- seed {seed}: before BPO, forced thinking beats answering directly on hard math "
+                       f"({c['think']} vs {c['no_think']} points): there is something for auto mode to recover.")
+        else:
+            out.append(f"- seed {seed}: **before BPO the annealed model cannot use thinking on hard math** "
+                       f"(forced think {c['think']} vs no-think {c['no_think']} points, less than "
+                       f"{_pt(ATROPHY_BELOW_THINK)} apart): claims 1 and 2 have nothing to measure on this seed.")
+    return out
+
+
 def _n(x: Any, digits: int = 3) -> str:
     return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def write_report(store, out_dir: str, report: dict) -> None:
-    """report.json, report.md and the plots under `out_dir`, the JSON last (it marks completion)."""
+def write_report(store, out_dir: str, report: dict, tracker=None) -> None:
+    """report.json, report.md and the plots under `out_dir`, the JSON last (it marks completion).
+    With a tracker they also go to MLflow (a `repro` run, next to the stages' runs whose per-step
+    metrics the training curves plot), with each claim's pass per seed as metrics."""
     with tempfile.TemporaryDirectory() as tmp:
-        for f in write_plots(report, Path(tmp)):
+        files = write_plots(report, Path(tmp))
+        for f in files:
             store.write_bytes(store.join(out_dir, f.name), f.read_bytes())
-    store.write_text(store.join(out_dir, "report.md"), render_markdown(report))
+        md = render_markdown(report)
+        if tracker is not None:
+            with tracker.stage("repro"):
+                tracker.log_metrics({f"repro/{name}/seed_{seed}/pass": float(bool((c or {}).get("pass")))
+                                     for name, cl in report["claims"].items() for seed, c in cl["per_seed"].items()})
+                tracker.log_dict(report, "repro/report.json")
+                (Path(tmp) / "report.md").write_text(md)
+                for f in [*files, Path(tmp) / "report.md"]:
+                    tracker.log_artifact(str(f), "repro")
+    store.write_text(store.join(out_dir, "report.md"), md)
     store.write_text(store.join(out_dir, "report.json"), json.dumps(report, indent=1))
 
 
@@ -638,30 +790,8 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=6, ncol=2)
     files.append(_save(fig, out / PLOTS[1], plt))
 
-    # 3. BPO curves: probe think-rate (hard math, perception) and hard-math accuracy over steps
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for s in seeds:
-        for v, style in (("bpo", "-"), ("bpo-ablation", ":")):
-            hist = s["curves"].get(v) or []
-            for key, color in (("probe/hard_math/think_rate", "tab:red"), ("probe/perception/think_rate", "tab:blue")):
-                pts = [(h["step"], h[key]) for h in hist if key in h]
-                if pts:
-                    axes[0].plot(*zip(*pts), style, marker=".", color=color, alpha=0.8,
-                                 label=f"{v} s{s['seed']}: {key.split('/')[1]}")
-            pts = [(h["step"], h["probe/hard_math/accuracy"]) for h in hist if "probe/hard_math/accuracy" in h]
-            if pts:
-                axes[1].plot(*zip(*pts), style, marker=".", alpha=0.8, label=f"{v} s{s['seed']}: auto probe")
-            pts = [(h["step"], h["accuracy/think"]) for h in hist if "accuracy/think" in h]
-            if pts and v == "bpo":
-                axes[1].plot(*zip(*pts), "--", alpha=0.5, label=f"{v} s{s['seed']}: think rollouts")
-    axes[0].set_title("auto-mode think-rate on the probe sets")
-    axes[1].set_title("hard-math accuracy over BPO steps")
-    for ax in axes:
-        ax.set_xlabel("BPO step")
-        ax.set_ylim(-0.05, 1.05)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    files.append(_save(fig, out / PLOTS[2], plt))
+    # 3. training curves as the paper's Figs 8-10, seeds averaged (thin: each seed)
+    files.append(_save(_training_curves(plt, seeds), out / PLOTS[2], plt))
 
     # 4. auto-mode tokens vs forced modes (whole eval), per model
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -677,23 +807,56 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     files.append(_save(fig, out / PLOTS[3], plt))
 
-    # 5. GRPO: share of non-thinking rollouts over steps (BPO's forced share is 0.5)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for s in seeds:
-        pts = [(h["step"], h["rollouts/no_think_share"]) for h in s["curves"].get("grpo") or []
-               if "rollouts/no_think_share" in h]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", label=f"GRPO seed {s['seed']}")
-    ax.axhline(0.5, color="gray", linestyle="--", label="BPO (forced, 1/2)")
-    ax.axhline(COLLAPSE_SHARE, color="k", linestyle=":", linewidth=1)
-    ax.axhline(1 - COLLAPSE_SHARE, color="k", linestyle=":", linewidth=1)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of non-thinking rollouts")
-    ax.set_title("GRPO in auto mode: mode collapse?")
-    ax.legend(fontsize=7)  # always has the BPO reference line
-    files.append(_save(fig, out / PLOTS[4], plt))
     return files
+
+
+def _curve(seeds: list[dict], variant: str, key: str) -> tuple[list, list, list[list]]:
+    """(steps, mean over seeds, per-seed points) of one logged metric of one variant."""
+    per_seed = [[(h["step"], h[key]) for h in s["curves"].get(variant) or [] if key in h] for s in seeds]
+    by_step: dict[int, list[float]] = {}
+    for pts in per_seed:
+        for step, v in pts:
+            by_step.setdefault(step, []).append(v)
+    steps = sorted(by_step)
+    return steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], [p for p in per_seed if p]
+
+
+def _training_curves(plt, seeds: list[dict]):
+    """(a) auto-mode think-rate per step on reasoning (hard-math probes) vs non-reasoning (perception
+    probes) prompts, BPO and GRPO (Fig. 8); (b) accuracy per mode per step: BPO's forced-think and
+    forced-no-think rollouts and the auto-mode probe on hard math (Fig. 9); (c) the share of GRPO's
+    rollouts that do not think (Fig. 10)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+
+    def draw(ax, variant, key, style, color, label):
+        steps, mean, per_seed = _curve(seeds, variant, key)
+        if not steps:
+            return
+        for pts in per_seed if len(per_seed) > 1 else []:
+            ax.plot(*zip(*pts), style, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, mean, style, marker=".", color=color, label=label)
+
+    for variant, style in (("bpo", "-"), ("grpo", "--")):
+        draw(axes[0], variant, "probe/hard_math/think_rate", style, "tab:red", f"{variant}: hard math (reasoning)")
+        draw(axes[0], variant, "probe/perception/think_rate", style, "tab:blue", f"{variant}: perception (non-reasoning)")
+        draw(axes[0], variant, "probe/hard_math/p_think", style, "tab:orange", f"{variant}: hard math p(think)")
+    draw(axes[1], "bpo", "accuracy/think", "-", "tab:red", "BPO forced-think rollouts")
+    draw(axes[1], "bpo", "accuracy/no_think", "-", "tab:blue", "BPO forced-no-think rollouts")
+    draw(axes[1], "bpo", "probe/hard_math/accuracy", "-", "tab:green", "BPO auto, hard-math probe")
+    draw(axes[1], "grpo", "probe/hard_math/accuracy", "--", "tab:green", "GRPO auto, hard-math probe")
+    draw(axes[2], "grpo", "rollouts/no_think_share", "-", "tab:purple", "GRPO (auto-mode rollouts)")
+    axes[2].axhline(0.5, color="gray", linestyle="--", label="BPO (forced, 1/2)")
+    axes[2].axhline(COLLAPSE_SHARE, color="k", linestyle=":", linewidth=1)
+    axes[2].axhline(1 - COLLAPSE_SHARE, color="k", linestyle=":", linewidth=1, label="collapse thresholds")
+    titles = ("auto think-rate per step (Fig. 8)", "accuracy per mode per step (Fig. 9)",
+              "GRPO: share of non-thinking rollouts (Fig. 10)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.set_ylim(-0.05, 1.05)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    return fig
 
 
 def _save(fig, path: Path, plt) -> Path:

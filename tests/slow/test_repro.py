@@ -74,10 +74,12 @@ def _eval(hard, perception_tr=0.0, tokens=(10.0, 40.0, 5.0)):
 
 
 def _summary(anneal_hard, bpo_hard, perception_tr=0.05, grpo_share=(0.5, 0.3, 0.05, 0.04, 0.02), tokens=None):
-    s = {"seed": 0, "hard_difficulty": 3,
+    s = {"seed": 0, "hard_difficulty": 3, "annealed_p_think": {"math/3": 0.1, "perception/1": 0.9},
          "evals": {"anneal": _eval(anneal_hard), "bpo": _eval(bpo_hard, perception_tr, tokens or (10.0, 40.0, 5.0))},
-         "curves": {"bpo": [{"step": i + 1, "rollouts/think": 32.0, "rollouts/no_think": 32.0} for i in range(5)],
-                    "grpo": [{"step": i + 1, "rollouts/no_think_share": v} for i, v in enumerate(grpo_share)]},
+         "curves": {"bpo": [{"step": i + 1, "rollouts/think": 32.0, "rollouts/no_think": 32.0,
+                             "accuracy/think": 0.5 + 0.05 * i, "probe/hard_math/think_rate": 0.2 * i} for i in range(5)],
+                    "grpo": [{"step": i + 1, "rollouts/no_think_share": v, "probe/perception/think_rate": 0.1}
+                             for i, v in enumerate(grpo_share)]},
          "variants": {"bpo": {"mode_token_trainable": True}}}
     s["claims"] = repro.seed_claims(s)
     return s
@@ -86,6 +88,7 @@ def _summary(anneal_hard, bpo_hard, perception_tr=0.05, grpo_share=(0.5, 0.3, 0.
 def test_claims_pass_on_the_papers_pattern():
     s = _summary(_modes(0.20, 0.60, 0.18, tr=0.1), _modes(0.62, 0.63, 0.20, tr=0.9))
     c = s["claims"]
+    assert c["0_thinking_usable"]["pass"] and c["0_thinking_usable"]["think_minus_no_think"] == 42.0
     assert c["1_atrophy"]["pass"] and c["1_atrophy"]["think_minus_auto"] == 40.0
     assert c["2_recovery"]["pass"] and c["2_recovery"]["gain_over_annealed"] == 42.0
     assert c["3_think_by_content"]["pass"]
@@ -97,8 +100,6 @@ def test_claims_pass_on_the_papers_pattern():
 @pytest.mark.parametrize("anneal_hard, bpo_hard, perception_tr, grpo, tokens, failing", [
     # auto 7 points above no-think: no atrophy
     (_modes(0.25, 0.60, 0.18), _modes(0.62, 0.63, 0.2, tr=0.9), 0.05, None, None, "1_atrophy"),
-    # forced thinking only 10 points better: no atrophy either
-    (_modes(0.20, 0.30, 0.18), _modes(0.62, 0.63, 0.2, tr=0.9), 0.05, None, None, "1_atrophy"),
     # BPO auto 3 points under forced think
     (_modes(0.20, 0.60, 0.18), _modes(0.60, 0.63, 0.2, tr=0.9), 0.05, None, None, "2_recovery"),
     # hard-math think-rate 0.75 < 0.8
@@ -116,6 +117,30 @@ def test_each_claim_fails_on_its_own_threshold(anneal_hard, bpo_hard, perception
     c = _summary(anneal_hard, bpo_hard, perception_tr, tokens=tokens, **kw)["claims"]
     assert c[failing]["pass"] is False, c[failing]
     assert [k for k, v in c.items() if v.get("pass") is False] == [failing]
+
+
+def test_thinking_that_does_not_help_before_bpo_is_said_and_fails_atrophy():
+    # forced thinking only 12 points better than no-think: the precondition and claim 1 fail
+    s = _summary(_modes(0.20, 0.30, 0.18), _modes(0.62, 0.63, 0.2, tr=0.9))
+    c = s["claims"]
+    assert c["0_thinking_usable"]["pass"] is False and c["0_thinking_usable"]["think_minus_no_think"] == 12.0
+    assert c["1_atrophy"]["pass"] is False and c["2_recovery"]["pass"] is True
+    report = {"claims": repro.combine_claims([s, {**_summary(_modes(0.2, 0.6, 0.18), _modes(0.62, 0.63, 0.2, tr=0.9)),
+                                                  "seed": 1}])}
+    lines = repro._precondition_lines(report)
+    assert "seed 0: **before BPO the annealed model cannot use thinking on hard math** (forced think 30.0 vs " \
+           "no-think 18.0 points" in lines[0]
+    assert lines[1].startswith("- seed 1: before BPO, forced thinking beats answering directly")
+
+
+def test_spread_over_seeds_is_min_max_mean_of_each_number():
+    sp = repro.spread([{"auto": 20.0, "cell": "math/4", "pass": True, "share": 0.5}, None,
+                       {"auto": 30.0, "pass": False, "share": 0.7}])
+    assert sp == {"auto": {"min": 20.0, "max": 30.0, "mean": 25.0}, "share": {"min": 0.5, "max": 0.7, "mean": 0.6}}
+    claims = repro.combine_claims([_summary(_modes(0.2, 0.6, 0.18), _modes(0.62, 0.63, 0.2, tr=0.9)),
+                                   {**_summary(_modes(0.1, 0.7, 0.08), _modes(0.72, 0.73, 0.2, tr=0.9)), "seed": 1}])
+    assert claims["1_atrophy"]["spread"]["think"] == {"min": 60.0, "max": 70.0, "mean": 65.0}
+    assert repro._spread_text(claims["1_atrophy"]["spread"]).startswith("auto 10–20, think 60–70")
 
 
 def test_grpo_collapse_to_no_think_counts_and_uses_the_tail_mean():
@@ -146,6 +171,8 @@ def test_combined_report_needs_every_seed_and_writes_plots(tmp_path):
     repro.write_report(Store.from_config(cfg.storage), str(tmp_path / "out"), report)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| 1 atrophy" in md and "FAIL" in md and "PASS" in md
+    assert "**4/5 claims reproduce on every seed** (0, 1)" in md
+    assert "| 0 | 0.100 | 0.900 |" in md                       # annealed p(think) per cell
     assert json.loads((tmp_path / "out" / "report.json").read_text())["claims"]["1_atrophy"]["pass"] is False
     for plot in repro.PLOTS:
         assert (tmp_path / "out" / plot).stat().st_size > 5_000, plot
@@ -172,61 +199,22 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "repro.hard_difficulty=5" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# --- fast: the simulated annotator ------------------------------------------------------------
-def _records():
-    from r4b_core.data.schema import Record
+def test_mechanism_table_and_figure_from_hand_made_arms(tmp_path):
+    def arm(share, p, bpo, grpo):
+        ev = {"anneal": _eval(_modes(0.2, 0.7, 0.2, tr=0.0)), "bpo": _eval(_modes(bpo, 0.7, 0.2, tr=0.95)),
+              "grpo": _eval(_modes(grpo, 0.7, 0.2, tr=1.0 if grpo > 0.5 else 0.0))}
+        return {"curate": {"reasoning_share_by_cell": {"math/3": share}}, "annealed_p_think": {"math/3": p},
+                "evals": ev, "curves": {"grpo": [{"step": 1, "rollouts/no_think_share": 0.5 if grpo > 0.5 else 0.97}]}}
 
-    return [Record(id="p1", question="What colour is the first number?", answer="red", answer_type="text",
-                   category="perception", difficulty=1),
-            Record(id="m1", question="Compute A + B.", answer="7", category="math", difficulty=1,
-                   answer_type="integer"),
-            Record(id="m2", question="Compute A + B × C.", answer="43", category="math", difficulty=2,
-                   answer_type="integer")]
-
-
-def _answers(ann, rid, n=8, seed=0):
-    from r4b_core.rollout.base import GenerationRequest
-
-    return [c.text for c in ann.generate([GenerationRequest(prompt="?", key=rid, n=n, seed=seed)])]
-
-
-def test_simulated_annotator_answers_with_its_per_cell_accuracy_and_is_seeded():
-    ann = repro.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 0.0, "math": 0.5}, seed=3)
-    assert ann.p_correct(_records()[2]) == 0.5                 # no math/2 entry: the category's
-    assert _answers(ann, "p1") == ["red"] * 8
-    wrong = _answers(ann, "m1")
-    assert all(w != "7" and w.lstrip("-").isdigit() for w in wrong)   # wrong, but a number like the answer
-    many = [a == "43" for s in range(50) for a in _answers(ann, "m2", seed=s)]
-    assert 0.4 < sum(many) / len(many) < 0.6
-    assert _answers(ann, "m2", seed=7) == _answers(ann, "m2", seed=7)
-    colour_wrong = _answers(repro.SimulatedAnnotator(_records(), {"perception": 0.0, "math": 0.0}, 0), "p1")
-    assert all(c != "red" and c.isalpha() for c in colour_wrong)
-    with pytest.raises(repro.ReproError, match="no entry for math/2"):
-        repro.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 1.0}, 0).p_correct(_records()[2])
-
-
-def test_curation_with_the_simulated_annotator_labels_by_cell_and_skips_on_rerun(tmp_path):
-    from r4b_core.config import load_config
-    from r4b_core.curate import run_curate
-    from r4b_core.data.schema import read_jsonl
-    from r4b_core.data.synthetic import generate_all
-
-    cfg = load_config(CONFIG, [f"storage.root={tmp_path}", "data.synthetic.train_size=60",
-                               "data.synthetic.rl_size=4", "data.synthetic.eval_size=4"])
-    raw = generate_all(cfg.data.synthetic, tmp_path / "data")["train"]
-    records = read_jsonl(raw).records
-    ann = repro.SimulatedAnnotator(records, {"perception": 1.0, "math/1": 1.0, "math/2": 0.0}, seed=0)
-    out = str(tmp_path / "curate" / "sft.jsonl")
-    manifest = run_curate(cfg, str(raw), out, annotator=ann)
-    labels = {r.id: r.label for r in read_jsonl(out).records}
-    for r in records:
-        assert labels[r.id] == ("reasoning" if (r.category, r.difficulty) == ("math", 2) else "direct"), r
-    stamp = (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns
-    again = run_curate(cfg, str(raw), out, annotator=ann)                        # same annotator: skipped
-    assert again["config_hash"] == manifest["config_hash"]
-    assert (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns == stamp
-    other = repro.SimulatedAnnotator(records, {"perception": 1.0, "math/1": 0.0, "math/2": 0.0}, seed=0)
-    redone = run_curate(cfg, str(raw), out, annotator=other)                     # another annotator: redone
-    assert redone["config_hash"] != manifest["config_hash"]
-    assert sum(r.label == "reasoning" for r in read_jsonl(out).records) == sum(
-        r.category == "math" for r in records)
+    mech = {"seed": 0, "hard_difficulty": 3, "arms": {"common": arm(0.6, 0.55, 0.7, 0.7),
+                                                      "very_rare": arm(0.05, 0.02, 0.68, 0.2)}}
+    mech["points"] = repro.mechanism_points(mech)
+    assert mech["points"]["very_rare"] == {
+        "reasoning_share": 0.05, "annealed_p_think": 0.02, "annealed_think_rate": 0.0, "annealed_auto_accuracy": 0.2,
+        "annealed_think_accuracy": 0.7, "bpo_accuracy": 0.68, "bpo_think_rate": 0.95, "grpo_accuracy": 0.2,
+        "grpo_think_rate": 0.0, "grpo_no_think_share_final": 0.97}
+    md = repro.render_mechanism(mech)
+    assert "| very_rare | 0.050 | 0.020 | 0.700 | 0.200 | 0.680 | 0.950 | 0.200 | 0.000 | 0.970 |" in md
+    fig = repro._mechanism_figure(repro._plt(), mech)
+    png = repro._save(fig, tmp_path / "mechanism.png", repro._plt())
+    assert png.stat().st_size > 5_000

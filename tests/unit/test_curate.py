@@ -362,3 +362,71 @@ def test_identity_tracks_raw_content_and_annotator_lineage(tmp_path):
     cfg3 = cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"annotator": str(tmp_path / "m")})})
     assert curate.identity_hash(curate.curate_identity(cfg3, store, "line\n", False, False)) is None
     assert curate.identity_hash(curate.curate_identity(cfg, store, "line\n", True, False)) is None
+
+
+# --- the simulated strong annotator (curate.annotator: simulated) --------------------------------
+def _records():
+    from r4b_core.data.schema import Record
+
+    return [Record(id="p1", question="What colour is the first number?", answer="red", answer_type="text",
+                   category="perception", difficulty=1),
+            Record(id="m1", question="Compute A + B.", answer="7", category="math", difficulty=1,
+                   answer_type="integer"),
+            Record(id="m2", question="Compute A + B × C.", answer="43", category="math", difficulty=2,
+                   answer_type="integer")]
+
+
+def _answers(ann, rid, n=8, seed=0):
+    from r4b_core.rollout.base import GenerationRequest
+
+    return [c.text for c in ann.generate([GenerationRequest(prompt="?", key=rid, n=n, seed=seed)])]
+
+
+def test_simulated_annotator_answers_with_its_per_cell_accuracy_and_is_seeded():
+    ann = curate.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 0.0, "math": 0.5}, seed=3)
+    assert ann.p_correct(_records()[2]) == 0.5                 # no math/2 entry: the category's
+    assert _answers(ann, "p1") == ["red"] * 8
+    wrong = _answers(ann, "m1")
+    assert all(w != "7" and w.lstrip("-").isdigit() for w in wrong)   # wrong, but a number like the answer
+    many = [a == "43" for s in range(50) for a in _answers(ann, "m2", seed=s)]
+    assert 0.4 < sum(many) / len(many) < 0.6
+    assert _answers(ann, "m2", seed=7) == _answers(ann, "m2", seed=7)
+    colour_wrong = _answers(curate.SimulatedAnnotator(_records(), {"perception": 0.0, "math": 0.0}, 0), "p1")
+    assert all(c != "red" and c.isalpha() for c in colour_wrong)
+    with pytest.raises(curate.CurateError, match="no entry for math/2"):
+        curate.SimulatedAnnotator(_records(), {"perception": 1.0, "math/1": 1.0}, 0).p_correct(_records()[2])
+
+
+def test_curation_with_the_simulated_annotator_labels_by_cell_and_skips_on_rerun(tmp_path, repo_root):
+    from r4b_core.config import load_config
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_all
+
+    acc = "curate.simulated_accuracy={perception: 1.0, math/1: 1.0, math/2: 0.0}"
+    cfg = load_config(repo_root / "configs" / "repro.yaml", [
+        f"storage.root={tmp_path}", "data.synthetic.train_size=60", "data.synthetic.rl_size=4",
+        "data.synthetic.eval_size=4", "data.synthetic.difficulties=[1, 2]", acc])
+    assert cfg.curate.annotator == "simulated"
+    raw = generate_all(cfg.data.synthetic, tmp_path / "data")["train"]
+    records = read_jsonl(raw).records
+    out = str(tmp_path / "curate" / "sft.jsonl")
+    manifest = curate.run_curate(cfg, str(raw), out)                            # built from the config
+    labels = {r.id: r.label for r in read_jsonl(out).records}
+    for r in records:
+        assert labels[r.id] == ("reasoning" if (r.category, r.difficulty) == ("math", 2) else "direct"), r
+    stamp = (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns
+    again = curate.run_curate(cfg, str(raw), out)                               # same annotator: skipped
+    assert again["config_hash"] == manifest["config_hash"]
+    assert (tmp_path / "curate" / "manifest.json").stat().st_mtime_ns == stamp
+    stronger = load_config(repo_root / "configs" / "repro.yaml", [
+        f"storage.root={tmp_path}", "data.synthetic.train_size=60", "data.synthetic.rl_size=4",
+        "data.synthetic.eval_size=4", "data.synthetic.difficulties=[1, 2]",
+        "curate.simulated_accuracy={perception: 1.0, math/1: 0.0, math/2: 0.0}"])
+    redone = curate.run_curate(stronger, str(raw), out)                        # another annotator: redone
+    assert redone["config_hash"] != manifest["config_hash"]
+    assert sum(r.label == "reasoning" for r in read_jsonl(out).records) == sum(
+        r.category == "math" for r in records)
+    # an engine passed in that states its identity is skipped on it, like the configured one
+    ann = curate.SimulatedAnnotator(records, {"perception": 1.0, "math": 0.0}, seed=0)
+    first = curate.run_curate(cfg, str(raw), out, annotator=ann)
+    assert curate.run_curate(cfg, str(raw), out, annotator=ann)["config_hash"] == first["config_hash"]
