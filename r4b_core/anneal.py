@@ -441,6 +441,125 @@ class _PhaseClock:
 
 
 # ---------------------------------------------------------------------------------------------
+# One training step
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StepTotals:
+    """What a step's micro-batches add up to, on this rank (summed over ranks before use)."""
+
+    ce_think: float = 0.0  # summed cross entropy of thinking-target tokens
+    n_think: float = 0.0  # thinking-target tokens
+    ce_direct: float = 0.0
+    n_direct: float = 0.0
+    real_tokens: float = 0.0  # tokens fed to the model, pads excluded
+    slots: float = 0.0  # token positions, pads included
+
+    def add(self, ce, mask, token_mode, batch_token_mode) -> None:
+        from r4b_core.training.packing import MODE_DIRECT, MODE_THINK
+
+        think, direct = mask & (token_mode == MODE_THINK), mask & (token_mode == MODE_DIRECT)
+        self.ce_think += float((ce * think).sum())
+        self.n_think += float(think.sum())
+        self.ce_direct += float((ce * direct).sum())
+        self.n_direct += float(direct.sum())
+        self.real_tokens += float((batch_token_mode >= 0).sum())
+        self.slots += batch_token_mode.numel()
+
+    def all_reduced(self, env) -> StepTotals:
+        from dataclasses import astuple
+
+        from r4b_core.training.distributed import all_reduce_sum
+
+        return StepTotals(*all_reduce_sum(list(astuple(self)), env))
+
+
+@dataclass
+class AnnealTrainer:
+    """What a step works with. Plain fields; the control flow lives in `anneal_step`."""
+
+    model: Any  # the bare module
+    forward_model: Any  # what the forward runs through: the DDP or DeepSpeed wrapper, else `model`
+    optimizer: Any  # torch AdamW (DeepSpeed steps it through `ds_engine`)
+    scheduler: Any
+    samples: list  # every training Sample; rows hold their indices
+    cfg: Any  # AnnealConfig
+    env: Any  # training/distributed.DistEnv
+    pad_id: int
+    device: Any
+    compute_dtype: Any  # of the additive mask and the pixels (SDPA wants them equal)
+    amp: Any  # bf16 autocast on CUDA without DeepSpeed, else a null context
+    segments: bool  # per-sample segment attention (no 4D mask)
+    clock: _PhaseClock
+    ddp: Any = None  # DistributedDataParallel around `model` (plain data parallelism)
+    ds_engine: Any = None  # DeepSpeed engine around `model`
+
+
+def anneal_step(tr: AnnealTrainer, rows: list[list[int]]) -> tuple[dict[str, float], StepTotals]:
+    """One optimizer step on the global batch `rows` (this rank trains its share): forward and
+    backward per micro-batch -> clip -> update. The loss is the token mean over the whole global
+    step. Returns the step's metrics and its totals over all ranks."""
+    import torch
+
+    from r4b_core.training.optim import lr_by_group
+    from r4b_core.training.packing import collate
+
+    a, env, clock, engine = tr.cfg, tr.env, tr.clock, tr.ds_engine
+    t0 = time.time()
+    per_rank = a.grad_accum * a.micro_batch_size
+    mine = rows[env.rank * per_rank:(env.rank + 1) * per_rank]
+    # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
+    n_global = sum(tr.samples[i].n_target for row in rows for i in row)
+    scale = env.world_size * (a.grad_accum if engine is not None else 1) / max(1, n_global)
+    row_length = a.pack_length if a.pad_to == "pack_length" else None
+    # Packed rows under segment attention need no pads at all: the micro-batch's samples run end
+    # to end as one sequence (position ids keep them apart), as first-fit grouped them.
+    padding_free = a.packing and tr.segments and row_length is None
+    totals = StepTotals()
+    for m in range(a.grad_accum):
+        micro = [[tr.samples[i] for i in row] for row in mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]]
+        if padding_free:
+            micro = [[s for row in micro for s in row]]
+        batch = collate(micro, tr.pad_id, length=row_length, mask_dtype=tr.compute_dtype, mask=not tr.segments)
+        clock.lap("data")
+        last = m == a.grad_accum - 1
+        sync = contextlib.nullcontext() if (tr.ddp is None or last) else tr.ddp.no_sync()
+        with sync:
+            with tr.amp:
+                ce, mask, token_mode = token_losses(tr.forward_model, batch, tr.device, tr.compute_dtype)
+            loss = (ce * mask).sum() * scale
+            clock.lap("forward")
+            if engine is not None:
+                engine.backward(loss)
+                clock.lap("backward")
+                engine.step()
+                clock.lap("optimizer")
+            else:
+                loss.backward()
+                clock.lap("backward")
+        with torch.no_grad():
+            totals.add(ce, mask, token_mode, batch["token_mode"])
+        clock.lap("other")
+    if engine is not None:
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+    else:
+        params = [p for p in tr.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.optim.grad_clip))
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+    lrs = lr_by_group(tr.optimizer)
+    tr.scheduler.step()
+    clock.lap("optimizer")
+    t = totals.all_reduced(env)
+    dt = time.time() - t0
+    metrics = {"loss": (t.ce_think + t.ce_direct) / max(1.0, t.n_think + t.n_direct),
+               "loss_think": t.ce_think / t.n_think if t.n_think else float("nan"),
+               "loss_direct": t.ce_direct / t.n_direct if t.n_direct else float("nan"), "grad_norm": grad_norm,
+               "tokens_per_s": t.real_tokens / dt, "padding_waste": 1.0 - t.real_tokens / max(1.0, t.slots),
+               **{f"lr_{k}": v for k, v in lrs.items()}}
+    return metrics, t
+
+
+# ---------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------
 class _Console:
@@ -498,9 +617,9 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     from r4b_core import layout
     from r4b_core.storage import Store
     from r4b_core.training import checkpoint as ckpt
-    from r4b_core.training.distributed import all_reduce_sum, barrier, init_distributed, teardown
-    from r4b_core.training.optim import cosine_scheduler, lr_by_group, param_groups
-    from r4b_core.training.packing import MODE_DIRECT, MODE_THINK, collate, use_segment_attention
+    from r4b_core.training.distributed import barrier, init_distributed, teardown
+    from r4b_core.training.optim import cosine_scheduler, param_groups
+    from r4b_core.training.packing import collate, use_segment_attention
 
     a = cfg.anneal
     store = Store.from_config(cfg.storage)
@@ -626,81 +745,30 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 tracking.log_dict(cfg.model_dump(mode="json"), "config/resolved.json")
             console.start(a.steps, step)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
-            params = [p for p in model.parameters() if p.requires_grad]
+            trainer = AnnealTrainer(model=model, forward_model=forward_model, optimizer=optimizer,
+                                    scheduler=scheduler, samples=samples, cfg=a, env=env, pad_id=pad_id,
+                                    device=device, compute_dtype=compute_dtype, amp=amp, segments=segments,
+                                    clock=_PhaseClock(torch.cuda.synchronize if cuda else None), ddp=ddp,
+                                    ds_engine=engine)
+            clock = trainer.clock
             t_train, cpu_train = time.time(), time.process_time()
             steps_this_run = 0
             tokens_this_run = slots_this_run = 0
-            clock = _PhaseClock(torch.cuda.synchronize if cuda else None)
-            row_length = a.pack_length if a.pad_to == "pack_length" else None
-            # Packed rows under segment attention need no pads at all: the micro-batch's samples run
-            # end to end as one sequence (position ids keep them apart), as first-fit grouped them.
-            padding_free = a.packing and segments and row_length is None
             while step < a.steps:
-                t0 = time.time()
                 clock.mark()
                 rows, cursor = stream.take(cursor, rows_per_step)
-                mine = rows[env.rank * a.grad_accum * a.micro_batch_size:(env.rank + 1) * a.grad_accum * a.micro_batch_size]
-                # Token-mean over the whole global step: every rank knows every row, so no all-reduce.
-                n_global = sum(samples[i].n_target for row in rows for i in row)
-                scale = env.world_size * (a.grad_accum if use_ds else 1) / max(1, n_global)
-                sums = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # ce think, n think, ce direct, n direct, real, slots
-                for m in range(a.grad_accum):
-                    micro = mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]
-                    layout = [[samples[i] for i in row] for row in micro]
-                    if padding_free:
-                        layout = [[s for row in layout for s in row]]
-                    batch = collate(layout, pad_id, length=row_length, mask_dtype=compute_dtype, mask=not segments)
-                    clock.lap("data")
-                    last = m == a.grad_accum - 1
-                    sync = contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
-                    with sync:
-                        with amp:
-                            ce, mask, tmode = token_losses(forward_model, batch, device, compute_dtype)
-                        loss = (ce * mask).sum() * scale
-                        clock.lap("forward")
-                        if use_ds:
-                            engine.backward(loss)
-                            clock.lap("backward")
-                            engine.step()
-                            clock.lap("optimizer")
-                        else:
-                            loss.backward()
-                            clock.lap("backward")
-                    with torch.no_grad():
-                        think, direct = mask & (tmode == MODE_THINK), mask & (tmode == MODE_DIRECT)
-                        sums[0] += float((ce * think).sum()); sums[1] += float(think.sum())
-                        sums[2] += float((ce * direct).sum()); sums[3] += float(direct.sum())
-                        sums[4] += float((batch["token_mode"] >= 0).sum()); sums[5] += batch["token_mode"].numel()
-                    clock.lap("other")
-                if use_ds:
-                    grad_norm = float(engine.get_global_grad_norm() or 0.0)
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.optim.grad_clip))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                lrs = lr_by_group(optimizer)
-                scheduler.step()
-                clock.lap("optimizer")
+                metrics, totals = anneal_step(trainer, rows)
                 step += 1
                 steps_this_run += 1
-                ce_t, n_t, ce_d, n_d, real, slots = all_reduce_sum(sums, env)
-                dt = time.time() - t0
-                tokens_this_run += real
-                slots_this_run += slots
-                loss_all = (ce_t + ce_d) / max(1.0, n_t + n_d)
-                metrics = {"loss": loss_all, "loss_think": ce_t / n_t if n_t else float("nan"),
-                           "loss_direct": ce_d / n_d if n_d else float("nan"), "grad_norm": grad_norm,
-                           "tokens_per_s": real / dt, "padding_waste": 1.0 - real / max(1.0, slots),
-                           **{f"lr_{k}": v for k, v in lrs.items()}}
+                tokens_this_run += totals.real_tokens
+                slots_this_run += totals.slots
                 # None (not NaN: manifests are strict JSON) for a mode absent from this step
-                history.append({"step": step, "loss": round(loss_all, 6),
-                                **{k: None if math.isnan(metrics[k]) else round(metrics[k], 6)
-                                   for k in ("loss_think", "loss_direct")}})
-                info = f"loss {loss_all:.4f}"
-                console.advance(info)
+                history.append({"step": step, **{k: None if math.isnan(metrics[k]) else round(metrics[k], 6)
+                                                 for k in ("loss", "loss_think", "loss_direct")}})
+                console.advance(f"loss {metrics['loss']:.4f}")
                 if step % a.log_every == 0 or step == a.steps or step == 1:
-                    console.print(f"step {step}/{a.steps} loss {loss_all:.4f} think {metrics['loss_think']:.4f} "
-                                  f"direct {metrics['loss_direct']:.4f} lr {lrs.get('llm', 0):.2e} "
+                    console.print(f"step {step}/{a.steps} loss {metrics['loss']:.4f} think {metrics['loss_think']:.4f} "
+                                  f"direct {metrics['loss_direct']:.4f} lr {metrics.get('lr_llm', 0):.2e} "
                                   f"tok/s {metrics['tokens_per_s']:.0f} waste {metrics['padding_waste']:.3f}")
                     if tracking is not None:
                         tracking.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
