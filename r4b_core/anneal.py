@@ -488,10 +488,108 @@ class AnnealTrainer:
     device: Any
     compute_dtype: Any  # of the additive mask and the pixels (SDPA wants them equal)
     amp: Any  # bf16 autocast on CUDA without DeepSpeed, else a null context
-    segments: bool  # per-sample segment attention (no 4D mask)
+    varlen: str | None  # the varlen attention in use (training/packing.py VARLEN); None = the 4D mask
     clock: _PhaseClock
     ddp: Any = None  # DistributedDataParallel around `model` (plain data parallelism)
     ds_engine: Any = None  # DeepSpeed engine around `model`
+
+    @property
+    def segments(self) -> bool:
+        """Samples kept apart by position ids (a varlen attention), not by a 4D mask."""
+        return self.varlen is not None
+
+
+def freeze_unused_parameters(model, sample, pad_id: int, device) -> list[str]:
+    """A dry step on one real sample: fails early on a data/model mismatch (image tokens vs
+    features), and finds parameters the forward never uses (e.g. the vision tower's post-layernorm,
+    skipped by LLaVA's feature layer); freezing them keeps DDP and ZeRO from waiting for gradients
+    that never come. Returns their names."""
+    from r4b_core.training.packing import collate
+
+    ce, mask, _ = token_losses(model, collate([[sample]], pad_id), device)
+    (ce * mask).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def setup_trainer(a, model, samples: list, pad_id: int, env, console) -> tuple[AnnealTrainer, Any]:
+    """The model on its device, frozen where it gets no gradient, its attention path chosen, the
+    optimizer and schedule, and the DDP or DeepSpeed wrapper. Returns (the step's AnnealTrainer,
+    the checkpoint's training/checkpoint.Trainee)."""
+    import torch
+
+    from r4b_core.training import checkpoint as ckpt
+    from r4b_core.training.optim import cosine_scheduler, param_groups
+
+    device = env.device
+    cuda = device.type == "cuda"
+    use_bf16 = cuda and torch.cuda.is_bf16_supported()
+    use_ds = a.distributed.deepspeed != "none"
+    model.to(device)
+    unused = freeze_unused_parameters(model, next((s for s in samples if s.pixel_values is not None), samples[0]),
+                                      pad_id, device)
+    if unused:
+        console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
+                      f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
+    # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
+    varlen, line = None, "attention: 4D block mask (anneal.attention=mask)"
+    if a.attention == "auto":
+        varlen, line = choose_attention(model, samples, pad_id, a.pack_length, device, compute_dtype)
+    console.print(line)
+    optimizer = torch.optim.AdamW(param_groups(model, a.optim), betas=tuple(a.optim.betas),
+                                  weight_decay=a.optim.weight_decay)
+    scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
+    engine = ddp = None
+    if use_ds:
+        from r4b_core.training.zero import deepspeed_engine
+
+        zero_stage = 2 if a.distributed.deepspeed == "zero2" else 3
+        engine, ds_optimizer = deepspeed_engine(model, optimizer, stage=zero_stage, grad_accum=a.grad_accum,
+                                                grad_clip=a.optim.grad_clip, use_bf16=use_bf16)
+        trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
+    else:
+        if env.initialized:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # A micro-batch without any image leaves the vision tower without gradients.
+            ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                          find_unused_parameters=any(s.pixel_values is None for s in samples))
+        trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
+    trainer = AnnealTrainer(
+        model=model, forward_model=engine or ddp or model, optimizer=optimizer, scheduler=scheduler,
+        samples=samples, cfg=a, env=env, pad_id=pad_id, device=device, compute_dtype=compute_dtype,
+        amp=torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext(),
+        varlen=varlen, clock=_PhaseClock(torch.cuda.synchronize if cuda else None), ddp=ddp, ds_engine=engine)
+    return trainer, trainee
+
+
+def resume_from_checkpoint(store, ckpt_root: str, trainee, a, ident: dict, config_hash: str, env, console,
+           cache_dir: Path) -> tuple[int, tuple[int, int], list, int | None]:
+    """Load the last complete checkpoint under `ckpt_root`, if any: (step, data cursor, loss
+    history, step resumed from). One written under another identity is refused with the differing
+    values, or taken anyway with `anneal.resume: force`."""
+    from r4b_core.training import checkpoint as ckpt
+
+    found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
+    if found is None:
+        return 0, (0, 0), [], None
+    saved = ckpt.read_state(store, found[1])
+    if saved.get("config_hash") != config_hash:
+        diff = ckpt.config_diff(saved.get("identity", {}), ident)
+        msg = f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8])
+        if a.resume != "force":
+            raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
+                              "fresh, or resume anyway with --set anneal.resume=force")
+        console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
+    state = ckpt.load(store, found[1], trainee, env, cache_dir)
+    console.print(f"resumed from {found[1]} (step {state['step']})")
+    return state["step"], tuple(state["cursor"]), state.get("history", []), state["step"]
 
 
 def anneal_step(tr: AnnealTrainer, rows: list[list[int]]) -> tuple[dict[str, float], StepTotals]:
@@ -618,8 +716,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     from r4b_core.storage import Store
     from r4b_core.training import checkpoint as ckpt
     from r4b_core.training.distributed import barrier, init_distributed, teardown
-    from r4b_core.training.optim import cosine_scheduler, param_groups
-    from r4b_core.training.packing import collate, use_segment_attention
+    from r4b_core.training.packing import use_segment_attention
 
     a = cfg.anneal
     store = Store.from_config(cfg.storage)
@@ -664,77 +761,11 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                           f"reasoning ratio {report.reasoning_ratio:.2f}), {report.skipped} skipped, "
                           f"{report.overlong_truncated} truncated, {report.held_out} held out; "
                           f"{report.tokens} tokens, {report.target_tokens} target tokens")
-            device = env.device
-            cuda = device.type == "cuda"
-            use_bf16 = cuda and torch.cuda.is_bf16_supported()
-            # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
-            compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-            model.to(device)
-            # A dry step on one real sample: fails early on a data/model mismatch (image tokens vs
-            # features), and finds parameters the forward never uses (e.g. the vision tower's
-            # post-layernorm, skipped by LLaVA's feature layer); freezing them keeps DDP and ZeRO
-            # from waiting for gradients that never come.
-            probe = collate([[next((s for s in samples if s.pixel_values is not None), samples[0])]],
-                            processor.tokenizer.pad_token_id)
-            ce, mask, _ = token_losses(model, probe, device)
-            (ce * mask).sum().backward()
-            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-            for n, p in model.named_parameters():
-                p.grad = None
-                if n in unused:
-                    p.requires_grad_(False)
-            if unused:
-                console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
-                              f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
-            # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
-            varlen, line = None, "attention: 4D block mask (anneal.attention=mask)"
-            if a.attention == "auto":
-                varlen, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, a.pack_length,
-                                                device, compute_dtype)
-            segments = varlen is not None
-            console.print(line)
-            groups = param_groups(model, a.optim)
-            optimizer = torch.optim.AdamW(groups, betas=tuple(a.optim.betas), weight_decay=a.optim.weight_decay)
-            scheduler = cosine_scheduler(optimizer, a.steps, a.optim.warmup_steps)
-            has_text_only = any(s.pixel_values is None for s in samples)
-            engine = ddp = None
-            if use_ds:
-                from r4b_core.training.zero import deepspeed_engine
-
-                zero_stage = 2 if a.distributed.deepspeed == "zero2" else 3
-                engine, ds_optimizer = deepspeed_engine(model, optimizer, stage=zero_stage, grad_accum=a.grad_accum,
-                                                        grad_clip=a.optim.grad_clip, use_bf16=use_bf16)
-                trainee = ckpt.Trainee(model=engine.module, optimizer=ds_optimizer, scheduler=scheduler, engine=engine)
-                forward_model = engine
-            else:
-                if env.initialized:
-                    from torch.nn.parallel import DistributedDataParallel
-
-                    # A micro-batch without any image leaves the vision tower without gradients.
-                    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                                  find_unused_parameters=has_text_only)
-                trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
-                forward_model = ddp or model
+            trainer, trainee = setup_trainer(a, model, samples, processor.tokenizer.pad_token_id, env, console)
             stream = RowStream([len(s) for s in samples], a.pack_length, a.packing, cfg.seed)
-            pad_id = processor.tokenizer.pad_token_id
             rows_per_step = env.world_size * a.grad_accum * a.micro_batch_size
-
-            # ---- resume ---------------------------------------------------------------------------
-            step, cursor, history, resumed_from = 0, (0, 0), [], None
-            found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
-            if found is not None:
-                saved = ckpt.read_state(store, found[1])
-                if saved.get("config_hash") != config_hash:
-                    diff = ckpt.config_diff(saved.get("identity", {}), ident)
-                    msg = (f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8]))
-                    if a.resume != "force":
-                        raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
-                                          "fresh, or resume anyway with --set anneal.resume=force")
-                    console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
-                state = ckpt.load(store, found[1], trainee, env, cache_dir)
-                step, cursor, history = state["step"], tuple(state["cursor"]), state.get("history", [])
-                resumed_from = step
-                console.print(f"resumed from {found[1]} (step {step})")
+            step, cursor, history, resumed_from = resume_from_checkpoint(store, ckpt_root, trainee, a, ident,
+                                                                         config_hash, env, console, cache_dir)
 
             # ---- train ----------------------------------------------------------------------------
             if tracking is not None:
@@ -744,12 +775,6 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                                      "data": {k: v for k, v in report.as_dict().items() if k != "problems"}})
                 tracking.log_dict(cfg.model_dump(mode="json"), "config/resolved.json")
             console.start(a.steps, step)
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext()
-            trainer = AnnealTrainer(model=model, forward_model=forward_model, optimizer=optimizer,
-                                    scheduler=scheduler, samples=samples, cfg=a, env=env, pad_id=pad_id,
-                                    device=device, compute_dtype=compute_dtype, amp=amp, segments=segments,
-                                    clock=_PhaseClock(torch.cuda.synchronize if cuda else None), ddp=ddp,
-                                    ds_engine=engine)
             clock = trainer.clock
             t_train, cpu_train = time.time(), time.process_time()
             steps_this_run = 0
@@ -801,9 +826,9 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         compliance = {}
                         if compliance_items:
                             reloaded, rproc = load_model(staging, cfg.model, dtype=torch.float32)
-                            reloaded.to(device)
+                            reloaded.to(env.device)
                             max_new = report.max_target_tokens + 8
-                            compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, device)
+                            compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, env.device)
                             console.print(f"mode compliance: think {compliance['think']:.3f} no_think "
                                           f"{compliance['no_think']:.3f} over {compliance['samples']} prompts")
                             del reloaded
@@ -822,8 +847,8 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         # where rank 0's training time went, per phase (PHASES), this invocation
                         "time_split_s": _PhaseClock.rounded(clock.wall),
                         "time_split_cpu_s": _PhaseClock.rounded(clock.cpu),
-                        "segment_attention": segments,
-                        "attention": varlen or "mask",
+                        "segment_attention": trainer.segments,
+                        "attention": trainer.varlen or "mask",
                     }
                     manifest = {
                         "stage": STAGE,

@@ -187,6 +187,42 @@ def test_attention_path_and_row_padding_leave_the_loss_curve_unchanged(tmp_path,
         assert sum(met["time_split_cpu_s"].values()) <= met["train_cpu_s"] + 0.05
 
 
+def test_anneal_step_alone_is_the_token_mean_loss_and_accumulation_changes_nothing(tmp_path, one_torch_thread):
+    """One SFT step without the stage around it: its loss is the token mean of the cross entropy
+    over every target token of the step's rows (computed here with the 4D mask, before the update),
+    and the same rows as two accumulated micro-batches give the same loss, gradient and weights."""
+    import torch
+
+    from r4b_core.anneal import _Console, anneal_step, prepare_data, setup_trainer, token_losses
+    from r4b_core.models.loading import load_model
+    from r4b_core.storage import Store
+    from r4b_core.training.distributed import DistEnv
+    from r4b_core.training.packing import collate
+
+    after = {}
+    for accum, micro in ((1, 4), (2, 2)):
+        cfg, data, base, _ = make_run(tmp_path, steps=2, grad_accum=accum, micro_batch_size=micro, attention="mask")
+        torch.manual_seed(0)
+        model, processor = load_model(str(base), cfg.model, dtype=torch.float32)
+        model.train()
+        samples, _, _ = prepare_data(cfg, Store.from_config(cfg.storage), str(data), processor, tmp_path / "cache")
+        trainer, _ = setup_trainer(cfg.anneal, model, samples, processor.tokenizer.pad_token_id,
+                                   DistEnv(device=torch.device("cpu")), _Console(False))
+        rows = [[0, 1], [2], [3, 4], [5]]
+        with torch.no_grad():
+            ce, mask, _ = token_losses(model, collate([[samples[i] for i in r] for r in rows], trainer.pad_id),
+                                       trainer.device)
+        metrics, totals = anneal_step(trainer, rows)
+        assert metrics["loss"] == pytest.approx(float((ce * mask).sum() / mask.sum()), rel=1e-5)
+        assert totals.n_think + totals.n_direct == sum(samples[i].n_target for r in rows for i in r)
+        assert metrics["grad_norm"] > 0 and 0 <= metrics["padding_waste"] < 1
+        after[accum] = (metrics["loss"], metrics["grad_norm"], [p.detach().clone() for p in model.parameters()])
+    assert after[1][0] == pytest.approx(after[2][0], rel=1e-6)
+    assert after[1][1] == pytest.approx(after[2][1], rel=1e-4)  # the gradient, before Adam normalizes it
+    for one, two in zip(after[1][2], after[2][2], strict=True):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+
+
 def _write_bad_data(path: Path, good: Path) -> None:
     """The good records plus: a broken JSON line, an empty answer, a missing image, an overlong trace."""
     lines = good.read_text().splitlines()
