@@ -31,7 +31,6 @@ starts, and reported in the manifest and the log.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -46,9 +45,6 @@ from r4b_core.config import RunConfig
 from r4b_core.errors import R4BError
 
 STAGE = "anneal"
-# Keys that may change between a checkpoint and its resume without changing what is trained.
-RESUME_IGNORED = ("checkpoint_every", "keep_checkpoints", "log_every", "compliance_samples", "resume", "pad_to",
-                  "attention")
 # Where a training step's time goes (metrics.time_split_s / time_split_cpu_s of the manifest).
 PHASES = ("data", "forward", "backward", "optimizer", "other")
 
@@ -288,22 +284,15 @@ def token_losses(model, batch: dict, device, dtype=None) -> tuple[Any, Any, Any]
 # ---------------------------------------------------------------------------------------------
 # Identity: what must match for a skip (manifest) or a resume (checkpoint)
 # ---------------------------------------------------------------------------------------------
-def identity(cfg: RunConfig, train_uri: str, base_model_uri: str, upstream_hash: str | None) -> dict:
-    anneal = cfg.anneal.model_dump(mode="json")
-    for k in RESUME_IGNORED:
-        anneal.pop(k, None)
-    return {"anneal": anneal, "model": cfg.model.model_dump(mode="json"), "seed": cfg.seed,
-            "train_uri": train_uri, "base_model_uri": base_model_uri, "train_data_hash": upstream_hash}
+def identity(cfg: RunConfig, store, train_uri: str, base_model_uri: str) -> dict:
+    """identity.stage_identity of the anneal section and its inputs: the training data's lineage
+    (None when the file is missing: never skipped) and the base model's (a folder without
+    manifest is known by its URI)."""
+    from r4b_core.identity import data_lineage, model_lineage, stage_identity
 
-
-def identity_hash(ident: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
+    return stage_identity(cfg, STAGE, {
+        "train": train_uri, "train_data": data_lineage(store, train_uri) if store.exists(train_uri) else None,
+        "base_model": base_model_uri, "base_weights": model_lineage(store, base_model_uri) or "no manifest"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +702,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     import torch
 
     from r4b_core import layout
+    from r4b_core.identity import identity_hash
     from r4b_core.storage import Store
     from r4b_core.training import checkpoint as ckpt
     from r4b_core.training.distributed import barrier, init_distributed, teardown
@@ -723,13 +713,12 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     train_uri = train_uri or layout.curated_uri(cfg)
     base_model_uri = base_model_uri or layout.base_model_dir(cfg)
     out_uri = out_uri or layout.model_dir(cfg, STAGE)
-    ckpt_root = _parent(out_uri) + "/checkpoints"
-    upstream = store.read_manifest(_parent(train_uri)) if store.exists(_parent(train_uri) + "/manifest.json") else None
-    ident = identity(cfg, train_uri, base_model_uri, (upstream or {}).get("config_hash"))
+    ckpt_root = out_uri.rstrip("/").rsplit("/", 1)[0] + "/checkpoints"
+    ident = identity(cfg, store, train_uri, base_model_uri)
     config_hash = identity_hash(ident)
 
     # ---- skip: a finished run with the same identity ------------------------------------------
-    if store.is_complete(out_uri, config_hash):
+    if config_hash is not None and store.is_complete(out_uri, config_hash):
         manifest = store.read_manifest(out_uri)
         manifest["skipped"] = True
         return manifest

@@ -817,12 +817,15 @@ def stage_name(cfg: RunConfig) -> str:
     return "bpo" if cfg.bpo.algorithm == "bpo" else "grpo"
 
 
-def stage_config_hash(cfg: RunConfig, prompts_uri: str, init_model_uri: str, upstream_hash: str | None = None) -> str:
-    """Identity of a BPO run: its config section, seed, model, inputs and the config hash of the
-    stage that produced the init model (a re-annealed model must not be skipped as done). Not
-    `vllm`: how the rollouts are served does not change what is learned."""
-    blob = f"{cfg.stage_hash('bpo')}|{prompts_uri}|{init_model_uri}|{upstream_hash}".encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def bpo_identity(cfg: RunConfig, store, prompts_uri: str, init_model_uri: str) -> dict:
+    """What a BPO run learns from: the bpo section (less its operational knobs), seed, model, the
+    prompts and the init model, each with its lineage (a re-annealed model must not be skipped as
+    done). Not `vllm`: how the rollouts are served does not change what is learned."""
+    from r4b_core.identity import data_lineage, model_lineage, stage_identity
+
+    return stage_identity(cfg, "bpo", {
+        "prompts": prompts_uri, "prompts_data": data_lineage(store, prompts_uri) if store.exists(prompts_uri) else None,
+        "init_model": init_model_uri, "init_weights": model_lineage(store, init_model_uri) or "no manifest"})
 
 
 def checkpoints_root(out_uri: str) -> str:
@@ -873,6 +876,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     """Train the policy at `init_model_uri` on the prompts at `prompts_uri`; write the final model
     to `out_uri` (+ manifest.json). Skips when `out_uri` already has a manifest with this config's
     hash; resumes from the newest complete checkpoint under `<out_uri>/../checkpoints`."""
+    from r4b_core.identity import identity_hash
     from r4b_core.models.loading import load_model, save_model
     from r4b_core.rewards import RewardScorer
     from r4b_core.storage import Store
@@ -883,9 +887,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     b = cfg.bpo
     name = stage_name(cfg)
     store = Store.from_config(cfg.storage)
-    upstream = store.read_manifest(init_model_uri)
-    config_hash = stage_config_hash(cfg, prompts_uri, init_model_uri, (upstream or {}).get("config_hash"))
-    if store.is_complete(out_uri, config_hash):
+    ident = bpo_identity(cfg, store, prompts_uri, init_model_uri)
+    config_hash = identity_hash(ident)
+    if config_hash is not None and store.is_complete(out_uri, config_hash):
         manifest = store.read_manifest(out_uri)
         manifest["skipped"] = True
         print(f"{name}: {out_uri} is complete for config {config_hash}; skipping")
@@ -935,11 +939,10 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         start_step, version, base_position = 0, 0, 0
         history: list[dict] = []             # per-step metrics, kept in checkpoints and the manifest
         samples: list[dict] = []             # a few completions per mode and step (JSONL artifact)
-        run_config = cfg.model_dump(mode="json")
         if found is not None:
             saved = ckpt.read_state(store, found[1])
             if saved.get("config_hash") != config_hash:
-                diff = ckpt.config_diff(saved.get("config", {}), run_config)
+                diff = ckpt.config_diff(saved.get("identity", {}), ident)
                 if b.resume != "force":
                     raise BPOError(f"{found[1]} was written under a different config "
                                    f"({'; '.join(diff[:6]) or 'inputs changed'}); resume with "
@@ -1001,7 +1004,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                     if env.is_main and env.initialized:
                         print(f"{name}: weights agree across {env.world_size} processes ({fingerprint})", flush=True)
                     ckpt.save(store, root, done, trainee, env,
-                              {"config_hash": config_hash, "config": run_config, "policy_version": tr.policy_version,
+                              {"config_hash": config_hash, "identity": ident, "policy_version": tr.policy_version,
                                "prompt_position": base_position + (done - start_step) * b.prompts_per_step,
                                "stage": name, "history": history, "samples": samples})
                     if env.is_main:

@@ -10,11 +10,9 @@ Each stage reads only its own section; `RunConfig` adds the cross-stage checks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +26,10 @@ class ConfigError(R4BError, ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Knobs of how a stage runs, not of what it produces: they are left out of the stage's
+    # identity (identity.stage_identity), so changing one never retrains a finished stage nor
+    # refuses to resume its checkpoint.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +165,8 @@ class DataConfig(Section):
 # Stages
 # ---------------------------------------------------------------------------------------------
 class CurateConfig(Section):
+    OPERATIONAL = frozenset({"engine", "batch_size"})
+
     # -- samples per objective item from the annotator (no-think mode); paper: 8.
     num_samples: int = Field(8, ge=1)
     # -- an item is a reasoning item when at most this many samples are correct (paper: 0).
@@ -220,6 +224,9 @@ class DistributedConfig(Section):
 
 
 class AnnealConfig(Section):
+    OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "compliance_samples", "resume",
+                             "pad_to", "attention"})
+
     steps: int = Field(300, ge=1)
     # -- tokens per packed sequence (paper: 16384).
     pack_length: int = Field(512, ge=32)
@@ -254,6 +261,9 @@ class AnnealConfig(Section):
 
 
 class BPOConfig(Section):
+    OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "resume", "probe_every", "probe_size",
+                             "cpu_threads", "engine", "sync_tolerance", "sync_verify", "sync_overlap_verify"})
+
     # -- "bpo": g forced-think + g forced-no-think rollouts per prompt; "grpo": 2g auto-mode.
     algorithm: Literal["bpo", "grpo"] = "bpo"
     steps: int = Field(40, ge=1)
@@ -339,6 +349,8 @@ def bpo_config_problems(b: BPOConfig, world_size: int = 1) -> list[str]:
 
 
 class EvalConfig(Section):
+    OPERATIONAL = frozenset({"engine", "batch_size"})
+
     modes: list[Literal["auto", "think", "no_think"]] = Field(default_factory=lambda: ["auto", "think", "no_think"])
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -516,14 +528,6 @@ class RunConfig(Section):
     def run_uri(self) -> str:
         """Storage prefix of this run: <root>/<name>."""
         return self.storage.root.rstrip("/") + "/" + self.name
-
-    def stage_hash(self, *sections: str) -> str:
-        """Short hash of the named sections plus seed and model: a stage's identity for skipping."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        payload["seed"] = self.seed
-        payload["model"] = self.model.model_dump(mode="json")
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _line_of(node: yaml.Node | None, path: tuple) -> int | None:

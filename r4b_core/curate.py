@@ -49,10 +49,10 @@ from r4b_core import modes
 from r4b_core.config import RunConfig
 from r4b_core.data.schema import Label, Record, parse_jsonl
 from r4b_core.errors import R4BError
+from r4b_core.identity import identity_hash, model_lineage, stage_identity
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest, RolloutEngine
 
-MANIFEST_VERSION = 1
 
 # The judge question sent to the annotator for subjective items (no-think mode, greedy).
 JUDGE_INSTRUCTION = (
@@ -458,53 +458,28 @@ def stage_prefix(out_uri: str) -> tuple[str, str]:
     return out_uri.rstrip("/"), out_uri.rstrip("/") + "/sft.jsonl"
 
 
-def is_storage_uri(uri: str) -> bool:
-    """A storage path/URI rather than a Hugging Face id ("org/name")."""
-    return "://" in uri or Path(uri).is_absolute() or uri.startswith(".") or uri.count("/") != 1
-
-
-def model_lineage(store, model_uri: str) -> str | None:
-    """What identifies a model's weights: the config hash its folder was committed with (its
-    manifest), or the id itself for a Hugging Face id; None when unknown (no manifest)."""
-    if not is_storage_uri(model_uri):
-        return model_uri
-    try:
-        manifest = store.read_manifest(model_uri)
-    except R4BError:
-        return None
-    return (manifest or {}).get("config_hash")
-
-
-def identity_hash(parts: dict) -> str | None:
-    """A stage's identity from its parts; None when a part is unknown (then it never skips)."""
-    if any(v is None for v in parts.values()):
-        return None
-    return hashlib.sha256(json.dumps({**parts, "v": MANIFEST_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool, teacher_given: bool) -> dict:
     """Everything the curated output depends on: config, raw content, annotator and teacher weights."""
     c = cfg.curate
-    parts: dict[str, Any] = {"curate": cfg.stage_hash("curate"),
-                             "raw": hashlib.sha256(raw_text.encode()).hexdigest()}
+    inputs: dict[str, Any] = {"raw": hashlib.sha256(raw_text.encode()).hexdigest()}
     if annotator_given:
-        parts["annotator"] = None          # an engine we cannot identify: always recompute
+        inputs["annotator"] = None          # an engine we cannot identify: always recompute
     elif c.annotator == "simulated":
-        parts["annotator"] = {"kind": "simulated", "seed": cfg.seed}    # its accuracies are in curate.*
+        inputs["annotator"] = {"kind": "simulated", "seed": cfg.seed}    # its accuracies are in curate.*
     elif c.annotator == "base":
         from r4b_core import layout
 
         base = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
-        parts["annotator"] = model_lineage(store, base)
+        inputs["annotator"] = model_lineage(store, base)
         if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
-            parts["annotator_training"] = cfg.anneal.model_dump(mode="json")
+            inputs["annotator_training"] = cfg.anneal.model_dump(mode="json")
     else:
-        parts["annotator"] = model_lineage(store, c.annotator)
+        inputs["annotator"] = model_lineage(store, c.annotator)
     if teacher_given:
-        parts["teacher"] = None
+        inputs["teacher"] = None
     elif c.teacher:
-        parts["teacher"] = model_lineage(store, c.teacher)
-    return parts
+        inputs["teacher"] = model_lineage(store, c.teacher)
+    return stage_identity(cfg, "curate", inputs)
 
 
 def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEngine | None = None,
@@ -527,7 +502,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None)
     if annotator is not None and getattr(annotator, "identity", None):
         # an engine that states what it is (a SimulatedAnnotator passed in) can be skipped on that
-        ident["annotator"] = annotator.identity
+        ident["inputs"]["annotator"] = annotator.identity
     chash = identity_hash(ident)
     if chash is not None and store.is_complete(prefix, chash):
         manifest = store.read_manifest(prefix)

@@ -41,7 +41,6 @@ from r4b_core.modes import Mode
 from r4b_core.rollout.base import GenerationRequest, RolloutEngine
 
 MODE_ORDER = ("auto", "think", "no_think")
-MANIFEST_VERSION = 1
 
 # External answer_type values (MathVista and friends) -> ours.
 ANSWER_TYPES = {
@@ -430,12 +429,12 @@ def eval_identity(cfg: RunConfig, store, model_uri: str, texts: dict[str, str], 
                   compare: str | None, engine_given: bool) -> dict:
     """What a report depends on: eval config, the model's weights (its manifest's config hash),
     the benchmark contents, tag and comparison. An unknown model lineage means: never skip."""
-    from r4b_core.curate import model_lineage
+    from r4b_core.identity import model_lineage, stage_identity
 
     model = None if engine_given else model_lineage(store, model_uri)
-    return {"eval": cfg.eval.model_dump(mode="json"), "model": model, "model_uri": model_uri,
-            "data": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()},
-            "tag": tag, "compare": compare or ""}
+    return stage_identity(cfg, "eval", {
+        "model": model, "model_uri": model_uri, "tag": tag, "compare": compare or "",
+        **{f"data_{k}": hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()}})
 
 
 def load_report(source: str | dict, store=None) -> dict:
@@ -464,7 +463,8 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     `engine`: an already open RolloutEngine serving the model (e.g. BPO's); None = open one.
     """
     from r4b_core import storage
-    from r4b_core.curate import identity_hash, is_storage_uri, open_engine
+    from r4b_core.curate import open_engine
+    from r4b_core.identity import identity_hash, is_storage_uri
     from r4b_core.data.images import load_image
     from r4b_core.rewards import RewardScorer
 

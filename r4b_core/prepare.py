@@ -19,10 +19,18 @@ from pathlib import Path
 
 from r4b_core import layout
 from r4b_core.config import RunConfig, dump_config
+from r4b_core.identity import identity_hash, stage_identity
 
 
-def _data_hash(cfg: RunConfig) -> str:
-    return cfg.stage_hash("data")
+def data_hash(cfg: RunConfig) -> str:
+    """The data stage's identity: data section, seed, model (the images are drawn at its size)."""
+    return identity_hash(stage_identity(cfg, "data", {}))
+
+
+def init_model_hash(cfg: RunConfig) -> str:
+    """The tiny base as built: model section (less the pretraining that follows) and the data its
+    tokenizer is trained on."""
+    return identity_hash(stage_identity(cfg, "model", {"data": data_hash(cfg)}, ignore=("pretrain",)))
 
 
 def prepare_data(cfg: RunConfig, store) -> dict[str, str]:
@@ -32,14 +40,14 @@ def prepare_data(cfg: RunConfig, store) -> dict[str, str]:
     from r4b_core.data.synthetic import generate_all
 
     prefix = layout.data_dir(cfg)
-    if store.is_complete(prefix, _data_hash(cfg)):
+    if store.is_complete(prefix, data_hash(cfg)):
         return splits
     t0 = time.time()
     with store.atomic_dir(prefix) as staging:
         paths = generate_all(cfg.data.synthetic, Path(staging), image_size=cfg.model.tiny.image_size,
                              patch_size=cfg.model.tiny.patch_size)
         counts = {s: sum(1 for _ in open(p, encoding="utf-8")) for s, p in paths.items()}
-    store.commit(prefix, {"stage": "data", "config_hash": _data_hash(cfg), "source": "synthetic",
+    store.commit(prefix, {"stage": "data", "config_hash": data_hash(cfg), "source": "synthetic",
                           "splits": splits, "counts": counts, "seconds": round(time.time() - t0, 2)})
     return splits
 
@@ -52,7 +60,7 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
     from r4b_core.models.tiny import build_tiny_vlm
 
     prefix = layout.init_model_dir(cfg)
-    model_hash = cfg.stage_hash("data")  # the tokenizer is trained on the data; model cfg is in the hash
+    model_hash = init_model_hash(cfg)
     if not store.is_complete(prefix, model_hash):
         records = parse_jsonl(store.read_bytes(train_uri), train_uri).records
         t0 = time.time()

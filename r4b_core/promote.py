@@ -12,7 +12,6 @@ every number behind it are written as version tags. The first version (no champi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from r4b_core import __version__, layout
 from r4b_core.config import RunConfig
 from r4b_core.errors import R4BError
+from r4b_core.identity import identity_hash, stage_identity
+from r4b_core.prepare import data_hash
 
 
 class PromotionError(R4BError):
@@ -76,9 +77,9 @@ def register_and_gate(cfg: RunConfig, model_uri: str, report_uri: str, pipeline_
     report = json.loads(store.read_text(report_uri))
     metrics = _headline_of(report)
     out_prefix = layout.stage_dir(cfg, "register")
-    identity = hashlib.sha256(json.dumps([model_uri, model_manifest.get("config_hash"), metrics,
-                                          cfg.promotion.model_dump(mode="json"),
-                                          cfg.tracking.registered_model], sort_keys=True).encode()).hexdigest()[:16]
+    identity = identity_hash(stage_identity(cfg, "promotion", {
+        "model": model_uri, "weights": model_manifest.get("config_hash", ""), "metrics": metrics,
+        "registered_model": cfg.tracking.registered_model}))
     previous = store.read_manifest(out_prefix)
     if previous and previous.get("config_hash") == identity:
         return previous  # this exact model was registered and gated already: a retry or a rerun
@@ -91,7 +92,7 @@ def register_and_gate(cfg: RunConfig, model_uri: str, report_uri: str, pipeline_
         lineage = {
             "r4b.model_uri": model_uri,
             "r4b.config_hash": model_manifest.get("config_hash", ""),
-            "r4b.data_hash": data_manifest.get("config_hash", cfg.stage_hash("data")),
+            "r4b.data_hash": data_manifest.get("config_hash", data_hash(cfg)),
             "r4b.code_version": code_version(),
             "r4b.pipeline_run": pipeline_run_id,
             "r4b.run": cfg.name,

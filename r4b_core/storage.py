@@ -5,11 +5,11 @@ Every stage reads and writes through a `Store`, so the same code runs on a lapto
 
     store = Store.from_config(cfg.storage)
     out = store.join(cfg.run_uri(), "anneal")
-    if store.is_complete(out, cfg.stage_hash("anneal")):
+    if store.is_complete(out, config_hash):               # the stage's identity (identity.py)
         return                                            # finished before: skip
     store.invalidate(out)                                 # an old manifest must not vouch for new files
     store.write_text(store.join(out, "log.txt"), "...")
-    store.commit(out, {"config_hash": cfg.stage_hash("anneal"), "outputs": [...]})
+    store.commit(out, {"config_hash": config_hash, "outputs": [...]})
 
     with store.atomic_dir(store.join(out, "checkpoints", "step-000100")) as tmp:
         model.save_pretrained(tmp)                        # visible only if the block succeeds
@@ -676,8 +676,8 @@ class Store:
         manifest URI.
         """
         if not isinstance(manifest, dict) or not manifest.get("config_hash"):
-            raise StorageError(f"{join(prefix, MANIFEST)}: commit: the manifest needs a non-empty "
-                               f"'config_hash' (pass cfg.stage_hash(<stage>)) so reruns can be skipped safely")
+            raise StorageError(f"{join(prefix, MANIFEST)}: commit: the manifest needs a non-empty 'config_hash' "
+                               "(identity_hash of the stage's identity, identity.py) so reruns can be skipped safely")
         body = {**manifest, "committed_at": manifest.get("committed_at") or _now()}
         uri = join(prefix, MANIFEST)
         data = (json.dumps(body, indent=2, sort_keys=True, default=str) + "\n").encode()

@@ -302,6 +302,9 @@ def test_hf_bpo_run_changes_the_policy_and_writes_a_loadable_model(warm, tmp_pat
     assert ckpts == ["step-000002", "step-000003"]
     again = bpo.run_bpo(cfg, str(rl), str(model_dir), str(out))   # same config: skipped
     assert again.get("skipped") is True
+    # Only how the stage runs changed (no vLLM is started: the skip comes first): still done.
+    ops = bpo_run_config(tmp_path, checkpoint_every=1, probe_every=1, cpu_threads=2, engine="vllm")
+    assert bpo.run_bpo(ops, str(rl), str(model_dir), str(out)).get("skipped") is True
 
 
 def test_grpo_control_samples_auto_mode_and_logs_non_think_share(warm, tmp_path):
@@ -346,7 +349,9 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # restarted with other operational knobs (checkpointing, probing): the checkpoint is accepted
+    restart = [*cmd, "--set", "bpo.checkpoint_every=3", "--set", "bpo.probe_every=50", "--set", "bpo.keep_checkpoints=3"]
+    res = subprocess.run(restart, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "resumed from" in res.stdout and "policy version" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())

@@ -49,11 +49,28 @@ def test_model_shape_checks():
         load_config(None, ["model.tiny.image_size=60"])
 
 
-def test_stage_hash_changes_with_section():
-    a = load_config(None)
-    b = load_config(None, ["anneal.steps=11"])
-    assert a.stage_hash("anneal") != b.stage_hash("anneal")
-    assert a.stage_hash("bpo") == b.stage_hash("bpo")
+def test_stage_identity_counts_what_is_produced_never_how_it_runs():
+    from r4b_core.config import AnnealConfig, BPOConfig, CurateConfig, EvalConfig, RunConfig
+    from r4b_core.identity import identity_hash, stage_identity
+
+    def h(*sets, section="bpo", inputs=None):
+        return identity_hash(stage_identity(load_config(None, list(sets)), section, inputs or {"prompts": "p"}))
+
+    base = h()
+    assert h("anneal.steps=11") == base != h("anneal.steps=11", section="anneal")
+    for knob in ("bpo.checkpoint_every=3", "bpo.probe_every=1", "bpo.cpu_threads=2", "bpo.engine=vllm",
+                 "bpo.keep_checkpoints=5", "bpo.resume=force", "vllm.kv_cache_gib=4", "launcher.memory=64Gi"):
+        assert h(knob) == base, knob
+    for knob in ("bpo.clip_eps=0.3", "bpo.steps=41", "seed=1", "model.dtype=bfloat16"):
+        assert h(knob) != base, knob
+    assert h(inputs={"prompts": "other"}) != base
+    assert h(inputs={"prompts": None}) is None                  # an unknown input: never skipped
+    assert h("bpo.engine=vllm", section="bpo", inputs={"prompts": "p"}) == base
+    assert stage_identity(RunConfig(), "bpo", {}, ignore=("clip_eps",))["bpo"].keys() == (
+        BPOConfig.model_fields.keys() - BPOConfig.OPERATIONAL - {"clip_eps"})
+    # every operational knob is a real field of its section (a renamed field cannot linger)
+    for section in (AnnealConfig, BPOConfig, CurateConfig, EvalConfig):
+        assert section.OPERATIONAL <= section.model_fields.keys(), section
 
 
 def test_set_errors_name_the_override_not_a_yaml_line():

@@ -343,6 +343,7 @@ def test_reasoning_item_without_trace_or_teacher_is_rejected(tmp_path):
 
 
 def test_identity_tracks_raw_content_and_annotator_lineage(tmp_path):
+    from r4b_core.identity import identity_hash
     from r4b_core.storage import Store
 
     cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)}})
@@ -350,18 +351,18 @@ def test_identity_tracks_raw_content_and_annotator_lineage(tmp_path):
     base = tmp_path / "tiny" / "base_model"
     base.mkdir(parents=True)
     store.commit(str(base), {"config_hash": "base-v1"})
-    a = curate.identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
-    assert a == curate.identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
-    assert a != curate.identity_hash(curate.curate_identity(cfg, store, "other line\n", False, False))
+    a = identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
+    assert a == identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
+    assert a != identity_hash(curate.curate_identity(cfg, store, "other line\n", False, False))
     # Annotator training settings and the base model's own identity are part of it.
     cfg2 = cfg.model_copy(update={"anneal": cfg.anneal.model_copy(update={"pack_length": 256})})
-    assert a != curate.identity_hash(curate.curate_identity(cfg2, store, "line\n", False, False))
+    assert a != identity_hash(curate.curate_identity(cfg2, store, "line\n", False, False))
     store.commit(str(base), {"config_hash": "base-v2"})
-    assert a != curate.identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
+    assert a != identity_hash(curate.curate_identity(cfg, store, "line\n", False, False))
     # A model folder without a manifest, or an engine passed in: unknown -> never skipped.
     cfg3 = cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"annotator": str(tmp_path / "m")})})
-    assert curate.identity_hash(curate.curate_identity(cfg3, store, "line\n", False, False)) is None
-    assert curate.identity_hash(curate.curate_identity(cfg, store, "line\n", True, False)) is None
+    assert identity_hash(curate.curate_identity(cfg3, store, "line\n", False, False)) is None
+    assert identity_hash(curate.curate_identity(cfg, store, "line\n", True, False)) is None
 
 
 # --- the simulated strong annotator (curate.annotator: simulated) --------------------------------

@@ -346,7 +346,7 @@ def test_headline_keys_the_promotion_gate_reads():
 
 def test_eval_identity_known_only_with_model_lineage(tmp_path):
     from r4b_core.config import RunConfig
-    from r4b_core.curate import identity_hash
+    from r4b_core.identity import identity_hash
     from r4b_core.storage import Store
 
     cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)}})

@@ -57,7 +57,7 @@ def test_arithmetic_examples_are_correct_trace_lines(tmp_path):
 
 
 def test_prepare_pretrains_once_and_later_stages_start_from_it(tmp_path):
-    from r4b_core.prepare import run_prepare
+    from r4b_core.prepare import init_model_hash, run_prepare
     from r4b_core.storage import Store
 
     cfg = _cfg(tmp_path, "model.pretrain.steps=3", "model.pretrain.arithmetic_items=20", "anneal.micro_batch_size=2",
@@ -68,7 +68,7 @@ def test_prepare_pretrains_once_and_later_stages_start_from_it(tmp_path):
     manifest = store.read_manifest(out["base_model"])
     assert manifest["steps"] == 3 and manifest["metrics"]["loss"] > 0
     assert manifest["data"]["used"] == 40 + 20       # one read example per training image + arithmetic
-    assert store.is_complete(layout.init_model_dir(cfg), cfg.stage_hash("data"))
+    assert store.is_complete(layout.init_model_dir(cfg), init_model_hash(cfg))
     again = store.read_manifest(out["base_model"])
     run_prepare(cfg)
     assert store.read_manifest(out["base_model"]) == again     # skipped: nothing rewritten
