@@ -69,7 +69,7 @@ from r4b_core.config import BPOConfig, RunConfig
 from r4b_core.data.schema import Record
 from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
-from r4b_core.rollout.base import Completion, GenerationRequest
+from r4b_core.rollout.base import Completion, GenerationRequest, RolloutEngine
 
 
 class BPOError(R4BError):
@@ -91,12 +91,6 @@ def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_
     if world_size is None:
         world_size = b.distributed.nnodes * b.distributed.nproc_per_node
     problems = bpo_config_problems(b, world_size)
-    if b.distributed.deepspeed == "zero3":
-        # ZeRO-3 shards the parameters: the sidecar push, the rank fingerprint, the probe and the
-        # HF engine all read full weights from the module, which ZeRO-2 keeps and ZeRO-3 does not
-        problems.append("bpo.distributed.deepspeed=zero3: ZeRO-3 is not supported for the BPO stage (the "
-                        "weight push and the probe need full weights on every rank); set "
-                        "bpo.distributed.deepspeed: zero2 (partitioned optimizer state and gradients) or none")
     if num_prompts is not None and num_prompts < b.prompts_per_step:
         problems.append(f"the prompt set has {num_prompts} usable prompts but bpo.prompts_per_step="
                         f"{b.prompts_per_step}; lower prompts_per_step or add prompts")
@@ -601,7 +595,7 @@ class Trainer:
     ref_model: Any
     optimizer: Any
     scheduler: Any
-    engine: Any
+    engine: RolloutEngine
     scorer: Any
     encoder: PromptEncoder
     cfg: RunConfig
@@ -637,7 +631,7 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     # With overlapped verification (vLLM, bpo.sync_overlap_verify) the previous push's probe check
     # finished inside generate: log it here, and count the wait it added after the rollouts were
     # done as sync time, not rollout time.
-    checked = getattr(tr.engine, "last_rollout_verify", None)
+    checked = tr.engine.last_rollout_verify
     verify_wait = checked["wait_s"] if checked else 0.0
     if checked:
         m["sync/verify_wait_s"] = verify_wait
@@ -695,7 +689,7 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     t_train = time.perf_counter()
 
     # 6. sync ---------------------------------------------------------------------------------
-    if n_train and b.sync_verify == "rollout" and hasattr(tr.engine, "push_weights"):
+    if n_train and b.sync_verify == "rollout":
         # verified by the next step's rollouts (policy_update checks every sampled token)
         timings = tr.engine.push_weights(tr.model)
         tr.engine.policy_version = tr.policy_version
@@ -703,7 +697,7 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         m["sync/verify_s"] = 0.0
     elif n_train:
         tr.engine.update_weights(tr.model, tr.policy_version)
-        for k, v in (getattr(tr.engine, "last_sync", None) or {}).items():
+        for k, v in tr.engine.last_sync.items():
             if k not in ("verify_s", "max_abs_diff"):      # logged with the check (sync_check_metrics)
                 m[f"sync/{k}"] = float(v)   # vLLM: write / reload seconds
     t_sync = time.perf_counter()
@@ -727,11 +721,11 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     return StepResult(m, _samples(scored, prompts, step, b))
 
 
-def sync_check_metrics(engine, verified: list[int]) -> dict[str, float]:
+def sync_check_metrics(engine: RolloutEngine, verified: list[int]) -> dict[str, float]:
     """The weight-sync checks the engine finished since the last call (vLLM): with overlapped
     verification a push is checked during the next rollouts, so a step logs the checks that
     ended in it, and which policy version they were for. Appends the versions to `verified`."""
-    checks = getattr(engine, "sync_checks", None)
+    checks = engine.sync_checks
     if not checks:
         return {}
     done, checks[:] = list(checks), []
@@ -898,7 +892,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     t0 = time.perf_counter()
     if b.cpu_threads:
         torch.set_num_threads(b.cpu_threads)
-    use_ds = b.distributed.deepspeed == "zero2"      # zero3 is refused by check_bpo_config
+    use_ds = b.distributed.deepspeed == "zero2"      # zero3 is refused when the config loads
     env = init_distributed(b.distributed.backend, force=use_ds)   # DeepSpeed always wants a group
     check_bpo_config(cfg, world_size=env.world_size)       # before anything is loaded
     cache = Path(tempfile.gettempdir()) / "r4b-cache" / name
@@ -973,13 +967,12 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             # serves the initial weights; on a fresh start this proves it serves the init model
             t_push = time.perf_counter()
             engine.update_weights(model, version)
-            if hasattr(engine, "wait_verified"):
-                engine.wait_verified()
+            engine.wait_verified()
             verified_versions: list[int] = []
             sync_check_metrics(engine, verified_versions)
             if env.is_main:
-                check = (getattr(engine, "last_sync", None) or {}).get("max_abs_diff")
-                how = f", reload {engine.reload_path}" if getattr(engine, "reload_path", "") else ""
+                check = engine.last_sync.get("max_abs_diff")
+                how = f", reload {engine.reload_path}" if engine.reload_path else ""
                 print(f"{name}: engine {b.engine} serves policy version {version} (full push "
                       f"{time.perf_counter() - t_push:.2f}s" + (f", verified: max |logprob diff| {check:.1e}"
                                                                  if check is not None else "") + how + ")", flush=True)
@@ -1009,9 +1002,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                                "stage": name, "history": history, "samples": samples})
                     if env.is_main:
                         ckpt.prune(store, root, b.keep_checkpoints)
-            if hasattr(engine, "wait_verified"):
-                engine.wait_verified()      # the last push is checked too (overlap_verify)
-                sync_check_metrics(engine, verified_versions)
+            engine.wait_verified()      # the last push is checked too (overlap_verify)
+            sync_check_metrics(engine, verified_versions)
             samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
             if tracker is not None and env.is_main:
                 tracker.log_artifact(str(samples_path))

@@ -339,6 +339,16 @@ def bpo_config_problems(b: BPOConfig, world_size: int = 1) -> list[str]:
                         + f" (prompts_per_step {b.prompts_per_step} x 2 x group_size {b.group_size}"
                         + (f" / {world_size} processes" if world_size > 1 else "")
                         + f" = {per_rank}); set it to at most {per_rank}")
+    if b.distributed.deepspeed == "zero3":
+        # ZeRO-3 shards the parameters: the sidecar push, the rank fingerprint, the probe and the
+        # HF engine all read full weights from the module, which ZeRO-2 keeps and ZeRO-3 does not
+        problems.append("bpo.distributed.deepspeed=zero3: ZeRO-3 is not supported for the BPO stage (the "
+                        "weight push and the probe need full weights on every rank); set "
+                        "bpo.distributed.deepspeed: zero2 (partitioned optimizer state and gradients) or none")
+    if b.sync_verify == "rollout" and b.engine == "hf":
+        problems.append("bpo.sync_verify=rollout checks a vLLM sidecar's rollouts against the trainer, but "
+                        "bpo.engine=hf generates with the trainer's own weights (nothing to verify); set "
+                        "bpo.engine: vllm, or bpo.sync_verify: probe")
     if b.advantage == "per_mode" and b.algorithm == "grpo":
         problems.append("bpo.advantage=per_mode needs forced modes, but bpo.algorithm=grpo samples in auto "
                         "mode; use advantage: mixed for the GRPO control")

@@ -40,7 +40,20 @@ class Completion:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """What curation, evaluation and BPO use. Curation and evaluation only generate; BPO also
+    pushes its weights after each update and reads how the push went. An in-process engine shares
+    the trainer's module, so its pushes are free and its checks trivially pass (empty figures)."""
+
     policy_version: int
+    # the last push: its timings and, once checked, verify_s and max_abs_diff ({} if nothing to time)
+    last_sync: dict[str, float]
+    # the check of the previous push that the last `generate` finished (overlapped verification),
+    # with wait_s = how long the finished rollouts waited for it; None when there was none
+    last_rollout_verify: dict[str, float] | None
+    # every passed push check not yet reported: {version, verify_s, max_abs_diff}; readers empty it
+    sync_checks: list[dict]
+    # how the last push reached the served model ("in place", or why another path ran); "" if none
+    reload_path: str
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """All completions of all requests; request i's n samples are consecutive."""
@@ -48,6 +61,15 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, model_or_path: Any, version: int) -> None:
         """Serve the given weights from now on; raise if that cannot be verified."""
+        ...
+
+    def push_weights(self, model_or_path: Any) -> dict[str, float]:
+        """Serve the given weights from now on, unverified (the next rollouts' logprobs are the
+        check: `bpo.sync_verify: rollout`); returns the push's timings."""
+        ...
+
+    def wait_verified(self) -> dict[str, float] | None:
+        """Finish a pending push check, if any (raise on a mismatch); its figures, else None."""
         ...
 
     def close(self) -> None:

@@ -99,6 +99,11 @@ class HFEngine:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.policy_version = 0
+        # the trainer's module is shared: pushes copy nothing and have nothing to check
+        self.last_sync: dict[str, float] = {}
+        self.last_rollout_verify: dict[str, float] | None = None
+        self.sync_checks: list[dict] = []
+        self.reload_path = ""
         self._calls = 0
         self._seed = seed
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -132,6 +137,13 @@ class HFEngine:
             model_or_path.to(self.device)
         self.model = model_or_path
         self.policy_version = version
+
+    def push_weights(self, model_or_path: Any) -> dict[str, float]:
+        self.update_weights(model_or_path, self.policy_version)
+        return {}
+
+    def wait_verified(self) -> dict[str, float] | None:
+        return None
 
     def close(self) -> None:
         self.model = None

@@ -174,7 +174,11 @@ def test_zero3_is_refused_with_a_one_line_error_naming_the_field_and_the_fix(war
     from r4b_core import bpo
     from r4b_core.config import load_config
 
-    cmd, out = _cmd(tmp_path, "zero3", warm, nproc=1)
+    cmd, out = _cmd(tmp_path, "none", warm, nproc=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["bpo"]["distributed"]["deepspeed"] = "zero3"          # refused when the config loads
+    cfg_file.write_text(yaml.safe_dump(raw))
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and not out.exists()
     text = res.stdout + res.stderr

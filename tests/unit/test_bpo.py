@@ -230,6 +230,13 @@ def test_config_arithmetic_errors_name_the_numbers(tmp_path):
     assert msg.startswith(f"{path}:2: bpo: ")
     assert "micro_batch_size=16 is larger than the rollouts per step (prompts_per_step 2 x 2 x group_size 2 = 8)" in msg
     assert "per_mode needs forced modes" in msg
+    # combinations that cannot work are refused when the config loads, not two hours in
+    for sets, fix in ((["bpo.sync_verify=rollout"], "set bpo.engine: vllm, or bpo.sync_verify: probe"),
+                      (["bpo.distributed.deepspeed=zero3"], "set bpo.distributed.deepspeed: zero2")):
+        with pytest.raises(ConfigError, match=fix) as err:
+            load_config(None, sets)
+        assert len(str(err.value).splitlines()) == 1
+    load_config(None, ["bpo.sync_verify=rollout", "bpo.engine=vllm"])
     # what depends on the processes and the data is checked by the stage
     cfg = RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=16))
     with pytest.raises(bpo.BPOError, match=r"not divisible by the 3 training processes"):
