@@ -441,6 +441,13 @@ class ServeConfig(Section):
             raise ValueError(f"{bad[0]!r} is not a host name; list bare host names (e.g. images.example.org), "
                              f"without scheme, port or path")
         return [d.lower() for d in domains]
+    # -- reasoning tokens an auto / long request may spend before the think block is closed
+    # (modes.THINK_END) and the answer follows; applies to requests that set no budget of their own
+    # (`thinking_token_budget` or chat_template_kwargs `thinking_budget`). null = no default budget.
+    thinking_budget: int | None = Field(None, ge=0)
+    # -- requests may ask for a smaller budget than serve.thinking_budget but not a larger one (HTTP
+    # 400); false = any budget a request asks for
+    thinking_budget_is_limit: bool = True
 
 
 class VLLMConfig(Section):

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# what closes a think block that has reasoning, up to the answer: `reasoning + THINK_END + answer`;
+# a thinking budget that runs out closes the block with exactly this string (serving)
+THINK_END = "\n" + THINK_CLOSE + "\n\n"
 
 # Chat markup (ChatML, as Qwen3). The image placeholder is expanded by the processor.
 IM_START = "<|im_start|>"
@@ -70,7 +73,7 @@ def thinking_target(reasoning: str, answer: str) -> str:
     reasoning = reasoning.strip()
     if not reasoning:
         raise ValueError("thinking_target needs a non-empty reasoning trace; use direct_target")
-    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer.strip()}"
+    return f"{THINK_OPEN}\n{reasoning}{THINK_END}{answer.strip()}"
 
 
 def direct_target(answer: str) -> str:

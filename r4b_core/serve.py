@@ -55,9 +55,12 @@ REGISTRY_SCHEME = "models:/"
 PLUGIN_MODULE = "r4b_vllm_serving"
 REASONING_PARSER = "r4b"
 MIDDLEWARE = f"{PLUGIN_MODULE}.R4BServingMiddleware"
+BUDGET_PROCESSOR = "r4b_thinking:ThinkingBudgetProcessor"   # r4b_core/assets/r4b_thinking.py
 ENV_MAX_IMAGE_BYTES = "R4B_MAX_IMAGE_BYTES"
 ENV_ALLOWED_MEDIA_DOMAINS = "R4B_ALLOWED_MEDIA_DOMAINS"
 ENV_API_KEY = "R4B_SERVE_API_KEY"      # the key itself: from the environment (a Secret), never the config
+ENV_THINKING_BUDGET = "R4B_THINKING_BUDGET"
+ENV_THINKING_BUDGET_IS_LIMIT = "R4B_THINKING_BUDGET_IS_LIMIT"
 # written next to fetched weights: what they are (skip a refetch of the same version)
 ORIGIN_FILE = "r4b_serving.json"
 # pod-template annotations of the serving Deployment (the first is what `kubectl rollout restart` sets)
@@ -225,7 +228,7 @@ def serving_args(cfg: RunConfig) -> list[str]:
     args = ["--max-model-len", str(cfg.serve.max_model_len),
             "--dtype", cfg.model.dtype,     # later flags win: the served dtype, not the sidecar's fp32
             "--reasoning-parser-plugin", PLUGIN_MODULE, "--reasoning-parser", REASONING_PARSER,
-            "--middleware", MIDDLEWARE]
+            "--logits-processors", BUDGET_PROCESSOR, "--middleware", MIDDLEWARE]
     if cfg.serve.allowed_media_domains:   # vLLM checks the host again (empty means "any" to vLLM)
         args += ["--allowed-media-domains", *cfg.serve.allowed_media_domains]
     return args
@@ -234,12 +237,17 @@ def serving_args(cfg: RunConfig) -> list[str]:
 def serving_env(cfg: RunConfig) -> dict[str, str]:
     """Environment of the serving process (the chart sets the same from its values)."""
     limit = cfg.serve.max_image_bytes
+    budget = cfg.serve.thinking_budget
     return {ENV_MAX_IMAGE_BYTES: str(limit),
             ENV_ALLOWED_MEDIA_DOMAINS: ",".join(cfg.serve.allowed_media_domains),
             # inline media is checked by the middleware; vLLM caps downloads itself (in MiB) ...
             "VLLM_MAX_MEDIA_DOWNLOAD_SIZE_MB": str(max(1, math.ceil(limit / 2**20))),
             # ... and must not follow a redirect from an allowed host to one that is not
-            "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
+            "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+            ENV_THINKING_BUDGET: "" if budget is None else str(budget),
+            ENV_THINKING_BUDGET_IS_LIMIT: "1" if cfg.serve.thinking_budget_is_limit else "0",
+            # the budget's logits processor has vLLM's V1 interface, which Model Runner V2 refuses
+            "VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
 def api_key_note(cfg: RunConfig, host: str, env: dict[str, str] | None = None) -> str:
@@ -261,6 +269,14 @@ def serving_server(cfg: RunConfig, model_dir: str | Path, host: str | None = Non
     return VLLMServer(model_dir, cfg.vllm, port=cfg.serve.port if port is None else port, log_path=log_path,
                       extra_args=serving_args(cfg), host=host or cfg.serve.host,
                       trust_request_chat_template=False, dev_mode=False, env=serving_env(cfg))
+
+
+def _budget_text(cfg: RunConfig) -> str:
+    budget = cfg.serve.thinking_budget
+    if budget is None:
+        return "no default thinking budget"
+    return (f"default thinking budget {budget} tokens" +
+            (", the most a request may ask for" if cfg.serve.thinking_budget_is_limit else ""))
 
 
 def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = None,
@@ -288,7 +304,8 @@ def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = 
         with server:
             echo(f"ready in {time.monotonic() - t0:.0f} s: OpenAI API at {server.url}/v1, model name "
                  f"{SERVED_MODEL_NAME!r}; per request chat_template_kwargs={{\"thinking_mode\": "
-                 f"\"auto\"|\"long\"|\"short\"}}. Ctrl-C stops.")
+                 f"\"auto\"|\"long\"|\"short\", \"thinking_budget\": N}}; {_budget_text(cfg)}; mode "
+                 f"metrics at {server.url}/metrics. Ctrl-C stops.")
             while server.alive():
                 time.sleep(1.0)
             raise ServeError(f"the vLLM server exited (log: {log_path}); last lines:\n{server.log_tail()}")

@@ -1,10 +1,12 @@
-"""vLLM serving plugins of r4b: the `r4b` reasoning parser and a request/response middleware.
+"""vLLM serving plugins of r4b: the `r4b` reasoning parser and a request/response middleware
+(the thinking budget and the mode metrics they apply are in r4b_thinking.py, the same folder).
 
 Loaded into the vLLM OpenAI server process (this folder is on its PYTHONPATH, locally through
 r4b_core/rollout/vllm_server.py, in the vLLM image through docker/vllm.Dockerfile) by the flags
 that `r4b_core.serve.serving_args()` adds:
 
     --reasoning-parser-plugin r4b_vllm_serving --reasoning-parser r4b
+    --logits-processors r4b_thinking:ThinkingBudgetProcessor
     --middleware r4b_vllm_serving.R4BServingMiddleware
 
 Why our own parser: the chat template (r4b_core/models/tokenizer.py) puts the opening of the think
@@ -14,7 +16,8 @@ two (no `<think>` in the output: reasoning until `</think>`) but, without stream
 short-mode answer as reasoning, because the parser never sees the prompt. `qwen3` has the same
 problem unless the client sends `enable_thinking: false`. This parser is `deepseek_r1` plus the
 per-request mode (`chat_template_kwargs`), and splits a complete output exactly as
-`r4b_core.modes.parse_response` does (tests/integration/test_serving.py checks they agree).
+`r4b_core.modes.parse_response` does (tests/integration/test_serving.py checks they agree). Its
+usage count of reasoning tokens is the one a thinking budget limits (r4b_thinking.ThinkTokens).
 
 Why a middleware (and not a proxy in front): it runs inside the server, so it costs no extra hop,
 and it sees every route vLLM registers, the ones added by a vLLM upgrade included.
@@ -28,8 +31,12 @@ and it sees every route vLLM registers, the ones added by a vLLM upgrade include
   host of `R4B_ALLOWED_MEDIA_DOMAINS` (serve.allowed_media_domains, empty = none), so clients cannot
   make the server fetch from the cluster's network. vLLM alone fetches any URL, and checks sizes
   only of what it downloads. Messages name the part (`messages[0].content[1].image_url`).
+- thinking budget, on chat and text completions: the request's or the server's default is checked
+  and handed to the logits processor (r4b_thinking.apply_budget); a bad or too large one is a 400.
 - vLLM 0.32 names the reasoning field `reasoning`; clients written for DeepSeek / older vLLM read
   `reasoning_content`. Chat responses (JSON and server-sent events) carry both.
+- mode metrics of every completed /v1/chat/completions request (r4b_thinking.ModeMetrics), read
+  from the response and the usage vLLM leaves in the request's state.
 
 The platform environment imports this module too (tests): everything but the parser class is
 plain Python, and the parser is defined only where vLLM is importable.
@@ -41,15 +48,12 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-IM_END = "<|im_end|>"
-# thinking_mode values whose prompt already holds the closed, empty think block (the template's
-# "short"); `enable_thinking: false` means the same when thinking_mode is not given.
-DIRECT_MODES = frozenset({"short"})
+from r4b_thinking import (DIRECT_MODES, IM_END, THINK_CLOSE, THINK_OPEN, BudgetError, BudgetPolicy, ModeMetrics,
+                          ThinkTokens, apply_budget, has_answer_text, requested_mode)
 
 ENV_MAX_IMAGE_BYTES = "R4B_MAX_IMAGE_BYTES"
 DEFAULT_MAX_IMAGE_BYTES = 2_000_000   # = ServeConfig.max_image_bytes (a test keeps them equal)
@@ -57,6 +61,8 @@ ENV_ALLOWED_MEDIA_DOMAINS = "R4B_ALLOWED_MEDIA_DOMAINS"   # comma-separated host
 ENV_API_KEY = "R4B_SERVE_API_KEY"
 # routes answered in the chat completion shape (their reasoning field gets aliased)
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/v1/chat/completions/batch", "/invocations"})
+# routes whose requests may carry a thinking budget (chat: with thinking_mode; text: a raw prompt)
+CHAT_COMPLETIONS, TEXT_COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 # routes open without the API key: kubelet probes, SageMaker's ping, Prometheus scrapes
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
@@ -67,12 +73,7 @@ OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 def is_direct(chat_template_kwargs: dict | None) -> bool:
     """Did the template render the short-mode prompt (closed, empty think block)? Same precedence
     as the template: thinking_mode first, then enable_thinking, default auto."""
-    kw = chat_template_kwargs or {}
-    mode = kw.get("thinking_mode")
-    if mode is not None:
-        return str(mode).strip().lower() in DIRECT_MODES
-    enable = kw.get("enable_thinking")
-    return enable is not None and not enable
+    return requested_mode(chat_template_kwargs) in DIRECT_MODES
 
 
 def split_reasoning(text: str, direct: bool) -> tuple[str | None, str | None]:
@@ -271,15 +272,20 @@ def _alias_json(body: bytes) -> bytes:
     return body
 
 
-def _alias_event(event: bytes) -> bytes:
-    """One server-sent event (without its blank-line terminator)."""
+def _alias_event(event: bytes, on_answer=None) -> bytes:
+    """One server-sent event (without its blank-line terminator); `on_answer()` is called when it
+    carries answer text."""
     if not event.startswith(b"data: ") or event.startswith(b"data: [DONE]"):
         return event
     try:
         payload = json.loads(event[6:])
     except ValueError:
         return event
-    if isinstance(payload, dict) and alias_reasoning(payload, "delta"):
+    if not isinstance(payload, dict):
+        return event
+    if on_answer is not None and has_answer_text(payload):
+        on_answer()
+    if alias_reasoning(payload, "delta"):
         return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return event
 
@@ -331,6 +337,8 @@ class R4BServingMiddleware:
         key = os.environ.get(ENV_API_KEY) or ""
         self.key_digest = hashlib.sha256(key.encode()).digest() if key else None
         self.kinds: frozenset[str] | None = None   # looked up from vLLM at the first request
+        self.budgets = BudgetPolicy.from_env()
+        self.metrics = ModeMetrics.get()
 
     def authorized(self, scope) -> bool:
         """`Authorization: Bearer <key>` (OpenAI clients) or `x-api-key: <key>` (Anthropic clients)."""
@@ -356,6 +364,7 @@ class R4BServingMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        started = time.monotonic()
         chunks, more = [], True
         while more:
             message = await receive()
@@ -375,6 +384,17 @@ class R4BServingMiddleware:
             if problem is not None:
                 await _respond(send, *problem)
                 return
+        mode = budget = None
+        if isinstance(request, dict) and path in (CHAT_COMPLETIONS, TEXT_COMPLETIONS):
+            chat = path == CHAT_COMPLETIONS
+            mode = requested_mode(request.get("chat_template_kwargs")) if chat else None   # before the budget's rewrite
+            try:
+                changed, budget = apply_budget(request, self.budgets, chat)
+            except BudgetError as bad:
+                await _respond(send, 400, str(bad), bad.param)
+                return
+            if changed:
+                body = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
 
         replayed = False
 
@@ -385,21 +405,38 @@ class R4BServingMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()   # later calls: disconnect detection
 
-        await self.app(scope, replay, _AliasingSend(send) if path in CHAT_PATHS else send)
+        if path not in CHAT_PATHS:
+            await self.app(scope, replay, send)
+            return
+        state = scope.setdefault("state", {})   # where vLLM leaves the final usage (request_metadata)
+        out = _AliasingSend(send, started)
+        await self.app(scope, replay, out)
+        if self.metrics is not None and mode is not None and out.status == 200:
+            usage = getattr(state.get("request_metadata"), "final_usage_info", None)
+            self.metrics.record(mode, budget, usage, out.first_answer_s)
 
 
 class _AliasingSend:
-    """Wraps `send`: JSON bodies are rewritten whole (Content-Length fixed), SSE event by event."""
+    """Wraps `send`: JSON bodies are rewritten whole (Content-Length fixed), SSE event by event.
+    Notes the status and when the first answer text went out (the whole JSON body: its end)."""
 
-    def __init__(self, send):
+    def __init__(self, send, started: float | None = None):
         self.send = send
+        self.started = time.monotonic() if started is None else started
+        self.status = None
+        self.first_answer_s: float | None = None
         self.mode = None
         self.start = None
         self.buffer = b""
 
+    def _answered(self) -> None:
+        if self.first_answer_s is None:
+            self.first_answer_s = time.monotonic() - self.started
+
     async def __call__(self, message):
         kind = message["type"]
         if kind == "http.response.start":
+            self.status = message.get("status")
             headers = dict((k.lower(), v) for k, v in message.get("headers", []))
             ctype = headers.get(b"content-type", b"")
             if ctype.startswith(b"application/json"):
@@ -417,6 +454,7 @@ class _AliasingSend:
             if more:
                 return
             body, self.buffer = _alias_json(self.buffer), b""
+            self._answered()
             headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             await self.send({**self.start, "headers": headers})
@@ -427,7 +465,7 @@ class _AliasingSend:
         if not more and self.buffer:
             events.append(self.buffer)
             self.buffer = b""
-        out = b"".join(_alias_event(e) + b"\n\n" for e in events)
+        out = b"".join(_alias_event(e, self._answered) + b"\n\n" for e in events)
         if out or not more:
             await self.send({"type": "http.response.body", "body": out, "more_body": more})
 
@@ -451,15 +489,12 @@ if DeepSeekR1ReasoningParser is not None:
         def __init__(self, tokenizer, *args, **kwargs):
             super().__init__(tokenizer, *args, **kwargs)
             self.direct = is_direct(kwargs.get("chat_template_kwargs"))
+            self.think_tokens = ThinkTokens.of(tokenizer)
 
         def extract_reasoning(self, model_output, request):
             return split_reasoning(model_output, self.direct)
 
         def count_reasoning_tokens(self, token_ids):
             # usage.completion_tokens_details.reasoning_tokens: the output opens inside the block
-            # (its `<think>` is in the prompt), so count up to the first `</think>`
-            if self.direct:
-                return 0
-            ids = list(token_ids)
-            end = ids.index(self.end_token_id) if self.end_token_id in ids else len(ids)
-            return sum(1 for t in ids[:end] if t != self.start_token_id)
+            # (its `<think>` is in the prompt); the same count a thinking budget limits
+            return 0 if self.direct else self.think_tokens.reasoning_count(token_ids)

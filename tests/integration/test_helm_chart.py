@@ -238,6 +238,27 @@ def test_mlflow_and_serving_wiring(helm):
     assert "http://team-a-mlflow.r4b.svc.cluster.local:5000/api/2.0/mlflow/experiments/search" in script
 
 
+def test_serving_container_runs_the_plugins_and_budget_that_r4b_serve_runs(helm):
+    """The chart's vLLM container has serve.serving_args' plugin flags and serving_env's thinking
+    budget variables, from serving.thinkingBudget / thinkingBudgetIsLimit (null: no default)."""
+    from r4b_core.config import RunConfig
+    from r4b_core.serve import serving_args, serving_env
+
+    keys = ("R4B_THINKING_BUDGET", "R4B_THINKING_BUDGET_IS_LIMIT", "VLLM_USE_V2_MODEL_RUNNER")
+    base = ["--set", "serving.enabled=true", "--set", "serving.model=models:/m@champion"]
+    for values, serve_cfg in [([], {}), (["--set", "serving.thinkingBudget=64", "--set",
+                                          "serving.thinkingBudgetIsLimit=false"],
+                                         {"thinking_budget": 64, "thinking_budget_is_limit": False})]:
+        (vllm,) = by_kind(template(helm, *base, *values), "Deployment")["r4b-serving"]["spec"]["template"]["spec"][
+            "containers"]
+        cfg = RunConfig.model_validate({"serve": serve_cfg})
+        args, flags = vllm["args"], serving_args(cfg)
+        for flag in ("--reasoning-parser-plugin", "--reasoning-parser", "--logits-processors", "--middleware"):
+            assert f"{flag}={flags[flags.index(flag) + 1]}" in args, flag
+        env = {e["name"]: e["value"] for e in vllm["env"] if "value" in e}
+        assert {k: env[k] for k in keys} == {k: serving_env(cfg)[k] for k in keys}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +268,7 @@ def test_mlflow_and_serving_wiring(helm):
     (["--set", "mlflow.artifacts.destination=/var/mlflow"], r"/mlflow/artifacts/destination"),
     (["--set", "images.pullPolicy=Sometimes"], r"/images/pullPolicy"),
     (["--set", "serving.shmSize=lots"], r"/serving/shmSize"),
+    (["--set", "serving.thinkingBudget=-1"], r"/serving/thinkingBudget"),
 ])
 def test_schema_rejects_bad_values(helm, args, expected):
     proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -27,12 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from fake_kube import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from serving_plugin import PLUGIN
 
 from r4b_core import modes
 from r4b_core.config import RunConfig, ServeConfig
@@ -42,20 +43,9 @@ NAME = "r4b-tiny"
 MAX_IMAGE_BYTES = 100_000   # small, so the oversize request stays cheap
 API_KEY = "test-key-" + os.urandom(6).hex()   # the served fixture requires it (R4B_SERVE_API_KEY)
 MEDIA_DOMAIN = "localhost"                    # its serve.allowed_media_domains; 127.0.0.1 is not in it
-
-
-def _plugin():
-    """r4b_core/assets/r4b_vllm_serving.py, loaded by path (the assets folder is the vLLM server's
-    PYTHONPATH, not a package)."""
-    path = REPO / "r4b_core" / "assets" / "r4b_vllm_serving.py"
-    spec = importlib.util.spec_from_file_location("r4b_vllm_serving_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module    # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-PLUGIN = _plugin()
+# its serve.thinking_budget: every auto / long request runs with it unless it asks for less; more
+# than any test's max_tokens, so it never closes a block itself
+DEFAULT_BUDGET = 128
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -489,9 +479,12 @@ def _annealed_model(root: Path) -> tuple[Path, list]:
     from r4b_core.models.tiny import build_tiny_vlm
 
     raw = read_jsonl(generate_split("train", 24, SyntheticDataConfig(seed=0), root / "data")).records
-    both = [r.model_copy(update={"id": f"{r.id}-{tag}", "label": label})
-            for r in raw for tag, label in (("t", "reasoning"), ("d", "direct"))]
-    write_jsonl(root / "data" / "sft.jsonl", both)
+    # every item in both modes, except every third one, which is only ever answered with reasoning:
+    # auto mode then thinks on those and answers the others directly
+    sft = [r.model_copy(update={"id": f"{r.id}-{tag}", "label": label})
+           for i, r in enumerate(raw) for tag, label in (("t", "reasoning"), ("d", "direct"))
+           if label == "reasoning" or i % 3]
+    write_jsonl(root / "data" / "sft.jsonl", sft)
     base = build_tiny_vlm(TinyModelConfig(), [t for r in raw for t in (r.question, r.reasoning or "", r.answer)],
                           root / "base", seed=0)
     cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(root / "runs")}, "anneal": {
@@ -545,7 +538,7 @@ def served(tmp_path_factory):
                                       "tracking": {"uri": f"sqlite:///{db}", "registered_model": NAME},
                                       "serve": {"max_image_bytes": MAX_IMAGE_BYTES, "max_model_len": 1024,
                                                 "allowed_media_domains": [MEDIA_DOMAIN],
-                                                "require_api_key": True}}))
+                                                "require_api_key": True, "thinking_budget": DEFAULT_BUDGET}}))
     port = free_port()
     stdout_path = root / "r4b-serve.out"
     with open(stdout_path, "wb") as out:
@@ -586,11 +579,11 @@ def _messages(served: Served, record, with_image: bool = True) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _chat(served: Served, record, kwargs: dict, **params):
+def _chat(served: Served, record, kwargs: dict, extra: dict | None = None, **params):
     params = {"max_tokens": 48, "temperature": 0, **params}
     return served.client().chat.completions.create(
         model="r4b", messages=_messages(served, record),
-        extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True}, **params)
+        extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True, **(extra or {})}, **params)
 
 
 @pytest.mark.vllm
@@ -674,6 +667,75 @@ def test_streaming_splits_the_same_way(served):
             getattr(whole, "reasoning_content", None), whole.content), (name, reasoning, content)
 
 
+def _streamed(served: Served, record, kwargs: dict, extra: dict, max_tokens: int) -> tuple[str, str, Any]:
+    """(reasoning, content, usage) of a streamed request, the deltas joined."""
+    reasoning, content, usage = "", "", None
+    for chunk in _chat(served, record, kwargs, extra, stream=True, max_tokens=max_tokens,
+                       stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+    return reasoning, content, usage
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["long", "auto"])
+def test_thinking_budget_closes_the_block_with_think_end_and_the_answer_follows(served, name):
+    """Budgets 0, 4 and 16 (vLLM's `thinking_token_budget` and our chat_template_kwargs
+    `thinking_budget`, streamed and not): at most that many reasoning tokens, then exactly
+    modes.THINK_END, then an answer; a budget of the reasoning's own length changes no token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served.model_dir)
+    mode, max_tokens = modes.SERVING_MODE_NAMES[name], 96
+    kwargs = {"thinking_mode": name}
+    # the first records the model reasons on for more than 4 tokens (the default budget does not bind)
+    cases = []
+    for record in served.records:
+        r = _chat(served, record, kwargs, max_tokens=max_tokens)
+        if r.choices[0].finish_reason == "stop" and r.usage.completion_tokens_details.reasoning_tokens > 4:
+            cases.append((record, r))
+        if len(cases) == 2:
+            break
+    assert cases, f"the tiny champion never reasons in {name} mode"
+    for record, baseline in cases:
+        natural = baseline.usage.completion_tokens_details.reasoning_tokens
+        for i, budget in enumerate([0, 4, 16, natural, natural + 2]):
+            extra = {"thinking_token_budget": budget} if i % 2 else {}
+            asked = {**kwargs, "thinking_budget": budget} if not i % 2 else kwargs
+            r = _chat(served, record, asked, extra, max_tokens=max_tokens)
+            choice, msg = r.choices[0], r.choices[0].message
+            ids = choice.model_extra["token_ids"]
+            where = (name, record.id, budget, tok.decode(ids))
+            assert choice.finish_reason == "stop" and msg.content, where             # an answer follows
+            spent = r.usage.completion_tokens_details.reasoning_tokens
+            assert spent <= budget, where
+            if budget >= natural:
+                assert ids == baseline.choices[0].model_extra["token_ids"], where     # nothing changed
+                continue
+            if budget == 0:                                                           # the short-mode prompt
+                prompt = tok.decode(r.model_extra["prompt_token_ids"])
+                assert prompt.endswith(modes.generation_prefix(modes.Mode.NO_THINK)) and msg.reasoning_content is None
+                continue
+            text = tok.decode(ids)
+            assert text.count(modes.THINK_END) == 1 and budget - 1 <= spent, where   # -1: its own "\n" began the closing string
+            assert text.split(modes.THINK_END)[0].strip() == msg.reasoning_content, where
+            assert text.split(modes.THINK_END)[1].replace(modes.IM_END, "").strip() == msg.content, where
+            if budget == 4:   # streaming: the same tokens, split the same way
+                reasoning, content, usage = _streamed(served, record, asked, extra, max_tokens)
+                parsed = modes.parse_response(reasoning + modes.THINK_CLOSE + content, mode)
+                assert (parsed.reasoning, parsed.answer) == (msg.reasoning_content, msg.content), where
+                assert usage.completion_tokens_details.reasoning_tokens == spent
+    # short mode ignores budgets
+    record = cases[0][0]
+    plain = _chat(served, record, {"thinking_mode": "short"}).choices[0].model_extra["token_ids"]
+    for budget in (0, 4):
+        again = _chat(served, record, {"thinking_mode": "short", "thinking_budget": budget})
+        assert again.choices[0].model_extra["token_ids"] == plain
+
+
 @pytest.mark.vllm
 def test_images_are_accepted_and_reach_the_prompt(served):
     client, record = served.client(), served.records[1]
@@ -707,6 +769,16 @@ def test_bad_requests_get_4xx_with_a_clear_message(served):
             {"type": "image_url", "image_url": {"url": big}}, {"type": "text", "text": "What is shown?"}]}])
     assert err.value.status_code == 413
     assert f"{MAX_IMAGE_BYTES + 4} bytes, more than this server's limit of {MAX_IMAGE_BYTES} bytes" in err.value.message
+    # thinking budgets: above the server's (serve.thinking_budget), not a number, two that disagree
+    for extra, kwargs, expected in [
+        ({"thinking_token_budget": DEFAULT_BUDGET + 1}, {}, f"thinking budget {DEFAULT_BUDGET + 1} is above this "
+         f"server's limit of {DEFAULT_BUDGET} tokens (serve.thinking_budget); ask for at most {DEFAULT_BUDGET}"),
+        ({}, {"thinking_budget": -2}, "chat_template_kwargs.thinking_budget must be a non-negative whole number"),
+        ({"thinking_token_budget": 3}, {"thinking_budget": 4}, "disagree; give one of them"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            _chat(served, record, {"thinking_mode": "long", **kwargs}, extra)
+        assert err.value.status_code == 400 and expected in err.value.message
     assert _chat(served, record, {"thinking_mode": "short"}).choices[0].message.content   # still serving
 
 
