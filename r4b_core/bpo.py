@@ -212,20 +212,14 @@ class Scored:
 
 
 def score_rollouts(scorer, prompts: list[Prompt], completions: list[Completion], per_prompt: int) -> list[Scored]:
-    """Rule-based accuracy on the full transcript (forced prefix + generated text), which the scorer
-    reads after the think block; a think block that never closed scores 0 without asking it."""
-    transcripts, refs, out = [], [], []
-    for j, c in enumerate(completions):
-        i = j // per_prompt
+    """Each rollout's reward (`scorer.score`, as curation and evaluation score) and how it chose:
+    the answer after the think block counts; a think block that never closed scores 0."""
+    records = [prompts[j // per_prompt].record for j in range(len(completions))]
+    rewards = scorer.score(completions, records, prefix_modes=[c.mode for c in completions])
+    out = []
+    for j, (c, r) in enumerate(zip(completions, rewards)):
         parsed = modes.parse_response(c.text, prefix_mode=c.mode)
-        out.append(Scored(i, c, 0.0, parsed.mode == Mode.THINK, parsed.closed))
-        transcripts.append(modes.generation_prefix(c.mode) + c.text)
-        refs.append(prompts[i].record)
-    to_score = [k for k, s in enumerate(out) if s.closed]
-    if to_score:
-        rewards = scorer.score([transcripts[k] for k in to_score], [refs[k] for k in to_score])
-        for k, r in zip(to_score, rewards):
-            out[k].reward = float(r or 0.0)
+        out.append(Scored(j // per_prompt, c, float(r or 0.0), parsed.mode == Mode.THINK, parsed.closed))
     return out
 
 

@@ -130,22 +130,6 @@ def answer_after(text: str, mode: Mode) -> modes.ParsedResponse:
     return modes.parse_response(text, prefix_mode=mode)
 
 
-def correct_flags(scorer, texts: list[str], mode_of: list[Mode], records: list[Record]) -> list[bool]:
-    """Which completions state their record's answer, scored exactly as the BPO reward scores.
-
-    `scorer` is a `rewards.RewardScorer`; each completion is scored as its full transcript (forced
-    prefix + generated text) after the think block; a block that never closed is wrong unasked.
-    """
-    transcripts = [modes.generation_prefix(m) + t for t, m in zip(texts, mode_of)]
-    closed = [i for i, (t, m) in enumerate(zip(texts, mode_of)) if answer_after(t, m).closed]
-    out = [False] * len(texts)
-    if closed:
-        scores = scorer.score([transcripts[i] for i in closed], [records[i] for i in closed])
-        for i, sc in zip(closed, scores):
-            out[i] = sc == 1.0
-    return out
-
-
 def consistency_check(teacher_text: str, record: Record, scorer) -> tuple[str | None, str | None]:
     """A teacher completion (think mode) -> (trace, None) when usable, else (None, reason).
 
@@ -157,7 +141,7 @@ def consistency_check(teacher_text: str, record: Record, scorer) -> tuple[str | 
         return None, "teacher_truncated: the think block never closed (raise curate.teacher_max_new_tokens)"
     if not parsed.reasoning:
         return None, "teacher_empty_trace: the teacher did not reason"
-    if not correct_flags(scorer, [teacher_text], [Mode.THINK], [record])[0]:
+    if scorer.score([teacher_text], [record], prefix_modes=[Mode.THINK]) != [1.0]:
         return None, f"teacher_inconsistent: teacher answered {parsed.answer[:60]!r}, reference {record.answer!r}"
     return parsed.reasoning, None
 
@@ -276,8 +260,8 @@ def apply_labels(items: list[Item], groups: list[list[Completion]], cfg_curate, 
             recs += [item.record] * len(group)
             owner += [j] * len(group)
     passes = Counter()
-    for j, ok in zip(owner, correct_flags(scorer, texts, [Mode.NO_THINK] * len(texts), recs)):
-        passes[j] += ok
+    for j, reward in zip(owner, scorer.score(texts, recs, prefix_modes=[Mode.NO_THINK] * len(texts))):
+        passes[j] += reward == 1.0
     for j, (item, group) in enumerate(zip(items, groups)):
         r = item.record
         if r.objective:

@@ -7,8 +7,8 @@ For each item and each mode in `eval.modes` the prompt is `modes.chat_prompt(que
 mode)` (auto ends in `<think>`, think in `<think>\\n`, no-think in `<think>\\n\\n</think>\\n\\n`),
 decoded greedily up to `eval.max_new_tokens` through a RolloutEngine (`eval.engine`), all modes of
 a batch in one `generate` call. The completion is split with `modes.parse_response`; the answer
-after the think block is scored by `rewards.RewardScorer` exactly as the BPO reward scores a
-rollout (`curate.correct_flags`); a think block that never closed has no answer and scores 0.
+after the think block is scored by `rewards.RewardScorer.score`, the function that gives BPO its
+reward and curation its labels; a think block that never closed has no answer and scores 0.
 
 Benchmarks: the run's eval split (our record schema) and, when `eval.external_uri` is set, an
 external JSONL + images (MathVista-style) whose fields `eval.field_map` maps onto ours — see
@@ -380,8 +380,6 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
     Greedy by default. With `samples` > 1 (pass@k / maj@k) each item is answered `samples` times
     per mode at `temperature`, seeded per (seed, benchmark, item, mode), and each row carries its
     `sample` index. `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it."""
-    from r4b_core.curate import correct_flags
-
     rows: list[dict] = []
     t0, gen_s, n_tokens = time.perf_counter(), 0.0, 0
     for start in range(0, len(items), batch_size):
@@ -404,11 +402,11 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
         by_id = {r.id: r for r in batch}
         per_comp = [req for req in reqs for _ in range(samples)]
         recs = [by_id[req.key.partition("\x1f")[0]] for req in per_comp]
-        flags = correct_flags(scorer, [c.text for c in completions], [r.mode for r in per_comp], recs)
-        for j, (req, comp, rec, ok) in enumerate(zip(per_comp, completions, recs, flags)):
+        rewards = scorer.score(completions, recs, prefix_modes=[r.mode for r in per_comp])
+        for j, (req, comp, rec, reward) in enumerate(zip(per_comp, completions, recs, rewards)):
             n_tokens += len(comp.token_ids)
-            row = prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason, ok,
-                                 benchmark)
+            row = prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason,
+                                 reward == 1.0, benchmark)
             if samples > 1:
                 row["sample"] = j % samples
             rows.append(row)

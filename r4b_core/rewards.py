@@ -1,33 +1,51 @@
-"""Rule-based answer checking: the BPO reward, and the scorer of evaluation and curation.
+"""Rule-based answer checking: the BPO reward, curation's labels and evaluation's accuracy.
 
-Three layers, cheapest first:
+One function scores for all three: `RewardScorer.score(completions, records, prefix_modes=...)`,
+given what the model generated and the mode whose prefix was forced before it (bpo.score_rollouts,
+curate.apply_labels / consistency_check and evaluate.predict call it; `is_correct` and
+`accuracy_reward` are the same path for one item and for TRL). Per item, cheapest first:
 
+0. the answer type: the record's `answer_type`, or, when it has none, the type its reference
+   implies (`infer_answer_type`: `B` or `(B)` is a choice, `-3` an integer, `0.5` / `50%` /
+   `\\sqrt{2}` a number, anything else text); a `text` item whose reference is a number is
+   scored as that number.
 1. `extract_answer(text)` — strip the think block (modes.py; a block that never closed means the
    model never answered → None), then take `\\boxed{…}` (nested braces; an unclosed last box means
    the output was cut off → None), else "the answer is …" / "Answer: …", else for choice items a
    letter or an option's text, for text items the last line, for numbers the whole answer if it
-   is a number or a simple expression, else the last number.
-2. `is_correct(prediction, reference, answer_type, choices)` — in-process fast paths that decide
-   nearly every item exactly: numbers (signs, decimals, `1,000`, `1e3`, `3/4`, `\\frac{3}{4}`),
-   percentages, simple arithmetic (+ - × ÷ ^ and parentheses, bounded), choices (letter or option
-   text), text (case, whitespace and punctuation insensitive).
+   is a number or a simple expression, else the number the answer's prose answers with (below).
+2. in-process fast paths that decide nearly every item exactly: numbers (signs, decimals,
+   `1,000`, `1e3`, `3/4`, `\\frac{3}{4}`), percentages, simple arithmetic (+ - × ÷ ^ and
+   parentheses, bounded), choices (letter or option text), text (case, whitespace and punctuation
+   insensitive; a minus sign that starts a number is kept: `x = -4` is not `x = 4`).
 3. `math-verify` (sympy) for what the fast paths cannot decide (`\\sqrt{64}`, `2\\pi`, …), always
    in worker processes: its SIGALRM timeouts fail off the main thread (a peer project silently
-   scored every item 0 that way) and C-level sympy work ignores signals anyway. Each item gets a
-   wall-clock timeout; a hung worker is killed, the item scores 0, the timeout is counted and a
-   fresh worker takes its place.
+   scored every item 0 that way) and C-level sympy work ignores signals anyway. Math too big to
+   evaluate never goes there (see below); for what still hangs, each item gets a wall-clock
+   timeout: the hung worker is killed, the item scores 0, the timeout is counted and a fresh worker
+   takes its place.
 
 Rules worth knowing:
+* prose answers (no box, no "answer:" phrase, not a number or expression, no `= value` at the
+  end): of the last sentence that holds a number, take the first number after its last verb of
+  being or result (is, are, was, were, be, equals, makes, gives, gets, comes to, amounts to: "so
+  the sum is 15" → 15, "there are 17 apples and 3 pears" → 17), else a number followed by "in
+  total" / "in all" / "altogether", else the number the sentence starts with when a word follows
+  it ("17 apples and 3 pears" → 17), else the sentence's last number ("I see 3 and 4, so 7" → 7).
+  A hedge such as "it is 1,000 or 2,000" reads as its first number.
 * percentages: `50%` equals `0.5`; a `%` on exactly one side may also be a dropped unit, so `50%`
   equals `50` as well (but `0.5` does not equal `50`).
 * `integer` answers compare exactly (`248.0` = `248`); `number` answers within 1e-6 relative.
 * numbers above 10^2000 or with exponents beyond ±1000 are compared as digit strings or not at all
   (never expanded), and expressions whose value would pass 10^2000 score 0 without a verifier.
+  So do factorials of anything but a literal up to 1000 and factorials inside powers
+  (`(10^{999})!`, `9^{999!}`): rejected by size before any evaluation, unless the reference is
+  the same text.
 
     from r4b_core.rewards import RewardScorer, accuracy_reward, extract_answer, is_correct
     with RewardScorer(workers=2, timeout_s=5) as scorer:
-        rewards = scorer.score(completions, records)   # records, or answers + answer_types
-        print(scorer.counters)  # items, correct, fast_path, verifier, parse_failures, timeouts, ...
+        rewards = scorer.score(completions, records, prefix_modes=modes)   # or answers + answer_types
+        print(scorer.counters)  # items, correct, fast_path, verifier, unfinished, parse_failures, ...
 """
 
 from __future__ import annotations
@@ -59,6 +77,7 @@ MAX_EXPR_CHARS = 200           # longer "expressions" are not simple
 MAX_EXPR_BITS = 7000           # ~2100 digits: bigger intermediate values stop the evaluator
 MAX_VERIFIER_CHARS = 300       # longer strings never go to math-verify
 MAX_BRACE_DEPTH = 12
+MAX_FACTORIAL = 1000           # n! reaches the verifier for a literal n up to this (1000! has 2,568 digits)
 NUMBER_RTOL = Fraction(1, 10**6)
 
 
@@ -370,17 +389,42 @@ def _boxed(ans: str) -> str | None | bool:
     return m.group(0) if m else None
 
 
-def _first_or_last_number(s: str, last: bool) -> str | None:
-    found = None
-    for m in _SCAN_RE.finditer(s):
-        found = m.group(0)
-        if not last:
+def _first_number(s: str) -> str | None:
+    m = _SCAN_RE.search(s)
+    return m.group(0).strip() if m else None
+
+
+# Prose answers: the number the last sentence answers with (rule in the module docstring).
+_SENTENCE_END_RE = re.compile(r"[.!?;](?:\s+|$)|\n")
+_COPULA_RE = re.compile(r"(?i)\b(?:is|are|was|were|be|equals?|makes?|gives?|gets?|got|comes\s+to|amounts\s+to)\b")
+_TOTAL_RE = re.compile(r"\s*(?:in\s+total|in\s+all|altogether|total)\b", re.IGNORECASE)
+_LEADS_WITH_WORD_RE = re.compile(r"\s+[^\W\d_]")
+
+
+def _prose_number(s: str) -> str | None:
+    """The number a prose answer answers with, from its last sentence that holds one."""
+    sentence = None
+    for part in reversed(_SENTENCE_END_RE.split(s)):
+        if _SCAN_RE.search(part):
+            sentence = part
             break
-    return found.strip() if found else None
+    if sentence is None:
+        return None
+    numbers = list(_SCAN_RE.finditer(sentence))
+    copulas = [m for m in _COPULA_RE.finditer(sentence, 0, numbers[-1].start())]
+    if copulas:                                  # "so the sum is 15", "there are 17 apples and 3 pears"
+        return next(n for n in numbers if n.start() >= copulas[-1].end()).group(0).strip()
+    totals = [n for n in numbers if _TOTAL_RE.match(sentence, n.end())]
+    if totals:                                   # "3 red and 4 blue, 7 in total"
+        return totals[-1].group(0).strip()
+    first = numbers[0]
+    if not sentence[:first.start()].strip() and _LEADS_WITH_WORD_RE.match(sentence, first.end()):
+        return first.group(0).strip()            # "17 apples and 3 pears": the sentence leads with it
+    return numbers[-1].group(0).strip()
 
 
 # What may go to math-verify: short, one line, ASCII, balanced, no prose, known LaTeX commands
-# only, no long digit runs, one small power at most. Anything else is scored by the fast paths alone (an
+# only, no long digit runs, one small power at most, factorials of small literals only. Anything else is scored by the fast paths alone (an
 # answer sympy would need minutes for is not an answer a reward should wait on).
 _LATEX_OK = frozenset("frac sqrt pi cdot times div pm mp infty ln log exp sin cos tan binom "
                       "circ deg approx".split())
@@ -389,12 +433,38 @@ _COMMAND_RE = re.compile(r"\\([A-Za-z]+)")
 _DIGIT_RUN_RE = re.compile(r"[0-9]{16}|[eE\^][-+{(\s]*[0-9]{4}")     # long numbers, big exponents
 
 
-def _verifiable(s: str) -> bool:
-    if not 0 < len(s) <= MAX_VERIFIER_CHARS or not s.isascii() or not s.isprintable():
+_FACTORIAL_ARG_RE = re.compile(r"(?<![0-9.])([0-9]+)\s*$")
+_EXPONENT_TOKEN_RE = re.compile(r"[^\s+\-*/=,]*")
+
+
+def _oversized(s: str) -> bool:
+    """A factorial too big to evaluate: n! needs a literal n <= MAX_FACTORIAL, and no factorial may
+    be raised to a power, factorised again or sit in an exponent ((10^{999})!, 9^{999!}, 5!^{99})."""
+    for k, ch in enumerate(s):
+        if ch != "!":
+            continue
+        arg = _FACTORIAL_ARG_RE.search(s, 0, k)
+        if arg is None or int(arg.group(1)) > MAX_FACTORIAL or s[k + 1:].lstrip()[:1] in ("!", "^"):
+            return True
+    caret = s.find("^")
+    if caret >= 0 and "!" in s:
+        j = caret + 1
+        while j < len(s) and s[j] == " ":
+            j += 1
+        if s[j:j + 1] in ("{", "("):       # the group, read as braces: (5!) and {5!} alike
+            group = _braced(s[j:].replace("(", "{").replace(")", "}"), 0)
+            exponent = group[0] if group else s[j:]
+        else:
+            exponent = _EXPONENT_TOKEN_RE.match(s, j).group(0)
+        return "!" in exponent
+    return False
+
+
+def _math_shape(s: str) -> bool:
+    """Short, one line, ASCII, balanced, no prose, known LaTeX commands only, something numeric."""
+    if not 0 < len(s) <= MAX_VERIFIER_CHARS or not s.isascii() or not s.isprintable() or "<" in s:
         return False
     if any(c not in _LATEX_OK for c in _COMMAND_RE.findall(s)) or _PROSE_RE.search(_COMMAND_RE.sub(" ", s)):
-        return False
-    if _DIGIT_RUN_RE.search(s) or s.count("^") > 1 or "<" in s:
         return False
     for o, c in ("{}", "()"):
         depth = 0
@@ -407,14 +477,20 @@ def _verifiable(s: str) -> bool:
     return any(ch.isdigit() for ch in s) or "\\pi" in s or "\\infty" in s
 
 
+def _verifiable(s: str) -> bool:
+    """Math of a size the verifier finishes quickly: no long digit runs, one power, small factorials."""
+    return _math_shape(s) and not (_DIGIT_RUN_RE.search(s) or s.count("^") > 1 or _oversized(s))
+
+
 def _is_symbolic(s: str) -> bool:
     """Math only a verifier can read (\\sqrt{2}, 2\\pi, (10^{7})!): keep it whole, not its digits."""
-    return any(ch in s for ch in "\\!^") and _verifiable(s)
+    return any(ch in s for ch in "\\!^") and _math_shape(s)
 
 
-def _numeric_candidate(s: str, last: bool) -> str | None:
+def _numeric_candidate(s: str, prose: bool) -> str | None:
     """The number a piece of answer text states: itself, the part after the last '=', symbolic
-    math as a whole, else its first (`last=False`) or last number."""
+    math as a whole, else its first number (a box or an "answer:" phrase) or, for a whole prose
+    answer (`prose`), the number its last sentence answers with."""
     s = _clean(s)
     if not s:
         return None
@@ -429,15 +505,16 @@ def _numeric_candidate(s: str, last: bool) -> str | None:
     for cand in (tail, s):
         if _is_symbolic(cand):
             return cand
-    return _first_or_last_number(s, last)
+    return _prose_number(s) if prose else _first_number(s)
 
 
-_NON_WORD_RE = re.compile(r"[\W_]+")
+# Words and digit runs; a minus sign that starts a number stays (x = -4 is not x = 4).
+_TEXT_TOKEN_RE = re.compile(r"(?:(?<![^\W_])-(?=[0-9]))?[^\W_]+")
 
 
 def _norm_text(s: str) -> str:
-    """Case, whitespace and punctuation insensitive form: "  Red. " -> "red"."""
-    return _NON_WORD_RE.sub(" ", _clean(s).casefold()).strip()
+    """Case, whitespace and punctuation insensitive form: "  Red. " -> "red", "(-1, 2)" -> "-1 2"."""
+    return " ".join(_TEXT_TOKEN_RE.findall(_clean(s).casefold()))
 
 
 def _choice_index(s: str, choices: Sequence[str] | None) -> int | None:
@@ -480,15 +557,15 @@ def _from_answer(ans: str, answer_type: str | None, choices: Sequence[str] | Non
     if box is None:
         return None        # the last box never closed: the answer was cut off
     if box is not False:
-        candidate, last = box, False
+        candidate, prose = box, False
     else:
         phrase = None
         for m in _PHRASE_RE.finditer(ans):
             phrase = m
         if phrase is not None and ans[phrase.end():].split("\n", 1)[0].strip():
-            candidate, last = ans[phrase.end():].split("\n", 1)[0], False
+            candidate, prose = ans[phrase.end():].split("\n", 1)[0], False
         else:
-            candidate, last = ans, True
+            candidate, prose = ans, True
     if answer_type == "choice" or (choices and answer_type is None):
         k = _choice_index(candidate, choices)
         if k is None:
@@ -498,7 +575,7 @@ def _from_answer(ans: str, answer_type: str | None, choices: Sequence[str] | Non
         lines = [ln for ln in candidate.splitlines() if ln.strip()]
         text = _clean(lines[-1]) if lines else ""
         return text or None
-    return _numeric_candidate(candidate, last)
+    return _numeric_candidate(candidate, prose)
 
 
 def extract_answer(text: str | None, answer_type: str | None = None, choices: Sequence[str] | None = None,
@@ -521,29 +598,46 @@ def extract_answer(text: str | None, answer_type: str | None = None, choices: Se
 
 
 # ---------------------------------------------------------------------------------------------
-# Correctness: fast paths, then the verifier
+# Correctness: the answer type, fast paths, then the verifier
 # ---------------------------------------------------------------------------------------------
-_NUMERIC = ("integer", "number")
+_LETTER_REF_RE = re.compile(r"\(?[A-Z]\)?\.?")
 
 
-def _decide(prediction: Any, reference: Any, answer_type: str | None,
+def _numeric_type(reference: str) -> str | None:
+    """integer / number when the reference is a number or a simple expression, else None."""
+    try:
+        n = _value(reference)
+    except _TooBig:
+        return "number"
+    if n is None:
+        return None
+    return "integer" if n.big is not None or (not n.percent and n.value.denominator == 1) else "number"
+
+
+def infer_answer_type(reference: str, choices: Sequence[str] | None = None) -> str:
+    """The answer type a reference implies: `choice` (options given, or one capital letter such as
+    `B` or `(B)`), `integer` / `number` (a number or simple expression; symbolic math such as
+    `\\sqrt{2}` is a number), else `text`."""
+    s = _clean(str(reference))
+    if choices or _LETTER_REF_RE.fullmatch(s):
+        return "choice"
+    return _numeric_type(s) or ("number" if _is_symbolic(s) else "text")
+
+
+def _answer_type(reference: str, declared: str | None, choices: Sequence[str] | None) -> str:
+    """What an item is scored as: its declared type, inferred when absent; a `text` item whose
+    reference is a number is scored as that number (`-4` is not `4`, `4.0` is `4`)."""
+    if declared is None:
+        return infer_answer_type(reference, choices)
+    if declared == "text" and not choices:
+        return _numeric_type(_clean(reference)) or "text"
+    return declared
+
+
+def _decide(prediction: str, ref: str, atype: str,
             choices: Sequence[str] | None) -> tuple[bool | None, str, str]:
-    """(verdict, prediction, reference): verdict None means only the verifier can tell."""
-    if isinstance(prediction, str) and (modes.THINK_OPEN in prediction or modes.THINK_CLOSE in prediction):
-        prediction = modes.strip_thinking(prediction)     # only the answer counts ("" if unfinished)
-    if not isinstance(prediction, str) or not prediction.strip():
-        return False, "", ""
-    ref = str(reference).strip() if reference is not None else ""
-    if not ref:
-        return False, prediction, ref
-    atype = answer_type
-    if atype is None and choices:
-        atype = "choice"
-    if atype is None:
-        try:
-            atype = "number" if _value(ref) is not None else "text"
-        except _TooBig:
-            atype = "number"
+    """(verdict, prediction, reference) for an extracted answer and a non-empty reference of a
+    known type; verdict None means only the verifier can tell."""
     if atype == "choice":
         rk = _choice_index(ref, choices)
         pk = _choice_index(prediction, choices)
@@ -559,14 +653,7 @@ def _decide(prediction: Any, reference: Any, answer_type: str | None,
         if ex and ex != prediction:
             cands.append(ex)
         nr = _norm_text(ref)
-        if any(_norm_text(c) == nr for c in cands):
-            return True, prediction, ref
-        try:
-            rn = parse_number(ref)
-            return bool(rn and any((pn := parse_number(c)) and _numbers_equal(pn, rn, False) for c in cands)), \
-                prediction, ref
-        except _TooBig:
-            return False, prediction, ref
+        return any(_norm_text(c) == nr for c in cands), prediction, ref
     # numbers
     exact = atype == "integer"
     cands = [prediction]
@@ -591,22 +678,47 @@ def _decide(prediction: Any, reference: Any, answer_type: str | None,
         return any(_numbers_equal(pv, rv, exact) for pv in pvs), prediction, ref
     if too_big and rv is not None:
         return False, prediction, ref       # a value beyond 10^2000 cannot equal a parsed reference
-    pred = ex or prediction
-    if _verifiable(_clean(pred)) and _verifiable(_clean(ref)):
-        return None, _clean(pred), _clean(ref)
+    pred, clean_ref = _clean(ex or prediction), _clean(ref)
+    if pred == clean_ref:
+        return True, pred, clean_ref        # the same math, character for character
+    if _verifiable(pred) and _verifiable(clean_ref):
+        return None, pred, clean_ref
     return False, prediction, ref
 
 
-def is_correct(prediction: str | None, reference: str, answer_type: str | None = "number",
-               choices: Sequence[str] | None = None, timeout_s: float = 5.0) -> bool:
-    """Whether `prediction` (an answer, or a completion) states the reference answer.
+def _judge(completion: Any, reference: Any, answer_type: str | None, choices: Sequence[str] | None,
+           prefix_mode: modes.Mode | str | None) -> tuple[str, bool | None, str, str]:
+    """How one completion scores, short of the verifier: (outcome, verdict, prediction, reference).
+
+    outcome: `no_reference`, `unfinished` (the think block never closed: no answer), `parse_failures`
+    (no answer found), `fast_path` (verdict decided here) or `verifier` (verdict None: math-verify
+    decides `prediction` against `reference`).
+    """
+    ref = str(reference).strip() if reference is not None else ""
+    if not ref:
+        return "no_reference", None, "", ""
+    atype = _answer_type(ref, answer_type, choices)
+    text = _completion_text(completion)
+    pred = extract_answer(text, atype, choices, prefix_mode)
+    if pred is None:
+        finished = isinstance(text, str) and modes.parse_response(text, prefix_mode).closed
+        return ("parse_failures" if finished else "unfinished"), False, "", ref
+    verdict, pred, ref = _decide(pred, ref, atype, choices)
+    return ("fast_path" if verdict is not None else "verifier"), verdict, pred, ref
+
+
+def is_correct(prediction: str | None, reference: str, answer_type: str | None = None,
+               choices: Sequence[str] | None = None, timeout_s: float = 5.0,
+               prefix_mode: modes.Mode | str | None = None) -> bool:
+    """Whether `prediction` (an answer, or a completion) states the reference answer, exactly as
+    `RewardScorer.score` decides it (`answer_type` None: inferred from the reference).
 
     Undecided items go to a shared math-verify worker process with a `timeout_s` wall clock (a
     timeout is a wrong answer). Safe to call from any thread.
     """
-    verdict, pred, ref = _decide(prediction, reference, answer_type, choices)
-    if verdict is not None:
-        return verdict
+    outcome, verdict, pred, ref = _judge(prediction, reference, answer_type, choices, prefix_mode)
+    if outcome != "verifier":
+        return bool(verdict)
     status, value = _shared_pool(timeout_s).run([(pred, ref)])[0]
     return status == "ok" and bool(value)
 
@@ -837,8 +949,9 @@ class RewardScorer:
     """Scores batches of completions; math-verify runs in `workers` processes, `timeout_s` each.
 
     Use as a context manager (or call close()) so the workers end with it. `counters` (a dict):
-    items, scored (items with a reference), correct, fast_path, verifier, parse_failures (no
-    answer could be extracted), timeouts, verifier_errors, no_reference, worker_starts.
+    items, scored (items with a reference), correct, fast_path, verifier, unfinished (the think
+    block never closed), parse_failures (no answer could be extracted), timeouts, verifier_errors,
+    no_reference, worker_starts.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: int = 2048,
@@ -857,17 +970,19 @@ class RewardScorer:
 
     @property
     def counters(self) -> dict[str, int]:
-        keys = ("items", "scored", "correct", "fast_path", "verifier", "parse_failures", "timeouts",
-                "verifier_errors", "no_reference")
+        keys = ("items", "scored", "correct", "fast_path", "verifier", "unfinished", "parse_failures",
+                "timeouts", "verifier_errors", "no_reference")
         out = {k: self._counts.get(k, 0) for k in keys}
         out["worker_starts"] = self._pool.starts
         return out
 
     def score(self, completions: Sequence[Any], answers: Sequence[Any], answer_types: Any = None,
               choices: Any = None, prefix_modes: Any = None) -> list[float | None]:
-        """1.0 / 0.0 per completion (None where the reference is empty).
+        """1.0 / 0.0 per completion (None where the reference is empty): BPO's reward, curation's
+        labels and evaluation's accuracy all come from here.
 
-        `answers`: reference strings, or records (anything with .answer, .answer_type, .choices),
+        `completions`: strings, objects with `.text` (rollout Completions) or TRL's conversational
+        form. `answers`: reference strings, or records (anything with .answer, .answer_type, .choices),
         whose type and choices are used unless `answer_types` / `choices` are given. `choices` is
         one list of options per item (or None). `prefix_modes`: the forced mode each completion was
         generated after, when the completions do not include their prefix.
@@ -892,23 +1007,18 @@ class RewardScorer:
                 atype = atype or getattr(ref, "answer_type", None)
                 ch = ch if ch is not None else getattr(ref, "choices", None)
                 ref = ref.answer
-            if ref is None or not str(ref).strip():
-                c["no_reference"] += 1
+            outcome, verdict, pred, ref = _judge(completions[i], ref, atype, ch, pmodes[i])
+            if outcome == "no_reference":
+                c[outcome] += 1
                 continue
             c["scored"] += 1
-            pred = extract_answer(_completion_text(completions[i]), atype, ch, pmodes[i])
-            if pred is None:
-                c["parse_failures"] += 1
-                out[i] = 0.0
-                continue
-            verdict, p, r = _decide(pred, ref, atype, ch)
-            if verdict is None:
-                jobs.append((p, r))
+            if outcome == "verifier":
+                jobs.append((pred, ref))
                 where.append(i)
                 continue
-            c["fast_path"] += 1
-            c["correct"] += verdict
-            out[i] = float(verdict)
+            c[outcome] += 1
+            c["correct"] += bool(verdict)
+            out[i] = float(bool(verdict))
         if jobs:
             c["verifier"] += len(jobs)
             for i, (status, value) in zip(where, self._pool.run(jobs)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from r4b_core.errors import R4BError, decode_utf8, shorten
 
@@ -29,7 +29,9 @@ class Record(BaseModel):
 
     `reasoning` is an optional step-by-step trace (the synthetic generator writes one for math
     items). `label` is set by curation: "reasoning" items train with a thinking target,
-    "direct" items with an empty think block (modes.target_for).
+    "direct" items with an empty think block (modes.target_for). A record without `answer_type`
+    gets the type its answer implies (`rewards.infer_answer_type`: `B` is a choice, `-3` an
+    integer, `\\sqrt{2}` a number, `red` text).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -38,7 +40,7 @@ class Record(BaseModel):
     images: list[str] = Field(default_factory=list)
     question: str = Field(min_length=1)
     answer: str
-    answer_type: AnswerType = "text"
+    answer_type: AnswerType | None = None      # None: inferred from the answer (and choices)
     category: str = "general"
     difficulty: int = Field(1, ge=0, le=10)
     source: str = "unknown"
@@ -53,6 +55,14 @@ class Record(BaseModel):
         if not v.strip():
             raise ValueError("answer is empty; every record needs a reference answer")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _infer_answer_type(self) -> Record:
+        if self.answer_type is None:
+            from r4b_core.rewards import infer_answer_type
+
+            self.answer_type = infer_answer_type(self.answer, self.choices)
+        return self
 
     @field_validator("question")
     @classmethod

@@ -425,9 +425,13 @@ class ContentReward:
 
         self.rng = random.Random(seed)
 
-    def score(self, transcripts, records):
-        return [float(self.rng.random() < self.P[(r.category, modes.parse_response(t).mode == Mode.THINK)])
-                for t, r in zip(transcripts, records)]
+    def score(self, completions, records, prefix_modes):
+        out = []
+        for c, r, m in zip(completions, records, prefix_modes):
+            parsed = modes.parse_response(c.text, prefix_mode=m)    # unfinished: 0, as the real reward
+            out.append(float(self.rng.random() < self.P[(r.category, parsed.mode == Mode.THINK)]) if parsed.closed
+                       else 0.0)
+        return out
 
 
 @pytest.mark.slow

@@ -142,14 +142,6 @@ def test_consistency_check(scorer):
     assert trace is None and why.startswith("teacher_empty_trace")
 
 
-def test_correct_flags_score_like_the_reward(scorer):
-    r = rec(6)  # answer 12
-    texts = ["12", "\n3 steps\n</think>\n\n12", "\n12", "\n\n</think>\n\n\\boxed{12}", "13"]
-    mode_of = [Mode.NO_THINK, Mode.AUTO, Mode.THINK, Mode.AUTO, Mode.NO_THINK]
-    # THINK "\n12": the think block never closed -> no answer, wrong without asking the scorer.
-    assert curate.correct_flags(scorer, texts, mode_of, [r] * 5) == [True, True, False, True, False]
-
-
 # --- dedup and keyword filter -------------------------------------------------------------------
 def test_dedup_key_normalises_question_and_hashes_pixels(tmp_path):
     red = Image.new("RGB", (8, 8), (255, 0, 0))

@@ -120,7 +120,10 @@ def test_golden(text, ref, atype, choices, expected):
     ("The answer is 3 + 5 = 8", "integer", "8"),
     ("Answer: -7", "integer", "-7"),
     ("A = 37\nB = 25\n37 + 25 = 62", "integer", "62"),
-    ("it is 1,000 or 2,000", "integer", "2,000"),
+    ("it is 1,000 or 2,000", "integer", "1,000"),               # prose: the number after "is"
+    ("17 apples and 3 pears", "integer", "17"),                  # prose: the sentence leads with it
+    ("3 red and 4 blue, 7 in total", "integer", "7"),
+    ("I see 3 red and 4 blue, so 7", "integer", "7"),            # no rule fits: the last number
     ("\\boxed{\\sqrt{2}}", "number", "\\sqrt{2}"),
     ("Answer: red.", "text", "red"),
     ("I think (C).", "choice", "C"),
@@ -141,26 +144,77 @@ def test_extract_after_forced_prefix():
     assert extract_answer("8", "integer", prefix_mode=Mode.NO_THINK) == "8"
 
 
+def test_sign_is_never_normalised_away():
+    for p, r in (("4", "-4"), ("-3", "3"), ("1", "-1"), ("(1, 2)", "(-1, 2)"), ("x = 4", "x = -4")):
+        assert is_correct(p, r, "text") is False and is_correct(r, p, "text") is False, (p, r)
+    assert is_correct("-4", "-4", "text") and is_correct("(-1, 2)", "( -1 , 2 )", "text")
+
+
+def test_letter_reference_without_a_declared_type():
+    with RewardScorer(workers=1) as scorer:
+        forms = ["Answer: (B)", "B", "\\boxed{B}", "(B)", "The answer is B."]
+        assert scorer.score(forms, ["B"] * len(forms)) == [1.0] * len(forms)
+        assert scorer.score(["Answer: (C)", "\\boxed{A}"], ["B", "B"]) == [0.0, 0.0]
+        assert all(is_correct(f, "B") for f in forms)
+
+
+def test_records_without_answer_type_get_the_type_their_answer_implies():
+    recs = [Record(id=str(i), question="q", answer=a) for i, a in enumerate(["-3", "4", "1024", "B", "red"])]
+    assert [r.answer_type for r in recs] == ["integer", "integer", "integer", "choice", "text"]
+    with RewardScorer(workers=1) as scorer:
+        assert scorer.score(["The result is -3.", "\\boxed{x=4}", "2^{10}", "Answer: (B)", "Red."], recs) == [1.0] * 5
+        assert scorer.score(["The result is 3.", "\\boxed{x=-4}", "2^{11}", "Answer: (A)", "blue"], recs) == [0.0] * 5
+
+
+def test_score_after_each_forced_prefix():
+    # What BPO, curation and evaluation pass: the generated text and the mode whose prefix was forced.
+    r = Record(id="r6", question="What is 6 + 6?", answer="12", answer_type="integer")
+    texts = ["12", "\n3 steps\n</think>\n\n12", "\n12", "\n\n</think>\n\n\\boxed{12}", "13"]
+    mode_of = [Mode.NO_THINK, Mode.AUTO, Mode.THINK, Mode.AUTO, Mode.NO_THINK]
+    with RewardScorer(workers=1) as scorer:
+        # THINK "\n12": the think block never closed -> no answer, counted as unfinished.
+        assert scorer.score(texts, [r] * 5, prefix_modes=mode_of) == [1.0, 1.0, 0.0, 1.0, 0.0]
+        assert scorer.counters["unfinished"] == 1 and scorer.counters["parse_failures"] == 0
+
+
 def test_timeout_kills_a_real_hang_and_the_pool_recovers():
-    # math-verify (sympy) really hangs on 10000000! (minutes, growing memory): the worker is
-    # killed at the wall-clock timeout, the item scores 0, and the next batch still works.
+    # The wall-clock timeout is the last line of defence, for a hang the size rules did not foresee:
+    # math-verify (sympy) really hangs on 10000000! (minutes, growing memory), which the scorer no
+    # longer sends, so the pool gets it directly. The worker is killed at the timeout, the item
+    # counts as a timeout, and the next batch still works.
     with RewardScorer(workers=2, timeout_s=3.0) as scorer:    # generous: the machine may be loaded
+        pool = scorer._pool
         t0 = time.monotonic()
-        rewards = scorer.score(["\\boxed{10000000!}", "\\boxed{\\sqrt{64}}", "8", "<think>\nunfinished"],
-                               ["3", "8", "8", "8"], "integer")
+        got = pool.run([("10000000!", "3"), ("\\sqrt{64}", "8")])
         elapsed = time.monotonic() - t0
-        c = scorer.counters
-        print(f"hang batch: {elapsed:.2f} s, counters {c}")
-        assert rewards == [0.0, 1.0, 1.0, 0.0]
-        assert c["timeouts"] == 1 and c["verifier"] == 2 and c["fast_path"] == 1 and c["parse_failures"] == 1
+        print(f"hang batch: {elapsed:.2f} s, pool {dict(pool.counts)}")
+        assert got == [("timeout", None), ("ok", True)]
         assert 3.0 <= elapsed < 60
-        pids = [w.proc.pid for w in scorer._pool.workers]
-        assert scorer.score(["\\boxed{\\sqrt{81}}", "\\boxed{(10^{7})!}"], ["9", "1"], "integer") == [1.0, 0.0]
+        assert pool.run([("\\sqrt{81}", "9"), ("(10^{7})!", "1")]) == [("ok", True), ("timeout", None)]
+        assert pool.counts["timeout"] == 2 and pool.starts >= 3
+        pids = [w.proc.pid for w in pool.workers]
+        # Through the scorer: verifier items, fast-path items and an unfinished think block in one batch.
+        rewards = scorer.score(["\\boxed{\\sqrt{64}}", "8", "<think>\nunfinished", "9"], ["8", "8", "8", "8"],
+                               "integer")
         c = scorer.counters
-        assert c["timeouts"] == 2 and c["correct"] == 3 and c["worker_starts"] >= 3
+        assert rewards == [1.0, 1.0, 0.0, 0.0]
+        assert c["verifier"] == 1 and c["fast_path"] == 2 and c["unfinished"] == 1 and c["correct"] == 2
     for pid in pids:      # close() ended every worker the scorer started
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_pathological_answers_are_rejected_by_size_before_the_verifier():
+    # Before: 9^{999!} cost a 5 s timeout plus a worker restart, (10^{999})! about a second of
+    # sympy; now neither reaches a worker. The same math on both sides still matches.
+    huge = ["\\boxed{9^{999!}}", "\\boxed{(10^{999})!}", "\\boxed{10000000!}", "2^{5!}", "(5!)!", "1001!", "5!^{2}"]
+    with RewardScorer(workers=1, timeout_s=60.0) as scorer:
+        assert scorer.score(huge, ["3"] * len(huge), "integer") == [0.0] * len(huge)
+        assert scorer.score(["\\boxed{(10^{999})!}"], ["(10^{999})!"], "number") == [1.0]
+        c = scorer.counters
+        assert c["verifier"] == 0 and c["worker_starts"] == 0 and c["fast_path"] == len(huge) + 1
+        assert scorer.score(["\\boxed{5!}", "6!"], ["120", "120"], "integer") == [1.0, 0.0]   # small: verified
+        assert scorer.counters["verifier"] == 2
 
 
 def test_is_correct_from_a_thread_uses_the_verifier():
