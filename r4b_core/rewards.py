@@ -35,7 +35,8 @@ Rules worth knowing:
   A hedge such as "it is 1,000 or 2,000" reads as its first number.
 * percentages: `50%` equals `0.5`; a `%` on exactly one side may also be a dropped unit, so `50%`
   equals `50` as well (but `0.5` does not equal `50`).
-* `integer` answers compare exactly (`248.0` = `248`); `number` answers within 1e-6 relative.
+* `integer` answers compare exactly (`248.0` = `248`); `number` answers within 1e-6 relative
+  (absolute below 1), never across a sign.
 * numbers above 10^2000 or with exponents beyond ±1000 are compared as digit strings or not at all
   (never expanded), and expressions whose value would pass 10^2000 score 0 without a verifier.
   So do factorials of anything but a literal up to 1000 and factorials inside powers
@@ -96,7 +97,8 @@ _LATEX_SPACES = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~|\{,\}")
 def _clean(s: str) -> str:
     """Drop math delimiters, markdown, LaTeX spacing and a trailing full stop."""
     s = unicodedata.normalize("NFKC", s).strip()
-    s = s.replace("\u2212", "-").replace("\\%", "%").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\u2212", "-").replace("\\%", "%").replace("\\$", "")     # \$: a currency sign
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = _TEXT_CMD.sub(r"\1", s)
     s = _LATEX_SPACES.sub("", s)
@@ -337,7 +339,9 @@ def _value(text: str) -> _Num | None:
 def _close(a: Fraction, b: Fraction, exact: bool) -> bool:
     if a == b:
         return True
-    return not exact and abs(a - b) <= NUMBER_RTOL * max(Fraction(1), abs(b))
+    if exact or a * b < 0:           # rounding never flips a sign: -1e-7 is not 1e-7
+        return False
+    return abs(a - b) <= NUMBER_RTOL * max(Fraction(1), abs(b))
 
 
 def _numbers_equal(p: _Num, r: _Num, exact: bool) -> bool:
@@ -703,6 +707,8 @@ def _judge(completion: Any, reference: Any, answer_type: str | None, choices: Se
     if pred is None:
         finished = isinstance(text, str) and modes.parse_response(text, prefix_mode).closed
         return ("parse_failures" if finished else "unfinished"), False, "", ref
+    if atype == "text":      # the whole answer may be it, over several lines ("A = 37\nB = 25")
+        pred = modes.parse_response(text, prefix_mode).answer
     verdict, pred, ref = _decide(pred, ref, atype, choices)
     return ("fast_path" if verdict is not None else "verifier"), verdict, pred, ref
 

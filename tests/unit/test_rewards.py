@@ -1,5 +1,6 @@
-"""Rule-based rewards: golden cases, the real math-verify worker path, a real hang that the
-wall-clock timeout must kill, pool recovery, thread safety, TRL-style call, fast-path throughput."""
+"""Rule-based rewards: extraction, the issue-15 cases (signs, letter references, inferred types,
+prose, oversized math), the real math-verify worker path, a real hang that the wall-clock timeout
+must kill, pool recovery, thread safety, TRL-style call, fast-path throughput."""
 
 import os
 import threading
@@ -12,101 +13,7 @@ from r4b_core.modes import Mode
 from r4b_core.rewards import RewardError, RewardScorer, accuracy_reward, extract_answer, is_correct
 
 OPTS = ["red", "blue", "green"]
-BIG = "7" * 3000
-
-# (completion or answer text, reference, answer_type, choices, expected)
-GOLDEN = [
-    # think blocks
-    ("<think>\nA = 3\nB = 5\n3 + 5 = 8\n</think>\n\n8", "8", "integer", None, True),
-    ("<think>\n\n</think>\n\n8", "8", "integer", None, True),
-    ("<think>\nA = 3\nB = 5\n3 + 5 = 8", "8", "integer", None, False),          # truncated: no answer
-    ("<think>\nthe answer is 8", "8", "integer", None, False),                   # truncated
-    ("<think>\n3 + 5 = 9\n</think>\n\n8", "8", "integer", None, True),           # trace numbers ignored
-    ("<think>\n3 + 5 = 8\n</think>\n\n9", "8", "integer", None, False),
-    ("<think>\nA = 37\nB = 25\n37 + 25 = 50 + 12 = 62\n</think>\n\n62", "62", "integer", None, True),
-    ("37 + 25 = 50 + 12 = 62", "62", "integer", None, True),                     # a trace as the answer
-    # plain integers, signs, separators
-    ("8", "8", "integer", None, True),
-    ("9", "8", "integer", None, False),
-    ("-5", "-5", "integer", None, True),
-    ("\u22125", "-5", "integer", None, True),                                     # unicode minus
-    ("5", "-5", "integer", None, False),
-    ("+7", "7", "integer", None, True),
-    ("1,000", "1000", "integer", None, True),
-    ("The answer is 1,000.", "1000", "integer", None, True),
-    ("1,000,000", "1000000", "integer", None, True),
-    ("248.0", "248", "integer", None, True),
-    ("248.5", "248", "integer", None, False),
-    ("1e3", "1000", "integer", None, True),
-    ("10000000000000000000001", "10000000000000000000000", "integer", None, False),
-    (BIG, BIG, "integer", None, True),                                            # 3,000 digits
-    (BIG + "1", BIG, "integer", None, False),
-    # boxed, phrases, last number
-    ("\\boxed{8}", "8", "integer", None, True),
-    ("so \\boxed{\\frac{3}{4}} done", "0.75", "number", None, True),
-    ("\\boxed{3/4}", "\\frac{3}{4}", "number", None, True),
-    ("\\boxed{\\boxed{12}}", "12", "integer", None, True),
-    ("\\boxed{12", "12", "integer", None, False),                                 # box never closed
-    ("\\boxed{{1}+{2}}", "3", "integer", None, True),                             # nested braces
-    ("Answer: 42", "42", "integer", None, True),
-    ("The final answer is: 17", "17", "integer", None, True),
-    ("The answer is 12 apples.", "12", "integer", None, True),
-    ("$8$", "8", "integer", None, True),
-    ("**8**", "8", "integer", None, True),
-    ("x = 5", "5", "integer", None, True),
-    ("The numbers are 4, 5 and 6, so the sum is 15", "15", "integer", None, True),
-    ("no idea", "8", "integer", None, False),
-    ("", "8", "integer", None, False),
-    # decimals, fractions, percentages (rule: 50% = 0.5, and a % on one side may be a dropped unit)
-    ("3.50", "3.5", "number", None, True),
-    ("3/4", "0.75", "number", None, True),
-    ("-3/4", "-0.75", "number", None, True),
-    ("\\frac{1}{3}", "0.333333", "number", None, True),
-    ("0.33", "1/3", "number", None, False),
-    ("50%", "0.5", "number", None, True),
-    ("50\\%", "0.5", "number", None, True),
-    ("0.5", "50%", "number", None, True),
-    ("50%", "50", "number", None, True),
-    ("0.5", "50", "number", None, False),
-    # simple expressions
-    ("3 + 5", "8", "integer", None, True),
-    ("2 × 4", "8", "integer", None, True),
-    ("(1+2)*3", "9", "integer", None, True),
-    ("2^{10}", "1024", "integer", None, True),
-    ("9^{9^{9^{9}}}", "5", "integer", None, False),                               # too big: never expanded
-    # text (colours)
-    ("red", "red", "text", None, True),
-    ("Red.", "red", "text", None, True),
-    ("  RED  ", "red", "text", None, True),
-    ("blue", "red", "text", None, False),
-    ("<think>\nB is red\n</think>\n\nred", "red", "text", None, True),
-    ("The answer is green", "green", "text", None, True),
-    ("<think>\nB is red", "red", "text", None, False),
-    # choices: letter or option text, on either side
-    ("B", "B", "choice", OPTS, True),
-    ("(B)", "B", "choice", OPTS, True),
-    ("blue", "B", "choice", OPTS, True),
-    ("B) blue", "blue", "choice", OPTS, True),
-    ("The answer is C", "B", "choice", OPTS, False),
-    ("option B", "B", "choice", OPTS, True),
-    ("\\boxed{A}", "red", "choice", OPTS, True),
-    # symbolic answers decided by math-verify (worker process)
-    ("\\boxed{\\sqrt{64}}", "8", "integer", None, True),
-    ("\\boxed{\\sqrt{63}}", "8", "integer", None, False),
-    ("\\boxed{2\\pi}", "6.283185", "number", None, True),
-]
-
-
-def test_golden_count():
-    assert len(GOLDEN) >= 40
-
-
-@pytest.mark.parametrize("text,ref,atype,choices,expected", GOLDEN,
-                         ids=[f"{i}:{g[0][:24]!r}" for i, g in enumerate(GOLDEN)])
-def test_golden(text, ref, atype, choices, expected):
-    assert is_correct(text, ref, atype, choices) is expected
-    with RewardScorer(workers=1) as scorer:     # the batch path agrees with the single-item path
-        assert scorer.score([text], [ref], [atype], [choices]) == [float(expected)]
+# The golden table of answer forms and their scores: tests/data/reward_golden.jsonl (test_reward_golden.py).
 
 
 @pytest.mark.parametrize("text,atype,expected", [

@@ -1,13 +1,15 @@
-"""Property test: ≥ 10,000 random and adversarial strings through extract_answer and is_correct,
-as predictions and as references — no exception, no hang, bounded total time."""
+"""Property tests: ≥ 10,000 random and adversarial strings through extract_answer and is_correct,
+as predictions and as references — no exception, no hang, bounded total time; and for numbers
+stated in a dozen forms under every answer type, sign flips never match and equal values always do."""
 
 import random
 import time
+from fractions import Fraction
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r4b_core.rewards import _shared_pool, extract_answer, is_correct
+from r4b_core.rewards import RewardScorer, _shared_pool, extract_answer, is_correct
 
 TYPES = (None, "integer", "number", "text", "choice")
 OPTS = ["red", "blue", "green", "7"]
@@ -86,3 +88,78 @@ def test_ten_thousand_strings():
     assert STATS["strings"] >= 10_000
     assert STATS["slowest_call_s"] < 2.0
     assert elapsed < 400
+
+
+# --- properties of the score itself: sign flips never match, equal values always do ---------------
+_SCORER = None
+
+
+def _score(preds: list[str], refs: list[str], types: list[str | None]) -> list[float]:
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = RewardScorer(workers=1)
+    return _SCORER.score(preds, refs, answer_types=types)
+
+
+def _canon(v: Fraction) -> str:
+    """The reference form: an integer, an exact decimal, else p/q."""
+    if v.denominator == 1:
+        return str(v.numerator)
+    k = next((k for k in range(1, 10) if (v * 10**k).denominator == 1), None)
+    if k is None:
+        return f"{v.numerator}/{v.denominator}"
+    digits = str(abs(v.numerator) * 10**k // v.denominator).rjust(k + 1, "0")
+    return ("-" if v < 0 else "") + f"{digits[:-k]}.{digits[-k:]}"
+
+
+def _forms(v: Fraction) -> list[str]:
+    """Ways a model states the value v."""
+    s = _canon(v)
+    sign = "-" if v < 0 else ""
+    out = [s, f"\\boxed{{{s}}}", f"The answer is {s}.", f"${s}$", f"x = {s}", f"**{s}**", f"There are {s} apples.",
+           f"<think>\nfirst 17, then {s}\n</think>\n\n{s}", s.replace("-", "\u2212"), f"Answer: ({s})"]
+    if v.denominator == 1:
+        out += [f"{v.numerator:,}", f"{s}.0", f"\\boxed{{{sign}{abs(v.numerator):,}}}".replace(",", "{,}")]
+    elif "/" in s:
+        out += [f"{sign}\\frac{{{abs(v.numerator)}}}{{{v.denominator}}}", f"\\boxed{{\\dfrac{{{v.numerator}}}{{{v.denominator}}}}}"]
+    else:
+        out += [s + "0"] + ([f"{sign}{abs(v) * 100}%"] if (v * 100).denominator == 1 else [])     # 0.5 as 50%
+    return out
+
+
+_VALUES = st.one_of(
+    st.integers(-10**15, 10**15).map(Fraction),
+    st.builds(lambda n, k: Fraction(n, 10**k), st.integers(-10**9, 10**9), st.integers(1, 9)),   # decimals
+    st.builds(Fraction, st.integers(-999, 999), st.integers(1, 999)))                            # fractions
+_PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(HealthCheck))
+
+
+def _types(v: Fraction) -> list[str | None]:
+    return [None, "number", "text"] + (["integer"] if v.denominator == 1 else [])
+
+
+@_PROPERTY
+@given(_VALUES)
+def test_equal_values_always_match(v):
+    preds, refs, types = [], [], []
+    for t in _types(v):
+        for f in _forms(v):
+            preds.append(f), refs.append(_canon(v)), types.append(t)
+    got = _score(preds, refs, types)
+    assert _SCORER.counters["verifier"] == 0          # every form is decided in-process
+    assert got == [1.0] * len(got), [(p, r, t) for p, r, t, g in zip(preds, refs, types, got) if g != 1.0]
+
+
+@_PROPERTY
+@given(_VALUES.filter(lambda v: v != 0))
+def test_sign_flips_never_match(v):
+    preds, refs, types = [], [], []
+    for t in _types(v):
+        for f in _forms(-v):
+            preds.append(f), refs.append(_canon(v)), types.append(t)
+        for f in _forms(v):
+            preds.append(f), refs.append(_canon(-v)), types.append(t)
+    got = _score(preds, refs, types)
+    assert _SCORER.counters["verifier"] == 0
+    assert got == [0.0] * len(got), [(p, r, t) for p, r, t, g in zip(preds, refs, types, got) if g != 0.0]
