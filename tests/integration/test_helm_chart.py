@@ -14,9 +14,11 @@ helm is found via $R4B_HELM, then .tools/helm (`make helm`), then PATH.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -483,3 +485,99 @@ def test_rendered_sidecar_serves_the_fetched_model_on_loopback_only(tiny_model_d
             os.killpg(server.pid, 9)
             server.wait(timeout=10)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The dev object store exactly as the chart renders it, run on this machine
+# ---------------------------------------------------------------------------------------------
+def test_rendered_object_store_exposes_only_s3(helm, tmp_path):
+    """The objectstore pod's containers (weed + the S3 relay) with their rendered commands; only
+    the ports (fixed numbers in the chart, free ones here) and the data dir are swapped. Every port
+    weed listens on must be loopback-only (its master, volume, filer, admin and gRPC servers take
+    requests without credentials); S3 is reachable through the relay and checks the keys.
+    Before: `-ip.bind=0.0.0.0` put all ten of weed's ports on every interface."""
+    import boto3
+    import botocore
+    import psutil
+    from botocore.config import Config
+    from servers import BIN, free_ports
+
+    objs = template(helm, "--set", "objectStore.enabled=true")
+    pod = by_kind(objs, "Deployment")["r4b-objectstore"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    weed, relay = containers["seaweedfs"], containers["s3-relay"]
+    assert [p["name"] for c in pod["containers"] for p in c.get("ports", [])] == ["s3"]   # the one port
+    names = ["s3", "master", "volume", "filer", "master.port.grpc", "volume.port.grpc", "filer.port.grpc",
+             "s3.port.grpc", "admin", "admin.port.grpc"]
+    ports = dict(zip(names, free_ports(len(names))))
+    public = free_ports(1)[0]
+    rendered_s3 = next(a for a in weed["command"] if a.startswith("-s3.port=")).split("=")[1]
+
+    def local(arg: str) -> str:
+        return (arg.replace("-dir=/data", f"-dir={tmp_path / 'data'}").replace(rendered_s3, str(ports["s3"]))
+                .replace(f":{relay['ports'][0]['containerPort']}", f":{public}"))
+
+    weed_cmd = [str(BIN / "weed"), *[local(a) for a in weed["command"][1:]]]
+    weed_cmd += [f"-{n}={p}" if "grpc" in n else f"-{n}.port={p}" for n, p in ports.items() if n != "s3"]
+    weed_cmd += [f"-filer.localSocket={tmp_path / 'filer.sock'}", f"-s3.localSocket={tmp_path / 's3.sock'}"]
+    keys = {"AWS_ACCESS_KEY_ID": "chart-test-key", "AWS_SECRET_ACCESS_KEY": "chart-test-secret"}
+    (tmp_path / "data").mkdir()
+    procs = []
+    try:
+        with open(tmp_path / "weed.log", "w") as log:
+            procs.append(subprocess.Popen(weed_cmd, env={**os.environ, **keys, "HOME": str(tmp_path)}, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        relay_cmd = [sys.executable if a == "python" else local(a) for a in relay["command"]]
+        procs.append(subprocess.Popen(relay_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                      start_new_session=True, cwd=REPO))
+        probe = [sys.executable if a == "python" else local(a) for a in relay["readinessProbe"]["exec"]["command"]]
+        deadline = time.monotonic() + 60
+        while subprocess.run(probe, capture_output=True, cwd=REPO, timeout=30).returncode != 0:
+            assert procs[0].poll() is None, (tmp_path / "weed.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the relay's readiness probe never passed"
+            time.sleep(0.5)
+
+        def client(**kw):
+            return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{public}", region_name="us-east-1",
+                                config=Config(retries={"total_max_attempts": 1}, **kw.pop("config", {})), **kw)
+
+        good = client(aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+        deadline = time.monotonic() + 30
+        while True:        # the bucket is created just after S3 starts listening
+            try:
+                good.put_object(Bucket="r4b", Key="x.txt", Body=b"through the relay")
+                break
+            except botocore.exceptions.ClientError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert good.get_object(Bucket="r4b", Key="x.txt")["Body"].read() == b"through the relay"
+        wrong = client(aws_access_key_id="chart-test-key", aws_secret_access_key="wrong")
+        anonymous = client(config={"signature_version": botocore.UNSIGNED})
+        for c in (wrong, anonymous):
+            with pytest.raises(botocore.exceptions.ClientError):
+                c.get_object(Bucket="r4b", Key="x.txt")
+
+        weed_procs = [psutil.Process(procs[0].pid), *psutil.Process(procs[0].pid).children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in weed_procs for c in p.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        assert len(listening) >= 8, listening
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, sorted(listening)
+        ip = _non_loopback_ip()
+        if ip:
+            for _, port in sorted(listening):
+                with socket.socket() as s:
+                    s.settimeout(2)
+                    assert s.connect_ex((ip, port)) != 0, f"weed port {port} open on {ip}"
+            with socket.socket() as s:
+                s.settimeout(2)
+                assert s.connect_ex((ip, public)) == 0, "the relay's S3 port is not reachable"
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
