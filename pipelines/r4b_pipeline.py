@@ -14,6 +14,7 @@ import json
 from kfp import dsl
 
 from r4b_core.config import RunConfig
+from r4b_core.launch import CLIENT_LABELS
 from r4b_kfp.components.curate import curate
 from r4b_kfp.components.evaluate import evaluate
 from r4b_kfp.components.prepare import prepare
@@ -48,6 +49,8 @@ def build_pipeline(cfg: RunConfig, with_grpo_control: bool = False, with_secrets
 
             kubernetes.use_secret_as_env(task, secret_name=cfg.launcher.secret_name,
                                          secret_key_to_env=SECRET_ENV, optional=True)
+            for key, value in CLIENT_LABELS.items():   # admitted by the chart's NetworkPolicies
+                kubernetes.add_pod_label(task, key, value)
         if side_effects:
             task.set_caching_options(False)
         return task

@@ -7,3 +7,7 @@
 
       from r4b_core.launch.pytorchjob import launch
 """
+
+# Labels by which the Helm chart's NetworkPolicies admit a pod to MLflow and the dev object store
+# (charts/r4b/templates/_helpers.tpl, r4b.clientLabels): on PyTorchJob pods and pipeline task pods.
+CLIENT_LABELS = {"r4b.dev/mlflow-client": "true", "r4b.dev/objectstore-client": "true"}

@@ -52,6 +52,7 @@ from kubernetes.utils import parse_quantity
 from r4b_core import layout
 from r4b_core.config import ConfigError, RunConfig
 from r4b_core.errors import R4BError
+from r4b_core.launch import CLIENT_LABELS
 from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, server_command
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
@@ -286,7 +287,7 @@ def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
     name = job_name(run_id, cfg.bpo.algorithm if stage == "bpo" else stage, extra_args)
     labels = {"app.kubernetes.io/name": "r4b", "app.kubernetes.io/part-of": "r4b",
               "app.kubernetes.io/component": "trainer", "r4b.dev/stage": stage,
-              "r4b.dev/run-id": _label_value(run_id)}
+              "r4b.dev/run-id": _label_value(run_id), **CLIENT_LABELS}
     env = {"R4B_STAGE": stage, "R4B_RUN_ID": run_id, "R4B_CONFIG_URI": config_uri, **_storage_env(cfg)}
     if cfg.tracking.uri:
         env["MLFLOW_TRACKING_URI"] = cfg.tracking.uri

@@ -209,7 +209,9 @@ def test_mlflow_and_serving_wiring(helm):
     # the DB URI only by Secret reference; S3 keys only through envFrom
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "r4b-mlflow-db",
                                                                              "key": "MLFLOW_BACKEND_STORE_URI"}
-    assert mlflow["envFrom"] == [{"secretRef": {"name": "team-a-s3"}}]
+    assert mlflow["envFrom"] == [{"secretRef": {"name": "team-a-s3"}}, {"secretRef": {"name": "team-a-mlflow-admin"}}]
+    assert env["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "team-a-mlflow-auth-db",
+                                                                             "key": "MLFLOW_AUTH_DATABASE_URI"}
     assert "--artifacts-destination=s3://r4b/mlflow" in mlflow["args"]
     hosts = next(a for a in mlflow["args"] if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     for h in ("team-a-mlflow", "team-a-mlflow:5000", "team-a-mlflow.r4b.svc.cluster.local:5000", "mlflow.example.org"):
@@ -271,6 +273,8 @@ def test_serving_container_runs_the_plugins_and_budget_that_r4b_serve_runs(helm)
     (["--set", "images.pullPolicy=Sometimes"], r"/images/pullPolicy"),
     (["--set", "serving.shmSize=lots"], r"/serving/shmSize"),
     (["--set", "serving.thinkingBudget=-1"], r"/serving/thinkingBudget"),
+    (["--set-json", 'serving.allowedMediaDomains=["https://images.example.org/"]'], r"/serving/allowedMediaDomains/0"),
+    (["--set", "mlflow.auth.defaultPermission=ALL"], r"/mlflow/auth/defaultPermission"),
 ])
 def test_schema_rejects_bad_values(helm, args, expected):
     proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)
@@ -287,6 +291,10 @@ def test_schema_rejects_bad_values(helm, args, expected):
     (["--set-json", "rbac.runnerServiceAccounts=[]"], "rbac.runnerServiceAccounts is empty while rbac.create is true"),
     (["--set", "mlflow.backendStore.devSqlite=true", "--set", "mlflow.replicas=2"],
      "mlflow.replicas is 2 but mlflow.backendStore.devSqlite"),
+    (["--set", "mlflow.auth.enabled=true", "--set", "mlflow.auth.adminSecret="],
+     "mlflow.auth.adminSecret is required when mlflow.auth.enabled: a Secret with MLFLOW_AUTH_ADMIN_USERNAME"),
+    (["--set", "objectStore.enabled=true", "--set", "objectStore.port=18333"],
+     "objectStore.port 18333 is the loopback port of the S3 server behind the relay"),
 ])
 def test_missing_required_value_names_its_path(helm, args, expected):
     proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)
@@ -581,3 +589,205 @@ def test_rendered_object_store_exposes_only_s3(helm, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who may talk to what: NetworkPolicies, the serving API key, MLflow accounts
+# ---------------------------------------------------------------------------------------------
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items() and not selector.get("matchExpressions")
+
+
+def _peer_admits(peer: dict, labels: dict | None = None, ip: str | None = None) -> bool:
+    """A NetworkPolicyPeer against a pod of the policy's namespace (labels) or an address (ip)."""
+    import ipaddress
+
+    if "ipBlock" in peer:
+        if ip is None:
+            return False
+        block = peer["ipBlock"]
+        addr = ipaddress.ip_address(ip)
+        return addr in ipaddress.ip_network(block["cidr"]) and not any(
+            addr in ipaddress.ip_network(e) for e in block.get("except", []))
+    if "namespaceSelector" in peer or labels is None:
+        return False      # another namespace: not what these checks are about
+    return _selects(peer["podSelector"], labels)
+
+
+def admitted(policy: dict, labels: dict) -> bool:
+    """Does this ingress policy let a pod of the same namespace with `labels` in?"""
+    return any(not rule.get("from") or any(_peer_admits(p, labels) for p in rule["from"])
+               for rule in policy["spec"].get("ingress", []))
+
+
+def egress_allowed(policy: dict, port: int, labels: dict | None = None, ip: str | None = None) -> bool:
+    for rule in policy["spec"].get("egress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        if not rule.get("to") or any(_peer_admits(p, labels, ip) for p in rule["to"]):
+            return True
+    return False
+
+
+def _pod_labels(obj: dict) -> dict:
+    if obj["kind"] == "Pod":
+        return obj["metadata"]["labels"]
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def test_network_policies_admit_only_labelled_clients(helm, tmp_path):
+    """Before: MLflow, serving and the object store admitted every pod of the namespace, and the
+    serving pod could connect anywhere (other pods, 169.254.169.254)."""
+    from r4b_core.config import RunConfig
+    from r4b_core.launch import pytorchjob as pj
+    from r4b_kfp.pipelines.r4b_pipeline import compile_pipeline
+
+    objs = template(helm, "-f", str(CHART / "ci/full-values.yaml"))
+    policies = by_kind(objs, "NetworkPolicy")
+    mlflow, serving, store = (policies[f"team-a-{c}"] for c in ("mlflow", "serving", "objectstore"))
+    pods = {o["metadata"]["name"]: _pod_labels(o) for o in objs if o["kind"] in ("Deployment", "Pod")}
+    cfg = RunConfig.model_validate({"storage": {"root": "s3://b/runs"}, "bpo": {"engine": "vllm"},
+                                    "vllm": {"python": "python3"}})
+    job = pj.manifest(pj.build_pytorchjob("bpo", "s3://b/runs/tiny/config.yaml", cfg, "run-1"))
+    pods["trainer"] = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    compiled = yaml.safe_load_all(Path(compile_pipeline(cfg, str(tmp_path / "p.yaml"))).read_text())
+    platform = [d for d in compiled if d and "platforms" in d][0]["platforms"]["kubernetes"]["deploymentSpec"]
+    task_labels = [e["podMetadata"]["labels"] for e in platform["executors"].values()]
+    assert len(task_labels) >= 7                          # every task of the pipeline
+    pods["pipeline-task"] = task_labels[0]
+    assert all(labels == task_labels[0] for labels in task_labels)
+    pods["stranger"] = {"app": "notebook", "app.kubernetes.io/part-of": "r4b"}
+
+    expected = {   # pod -> (MLflow, serving, object store) it may call
+        "team-a-serving": (True, False, True), "team-a-test-health": (True, True, False),
+        "team-a-mlflow": (False, False, True), "trainer": (True, False, True),
+        "pipeline-task": (True, False, True), "stranger": (False, False, False),
+    }
+    for pod, (to_mlflow, to_serving, to_store) in expected.items():
+        assert (admitted(mlflow, pods[pod]), admitted(serving, pods[pod]), admitted(store, pods[pod])) == \
+            (to_mlflow, to_serving, to_store), pod
+    # the extra peers still come in (another namespace: the ingress controller)
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} \
+        in serving["spec"]["ingress"][0]["from"]
+    # serving egress: DNS, MLflow, the object store, public addresses; nothing else of the cluster
+    assert serving["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert egress_allowed(serving, 53, ip="10.96.0.10")
+    assert egress_allowed(serving, 5000, labels=pods["team-a-mlflow"])
+    assert egress_allowed(serving, 8333, labels=pods["team-a-objectstore"])
+    assert egress_allowed(serving, 443, ip="52.216.8.1")                     # S3 / an allowed media host
+    for ip in ("169.254.169.254", "10.0.0.7", "172.20.1.1", "192.168.1.5", "100.64.0.1"):
+        assert not egress_allowed(serving, 80, ip=ip), ip
+    assert not egress_allowed(serving, 5000, labels=pods["trainer"])        # other pods
+    assert not egress_allowed(serving, 23456, labels=pods["trainer"])
+    # the training policy is unchanged: only trainers reach trainers
+    training = policies["team-a-training"]
+    assert admitted(training, pods["trainer"]) and not admitted(training, pods["pipeline-task"])
+    assert not by_kind(template(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_serving_api_key_and_media_domains_reach_the_server(helm):
+    """The chart's serving container gets what `r4b serve` sets (serve.serving_env/serving_args)
+    for the same values, the key only by Secret reference; the helm test sends the key."""
+    from r4b_core import serve
+    from r4b_core.config import RunConfig
+
+    objs = template(helm, "-f", str(CHART / "ci/full-values.yaml"))
+    dep = by_kind(objs, "Deployment")["team-a-serving"]["spec"]["template"]["spec"]
+    (vllm,) = dep["containers"]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env[serve.ENV_API_KEY] == {"name": serve.ENV_API_KEY, "valueFrom": {"secretKeyRef": {
+        "name": "team-a-serving-key", "key": "api-key"}}}
+    cfg = RunConfig.model_validate({"serve": {"allowed_media_domains": ["images.example.org"]}})
+    for name, value in serve.serving_env(cfg).items():
+        assert env[name]["value"] == value, name
+    args = vllm["args"]
+    assert args[args.index("--allowed-media-domains") + 1] == "images.example.org"
+    (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
+    container = test_pod["spec"]["containers"][0]
+    assert {"name": serve.ENV_API_KEY, "valueFrom": {"secretKeyRef": {"name": "team-a-serving-key",
+                                                                     "key": "api-key"}}} in container["env"]
+    assert 'Authorization: Bearer ${R4B_SERVE_API_KEY' in container["args"][0]
+    # defaults: no key, no media URLs (the empty list: no --allowed-media-domains, which vLLM reads as "any")
+    plain = template(helm, "--set", "serving.enabled=true", "--set", "serving.model=models:/m@champion")
+    (pvllm,) = by_kind(plain, "Deployment")["r4b-serving"]["spec"]["template"]["spec"]["containers"]
+    penv = {e["name"]: e.get("value") for e in pvllm["env"]}
+    assert serve.ENV_API_KEY not in penv and "--allowed-media-domains" not in pvllm["args"]
+    assert penv[serve.ENV_ALLOWED_MEDIA_DOMAINS] == "" and penv["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+
+
+def test_rendered_mlflow_auth_works_on_a_real_mlflow_server(helm, tmp_path, monkeypatch):
+    """The MLflow container exactly as rendered with mlflow.auth (its sh wrapper writes the ini,
+    with a `%` in the user store's URI), on this machine: probes still answer, the API needs an
+    account, and a user other than the model's creator cannot move its champion alias.
+    Before: no mlflow.auth; any pod could move the alias."""
+    from r4b_core.config import RunConfig
+    from r4b_core.tracking import Tracker
+
+    objs = template(helm, "--set", "mlflow.auth.enabled=true", "--set", "mlflow.auth.databaseSecret=auth-db")
+    (mlflow,) = by_kind(objs, "Deployment")["r4b-mlflow"]["spec"]["template"]["spec"]["containers"]
+    assert mlflow["command"][:2] == ["sh", "-ec"] and "--app-name=basic-auth" in mlflow["args"]
+    assert {"secretRef": {"name": "r4b-mlflow-admin"}} in mlflow["envFrom"]
+    port = _free_port()
+    args = [a for a in mlflow["args"] if not a.startswith(("--host=", "--port=", "--artifacts-destination=",
+                                                           "--workers="))]
+    args += ["--host=127.0.0.1", f"--port={port}", "--workers=1", f"--artifacts-destination={tmp_path / 'art'}"]
+    env = {e["name"]: e["value"] for e in mlflow["env"] if "value" in e}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    (tmp_path / "auth%db").mkdir()
+    secrets = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw-1234",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "form-signing-key",
+               "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth%25db/users.db",
+               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    log = open(tmp_path / "mlflow.log", "w")
+    proc = subprocess.Popen([*mlflow["command"], *args], env={**os.environ, **env, **secrets, "PATH": path},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    admin = ("admin", "admin-pw-1234")
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/health", timeout=5).ok:     # probes need no account
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "mlflow server not healthy within 240 s"
+            time.sleep(0.5)
+        assert "%%25" in (tmp_path / "basic_auth.ini").read_text()
+        api = url + "/api/2.0/mlflow"
+        assert requests.get(api + "/experiments/search?max_results=1", timeout=60).status_code == 401
+        assert requests.get(api + "/experiments/search?max_results=1", auth=admin, timeout=60).status_code == 200
+        for user in ("pipeline", "intruder"):
+            r = requests.post(api + "/users/create", json={"username": user, "password": f"{user}-pw-1234"},
+                              auth=admin, timeout=60)
+            assert r.status_code == 200, r.text[:300]
+        # the pipeline's account (MLFLOW_TRACKING_USERNAME/PASSWORD, from s3.existingSecret) registers and promotes
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pipeline-pw-1234")
+        cfg = RunConfig.model_validate({"name": "auth", "storage": {"root": str(tmp_path / "runs")},
+                                        "tracking": {"uri": url}})
+        with Tracker(cfg) as tracker:
+            version = tracker.register_version("r4b-tiny", "s3://b/runs/tiny/bpo/model").version
+            tracker.set_alias("r4b-tiny", "champion", version)
+        alias = {"name": "r4b-tiny", "alias": "champion", "version": str(version)}
+        intruder = ("intruder", "intruder-pw-1234")
+        got = requests.get(api + "/registered-models/alias", params=alias, auth=intruder, timeout=60)
+        assert got.status_code == 200 and got.json()["model_version"]["version"] == str(version)   # READ
+        for method in (requests.post, requests.delete):
+            r = method(api + "/registered-models/alias", json=alias, auth=intruder, timeout=60)
+            assert r.status_code == 403, (method, r.status_code, r.text[:200])
+        assert requests.post(api + "/registered-models/alias", json=alias, timeout=60).status_code == 401
+        r = requests.post(api + "/registered-models/alias", json=alias, auth=("pipeline", "pipeline-pw-1234"),
+                          timeout=60)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

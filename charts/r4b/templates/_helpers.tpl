@@ -125,3 +125,11 @@ securityContext:
 {{- define "r4b.serving.service" -}}
 {{- printf "%s-serving" (include "r4b.fullname" .) }}
 {{- end }}
+
+{{/* Labels that admit a pod through the NetworkPolicies of the services it calls (networkpolicy.yaml):
+     (list "mlflow" "objectstore"). The launcher's PyTorchJob pods carry the same (launch/pytorchjob.py). */}}
+{{- define "r4b.clientLabels" -}}
+{{- $lines := list }}
+{{- range . }}{{ $lines = append $lines (printf "r4b.dev/%s-client: \"true\"" .) }}{{ end }}
+{{- join "\n" $lines }}
+{{- end }}
