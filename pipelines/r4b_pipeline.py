@@ -5,15 +5,16 @@
 
 The pipeline has one real parameter, the run config (YAML text), because every knob is declared
 once in r4b_core/config.py: a KFP parameter per knob would be a second name for it. The image comes
-from `launcher.image` at compile time. Credentials reach the tasks from the Kubernetes Secret
-`launcher.secret_name` (kfp-kubernetes), never as parameters.
+from `launcher.image` at compile time (null: DEFAULT_PLATFORM_IMAGE; the chart's ConfigMap is not
+known then). Credentials reach the tasks from the Kubernetes Secret `launcher.secret_name` (null:
+DEFAULT_CREDENTIALS_SECRET) through kfp-kubernetes, never as parameters.
 """
 
 import json
 
 from kfp import dsl
 
-from r4b_core.config import RunConfig
+from r4b_core.config import DEFAULT_CREDENTIALS_SECRET, DEFAULT_PLATFORM_IMAGE, RunConfig
 from r4b_core.launch import CLIENT_LABELS
 from r4b_kfp.components.curate import curate
 from r4b_kfp.components.evaluate import evaluate
@@ -32,7 +33,7 @@ SECRET_ENV = {
 
 def build_pipeline(cfg: RunConfig, with_grpo_control: bool = False, with_secrets: bool = True):
     """The pipeline function for this config (its defaults are the config's YAML and image)."""
-    image = cfg.launcher.image
+    image = cfg.launcher.image or DEFAULT_PLATFORM_IMAGE
 
     def op(func):
         return dsl.component(func, base_image=image, install_kfp_package=False)
@@ -47,7 +48,7 @@ def build_pipeline(cfg: RunConfig, with_grpo_control: bool = False, with_secrets
         if with_secrets:
             from kfp import kubernetes
 
-            kubernetes.use_secret_as_env(task, secret_name=cfg.launcher.secret_name,
+            kubernetes.use_secret_as_env(task, secret_name=cfg.launcher.secret_name or DEFAULT_CREDENTIALS_SECRET,
                                          secret_key_to_env=SECRET_ENV, optional=True)
             for key, value in CLIENT_LABELS.items():   # admitted by the chart's NetworkPolicies
                 kubernetes.add_pod_label(task, key, value)

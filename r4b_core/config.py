@@ -476,17 +476,25 @@ class VLLMConfig(Section):
     in_place_reload: bool = True
 
 
+# Built-in launcher settings, for what neither the config nor the Helm chart's ConfigMap names.
+DEFAULT_PLATFORM_IMAGE = "ghcr.io/r4b-project/r4b-platform:0.1.0"
+DEFAULT_VLLM_IMAGE = "ghcr.io/r4b-project/r4b-vllm:0.1.0"
+DEFAULT_CREDENTIALS_SECRET = "r4b-credentials"
+
+
 class LauncherConfig(Section):
     """How anneal/BPO run on Kubernetes (r4b_core/launch/pytorchjob.py, docs/kubernetes.md)."""
 
     # -- how anneal/BPO run: "local" (process / torchrun here) or "pytorchjob" (Kubernetes).
     kind: Literal["local", "pytorchjob"] = "local"
-    # -- platform image (docker/platform.Dockerfile): trainer container and weight-fetch init step.
-    image: str = "ghcr.io/r4b-project/r4b-platform:0.1.0"
-    # -- vLLM image (docker/vllm.Dockerfile): the BPO rollout sidecar.
-    vllm_image: str = "ghcr.io/r4b-project/r4b-vllm:0.1.0"
-    # -- namespace of the PyTorchJobs (where the Helm chart's RBAC lets the pipeline runner create them).
-    namespace: str = "kubeflow"
+    # -- platform image (docker/platform.Dockerfile): trainer container, weight-fetch step, pipeline tasks.
+    # null = the chart's (R4B_PLATFORM_IMAGE of defaults_configmap) for jobs, DEFAULT_PLATFORM_IMAGE otherwise.
+    image: str | None = None
+    # -- vLLM image (docker/vllm.Dockerfile): the BPO rollout sidecar; null = the chart's (R4B_VLLM_IMAGE).
+    vllm_image: str | None = None
+    # -- namespace of the PyTorchJobs: where the chart is installed (its RBAC, its training NetworkPolicy).
+    # null = the namespace of the pod the launcher runs in (a pipeline task); outside a cluster, set it.
+    namespace: str | None = None
     # -- GPUs per trainer pod (0 = CPU, gloo); must cover distributed.nproc_per_node.
     gpus_per_node: int = Field(0, ge=0)
     # -- GPUs of the vLLM sidecar in each BPO pod (its own, not shared with the trainer).
@@ -502,8 +510,11 @@ class LauncherConfig(Section):
     # -- size of the memory-backed /dev/shm shared by trainer and sidecar (NCCL, weight hand-off).
     shm_size: str = "2Gi"
     # -- Secret whose keys become env of every container (AWS_*, MLFLOW_TRACKING_*); never literal values.
-    secret_name: str = "r4b-credentials"
-    # -- ConfigMap of platform defaults from the Helm chart (<release>-defaults), added as optional env.
+    # null = the chart's (R4B_CREDENTIALS_SECRET, its s3.existingSecret), else DEFAULT_CREDENTIALS_SECRET.
+    secret_name: str | None = None
+    # -- the Helm chart's ConfigMap (<release>-defaults): must exist in the job namespace (jobs would run
+    # outside the chart's NetworkPolicies otherwise), fills the null settings above, and pods load it as
+    # env. null = run without the chart (nothing checked, built-in defaults).
     defaults_configmap: str | None = "r4b-defaults"
     # -- service account of the training pods (for IRSA / workload identity); empty = namespace default.
     service_account: str | None = None

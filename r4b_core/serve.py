@@ -365,11 +365,10 @@ def restart_serving_deployment(cfg: RunConfig, resolved: ResolvedModel, api=None
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException
 
-    if api is None:
-        from r4b_core.launch.pytorchjob import _api_client
+    from r4b_core.launch.pytorchjob import _api_client, job_namespace
 
-        api = _api_client()
-    ns = cfg.launcher.namespace
+    api = api or _api_client()
+    ns = job_namespace(cfg)
     cm_name = cfg.launcher.defaults_configmap
     if not cm_name:
         raise ServeError("launcher.defaults_configmap is empty: set it to the chart's <fullname>-defaults "

@@ -24,11 +24,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_pipeline_compile(args) -> int:
+    from r4b_core.config import DEFAULT_PLATFORM_IMAGE
     from r4b_kfp.pipelines.r4b_pipeline import compile_pipeline
 
     cfg = core.load_args_config(args)
     compile_pipeline(cfg, args.out, with_grpo_control=args.grpo_control)
-    print(f"wrote {args.out} (pipeline r4b-{cfg.name}, image {cfg.launcher.image}); upload it in the KFP UI "
+    image = cfg.launcher.image or DEFAULT_PLATFORM_IMAGE
+    print(f"wrote {args.out} (pipeline r4b-{cfg.name}, image {image}); upload it in the KFP UI "
           "or run `r4b pipeline submit`")
     return 0
 

@@ -50,7 +50,8 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from r4b_core import layout
-from r4b_core.config import ConfigError, RunConfig
+from r4b_core.config import (DEFAULT_CREDENTIALS_SECRET, DEFAULT_PLATFORM_IMAGE, DEFAULT_VLLM_IMAGE, ConfigError,
+                             RunConfig)
 from r4b_core.errors import R4BError
 from r4b_core.launch import CLIENT_LABELS
 from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, server_command
@@ -163,6 +164,64 @@ def _check(stage: str, config_uri: str, cfg: RunConfig) -> None:
             errors.append(f"launcher.{key}: {getattr(L, key)!r} is not a Kubernetes quantity (e.g. 16Gi, 500m)")
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+# The launcher settings a config may leave null -> the chart's ConfigMap key that names them
+# (charts/r4b/templates/configmap.yaml) and the built-in value without the chart.
+CHART_KEYS = {"image": ("R4B_PLATFORM_IMAGE", DEFAULT_PLATFORM_IMAGE),
+              "vllm_image": ("R4B_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
+              "secret_name": ("R4B_CREDENTIALS_SECRET", DEFAULT_CREDENTIALS_SECRET)}
+# where a pod finds its own namespace (the service account volume Kubernetes mounts)
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def fill_launcher(cfg: RunConfig, chart: Mapping[str, str] | None = None, namespace: str | None = None) -> RunConfig:
+    """`cfg` with the launcher settings it leaves null: from the chart's ConfigMap data, else built in."""
+    L, chart = cfg.launcher, chart or {}
+    update: dict[str, Any] = {name: chart.get(key) or default for name, (key, default) in CHART_KEYS.items()
+                              if getattr(L, name) is None}
+    if namespace and not L.namespace:
+        update["namespace"] = namespace
+    return cfg.model_copy(update={"launcher": L.model_copy(update=update)}) if update else cfg
+
+
+def job_namespace(cfg: RunConfig) -> str:
+    """launcher.namespace, else the namespace of the pod this runs in (a pipeline task)."""
+    if cfg.launcher.namespace:
+        return cfg.launcher.namespace
+    try:
+        own = open(SA_NAMESPACE_FILE).read().strip()
+    except OSError:
+        own = ""
+    if not own:
+        raise LaunchError(f"launcher.namespace is not set and this process is not in a pod (no {SA_NAMESPACE_FILE}); "
+                          f"set launcher.namespace to the namespace the r4b chart is installed in")
+    return own
+
+
+def chart_settings(cfg: RunConfig, api: k8s.ApiClient, log: Callable[[str], None] = print) -> RunConfig:
+    """The launcher settings of a job: the config's, the rest from the Helm chart installed in the job
+    namespace. That namespace must hold the chart's ConfigMap (launcher.defaults_configmap): the
+    chart's training NetworkPolicy and RBAC live there, and a job anywhere else would run outside them.
+    launcher.defaults_configmap: null skips the check (a namespace without the chart)."""
+    ns, L = job_namespace(cfg), cfg.launcher
+    data: dict[str, str] = {}
+    if L.defaults_configmap:
+        try:
+            data = k8s.CoreV1Api(api).read_namespaced_config_map(L.defaults_configmap, ns).data or {}
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise _api_error(exc, f"reading ConfigMap {L.defaults_configmap}", ns) from None
+            raise LaunchError(
+                f"namespace {ns!r} has no readable ConfigMap {L.defaults_configmap} (HTTP {exc.status} {exc.reason}): "
+                f"the r4b chart is not installed there, so its training NetworkPolicy would not cover the jobs; "
+                f"set launcher.namespace to the chart's release namespace (helm list -A), or "
+                f"launcher.defaults_configmap: null to run without the chart") from None
+        for name, (key, _) in CHART_KEYS.items():
+            ours = getattr(L, name)
+            if ours is not None and data.get(key) and data[key] != ours:
+                log(f"launcher.{name}: {ours!r} (config) wins over the chart's {key}={data[key]!r}")
+    return fill_launcher(cfg, data, ns)
 
 
 def _has_sidecar(stage: str, cfg: RunConfig) -> bool:
@@ -282,6 +341,7 @@ def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
     already reflect them (it decides resources, the sidecar and the name: the GRPO control is "grpo").
     """
     _check(stage, config_uri, cfg)
+    cfg = fill_launcher(cfg)     # what launch() did not take from the chart: built in (namespace: none)
     L, dist = cfg.launcher, getattr(cfg, stage).distributed
     extra_args = list(extra_args or [])
     name = job_name(run_id, cfg.bpo.algorithm if stage == "bpo" else stage, extra_args)
@@ -644,10 +704,12 @@ def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8
 
     if extra_env is None:
         extra_env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    api = api or _api_client()
+    run_cfg = chart_settings(run_cfg, api, log)
     job = build_pytorchjob(stage, config_uri, run_cfg, run_id, extra_env, extra_args)
     body = manifest(job)
     L = run_cfg.launcher
-    jobs = JobAPI(api or _api_client(), L.namespace)
+    jobs = JobAPI(api, L.namespace)
     name, t0 = body["metadata"]["name"], time.monotonic()
     obj, action = get_or_create(jobs, body, log, L.poll_interval_s)
     log(f"pytorchjob {L.namespace}/{name}: {action} ({stage}, {getattr(run_cfg, stage).distributed.nnodes} "

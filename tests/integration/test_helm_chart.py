@@ -181,14 +181,21 @@ def test_rbac_is_least_privilege_for_the_launcher(helm):
 
 def test_launcher_and_chart_agree(helm):
     """The launcher's defaults find the chart's ConfigMap, and its pods are what the NetworkPolicy selects."""
-    from r4b_core.config import LauncherConfig, RunConfig
+    from r4b_core.config import DEFAULT_CREDENTIALS_SECRET, LauncherConfig, RunConfig
     from r4b_core.launch import pytorchjob as pj
 
     objs = template(helm)
     cms = by_kind(objs, "ConfigMap")
     assert LauncherConfig().defaults_configmap in cms
     data = cms[LauncherConfig().defaults_configmap]["data"]
-    assert data["R4B_CREDENTIALS_SECRET"] == LauncherConfig().secret_name
+    assert data["R4B_CREDENTIALS_SECRET"] == DEFAULT_CREDENTIALS_SECRET
+    # the launcher fills its null settings from these keys (launch/pytorchjob.py CHART_KEYS)
+    assert data["R4B_PLATFORM_IMAGE"] == "ghcr.io/r4b-project/r4b-platform:0.1.0"
+    assert {key for key, _ in pj.CHART_KEYS.values()} <= set(data)
+    full = by_kind(template(helm, "-f", str(CHART / "ci/full-values.yaml")), "ConfigMap")["team-a-defaults"]["data"]
+    chart_cfg = pj.fill_launcher(RunConfig(), full)
+    assert (chart_cfg.launcher.image, chart_cfg.launcher.vllm_image, chart_cfg.launcher.secret_name) == (
+        "ghcr.io/r4b-project/r4b-platform:0.1.0-rc1", "ghcr.io/r4b-project/r4b-vllm:0.1.0-rc1", "team-a-s3")
     assert data["MLFLOW_TRACKING_URI"] == "http://r4b-mlflow.r4b.svc.cluster.local:5000"
     policy = by_kind(objs, "NetworkPolicy")["r4b-training"]["spec"]
     cfg = RunConfig.model_validate({"storage": {"root": "s3://b/runs"}, "bpo": {"engine": "vllm"},

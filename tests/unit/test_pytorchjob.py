@@ -25,7 +25,7 @@ from fake_kube import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r4b_core.config import ConfigError, RunConfig
+from r4b_core.config import DEFAULT_CREDENTIALS_SECRET, DEFAULT_PLATFORM_IMAGE, ConfigError, RunConfig
 from r4b_core.launch import pytorchjob as pj
 from r4b_core.rollout.vllm_server import WORKER_EXTENSION
 
@@ -326,9 +326,15 @@ def test_docs_show_the_current_rendering():
                                     f"r4b_core.launch.pytorchjob render --stage bpo {m.group(1)}")
 
 
+# What the chart's defaults ConfigMap publishes (charts/r4b/templates/configmap.yaml) in namespace r4b.
+CHART = {"R4B_PLATFORM_IMAGE": "registry.example/r4b-platform:1.2",
+         "R4B_VLLM_IMAGE": "registry.example/r4b-vllm:1.2", "R4B_CREDENTIALS_SECRET": "team-s3"}
+
+
 @pytest.fixture
 def cluster(request):
-    c = FakeCluster(getattr(request, "param", "succeed"), config_uri=CONFIG_URI)
+    c = FakeCluster(getattr(request, "param", "succeed"), config_uri=CONFIG_URI,
+                    configmaps={("r4b", "r4b-defaults"): CHART})
     yield c
     c.close()
 
@@ -375,7 +381,7 @@ def test_launch_is_idempotent_after_success(cluster):
 
 def test_retry_adopts_the_running_job(cluster):
     cfg = make_cfg()
-    body = pj.manifest(pj.build_pytorchjob("anneal", CONFIG_URI, cfg, RUN_ID, {}))
+    body = pj.manifest(pj.build_pytorchjob("anneal", CONFIG_URI, pj.fill_launcher(cfg, CHART), RUN_ID, {}))
     cluster.jobs[body["metadata"]["name"]] = body
     cluster.advance(body["metadata"]["name"])   # Created
     log = Log()
@@ -462,6 +468,54 @@ def test_kfp_mlflow_env_is_forwarded(monkeypatch, cluster):
     res = pj.launch("anneal", CONFIG_URI, make_cfg(), RUN_ID, api=cluster.api(), log=Log())
     (trainer,) = cluster.jobs[res.name]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     assert all_env(trainer)["MLFLOW_RUN_ID"] == "abc123"
+
+
+def _images_and_secret(job: dict) -> tuple[set, set]:
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    containers = pod["containers"] + pod.get("initContainers", [])
+    secrets = {e["secretRef"]["name"] for c in containers for e in c.get("envFrom", []) if "secretRef" in e}
+    return {c["image"] for c in containers}, secrets
+
+
+def test_jobs_land_in_the_charts_namespace_with_its_images_and_secret(cluster, tmp_path, monkeypatch):
+    """Before: launcher.namespace defaulted to `kubeflow` and nothing read the chart's ConfigMap, so
+    jobs ran where the chart's training NetworkPolicy does not apply."""
+    own = tmp_path / "namespace"
+    own.write_text("r4b\n")                         # the pipeline task's pod runs in r4b
+    monkeypatch.setattr(pj, "SA_NAMESPACE_FILE", str(own))
+    log = Log()
+    res = pj.launch("bpo", CONFIG_URI, make_cfg(namespace=None), RUN_ID, api=cluster.api(), log=log, extra_env={})
+    assert res.namespace == "r4b" and ("POST", "/apis/kubeflow.org/v1/namespaces/r4b/pytorchjobs") in cluster.requests
+    images, secrets = _images_and_secret(cluster.jobs[res.name])
+    assert images == {CHART["R4B_PLATFORM_IMAGE"], CHART["R4B_VLLM_IMAGE"]} and secrets == {"team-s3"}
+    assert "wins over" not in log.text()
+    # a config that names its own image wins, and says so
+    log = Log()
+    cfg = make_cfg(namespace=None, image="mine/platform:9")
+    pj.launch("anneal", CONFIG_URI, cfg, "run-2", api=cluster.api(), log=log, extra_env={})
+    assert (f"launcher.image: 'mine/platform:9' (config) wins over the chart's "
+            f"R4B_PLATFORM_IMAGE={CHART['R4B_PLATFORM_IMAGE']!r}") in log.text()
+
+
+def test_a_namespace_without_the_chart_is_refused_before_anything_is_created(cluster, tmp_path, monkeypatch):
+    own = tmp_path / "namespace"
+    own.write_text("kubeflow")                       # single-user KFP: tasks run in kubeflow, the chart in r4b
+    monkeypatch.setattr(pj, "SA_NAMESPACE_FILE", str(own))
+    with pytest.raises(pj.LaunchError) as err:
+        pj.launch("anneal", CONFIG_URI, make_cfg(namespace=None), RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    assert str(err.value).startswith("namespace 'kubeflow' has no readable ConfigMap r4b-defaults (HTTP 404")
+    assert "its training NetworkPolicy would not cover the jobs; set launcher.namespace" in str(err.value)
+    assert _posts(cluster) == 0
+    # not in a pod and no launcher.namespace: one line with the fix
+    monkeypatch.setattr(pj, "SA_NAMESPACE_FILE", str(tmp_path / "absent"))
+    with pytest.raises(pj.LaunchError, match=r"launcher.namespace is not set and this process is not in a pod"):
+        pj.launch("anneal", CONFIG_URI, make_cfg(namespace=None), RUN_ID, api=cluster.api(), log=Log(), extra_env={})
+    # without the chart on purpose (defaults_configmap: null): nothing checked, built-in images and Secret
+    res = pj.launch("anneal", CONFIG_URI, make_cfg(namespace="elsewhere", defaults_configmap=None), RUN_ID,
+                    api=cluster.api(), log=Log(), extra_env={})
+    assert res.namespace == "elsewhere"
+    images, secrets = _images_and_secret(cluster.jobs[res.name])
+    assert images == {DEFAULT_PLATFORM_IMAGE} and secrets == {DEFAULT_CREDENTIALS_SECRET}
 
 
 # ---------------------------------------------------------------------------------------------
