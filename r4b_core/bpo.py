@@ -29,6 +29,16 @@ One step (`bpo_step`, one function so the algorithm reads top to bottom):
                 must match the trainer's), so a stale sidecar fails the step instead of training on
                 the wrong policy.
 
+Async rollouts (`bpo.async_staleness: k >= 1`, vLLM sidecar only; `Rollouts`): step 1 takes the
+batch the sidecar generated during the previous update and starts the next one, so generation and
+training overlap; step 6 pushes once that batch is done (every version for k = 1, every k-th for
+k > 1), verified as above before any rollout of it reaches a loss. A batch more than k versions
+behind the trainer is generated again. Step 4 then takes the PPO ratio against the trainer's own
+pre-update logprobs and weights each sampled token by min(π_trainer / π_rollout, `is_cap`)
+(truncated importance sampling); staleness, the ratios and the truncated fraction are logged per
+step. A resume generates the batch that was in flight at the checkpoint again (the manifest's
+`resumes` says which); nothing is trained twice or skipped.
+
 `mode_token_trainable` defaults to True: RECIPE.md's open question, measured. In auto mode the first
 token after `<think>` decides ("\\n" thinks, "\\n\\n" goes on to `</think>`). From a model annealed with
 traces for a third of its items (p(think) 0.30 on math, 0.28 on perception), 30 steps with a
@@ -446,13 +456,20 @@ def check_ranks_agree(model, env) -> str:
 
 
 def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem], b: BPOConfig,
-                  pad_id: int, suppress: tuple[int, ...] = (), env=None, ds_engine=None) -> dict[str, float]:
+                  pad_id: int, suppress: tuple[int, ...] = (), env=None, ds_engine=None,
+                  behind: int = 0) -> dict[str, float]:
     """`ppo_epochs` optimizer steps over the rollout batch; returns the loss-side metrics.
 
     Under several processes (`env`, training/distributed.py) every rank calls this with its own
     share of the rollouts (possibly none); totals and gradients are summed across ranks.
     `ds_engine` (DeepSpeed ZeRO-2 around `model`; `optimizer` is then its ZeRO optimizer) does the
-    reduction, clipping and step instead, with the same update."""
+    reduction, clipping and step instead, with the same update.
+
+    `behind`: how many updates older than the trainer's the policy that sampled the rollouts is
+    (async rollouts). 0: on-policy, the PPO ratio is against the engine's logprobs, which must
+    match the trainer's (else nothing is updated). >= 1: the ratio is against the trainer's own
+    logprobs before the update, and each sampled token's term is weighted by
+    min(π_trainer / π_rollout, bpo.is_cap) (bpo_math.truncated_is_weights)."""
     from r4b_core.training.distributed import all_reduce_sum
 
     dist_on = env is not None and env.initialized
@@ -460,8 +477,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     # loss by the world size makes the two updates identical
     ds_scale = float(env.world_size) if (ds_engine is not None and dist_on) else 1.0
     forward = ds_engine if ds_engine is not None else model
-    stats: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                            ("ratio_gen", "entropy", "kl", "clipped", "think_p", "no_think_p")}
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("ratio_gen", "entropy", "kl", "clipped", "think_p",
+                                                            "no_think_p", "truncated")}
     losses: list[float] = []
     grad_norms: list[float] = []
     chunks = micro_batches(items, b.micro_batch_size)
@@ -471,7 +488,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     total_seqs = float(sum((mb.loss_mask.sum(-1) > 0).sum().item() for mb in batches))
     if dist_on:
         total_tokens, total_seqs = all_reduce_sum([total_tokens, total_seqs], env)
-    forced_old: dict[int, torch.Tensor] = {}       # policy's own logprobs of forced tokens, pre-update
+    forced_old: dict[int, torch.Tensor] = {}       # policy's own logprobs, pre-update (forced tokens; all if behind)
+    is_weight: dict[int, torch.Tensor] = {}        # truncated importance weights (behind >= 1)
     worst_gap = 0.0                                 # max |trainer - engine| logprob on sampled tokens
     ref_cache: dict[int, torch.Tensor] = {}
     model.train()
@@ -498,9 +516,17 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
                     rows = first_forced.any(-1)
                     stats["think_p"].append(p_first[mb.think[rows]])
                     stats["no_think_p"].append(p_first[~mb.think[rows]])
-                old = torch.where(mb.forced_mask, forced_old[n], mb.rollout_logp)
-                terms = bpo_math.ppo_clip_loss(logp, old, mb.advantages, b.clip_eps)
-                per_token = terms.loss
+                    if behind:
+                        weights, truncated = bpo_math.truncated_is_weights(logp, mb.rollout_logp, b.is_cap)
+                        is_weight[n] = torch.where(mb.generated_mask, weights, torch.ones_like(weights))
+                        stats["truncated"].append(truncated[mb.generated_mask].float())
+                if behind:
+                    terms = bpo_math.ppo_clip_loss(logp, forced_old[n], mb.advantages, b.clip_eps)
+                    per_token = terms.loss * is_weight[n]
+                else:
+                    old = torch.where(mb.forced_mask, forced_old[n], mb.rollout_logp)
+                    terms = bpo_math.ppo_clip_loss(logp, old, mb.advantages, b.clip_eps)
+                    per_token = terms.loss
                 if b.kl_beta > 0 and ref_model is not None:
                     if n not in ref_cache:
                         with torch.no_grad():
@@ -516,7 +542,7 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
                 else:
                     loss.backward()
                 epoch_loss += loss.item()
-            stale = worst_gap > b.sync_tolerance
+            stale = worst_gap > b.sync_tolerance and not behind    # an older policy's rollouts differ by design
             if epoch == 0 and dist_on:
                 stale = all_reduce_sum([float(stale)], env)[0] > 0      # every rank stops, or none
             if ds_engine is not None:
@@ -558,6 +584,8 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
         out[f"is_ratio/{k}"] = v
     if ratio.numel():
         out["is_ratio/abs_log_mean"] = ratio.log().abs().mean().item()
+    if b.async_staleness:
+        out["is_ratio/truncated_fraction"] = cat("truncated").mean().item() if cat("truncated").numel() else 0.0
     if b.kl_beta > 0:
         out["kl"] = cat("kl").mean().item() if cat("kl").numel() else 0.0
     if cat("think_p").numel():
@@ -567,6 +595,114 @@ def policy_update(model, ref_model, optimizer, scheduler, items: list[TrainItem]
     if optimizer.param_groups:
         out["lr"] = optimizer.param_groups[0]["lr"]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a step's rollouts come from: now, or generated during the previous update (async)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RolloutBatch:
+    """One step's rollouts and the policy version that generated every one of them."""
+    step: int
+    completions: list[Completion]
+    policy_version: int
+    generate_s: float                # the engine's time for the batch (on the background thread if async)
+    verify: dict | None = None       # the weight-sync check that finished inside the generation (overlap_verify)
+    regenerated: bool = False        # a prefetched batch was too far behind and was generated again
+
+
+class Rollouts:
+    """Rollouts and weight pushes of the run, synchronous or async (`bpo.async_staleness` = k).
+
+    k = 0: `take` generates the step's batch when asked, from the policy the trainer holds, and
+    `sync` pushes every new version (today's exact behaviour).
+    k >= 1: `start` has the next step's batch generated on a background thread from the policy the
+    engine serves, while the trainer updates (the vLLM sidecar is a process of its own, so both
+    work at once); `take` waits for it and regenerates it if it is more than k versions behind the
+    trainer. `sync` pushes only when the batch generated next would otherwise be more than k
+    behind when trained (k = 1: every version), and first waits for the batch in flight: the
+    sidecar cannot reload under running requests, so every batch comes from one version — a
+    prompt's 2g forced-mode rollouts included. The push is verified as in the synchronous run
+    (with overlap_verify the check finishes inside the next generation, before it returns).
+    The model is read on the caller's thread only; the background thread only talks to the engine.
+    """
+
+    def __init__(self, engine, model, b: BPOConfig, run_seed: int):
+        import concurrent.futures as cf
+
+        self.engine, self.model, self.b, self.run_seed = engine, model, b, run_seed
+        self.staleness = b.async_staleness
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="r4b-rollouts") if self.staleness else None
+        self._ahead: tuple[int, int, Any] | None = None      # (step, engine version at start, future)
+
+    def _generate(self, step: int, prompts: list[Prompt]) -> RolloutBatch:
+        t0 = time.perf_counter()
+        completions = self.engine.generate(plan_rollouts(prompts, self.b, self.run_seed, step))
+        versions = sorted({c.policy_version for c in completions})
+        if len(versions) > 1:
+            raise BPOError(f"step {step}: the batch's rollouts came from policy versions {versions}; a batch "
+                           f"(and each prompt's forced-mode group) must come from one version")
+        version = versions[0] if versions else self.engine.policy_version
+        return RolloutBatch(step, completions, version, time.perf_counter() - t0, self.engine.last_rollout_verify)
+
+    def start(self, step: int, prompts: list[Prompt]) -> None:
+        """Async: generate `step`'s batch in the background from the version the engine serves."""
+        if self._pool is not None:
+            self._ahead = (step, self.engine.policy_version, self._pool.submit(self._generate, step, prompts))
+
+    def in_flight(self) -> dict | None:
+        """The prefetched batch not yet trained (for checkpoints): its step (counted from 1, as the
+        history) and policy version."""
+        return {"step": self._ahead[0] + 1, "policy_version": self._ahead[1]} if self._ahead else None
+
+    def drain(self) -> float:
+        """Wait until the batch in flight (if any) is generated; returns the seconds waited. Its
+        errors (a dead sidecar, a failed sync check) are raised here."""
+        if self._ahead is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self._ahead[2].exception()         # waits; the error, if any, is raised by `take`
+        return time.perf_counter() - t0
+
+    def take(self, step: int, prompts: list[Prompt], trainer_version: int) -> RolloutBatch:
+        """The batch for `step`: the prefetched one if it is at most k versions behind the trainer,
+        else (or with none prefetched) one generated now from the trainer's version."""
+        if self._ahead is not None:
+            ahead_step, _, future = self._ahead
+            self._ahead = None
+            batch = future.result()
+            if ahead_step != step:
+                raise BPOError(f"the prefetched rollouts are for step {ahead_step}, not {step}")
+            if trainer_version - batch.policy_version <= self.staleness:
+                return batch
+            if self.engine.policy_version != trainer_version:
+                self.engine.update_weights(self.model, trainer_version)
+            return replace(self._generate(step, prompts), regenerated=True)
+        return self._generate(step, prompts)
+
+    def sync(self, version: int) -> dict[str, float]:
+        """Serve the trainer's new `version` where the staleness bound needs it; returns the push's
+        metrics (sync/*, and async/wait_s: the time spent waiting for the batch in flight)."""
+        m: dict[str, float] = {}
+        if self.engine.policy_version >= version + 1 - self.staleness:
+            return {"sync/skipped": 1.0}       # the next batch is within the bound without it
+        if self.staleness:
+            m["async/wait_s"] = self.drain()
+        if self.b.sync_verify == "rollout":
+            # verified by the next step's rollouts (policy_update checks every sampled token)
+            m.update({f"sync/{k}": float(v) for k, v in self.engine.push_weights(self.model).items()})
+            self.engine.policy_version = version
+            m["sync/verify_s"] = 0.0
+            return m
+        self.engine.update_weights(self.model, version)
+        for k, v in self.engine.last_sync.items():
+            if k not in ("verify_s", "max_abs_diff"):      # logged with the check (sync_check_metrics)
+                m[f"sync/{k}"] = float(v)   # vLLM: write / reload seconds
+        return m
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +732,11 @@ class Trainer:
     policy_version: int = 0
     env: Any = None                  # training/distributed.DistEnv; None = one process
     ds_engine: Any = None            # DeepSpeed ZeRO-2 engine around `model` (optimizer: its ZeRO one)
+    rollouts: Rollouts | None = None     # built from the engine unless given
+
+    def __post_init__(self):
+        if self.rollouts is None:
+            self.rollouts = Rollouts(self.engine, self.model, self.cfg.bpo, self.cfg.seed)
 
 
 @dataclass
@@ -604,31 +745,39 @@ class StepResult:
     samples: list[dict] = field(default_factory=list)
 
 
-def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
-    """rollout -> reward -> advantage -> loss -> update -> sync, timed per phase."""
+def bpo_step(tr: Trainer, prompts: list[Prompt], step: int, upcoming: list[Prompt] | None = None) -> StepResult:
+    """rollout -> reward -> advantage -> loss -> update -> sync, timed per phase. `upcoming`: the
+    next step's prompts, whose rollouts (async, bpo.async_staleness >= 1) are generated while
+    this step trains."""
     b = tr.cfg.bpo
     per_prompt = 2 * b.group_size
     m: dict[str, float] = {}
     t_start = time.perf_counter()
 
     # 1. rollout ------------------------------------------------------------------------------
-    requests = plan_rollouts(prompts, b, tr.cfg.seed, step)
-    completions = tr.engine.generate(requests)
+    batch = tr.rollouts.take(step, prompts, tr.policy_version)   # async: generated during the last update
+    if upcoming is not None:
+        tr.rollouts.start(step + 1, upcoming)                      # async: generated during this update
+    completions = batch.completions
     if len(completions) != len(prompts) * per_prompt:
         raise BPOError(f"engine returned {len(completions)} completions for {len(prompts)} prompts x "
                        f"{per_prompt}; expected {len(prompts) * per_prompt}")
-    stale = [c.policy_version for c in completions if c.policy_version != tr.policy_version]
-    if stale:
-        raise BPOError(f"step {step}: {len(stale)} rollouts came from policy version {stale[0]}, the "
-                       f"trainer is at {tr.policy_version}; the engine is serving stale weights")
+    behind = tr.policy_version - batch.policy_version
+    if not 0 <= behind <= b.async_staleness:
+        raise BPOError(f"step {step}: the rollouts came from policy version {batch.policy_version}, the "
+                       f"trainer is at {tr.policy_version} (bpo.async_staleness {b.async_staleness}); the "
+                       f"engine is serving stale weights")
     t_rollout = time.perf_counter()
     # With overlapped verification (vLLM, bpo.sync_overlap_verify) the previous push's probe check
     # finished inside generate: log it here, and count the wait it added after the rollouts were
-    # done as sync time, not rollout time.
-    checked = tr.engine.last_rollout_verify
-    verify_wait = checked["wait_s"] if checked else 0.0
+    # done as sync time, not rollout time (async: it was on the background thread, in neither).
+    checked = batch.verify
+    verify_wait = checked["wait_s"] if checked and not tr.rollouts.staleness else 0.0
     if checked:
-        m["sync/verify_wait_s"] = verify_wait
+        m["sync/verify_wait_s"] = checked["wait_s"]
+    if b.async_staleness:
+        m.update({"async/behind": float(behind), "async/regenerated": float(batch.regenerated),
+                  "async/generate_s": batch.generate_s, "rollout/policy_version": float(batch.policy_version)})
 
     # 2. reward -------------------------------------------------------------------------------
     scored = score_rollouts(tr.scorer, prompts, completions, per_prompt)
@@ -676,24 +825,16 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
         n_train = int(all_reduce_sum([float(n_train)], tr.env)[0])    # every rank updates, or none
     if n_train:
         m.update(policy_update(tr.model, tr.ref_model, tr.optimizer, tr.scheduler, items, b, tr.encoder.pad_id,
-                               tr.encoder.suppress, tr.env, tr.ds_engine))
+                               tr.encoder.suppress, tr.env, tr.ds_engine, behind))
         tr.policy_version += 1
     else:
         m["skipped_update"] = 1.0
     t_train = time.perf_counter()
 
     # 6. sync ---------------------------------------------------------------------------------
-    if n_train and b.sync_verify == "rollout":
-        # verified by the next step's rollouts (policy_update checks every sampled token)
-        timings = tr.engine.push_weights(tr.model)
-        tr.engine.policy_version = tr.policy_version
-        m.update({f"sync/{k}": float(v) for k, v in timings.items()})
-        m["sync/verify_s"] = 0.0
-    elif n_train:
-        tr.engine.update_weights(tr.model, tr.policy_version)
-        for k, v in tr.engine.last_sync.items():
-            if k not in ("verify_s", "max_abs_diff"):      # logged with the check (sync_check_metrics)
-                m[f"sync/{k}"] = float(v)   # vLLM: write / reload seconds
+    if n_train:
+        m.update(tr.rollouts.sync(tr.policy_version))    # async: once the batch in flight is done
+    waited = m.get("async/wait_s", 0.0)                  # for rollouts: rollout time, not sync time
     t_sync = time.perf_counter()
 
     # metrics per mode ------------------------------------------------------------------------
@@ -709,8 +850,8 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int) -> StepResult:
     if b.algorithm == "grpo":
         m["rollouts/no_think_share"] = sum(not s.chose_think for s in scored) / len(scored)
     m["policy_version"] = float(tr.policy_version)
-    m.update({"time/rollout": t_rollout - t_start - verify_wait, "time/reward": t_reward - t_rollout,
-              "time/train": t_train - t_reward, "time/sync": t_sync - t_train + verify_wait,
+    m.update({"time/rollout": t_rollout - t_start - verify_wait + waited, "time/reward": t_reward - t_rollout,
+              "time/train": t_train - t_reward, "time/sync": t_sync - t_train + verify_wait - waited,
               "time/step": t_sync - t_start})
     return StepResult(m, _samples(scored, prompts, step, b))
 
@@ -720,9 +861,11 @@ def sync_check_metrics(engine: RolloutEngine, verified: list[int]) -> dict[str, 
     verification a push is checked during the next rollouts, so a step logs the checks that
     ended in it, and which policy version they were for. Appends the versions to `verified`."""
     checks = engine.sync_checks
-    if not checks:
+    done = []
+    while checks:                # pop, not copy-and-clear: an async generation may append meanwhile
+        done.append(checks.pop(0))
+    if not done:
         return {}
-    done, checks[:] = list(checks), []
     verified.extend(c["version"] for c in done)
     return {"sync/verify_s": sum(c["verify_s"] for c in done) / len(done),
             "sync/max_abs_diff": max(c["max_abs_diff"] for c in done),
@@ -925,6 +1068,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         root = checkpoints_root(out_uri)
         found = ckpt.agree(ckpt.latest(store, root) if env.is_main else None, env)
         start_step, version, base_position = 0, 0, 0
+        resumes: list[dict] = []             # each resume: its step, version, the rollouts it regenerated
         history: list[dict] = []             # per-step metrics, kept in checkpoints and the manifest
         samples: list[dict] = []             # a few completions per mode and step (JSONL artifact)
         if found is not None:
@@ -943,6 +1087,14 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             # the stored prompt position wins (prompts_per_step may differ under resume=force)
             base_position = int(state.get("prompt_position", start_step * b.prompts_per_step))
             print(f"{name}: resumed from {found[1]} (step {start_step}, policy version {version})")
+            # async: the batch generated for the next step when the checkpoint was written died with
+            # the process; that step trains on rollouts generated again, from the checkpoint's weights
+            lost = state.get("rollouts_in_flight")
+            if lost:
+                print(f"{name}: the rollouts of step {lost['step']} (policy version {lost['policy_version']}) "
+                      f"were in flight at the checkpoint; they are generated again from version {version}")
+            resumes = list(state.get("resumes", [])) + [{"from_step": start_step, "policy_version": version,
+                                                          "rollouts_in_flight": lost}]
 
         stream = PromptStream(prompts, cfg.seed)
         probes = probe_sets(prompts, b.probe_size)
@@ -953,7 +1105,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         last: dict[str, float] = {}
 
         # -- train ------------------------------------------------------------------------------
-        with stage_ctx, open_engine(cfg, model, processor, model_dir) as engine, RewardScorer() as scorer:
+        with (stage_ctx, open_engine(cfg, model, processor, model_dir) as engine, RewardScorer() as scorer,
+              contextlib.ExitStack() as stack):
             if tracker is not None and env.is_main:
                 tracker.log_params({"bpo": b.model_dump(mode="json"), "stage": name, "prompts": len(prompts),
                                     "init_model": init_model_uri, "config_hash": config_hash})
@@ -971,15 +1124,22 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                       f"{time.perf_counter() - t_push:.2f}s" + (f", verified: max |logprob diff| {check:.1e}"
                                                                  if check is not None else "") + how + ")", flush=True)
             tr = Trainer(model, ref_model, optimizer, scheduler, engine, scorer, encoder, cfg, version, env, ds_engine)
+            stack.callback(tr.rollouts.close)
+
+            def position(step: int) -> int:        # this rank's first prompt of `step`
+                return base_position + (step - start_step) * b.prompts_per_step + env.rank * per_rank
+
             for step in range(start_step, b.steps):
-                position = base_position + (step - start_step) * b.prompts_per_step + env.rank * per_rank
-                result = bpo_step(tr, stream.take(position, per_rank), step)
+                upcoming = stream.take(position(step + 1), per_rank) if b.async_staleness and step + 1 < b.steps else None
+                result = bpo_step(tr, stream.take(position(step), per_rank), step, upcoming)
                 metrics = dict(result.metrics)
                 if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
+                    tr.rollouts.drain()            # the probes' requests never run beside a batch's
                     metrics.update(run_probes(engine, scorer, probes, b, model, encoder))
                 metrics.update(sync_check_metrics(engine, verified_versions))
                 last = metrics
-                history.append({"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}})
+                history.append({"step": step + 1, "prompt_position": position(step) - env.rank * per_rank,
+                                **{k: round(v, 6) for k, v in metrics.items()}})
                 samples.extend(result.samples)
                 if env.is_main:
                     _print_step(name, step, b.steps, metrics)
@@ -993,7 +1153,8 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                     ckpt.save(store, root, done, trainee, env,
                               {"config_hash": config_hash, "identity": ident, "policy_version": tr.policy_version,
                                "prompt_position": base_position + (done - start_step) * b.prompts_per_step,
-                               "stage": name, "history": history, "samples": samples})
+                               "stage": name, "history": history, "samples": samples, "resumes": resumes,
+                               "rollouts_in_flight": tr.rollouts.in_flight()})
                     if env.is_main:
                         ckpt.prune(store, root, b.keep_checkpoints)
             engine.wait_verified()      # the last push is checked too (overlap_verify)
@@ -1011,6 +1172,10 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
             "counts": {"steps": b.steps, "prompts": len(prompts), "rollouts_per_step": b.prompts_per_step * 2 * b.group_size,
                        "policy_version": tr.policy_version},
             "resumed_from_step": start_step if found is not None else None,
+            # every resume of this run: from which step and version, and the async batch that was
+            # in flight at its checkpoint (generated again after the resume, never trained twice)
+            "resumes": resumes,
+            "async_staleness": b.async_staleness,
             "world_size": env.world_size,
             "deepspeed": b.distributed.deepspeed,
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)},
@@ -1036,7 +1201,7 @@ def _print_step(name: str, step: int, total: int, m: dict[str, float]) -> None:
     for key in ("reward/think", "reward/no_think", "length/think", "length/no_think",
                 "rollouts/no_think_share", "probe/hard_math/think_rate", "probe/perception/think_rate",
                 "probe/hard_math/p_think", "probe/perception/p_think",
-                "clip_fraction", "is_ratio/max", "time/step"):
+                "clip_fraction", "is_ratio/max", "async/behind", "is_ratio/truncated_fraction", "time/step"):
         if key in m:
             parts.append(f"{key}={m[key]:.3g}")
     print("  ".join(parts), flush=True)

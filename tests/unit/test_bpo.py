@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,74 @@ def test_rollouts_not_sampled_from_the_trainers_weights_are_refused_before_any_u
     assert stats["is_ratio/max_abs_log"] == pytest.approx(0.01, abs=1e-4)
 
 
+@pytest.mark.parametrize("shift, truncated", [(0.5, 0.0), (1.0, 1.0)])
+def test_rollouts_of_an_older_policy_are_reweighted_by_truncated_importance_sampling(tiny, shift, truncated):
+    """Async rollouts (one update behind) differ from the trainer by design: nothing is refused,
+    the PPO ratio is against the trainer's own logprobs (1 at the first epoch) and each sampled
+    token's term is weighted by min(pi_trainer / pi_rollout, is_cap): e^0.5 = 1.65 under the cap
+    of 2, e^1 = 2.72 truncated to 2 — the loss scales by exactly that, and the log says how many
+    tokens were truncated."""
+    _, base, processor = tiny
+    enc = bpo.PromptEncoder(processor)
+    tok = processor.tokenizer
+    items = on_policy_items(enc, math_prompt(0), tok.encode("1 + 1 = 2", add_special_tokens=False),
+                            tok.encode("3", add_special_tokens=False), 1.0, -1.0, base)
+    b = BPOConfig(micro_batch_size=4, mode_token_trainable=False, engine="vllm", async_staleness=1, is_cap=2.0)
+    ref = copy.deepcopy(base)
+    on = bpo.policy_update(ref, None, torch.optim.SGD(ref.parameters(), lr=0.0), None, items, b,
+                           enc.pad_id, enc.suppress, behind=0)
+    for it in items:
+        it.rollout_logprobs = [x - shift for x in it.rollout_logprobs]    # sampled by an older policy
+    m = copy.deepcopy(base)
+    off = bpo.policy_update(m, None, torch.optim.SGD(m.parameters(), lr=0.5), None, items, b,
+                            enc.pad_id, enc.suppress, behind=1)
+    weight = min(math.exp(shift), 2.0)
+    assert off["loss_first_epoch"] == pytest.approx(weight * on["loss_first_epoch"], rel=1e-5)
+    assert off["is_ratio/mean"] == pytest.approx(math.exp(shift), rel=1e-4)
+    assert off["is_ratio/truncated_fraction"] == truncated and on["is_ratio/truncated_fraction"] == 0.0
+    assert any(not torch.equal(a, c) for a, c in zip(base.parameters(), m.parameters()))   # it trained
+
+
+def test_async_rollouts_honour_the_version_bound(tiny):
+    """The async rollout pipeline (bpo.Rollouts) on a real engine: the next batch is generated in
+    the background from the version the engine serves; a push waits for it; a batch more than k
+    versions behind the trainer is generated again from the trainer's version; k = 2 pushes every
+    other version. Every batch, each prompt's 2g forced-mode rollouts included, has one version.
+    (The stage refuses the in-process hf engine for async; this drives the pipeline directly.)"""
+    from r4b_core.rollout.hf import HFEngine
+
+    _, model, processor = tiny
+    prompts = [math_prompt(i) for i in range(2)]
+    b = BPOConfig(engine="vllm", async_staleness=1, prompts_per_step=2, group_size=2, micro_batch_size=8,
+                  max_new_tokens_think=6, max_new_tokens_no_think=4)
+    engine = HFEngine(model, processor)
+    r = bpo.Rollouts(engine, model, b, run_seed=0)
+    try:
+        first = r.take(0, prompts, trainer_version=0)                 # nothing prefetched: now
+        assert (first.policy_version, first.regenerated, len(first.completions)) == (0, False, 8)
+        r.start(1, prompts)
+        assert r.in_flight() == {"step": 2, "policy_version": 0}
+        pushed = r.sync(1)                                             # trainer at 1: push after the batch
+        assert "async/wait_s" in pushed and engine.policy_version == 1
+        second = r.take(1, prompts, trainer_version=1)
+        assert (second.policy_version, second.regenerated) == (0, False)       # one behind: trained
+        assert r.in_flight() is None
+        r.start(2, prompts)
+        third = r.take(2, prompts, trainer_version=3)                  # three behind at k = 1
+        assert (third.policy_version, third.regenerated) == (3, True) and engine.policy_version == 3
+        for batch in (first, second, third):
+            assert {c.policy_version for c in batch.completions} == {batch.policy_version}
+            assert [c.mode for c in batch.completions[:4]] == [Mode.THINK] * 2 + [Mode.NO_THINK] * 2
+    finally:
+        r.close()
+    lazy = bpo.Rollouts(engine, model, b.model_copy(update={"async_staleness": 2}), run_seed=0)
+    try:
+        assert lazy.sync(4) == {"sync/skipped": 1.0} and engine.policy_version == 3     # 3 >= 4 + 1 - 2
+        assert "sync/skipped" not in lazy.sync(5) and engine.policy_version == 5
+    finally:
+        lazy.close()
+
+
 # --- config arithmetic ----------------------------------------------------------------------------
 def test_config_arithmetic_errors_name_the_numbers(tmp_path):
     from r4b_core.config import ConfigError
@@ -237,6 +306,13 @@ def test_config_arithmetic_errors_name_the_numbers(tmp_path):
             load_config(None, sets)
         assert len(str(err.value).splitlines()) == 1
     load_config(None, ["bpo.sync_verify=rollout", "bpo.engine=vllm"])
+    # async rollouts need a sidecar and the probe check, each refused in one line
+    path.write_text("name: t\nbpo:\n  async_staleness: 1\n  sync_verify: rollout\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "bpo.async_staleness=1 needs bpo.engine=vllm: the hf engine generates with the trainer's own model" in str(err.value)
+    assert "bpo.sync_verify=rollout checks a push against the next rollouts' logprobs" in str(err.value)
+    BPOConfig(engine="vllm", async_staleness=1)
     # what depends on the processes and the data is checked by the stage
     cfg = RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=16))
     with pytest.raises(bpo.BPOError, match=r"not divisible by the 3 training processes"):

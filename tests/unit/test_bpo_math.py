@@ -137,6 +137,18 @@ def test_ppo_clip_at_ratio_one_is_policy_gradient():
     assert torch.allclose(logp.grad, torch.tensor([[-0.7, -0.7]]))
 
 
+def test_truncated_is_weights_by_hand():
+    # proximal - behaviour = ln 1.5, ln 3, -ln 2 -> ratios 1.5, 3, 0.5; cap 2 truncates the 3 only
+    prox = torch.tensor([[math.log(1.5), math.log(3.0), -math.log(2.0)]], requires_grad=True)
+    weights, truncated = bm.truncated_is_weights(prox, torch.zeros(1, 3), cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[1.5, 2.0, 0.5]]))
+    assert truncated.tolist() == [[False, True, False]]
+    assert not weights.requires_grad          # a weight, never a path for the gradient
+    # weighted PPO-clip term at rho = 1 (the trainer's first epoch): -w A per token
+    terms = bm.ppo_clip_loss(prox, prox.detach(), torch.tensor([1.0]), 0.2)
+    assert torch.allclose(weights * terms.loss, torch.tensor([[-1.5, -2.0, -0.5]]))
+
+
 # --- KL ---------------------------------------------------------------------------------------
 def test_k3_kl_values():
     # logp = ln .5, ref = ln .25: q = ln .5 -> e^q - q - 1 = .5 + .693147 - 1 = .193147
