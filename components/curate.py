@@ -14,7 +14,8 @@ def curate(config_uri: str, pipeline_run_id: str, raw: Input[Dataset], base_mode
     out_uri = layout.curated_uri(cfg)
     tracker = pipeline_tracker(cfg, pipeline_run_id)
     try:
-        manifest = run_curate(cfg, raw.metadata["storage_uri"], out_uri, tracker=tracker)
+        manifest = run_curate(cfg, raw.metadata["storage_uri"], out_uri, tracker=tracker,
+                              base_model_uri=base_model.metadata["storage_uri"])
     finally:
         tracker.close()
     sft.metadata["storage_uri"] = out_uri

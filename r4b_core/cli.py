@@ -156,7 +156,7 @@ def _cmd_curate(args) -> int:
 
     cfg = load_args_config(args)
     run_curate(cfg, args.input or layout.split_uri(cfg, "train"), args.out or layout.curated_uri(cfg),
-               tracker=_stage_tracker(cfg))
+               tracker=_stage_tracker(cfg), base_model_uri=args.base_model)
     return 0
 
 
@@ -164,6 +164,8 @@ def _add_curate(sub) -> None:
     p = sub.add_parser("curate", help="label raw records reasoning/direct with an annotator model -> bi-mode SFT data")
     config_args(p)
     p.add_argument("--input", help="raw JSONL URI (default: the run's train split)")
+    p.add_argument("--base-model", help="the run's base model URI, the annotator of curate.annotator: base "
+                                        "(default: what r4b prepare publishes)")
     p.add_argument("--out", help="curated JSONL URI (default: <run>/curate/sft.jsonl)")
     p.set_defaults(func=_cmd_curate)
 
@@ -219,7 +221,7 @@ def _add_anneal(sub) -> None:
                                       "or DeepSpeed (anneal.distributed.deepspeed)")
     config_args(p)
     p.add_argument("--train", help="curated bi-mode JSONL URI (default: <run>/curate/sft.jsonl)")
-    p.add_argument("--base-model", help="starting model URI (default: <run>/base_model)")
+    p.add_argument("--base-model", help="starting model URI (default: what r4b prepare publishes)")
     p.add_argument("--out", help="output model URI (default: <run>/anneal/model)")
     p.set_defaults(func=_cmd_anneal)
 

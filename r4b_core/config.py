@@ -113,6 +113,10 @@ class PretrainConfig(Section):
         return self
 
 
+# model.base values that compose a LLaVA-style model from model.vision_tower + model.language_model
+COMPOSED_BASES = ("llava", "llava-onevision", "compose")
+
+
 class ModelConfig(Section):
     # -- "tiny" builds the toy VLM from `tiny` with random weights; anything else is a Hugging Face
     # model id, a local folder or a storage URI of a save_pretrained folder.
@@ -540,7 +544,7 @@ class LauncherConfig(Section):
     service_account: str | None = None
     # -- loopback port of the vLLM sidecar inside the pod (never exposed: no containerPort, no Service).
     sidecar_port: int = Field(8100, ge=1024, le=65535)
-    # -- weights the BPO sidecar starts from (a save_pretrained folder URI); empty = <run>/anneal/model.
+    # -- weights the BPO sidecar starts from (a save_pretrained folder URI); empty = the stage's init model.
     sidecar_model_uri: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     # -- Kubernetes tolerations, camelCase keys as in a pod spec (key, operator, value, effect, tolerationSeconds).

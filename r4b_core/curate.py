@@ -36,14 +36,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from r4b_core import modes
 from r4b_core.config import RunConfig
@@ -306,44 +305,6 @@ def _load_images(item: Item, store) -> list[Any]:
     return [load_image(ref, store=store) for ref in item.image_refs]
 
 
-# ---------------------------------------------------------------------------------------------
-# Models: the annotator, the teacher, the engine
-# ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def open_engine(cfg: RunConfig, model_uri: str, kind: str) -> Iterator[RolloutEngine]:
-    """A RolloutEngine serving `model_uri`, closed on exit.
-
-    kind "hf": the model in this process. kind "vllm": a local vLLM server (`cfg.vllm`) started on
-    the model folder for the duration of the block; only the processor is loaded here.
-    """
-    from r4b_core.storage import Store
-
-    store = Store.from_config(cfg.storage)
-    with contextlib.ExitStack() as stack:
-        if kind == "hf":
-            from r4b_core.models.loading import load_model
-            from r4b_core.rollout.hf import HFEngine
-
-            model, processor = load_model(model_uri, cfg.model, store=store)
-            engine = HFEngine(model, processor)
-        elif kind == "vllm":
-            from transformers import AutoProcessor
-
-            from r4b_core.rollout.vllm import VLLMEngine
-            from r4b_core.rollout.vllm_server import VLLMServer
-
-            # The same model cache as models/loading.py (a storage URI is downloaded once).
-            cache = Path(os.environ.get("R4B_CACHE_DIR", "~/.cache/r4b")).expanduser() / "models"
-            local = store.local_path(model_uri, cache)
-            processor = AutoProcessor.from_pretrained(local, trust_remote_code=cfg.model.trust_remote_code)
-            server = stack.enter_context(VLLMServer(local, cfg.vllm))
-            engine = VLLMEngine(server, processor)
-        else:
-            raise CurateError(f"engine {kind!r}: unknown rollout engine; use hf or vllm")
-        stack.callback(engine.close)
-        yield engine
-
-
 class SimulatedAnnotator:
     """`curate.annotator: simulated`: a RolloutEngine standing in for a strong annotator (the paper's
     Qwen2.5-VL-32B) on data whose answers are known, for toy runs.
@@ -442,8 +403,10 @@ def stage_prefix(out_uri: str) -> tuple[str, str]:
     return out_uri.rstrip("/"), out_uri.rstrip("/") + "/sft.jsonl"
 
 
-def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool, teacher_given: bool) -> dict:
-    """Everything the curated output depends on: config, raw content, annotator and teacher weights."""
+def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool, teacher_given: bool,
+                    base_model_uri: str | None = None) -> dict:
+    """Everything the curated output depends on: config, raw content, annotator and teacher weights
+    (`curate.annotator: base` is the base model at `base_model_uri`, default layout.base_model_dir)."""
     c = cfg.curate
     inputs: dict[str, Any] = {"raw": hashlib.sha256(raw_text.encode()).hexdigest()}
     if annotator_given:
@@ -453,8 +416,7 @@ def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool,
     elif c.annotator == "base":
         from r4b_core import layout
 
-        base = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
-        inputs["annotator"] = model_lineage(store, base)
+        inputs["annotator"] = model_lineage(store, base_model_uri or layout.base_model_dir(cfg))
         if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
             inputs["annotator_training"] = cfg.anneal.model_dump(mode="json")
     else:
@@ -467,11 +429,12 @@ def curate_identity(cfg: RunConfig, store, raw_text: str, annotator_given: bool,
 
 
 def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEngine | None = None,
-               tracker=None, teacher: RolloutEngine | None = None) -> dict:
+               tracker=None, teacher: RolloutEngine | None = None, base_model_uri: str | None = None) -> dict:
     """Curate `raw_uri` (JSONL + images) into the bi-mode SFT set at `out_uri`; return the manifest.
 
     `annotator` / `teacher`: RolloutEngines to use; when None they are built from the config
     (`curate.annotator`, `curate.teacher`, `curate.engine`) and closed at the end.
+    `base_model_uri`: the run's base model (`curate.annotator: base`); default layout.base_model_dir.
     """
     from r4b_core import layout, storage
 
@@ -483,7 +446,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
     if not store.exists(raw_uri):
         raise CurateError(f"{raw_uri}: raw data not found; generate it (r4b data generate) or pass --input URI")
     raw_text = store.read_text(raw_uri)
-    ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None)
+    ident = curate_identity(cfg, store, raw_text, annotator is not None, teacher is not None, base_model_uri)
     if annotator is not None and getattr(annotator, "identity", None):
         # an engine that states what it is (a SimulatedAnnotator passed in) can be skipped on that
         ident["inputs"]["annotator"] = annotator.identity
@@ -530,6 +493,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
             kept.append(item)
 
     from r4b_core.rewards import RewardScorer
+    from r4b_core.rollout import open_engine
 
     with contextlib.ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer())
@@ -538,13 +502,12 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         elif annotator is None:
             model_uri = c.annotator
             if c.annotator == "base":
-                # tiny: the folder `r4b prepare` built; otherwise the configured model id / URI.
-                model_uri = layout.base_model_dir(cfg) if cfg.model.base == "tiny" else cfg.model.base
+                model_uri = base_model_uri or layout.base_model_dir(cfg)
                 if c.annotator_train_steps > 0 and cfg.model.base == "tiny":
                     model_uri = train_annotator(cfg, kept, model_uri, prefix, store)
-            annotator = stack.enter_context(open_engine(cfg, model_uri, c.engine))
+            annotator = stack.enter_context(open_engine(cfg, c.engine, model_uri, label="curate"))
         if teacher is None and c.teacher:
-            teacher = stack.enter_context(open_engine(cfg, c.teacher, c.engine))
+            teacher = stack.enter_context(open_engine(cfg, c.engine, c.teacher, label="curate"))
 
         t_label = time.perf_counter()
         for start in range(0, len(kept), c.batch_size):

@@ -461,8 +461,8 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     `engine`: an already open RolloutEngine serving the model (e.g. BPO's); None = open one.
     """
     from r4b_core import storage
-    from r4b_core.curate import open_engine
     from r4b_core.identity import identity_hash, is_storage_uri
+    from r4b_core.rollout import open_engine
     from r4b_core.data.images import load_image
     from r4b_core.rewards import RewardScorer
 
@@ -518,7 +518,7 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     with contextlib.ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer())
         if engine is None:
-            engine = stack.enter_context(open_engine(cfg, model_uri, e.engine))
+            engine = stack.enter_context(open_engine(cfg, e.engine, model_uri, label="eval"))
         for name, _, items in benchmarks:
             rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, scorer,
                                name, images_of)

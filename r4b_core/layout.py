@@ -3,20 +3,22 @@
     <root>/<name>/
       config.yaml                 the resolved run config (what PyTorchJob pods read)
       data/{train,rl,eval}.jsonl  raw records + images/   (synthetic generator or user data)
-      base_model/                 the starting model (tiny: built here; else a copy/reference)
+      base_model/                 the starting model: the tiny model as built, or a composed vision
+                                  tower + LM pair saved once (a Hugging Face id / folder is read where it is)
       curate/sft.jsonl            bi-mode SFT dataset + manifest.json, rejects.jsonl
       anneal/model/               annealed model (HF save_pretrained) + manifest.json
       anneal/checkpoints/step-N/  resumable training state
       bpo/model/, bpo/checkpoints/
       eval/<tag>/report.json      three-mode evaluation of a model
 
-Stages take explicit URIs; the CLI and the pipeline fill them from here, so a user who brings
-their own orchestration can put things anywhere.
+Stages take explicit URIs. The pipeline passes each stage the URIs of its input artifacts; these
+functions only give the defaults of a stage run alone (`r4b anneal` without --train), so a user
+who brings their own orchestration can put things anywhere.
 """
 
 from __future__ import annotations
 
-from r4b_core.config import RunConfig
+from r4b_core.config import COMPOSED_BASES, RunConfig
 
 
 def _join(base: str, *parts: str) -> str:
@@ -42,15 +44,19 @@ def split_uri(cfg: RunConfig, split: str) -> str:
 
 
 def init_model_dir(cfg: RunConfig) -> str:
-    """The tiny model as built: tokenizer and random weights."""
+    """The base model prepare builds: the tiny model (tokenizer, random weights) or a composed pair."""
     return _join(run_root(cfg), "base_model")
 
 
 def base_model_dir(cfg: RunConfig) -> str:
-    """The base every stage starts from: the pretrained tiny model when model.pretrain.steps > 0."""
+    """The base every stage starts from, as prepare publishes it: the pretrained tiny model when
+    model.pretrain.steps > 0, the built or composed model, else model.base itself (a Hugging
+    Face id, a folder or a storage URI, read where it is)."""
     if cfg.model.base == "tiny" and cfg.model.pretrain.steps > 0:
         return model_dir(cfg, "pretrain")
-    return init_model_dir(cfg)
+    if cfg.model.base == "tiny" or cfg.model.base in COMPOSED_BASES:
+        return init_model_dir(cfg)
+    return cfg.model.base
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> str:
@@ -66,8 +72,10 @@ def model_dir(cfg: RunConfig, stage: str) -> str:
     return _join(stage_dir(cfg, stage), "model")
 
 
-def checkpoints_dir(cfg: RunConfig, stage: str) -> str:
-    return _join(stage_dir(cfg, stage), "checkpoints")
+def checkpoints_dir(model_uri: str) -> str:
+    """A training stage's checkpoints: `<stage>/checkpoints` next to its `<stage>/model`."""
+    base = model_uri.rstrip("/")
+    return _join(base.rsplit("/", 1)[0] if "/" in base else ".", "checkpoints")
 
 
 def eval_dir(cfg: RunConfig, tag: str) -> str:

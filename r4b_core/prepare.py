@@ -7,7 +7,9 @@
   JSONL URIs as given (validated later by the stages that read them).
 - base model: for `model.base: tiny`, a tokenizer trained on the training split and a randomly
   initialised tiny LLaVA-style VLM saved as an HF folder, then pretrained to read and compute when
-  `model.pretrain.steps` > 0 (pretrain.py); otherwise the HF id / URI as given.
+  `model.pretrain.steps` > 0 (pretrain.py); for a composed base (`model.base: llava-onevision` with
+  `model.vision_tower` + `model.language_model`) the pair composed once and saved; otherwise the
+  HF id / URI as given.
 
 Every part is skipped when its manifest exists with the same config hash.
 """
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from r4b_core import layout
-from r4b_core.config import RunConfig, dump_config
+from r4b_core.config import COMPOSED_BASES, ConfigError, RunConfig, dump_config
 from r4b_core.identity import identity_hash, stage_identity
 
 
@@ -53,6 +55,10 @@ def prepare_data(cfg: RunConfig, store) -> dict[str, str]:
 
 
 def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
+    """The base model's URI (layout.base_model_dir): a composed pair is built and saved once, so
+    that every stage starts from the same weights (its projector is initialised here)."""
+    if cfg.model.base in COMPOSED_BASES:
+        return prepare_composed_model(cfg, store)
     if cfg.model.base != "tiny":
         return cfg.model.base
     from r4b_core.data.schema import parse_jsonl
@@ -75,15 +81,43 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
     return prefix
 
 
+def prepare_composed_model(cfg: RunConfig, store) -> str:
+    """model.vision_tower + model.language_model composed into one model, saved at <run>/base_model."""
+    import torch
+
+    from r4b_core.models.loading import load_model, save_model
+
+    prefix = layout.init_model_dir(cfg)
+    model_hash = identity_hash(stage_identity(cfg, "model", {}, ignore=("pretrain", "tiny")))
+    if store.is_complete(prefix, model_hash):
+        return prefix
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)             # the projector's initialisation
+    model, processor = load_model(cfg.model.base, cfg.model, store=store)
+    with store.atomic_dir(prefix) as staging:
+        save_model(model, processor, Path(staging))
+    store.commit(prefix, {"stage": "base_model", "config_hash": model_hash, "kind": "composed",
+                          "vision_tower": cfg.model.vision_tower, "language_model": cfg.model.language_model,
+                          "seconds": round(time.time() - t0, 2)})
+    return prefix
+
+
 def run_prepare(cfg: RunConfig, store=None) -> dict[str, str]:
     """Publish config, data and base model; returns their URIs."""
     from r4b_core.bpo import check_bpo_config
     from r4b_core.storage import Store
 
-    # Fail in the first minute, not after curation and annealing: BPO's arithmetic is known now.
+    # Fail in the first minute, not after curation and annealing: BPO's arithmetic and what the
+    # PyTorchJob launcher needs are known now.
     check_bpo_config(cfg)
-    store = store or Store.from_config(cfg.storage)
     config_uri = layout.config_uri(cfg)
+    if cfg.launcher.kind == "pytorchjob":
+        from r4b_core.launch.pytorchjob import launch_problems
+
+        problems = [p for stage in ("anneal", "bpo") for p in launch_problems(stage, config_uri, cfg)]
+        if problems:
+            raise ConfigError("\n".join(dict.fromkeys(problems)))
+    store = store or Store.from_config(cfg.storage)
     store.write_text(config_uri, dump_config(cfg))
     splits = prepare_data(cfg, store)
     base = prepare_base_model(cfg, store, splits["train"])

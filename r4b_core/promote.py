@@ -66,11 +66,13 @@ def _headline_of(report: dict) -> dict[str, float]:
 def register_and_gate(cfg: RunConfig, model_uri: str, report_uri: str, pipeline_run_id: str = "",
                       tracker=None, store=None) -> dict:
     """Register `model_uri`, gate it against the champion; returns the decision (also a manifest)."""
-    from r4b_core.storage import Store
+    from r4b_core.storage import Store, absolute_uri
     from r4b_core.tracking import Tracker
 
     store = store or Store.from_config(cfg.storage)
     started = time.time()
+    # what the registry records must mean the same from any directory or machine
+    model_uri, report_uri = absolute_uri(model_uri), absolute_uri(report_uri)
     model_manifest = store.read_manifest(model_uri)
     if model_manifest is None:
         raise PromotionError(f"{model_uri}: no manifest.json — the model stage did not finish; rerun it first")

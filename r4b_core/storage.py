@@ -117,6 +117,13 @@ def parse_uri(uri: str | os.PathLike) -> Path | S3Location:
     return Path(uri)
 
 
+def absolute_uri(uri: str | os.PathLike) -> str:
+    """A URI that means the same from any directory or machine: `s3://...` as it is, a local path
+    (plain, `file://rel` or `file:///abs`) as `file:///abs/path` (what a model registry records)."""
+    loc = parse_uri(uri)
+    return loc.resolve().as_uri() if isinstance(loc, Path) else str(uri)
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """Append path parts to a URI, keeping its form: join("s3://b/run", "anneal") == "s3://b/run/anneal"."""
     out = os.fspath(uri)

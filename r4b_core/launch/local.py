@@ -13,11 +13,7 @@ import sys
 from collections import deque
 
 from r4b_core.config import DistributedConfig
-from r4b_core.errors import R4BError
-
-
-class LaunchError(R4BError):
-    pass
+from r4b_core.launch import LaunchError
 
 
 def stage_command(stage: str, config_uri: str, extra_args: list[str], dist: DistributedConfig) -> list[str]:

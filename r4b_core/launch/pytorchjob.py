@@ -26,8 +26,8 @@ job condition, each pod's container states, the Warning events and the master's 
 
 Without a cluster:
     python -m r4b_core.launch.pytorchjob render --stage bpo --config configs/r4b-4b.yaml
-prints the PyTorchJob YAML (docs/kubernetes.md shows one). The sidecar's init step runs
-    python -m r4b_core.launch.pytorchjob fetch --uri <model URI> --out /dev/shm/r4b/model
+prints the PyTorchJob YAML (docs/kubernetes.md shows one). The sidecar's init step is the serving
+pod's: `r4b serve --config <URI> --model <init model URI> --fetch-only --out /dev/shm/r4b/model`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from r4b_core import layout
 from r4b_core.config import (DEFAULT_CREDENTIALS_SECRET, DEFAULT_PLATFORM_IMAGE, DEFAULT_VLLM_IMAGE, ConfigError,
                              RunConfig)
 from r4b_core.errors import R4BError
-from r4b_core.launch import CLIENT_LABELS
+from r4b_core.launch import CLIENT_LABELS, LaunchError
 from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME, server_command
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
@@ -64,7 +64,7 @@ FETCH = "fetch-weights"
 MASTER_PORT = 23456              # the operator's default; named so it finds it
 SHM_DIR = "/dev/shm/r4b"
 SIDECAR_MODEL_DIR = SHM_DIR + "/model"
-SIDECAR_CHAT_TEMPLATE = SHM_DIR + "/chat_template.jinja"   # written by the fetch step from modes.py
+SIDECAR_CHAT_TEMPLATE = SIDECAR_MODEL_DIR + "/chat_template.jinja"   # written by the fetch step (r4b serve --fetch-only)
 RUN_AS = 1000                    # the uid our images create (docker/*.Dockerfile)
 # Where docker/vllm.Dockerfile puts r4b_core/assets (sitecustomize.py, the worker extension named by
 # vllm_server.WORKER_EXTENSION): on the sidecar's PYTHONPATH.
@@ -77,10 +77,6 @@ FORWARDED_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_WORKSPACE")
 JOB_LABEL = "training.kubeflow.org/job-name"
 ROLE_LABEL = "training.kubeflow.org/job-role"
 SPEC_HASH = "r4b.dev/spec-hash"
-
-
-class LaunchError(R4BError):
-    """The job could not be created or watched (RBAC, missing CRD, bad config for a cluster)."""
 
 
 class PyTorchJobFailed(R4BError):
@@ -132,8 +128,9 @@ def _label_value(text: str) -> str:
 _REMOTE = ("s3://", "gs://", "http://", "https://")
 
 
-def _check(stage: str, config_uri: str, cfg: RunConfig) -> None:
-    """Reject, before anything is created, what cannot work in a pod; each error names field and fix."""
+def launch_problems(stage: str, config_uri: str, cfg: RunConfig) -> list[str]:
+    """What cannot work in a pod, each naming the field and the fix (empty: fine). `r4b prepare`
+    checks both stages with it, so bad launcher settings fail in the first minute."""
     if stage not in STAGES:
         raise LaunchError(f"stage {stage!r} cannot run as a PyTorchJob; choose one of {', '.join(STAGES)}")
     L, dist = cfg.launcher, getattr(cfg, stage).distributed
@@ -162,8 +159,7 @@ def _check(stage: str, config_uri: str, cfg: RunConfig) -> None:
             parse_quantity(getattr(L, key))
         except ValueError:
             errors.append(f"launcher.{key}: {getattr(L, key)!r} is not a Kubernetes quantity (e.g. 16Gi, 500m)")
-    if errors:
-        raise ConfigError("\n".join(errors))
+    return errors
 
 
 # The launcher settings a config may leave null -> the chart's ConfigMap key that names them
@@ -288,12 +284,13 @@ def _health_probe(port: int, period: int, failures: int, python: str) -> k8s.V1P
                        period_seconds=period, failure_threshold=failures, timeout_seconds=5)
 
 
-def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]:
+def _sidecar_containers(cfg: RunConfig, config_uri: str, model_uri: str) -> list[k8s.V1Container]:
     L, v = cfg.launcher, cfg.vllm
+    # the serving pod's init step too: the folder, copied atomically, with our chat template in it
     fetch = k8s.V1Container(
         name=FETCH, image=L.image,
-        command=["python", "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", model_uri,
-                 "--out", SIDECAR_MODEL_DIR, "--chat-template-out", SIDECAR_CHAT_TEMPLATE],
+        command=["python", "-m", "r4b_core.cli", "serve", "--config", config_uri, "--model", model_uri,
+                 "--fetch-only", "--out", SIDECAR_MODEL_DIR],
         env=_env(_storage_env(cfg)), env_from=_env_from(cfg),
         # tmpfs pages are charged to the container that writes them: room for the weights
         resources=k8s.V1ResourceRequirements(requests={"memory": "1Gi"},
@@ -333,14 +330,18 @@ def _sidecar_containers(cfg: RunConfig, model_uri: str) -> list[k8s.V1Container]
 
 
 def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
-                     extra_env: Mapping[str, str] | None = None,
-                     extra_args: Sequence[str] | None = None) -> kf.KubeflowOrgV1PyTorchJob:
+                     extra_env: Mapping[str, str] | None = None, extra_args: Sequence[str] | None = None,
+                     init_model_uri: str | None = None) -> kf.KubeflowOrgV1PyTorchJob:
     """The PyTorchJob for one stage of one pipeline run (SDK model objects; see `manifest`).
 
-    `extra_args` are appended to the stage command (e.g. `--set bpo.algorithm=grpo`); `cfg` must
-    already reflect them (it decides resources, the sidecar and the name: the GRPO control is "grpo").
+    `extra_args` are appended to the stage command (its inputs, e.g. `--init-model URI`, and
+    `--set bpo.algorithm=grpo`); `cfg` must already reflect them (it decides resources, the sidecar
+    and the name: the GRPO control is "grpo"). The BPO sidecar starts from `launcher.sidecar_model_uri`,
+    else `init_model_uri` (the stage's init model), else the run's annealed model.
     """
-    _check(stage, config_uri, cfg)
+    errors = launch_problems(stage, config_uri, cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
     cfg = fill_launcher(cfg)     # what launch() did not take from the chart: built in (namespace: none)
     L, dist = cfg.launcher, getattr(cfg, stage).distributed
     extra_args = list(extra_args or [])
@@ -374,10 +375,10 @@ def build_pytorchjob(stage: str, config_uri: str, cfg: RunConfig, run_id: str,
         resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         volume_mounts=_mounts(), security_context=_security())
 
-    model_uri = L.sidecar_model_uri or layout.model_dir(cfg, "anneal")
+    model_uri = L.sidecar_model_uri or init_model_uri or layout.model_dir(cfg, "anneal")
     pod = k8s.V1PodSpec(
         containers=[trainer],
-        init_containers=_sidecar_containers(cfg, model_uri) if sidecar else None,
+        init_containers=_sidecar_containers(cfg, config_uri, model_uri) if sidecar else None,
         volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
                                                                                 size_limit=L.shm_size)),
                  k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())],
@@ -692,7 +693,7 @@ def wait_for_job(api: JobAPI, name: str, timeout_s: float, poll_s: float, log: C
 
 def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8s.ApiClient | None = None,
            *, extra_args: Sequence[str] | None = None, log: Callable[[str], None] = print,
-           extra_env: Mapping[str, str] | None = None) -> LaunchResult:
+           extra_env: Mapping[str, str] | None = None, init_model_uri: str | None = None) -> LaunchResult:
     """Run `stage` of pipeline run `run_id` as a PyTorchJob and wait for it (the KFP components' entry point).
 
     `api` is a kubernetes ApiClient (default: in-cluster config, else kubeconfig). `extra_args` go to
@@ -706,7 +707,7 @@ def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8
         extra_env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     api = api or _api_client()
     run_cfg = chart_settings(run_cfg, api, log)
-    job = build_pytorchjob(stage, config_uri, run_cfg, run_id, extra_env, extra_args)
+    job = build_pytorchjob(stage, config_uri, run_cfg, run_id, extra_env, extra_args, init_model_uri)
     body = manifest(job)
     L = run_cfg.launcher
     jobs = JobAPI(api, L.namespace)
@@ -737,34 +738,6 @@ def launch(stage: str, config_uri: str, run_cfg: RunConfig, run_id: str, api: k8
 # ---------------------------------------------------------------------------------------------
 # Command line: render (docs, dry runs) and fetch (the sidecar's init step)
 # ---------------------------------------------------------------------------------------------
-def fetch_model(uri: str, out: str, chat_template_out: str | None = None) -> int:
-    """Copy a save_pretrained folder from storage into `out` (atomic: a temp sibling, then rename),
-    and write our chat template next to it for the server's --chat-template."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    from r4b_core.models.tokenizer import chat_template
-    from r4b_core.storage import Store
-
-    dest = Path(out)
-    store = Store(s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3"),
-                  s3_region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    store.download_dir(uri, tmp)
-    files = [p for p in tmp.rglob("*") if p.is_file()]
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise R4BError(f"{uri}: no *.safetensors files; the sidecar needs a save_pretrained folder "
-                       "(set launcher.sidecar_model_uri to the annealed model)")
-    size = sum(p.stat().st_size for p in files)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    if chat_template_out:
-        Path(chat_template_out).write_text(chat_template())
-    return size
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m r4b_core.launch.pytorchjob", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -774,20 +747,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--config-uri", help="where pods read the config (default: <run>/config.yaml)")
     r.add_argument("--run-id", default="example-run")
-    f = sub.add_parser("fetch", help="copy a model folder from storage (the sidecar's init step)")
-    f.add_argument("--uri", required=True)
-    f.add_argument("--out", required=True)
-    f.add_argument("--chat-template-out", help="also write r4b's chat template here")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "render":
-            from r4b_core.config import load_config
+        from r4b_core.config import load_config
 
-            cfg = load_config(args.config, args.set)
-            print(render(args.stage, args.config_uri or layout.config_uri(cfg), cfg, args.run_id), end="")
-        else:
-            size = fetch_model(args.uri, args.out, args.chat_template_out)
-            print(f"fetched {args.uri} -> {args.out} ({size / 2**20:.1f} MiB)")
+        cfg = load_config(args.config, args.set)
+        print(render(args.stage, args.config_uri or layout.config_uri(cfg), cfg, args.run_id), end="")
     except R4BError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

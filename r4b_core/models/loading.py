@@ -28,11 +28,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from r4b_core.config import ModelConfig
+from r4b_core.config import COMPOSED_BASES, ModelConfig
 from r4b_core.errors import R4BError
 
-# Composition keywords: `model.base` values that mean "build from vision_tower + language_model".
-COMPOSED_BASES = ("llava", "llava-onevision", "compose")
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
@@ -170,7 +168,7 @@ def _is_hub_id(source: str) -> bool:
     return "://" not in source and not source.startswith((".", "/", "~")) and source.count("/") == 1
 
 
-def _resolve_local(source: str, store=None) -> Path | None:
+def local_model_dir(source: str, store=None) -> Path | None:
     """A local folder for `source`, downloading storage URIs; None for a hub id."""
     if source.startswith("file://"):
         path = Path(source[len("file://"):])
@@ -221,7 +219,7 @@ def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dt
     trust = model_cfg.trust_remote_code
 
     def fetch(src: str):
-        local = _resolve_local(src, store)
+        local = local_model_dir(src, store)
         return str(local) if local is not None else src
 
     vision_src, lm_src = fetch(vision_source), fetch(lm_source)
@@ -294,7 +292,7 @@ def load_model(source: str | Path, model_cfg: ModelConfig | None = None, store=N
             raise ModelLoadError(f"model.base {source!r} composes a model: set model.vision_tower and "
                                  f"model.language_model (e.g. google/siglip2-so400m-patch14-384, Qwen/Qwen3-4B)")
         return compose_llava(model_cfg.vision_tower, model_cfg.language_model, model_cfg, dtype, store)
-    local = _resolve_local(source, store)
+    local = local_model_dir(source, store)
     if local is not None:
         return _load_folder(local, model_cfg, dtype)
     try:

@@ -455,9 +455,12 @@ def test_rendered_sidecar_serves_the_fetched_model_on_loopback_only(tiny_model_d
     def here(arg: str) -> str:
         return arg.replace(pj.SHM_DIR, str(shm))
 
-    # 1. the init step, as the pod runs it (the model URI swapped for the local tiny model)
+    # 1. the init step, as the pod runs it (config and model URIs swapped for local ones)
     fcmd = [sys.executable if a == "python" else here(a) for a in fetch["command"]]
-    fcmd[fcmd.index("--uri") + 1] = str(tiny_model_dir)
+    local_cfg = tmp_path / "cfg.yaml"
+    local_cfg.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "runs")}}))
+    fcmd[fcmd.index("--config") + 1] = str(local_cfg)
+    fcmd[fcmd.index("--model") + 1] = str(tiny_model_dir)
     proc = subprocess.run(fcmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     # 2. the sidecar

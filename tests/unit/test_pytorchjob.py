@@ -187,8 +187,8 @@ def test_bpo_pods_carry_the_vllm_native_sidecar():
         fetch, vllm = pod["initContainers"]                 # order matters: weights before the server
         (trainer,) = pod["containers"]
         assert fetch["name"] == pj.FETCH and "restartPolicy" not in fetch
-        assert fetch["command"][3:] == ["fetch", "--uri", "s3://r4b-test/runs/t/anneal/model", "--out",
-                                        pj.SIDECAR_MODEL_DIR, "--chat-template-out", pj.SIDECAR_CHAT_TEMPLATE]
+        assert fetch["command"][3:] == ["serve", "--config", CONFIG_URI, "--model", "s3://r4b-test/runs/t/anneal/model",
+                                        "--fetch-only", "--out", pj.SIDECAR_MODEL_DIR]
         assert vllm["restartPolicy"] == "Always"          # native sidecar: the job ends with the trainer
         cmd = vllm["command"]
         assert cmd[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
@@ -522,6 +522,8 @@ def test_a_namespace_without_the_chart_is_refused_before_anything_is_created(clu
 # The sidecar's init step, as the pod runs it
 # ---------------------------------------------------------------------------------------------
 def test_fetch_step_copies_weights_and_writes_the_chat_template(tmp_path):
+    """The sidecar's init step is the serving pod's (`r4b serve --fetch-only`): run the command the
+    job carries, on a local config, folder and target."""
     import subprocess
     import sys
 
@@ -530,28 +532,37 @@ def test_fetch_step_copies_weights_and_writes_the_chat_template(tmp_path):
 
     from r4b_core.models.tokenizer import chat_template
 
+    cfg = gpu_cfg()
+    job = pj.manifest(pj.build_pytorchjob("bpo", CONFIG_URI, cfg, RUN_ID, init_model_uri="s3://r4b-test/x/model"))
+    fetch = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["initContainers"][0]
+    assert fetch["command"][fetch["command"].index("--model") + 1] == "s3://r4b-test/x/model"   # the stage's input
+    local_cfg = tmp_path / "cfg.yaml"
+    local_cfg.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "runs")}}))
     src = tmp_path / "anneal" / "model"
     src.mkdir(parents=True)
     save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(src / "model.safetensors"))
     (src / "config.json").write_text("{}")
-    out, tmpl = tmp_path / "shm" / "model", tmp_path / "shm" / "chat_template.jinja"
-    out.parent.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", str(src),
-                           "--out", str(out), "--chat-template-out", str(tmpl)],
-                          capture_output=True, text=True, timeout=120)
+
+    def run(model: Path, out: Path):
+        cmd = list(fetch["command"])
+        for flag, value in (("--config", local_cfg), ("--model", model), ("--out", out)):
+            cmd[cmd.index(flag) + 1] = str(value)
+        return subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "shm" / "model"
+    proc = run(src, out)
     assert proc.returncode == 0, proc.stderr
     assert "fetched" in proc.stdout
     assert (out / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
-    assert tmpl.read_text() == chat_template()
-    assert not (out.parent / "model.partial").exists()
+    assert (out / Path(pj.SIDECAR_CHAT_TEMPLATE).name).read_text() == chat_template()
+    assert [p.name for p in out.parent.iterdir()] == ["model"]      # no staging folder left
     # a folder without weights is refused with the fix, and nothing half-written is left as the model
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-m", "r4b_core.launch.pytorchjob", "fetch", "--uri", str(empty),
-                           "--out", str(tmp_path / "shm2" / "model")], capture_output=True, text=True, timeout=120)
+    proc = run(empty, tmp_path / "shm2" / "model")
     assert proc.returncode == 2
-    assert "no *.safetensors files" in proc.stderr and "launcher.sidecar_model_uri" in proc.stderr
+    assert "no *.safetensors weights" in proc.stderr
     assert not (tmp_path / "shm2" / "model").exists()
 
 
