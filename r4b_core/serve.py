@@ -333,15 +333,20 @@ def _decision_text(decision: str) -> str:
 
 
 def deploy_champion(cfg: RunConfig, decision: str) -> str:
-    """Make the current champion servable; returns what was done, for the pipeline's log.
+    """Make the version the register step promoted servable; returns what was done, for the
+    pipeline's log.
 
-    `decision` is the register step's "<version>:<promoted|kept>". Locally the champion is fetched
-    into `<run dir>/serving/model` (the same resolve/fetch as `r4b serve`; a folder that already
-    holds that version is kept) and the message has the command that serves it. With
+    `decision` is the register step's "<version>:<promoted|kept>": a kept version changes nothing.
+    A promoted one is resolved as `models:/NAME/<version>` (the version handed over, not a second
+    alias lookup that another run may have moved). Locally it is fetched into
+    `<run dir>/serving/model` (the same resolve/fetch as `r4b serve`; a folder that already holds
+    that version is kept) and the message has the command that serves it. With
     `launcher.kind: pytorchjob` the chart's serving Deployment is restarted instead.
     """
-    ref = champion_ref(cfg)
-    resolved = resolve_model(cfg, ref)
+    version, _, outcome = str(decision).partition(":")
+    if outcome != "promoted" or not version.isdigit():
+        return f"{_decision_text(decision)}; the champion is unchanged, nothing to deploy"
+    resolved = resolve_model(cfg, f"{REGISTRY_SCHEME}{cfg.tracking.registered_model}/{version}")
     if cfg.launcher.kind == "pytorchjob":
         return f"{_decision_text(decision)}; " + restart_serving_deployment(cfg, resolved)
     target = serving_dir(cfg) / "model"
@@ -354,13 +359,12 @@ def restart_serving_deployment(cfg: RunConfig, resolved: ResolvedModel, api=None
     """Roll the Helm chart's serving Deployment so its init container (`r4b serve --fetch-only`)
     pulls `resolved`. The only Kubernetes code of serving; the client is imported here.
 
-    The Deployment is found through the chart's defaults ConfigMap (`launcher.defaults_configmap`,
-    key R4B_SERVING_URL = http://<deployment>.<namespace>.svc...); when that ConfigMap cannot be
-    read, the chart's naming (<fullname>-defaults -> <fullname>-serving) is used. A Deployment
-    already annotated with this version is left alone.
+    The chart's defaults ConfigMap (`launcher.defaults_configmap`, in `launcher.namespace`) names
+    the Deployment (key R4B_SERVING_DEPLOYMENT; absent when serving is off); when that ConfigMap
+    cannot be read, the chart's naming (<fullname>-defaults -> <fullname>-serving) is used. A
+    Deployment already annotated with this version is left alone.
     """
     from datetime import datetime, timezone
-    from urllib.parse import urlparse
 
     from kubernetes import client as k8s
     from kubernetes.client.rest import ApiException
@@ -373,17 +377,14 @@ def restart_serving_deployment(cfg: RunConfig, resolved: ResolvedModel, api=None
     if not cm_name:
         raise ServeError("launcher.defaults_configmap is empty: set it to the chart's <fullname>-defaults "
                          "ConfigMap so deploy can find the serving Deployment")
-    name, dep_ns = cm_name.removesuffix("-defaults") + "-serving", ns
+    name = cm_name.removesuffix("-defaults") + "-serving"
     try:
         data = k8s.CoreV1Api(api).read_namespaced_config_map(cm_name, ns).data or {}
-        url = data.get("R4B_SERVING_URL")
-        if not url:
-            return (f"serving is off in the chart (ConfigMap {ns}/{cm_name} has no R4B_SERVING_URL); "
+        name = data.get("R4B_SERVING_DEPLOYMENT", "")
+        if not name:
+            return (f"serving is off in the chart (ConfigMap {ns}/{cm_name} has no R4B_SERVING_DEPLOYMENT); "
                     f"{resolved.describe()} is the champion; helm upgrade with serving.enabled=true "
                     f"--set serving.model={champion_ref(cfg)} to serve it")
-        host = urlparse(url).hostname or ""
-        name, _, rest = host.partition(".")
-        dep_ns = rest.split(".")[0] or ns
     except ApiException as exc:
         if exc.status == 404:
             raise ServeError(f"ConfigMap {ns}/{cm_name} not found: install the chart (helm install r4b "
@@ -393,20 +394,20 @@ def restart_serving_deployment(cfg: RunConfig, resolved: ResolvedModel, api=None
     apps = k8s.AppsV1Api(api)
     version = f"{resolved.name}/{resolved.version}"
     try:
-        current = apps.read_namespaced_deployment(name, dep_ns)
+        current = apps.read_namespaced_deployment(name, ns)
         annotations = (current.spec.template.metadata.annotations or {}) if current.spec.template.metadata else {}
         if annotations.get(VERSION_ANNOTATION) == version:
-            return f"Deployment {dep_ns}/{name} already serves {resolved.describe()}; not restarted"
+            return f"Deployment {ns}/{name} already serves {resolved.describe()}; not restarted"
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         patch = {"spec": {"template": {"metadata": {"annotations": {RESTART_ANNOTATION: now,
                                                                     VERSION_ANNOTATION: version}}}}}
-        apps.patch_namespaced_deployment(name, dep_ns, patch)
+        apps.patch_namespaced_deployment(name, ns, patch)
     except ApiException as exc:
         if exc.status == 404:
-            raise ServeError(f"Deployment {dep_ns}/{name} not found: enable serving in the chart "
+            raise ServeError(f"Deployment {ns}/{name} not found: enable serving in the chart "
                              f"(serving.enabled=true, serving.model={champion_ref(cfg)})") from None
         if exc.status == 403:
-            raise ServeError(f"Deployment {dep_ns}/{name}: forbidden ({exc.reason}); the pipeline runner's "
+            raise ServeError(f"Deployment {ns}/{name}: forbidden ({exc.reason}); the pipeline runner's "
                              f"service account needs get/patch on deployments (the chart's Role)") from None
-        raise ServeError(f"Deployment {dep_ns}/{name}: HTTP {exc.status} {exc.reason}") from None
-    return f"restarted Deployment {dep_ns}/{name}: its init container pulls {resolved.describe()}"
+        raise ServeError(f"Deployment {ns}/{name}: HTTP {exc.status} {exc.reason}") from None
+    return f"restarted Deployment {ns}/{name}: its init container pulls {resolved.describe()}"

@@ -409,14 +409,19 @@ def test_bad_model_refs_are_one_line_errors(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_deploy_champion_locally_fetches_it_and_says_how_to_serve(tiny_model_dir, tmp_path):
+    """deploy serves the version the register step hands it, not whatever the alias says by then."""
     from r4b_core.serve import deploy_champion
 
     db = tmp_path / "mlflow.db"
     version = _register(db, str(tiny_model_dir))
+    other = _register(db, str(tiny_model_dir))          # a later version moved the alias already
+    assert other != version
     cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(tmp_path / "runs")},
                                     "tracking": {"uri": f"sqlite:///{db}", "registered_model": NAME}})
-    message = deploy_champion(cfg, f"{version}:promoted")
     target = (tmp_path / "runs" / "t" / "serving" / "model").absolute()
+    kept = deploy_champion(cfg, f"{version}:kept")
+    assert "nothing to deploy" in kept and not target.exists()
+    message = deploy_champion(cfg, f"{version}:promoted")
     assert (target / "config.json").is_file()
     assert json.loads((target / "r4b_serving.json").read_text())["version"] == version
     assert f"v{version} was promoted to champion" in message
@@ -441,8 +446,8 @@ def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_ver
                                                  "defaults_configmap": "r4b-defaults"}})
     champion = ResolvedModel(ref=f"models:/{NAME}@champion", uri="s3://b/run/bpo/model", name=NAME, version=3,
                              alias="champion")
-    # the chart's ConfigMap names the Deployment (R4B_SERVING_URL, charts/r4b/templates/configmap.yaml)
-    cluster = _serving_cluster({"R4B_SERVING_URL": "http://r4b-serving.ml.svc.cluster.local:8000/v1"})
+    # the chart's ConfigMap names the Deployment (charts/r4b/templates/configmap.yaml)
+    cluster = _serving_cluster({"R4B_SERVING_DEPLOYMENT": "r4b-serving"})
     try:
         message = restart_serving_deployment(cfg, champion, api=cluster.api())
         assert message.startswith("restarted Deployment ml/r4b-serving") and "v3" in message
@@ -457,7 +462,7 @@ def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_ver
         assert "already serves" in again and len(cluster.patches) == 1
     finally:
         cluster.close()
-    off = _serving_cluster({"R4B_PLATFORM_IMAGE": "x"})     # serving.enabled=false: no URL, nothing to restart
+    off = _serving_cluster({"AWS_DEFAULT_REGION": "x"})     # serving.enabled=false: no name, nothing to restart
     try:
         assert "serving is off in the chart" in restart_serving_deployment(cfg, champion, api=off.api())
         assert off.patches == []
