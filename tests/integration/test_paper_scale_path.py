@@ -1,0 +1,104 @@
+"""The paper-scale composition, end to end on CPU: configs/r4b-4b.yaml as it is (a base composed
+from `model.vision_tower` + `model.language_model`, user JSONL data, an external annotator, DeepSpeed
+and PyTorchJob settings), with the towers replaced by tiny random models of the same classes
+(SigLIP, Qwen3) saved locally and what needs a cluster turned local: prepare -> curate -> anneal ->
+BPO -> eval, each stage on its defaults (layout), as `r4b <stage>` runs them one by one.
+
+The break this guards: `layout.base_model_dir` named `<run>/base_model` for every non-tiny base, a
+folder prepare never wrote, so anneal could not start at paper scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# What a CPU without a cluster changes; every other value is configs/r4b-4b.yaml's.
+LOCAL = [
+    "launcher.kind=local", "tracking.uri=null", "model.dtype=float32",
+    "curate.engine=hf", "curate.num_samples=2", "curate.max_new_tokens=4", "curate.batch_size=16",
+    "anneal.steps=2", "anneal.pack_length=256", "anneal.grad_accum=1", "anneal.micro_batch_size=2",
+    "anneal.optim.warmup_steps=1", "anneal.checkpoint_every=1", "anneal.compliance_samples=0",
+    "anneal.distributed.deepspeed=none", "anneal.distributed.nproc_per_node=1", "anneal.distributed.nnodes=1",
+    "anneal.distributed.backend=auto",
+    "bpo.engine=hf", "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8",
+    "bpo.max_new_tokens_think=6", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2",
+    "bpo.distributed.deepspeed=none", "bpo.distributed.nproc_per_node=1", "bpo.distributed.nnodes=1",
+    "bpo.distributed.backend=auto",
+    "eval.engine=hf", "eval.max_new_tokens=6", "eval.limit=4", "eval.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny SigLIP vision tower and a tiny Qwen3 LM with a ChatML + think-tag tokenizer, saved
+    like hub checkpoints (the classes of google/siglip2-so400m-patch14-384 and Qwen/Qwen3-4B)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from r4b_core.config import SyntheticDataConfig
+    from r4b_core.data.synthetic import draw_split, tokenizer_corpus
+    from r4b_core.models.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("towers")
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8)
+                      ).save_pretrained(root / "vision")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "vision")
+    items = draw_split("train", 200, SyntheticDataConfig())
+    tok = train_tokenizer(tokenizer_corpus([{"question": i.question, "answer": i.answer, "reasoning": i.reasoning}
+                                            for i in items]), 400)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                 max_position_embeddings=2048)).save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    return root / "vision", root / "lm"
+
+
+def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one_torch_thread):
+    from r4b_core import layout
+    from r4b_core.anneal import run_anneal
+    from r4b_core.bpo import run_bpo
+    from r4b_core.config import SyntheticDataConfig, load_config
+    from r4b_core.curate import run_curate
+    from r4b_core.data.synthetic import generate_all
+    from r4b_core.evaluate import run_eval
+    from r4b_core.prepare import run_prepare
+    from r4b_core.storage import Store
+
+    vision, lm = towers
+    splits = generate_all(SyntheticDataConfig(train_size=12, rl_size=4, eval_size=4, difficulties=[1]),
+                          tmp_path / "data", image_size=64, patch_size=16)
+    paper = load_config(REPO / "configs" / "r4b-4b.yaml")
+    assert paper.model.base == "llava-onevision" and paper.data.source == "jsonl"
+    cfg = load_config(REPO / "configs" / "r4b-4b.yaml", [
+        *LOCAL, f"storage.root={tmp_path / 'runs'}", f"model.vision_tower={vision}", f"model.language_model={lm}",
+        f"data.train_uri={splits['train']}", f"data.rl_uri={splits['rl']}", f"data.eval_uri={splits['eval']}",
+        "curate.annotator=base"])
+    store = Store.from_config(cfg.storage)
+
+    out = run_prepare(cfg)
+    base = layout.base_model_dir(cfg)
+    assert out["base_model"] == base == layout.init_model_dir(cfg)
+    assert store.read_manifest(base)["kind"] == "composed"            # composed once, saved once
+    assert store.exists(base + "/model.safetensors")
+
+    curated = run_curate(cfg, layout.split_uri(cfg, "train"), layout.curated_uri(cfg))
+    assert curated["counts"]["kept"] > 0
+    annealed = run_anneal(cfg)                                          # every input from the layout
+    assert annealed["inputs"]["base_model"] == base and annealed["steps"] == 2
+    init = layout.model_dir(cfg, "anneal")
+    trained = run_bpo(cfg, layout.split_uri(cfg, "rl"), init, layout.model_dir(cfg, "bpo"))
+    assert trained["counts"]["steps"] == 1
+    report = run_eval(cfg, layout.model_dir(cfg, "bpo"), layout.split_uri(cfg, "eval"), layout.eval_dir(cfg, "bpo"),
+                      "bpo")
+    assert set(report["modes"]) == {"auto", "think", "no_think"}
+    # a rerun of prepare finds the composed base done (its manifest matches) and keeps it
+    committed = store.read_manifest(base)["committed_at"]
+    run_prepare(cfg)
+    assert store.read_manifest(base)["committed_at"] == committed
