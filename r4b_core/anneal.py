@@ -560,24 +560,25 @@ def setup_trainer(a, model, samples: list, pad_id: int, env, console) -> tuple[A
 
 def resume_from_checkpoint(store, ckpt_root: str, trainee, a, ident: dict, config_hash: str, env, console,
            cache_dir: Path) -> tuple[int, tuple[int, int], list, int | None]:
-    """Load the last complete checkpoint under `ckpt_root`, if any: (step, data cursor, loss
-    history, step resumed from). One written under another identity is refused with the differing
-    values, or taken anyway with `anneal.resume: force`."""
+    """Load the newest checkpoint under `ckpt_root` that reads, if any: (step, data cursor, loss
+    history, step resumed from). Damaged ones are set aside (checkpoint.resume); one written under
+    another identity is refused with the differing values, or taken anyway with `anneal.resume: force`."""
     from r4b_core.training import checkpoint as ckpt
 
-    found = ckpt.agree(ckpt.latest(store, ckpt_root) if env.is_main else None, env)
+    def same_config(uri: str, saved: dict) -> None:
+        if saved.get("config_hash") != config_hash:
+            diff = ckpt.config_diff(saved.get("identity", {}), ident)
+            msg = f"checkpoint {uri} was written under a different config: " + "; ".join(diff[:8])
+            if a.resume != "force":
+                raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
+                                  "fresh, or resume anyway with --set anneal.resume=force")
+            console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
+
+    found = ckpt.resume(store, ckpt_root, trainee, env, cache_dir, accept=same_config, say=console.print)
     if found is None:
         return 0, (0, 0), [], None
-    saved = ckpt.read_state(store, found[1])
-    if saved.get("config_hash") != config_hash:
-        diff = ckpt.config_diff(saved.get("identity", {}), ident)
-        msg = f"checkpoint {found[1]} was written under a different config: " + "; ".join(diff[:8])
-        if a.resume != "force":
-            raise AnnealError(msg + ". Set the values back, delete the checkpoints folder to start "
-                              "fresh, or resume anyway with --set anneal.resume=force")
-        console.print(f"warning: {msg}; resuming anyway (anneal.resume=force), the current config wins")
-    state = ckpt.load(store, found[1], trainee, env, cache_dir)
-    console.print(f"resumed from {found[1]} (step {state['step']})")
+    uri, state = found
+    console.print(f"resumed from {uri} (step {state['step']})")
     return state["step"], tuple(state["cursor"]), state.get("history", []), state["step"]
 
 

@@ -1022,27 +1022,31 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
 
         # -- resume -----------------------------------------------------------------------------
         root = layout.checkpoints_dir(out_uri)
-        found = ckpt.agree(ckpt.latest(store, root) if env.is_main else None, env)
         start_step, version, base_position = 0, 0, 0
         resumes: list[dict] = []             # each resume: its step, version, the rollouts it regenerated
         history: list[dict] = []             # per-step metrics, kept in checkpoints and the manifest
         samples: list[dict] = []             # a few completions per mode and step (JSONL artifact)
-        if found is not None:
-            saved = ckpt.read_state(store, found[1])
+
+        def same_config(uri: str, saved: dict) -> None:
             if saved.get("config_hash") != config_hash:
                 diff = ckpt.config_diff(saved.get("identity", {}), ident)
                 if b.resume != "force":
-                    raise BPOError(f"{found[1]} was written under a different config "
+                    raise BPOError(f"{uri} was written under a different config "
                                    f"({'; '.join(diff[:6]) or 'inputs changed'}); resume with "
                                    f"--set bpo.resume=force (the current config wins) or delete {root}")
-                print(f"{name}: resuming under a changed config, current values win: {'; '.join(diff[:6])}")
-            state = ckpt.load(store, found[1], trainee, env, cache)
+                if env.is_main:
+                    print(f"{name}: resuming under a changed config, current values win: {'; '.join(diff[:6])}")
+
+        found = ckpt.resume(store, root, trainee, env, cache, accept=same_config,
+                            say=lambda line: print(f"{name}: {line}", flush=True))
+        if found is not None:
+            state = found[1]
             start_step, version = int(state["step"]), int(state["policy_version"])
             history = list(state.get("history", []))
             samples = list(state.get("samples", []))
             # the stored prompt position wins (prompts_per_step may differ under resume=force)
             base_position = int(state.get("prompt_position", start_step * b.prompts_per_step))
-            print(f"{name}: resumed from {found[1]} (step {start_step}, policy version {version})")
+            print(f"{name}: resumed from {found[0]} (step {start_step}, policy version {version})")
             # async: the batch generated for the next step when the checkpoint was written died with
             # the process; that step trains on rollouts generated again, from the checkpoint's weights
             lost = state.get("rollouts_in_flight")

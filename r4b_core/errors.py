@@ -26,6 +26,12 @@ def shorten(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
     return clip(repr(value), limit)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def decode_utf8(data: bytes, source: str) -> str:
     """`data` as text; R4BError `source:line: not UTF-8 at byte N` when it is not UTF-8."""
     try:

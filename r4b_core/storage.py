@@ -19,7 +19,8 @@ Guarantees:
 - a stage is complete only once `manifest.json` exists with the stage's config hash; the manifest
   is written last (local: temp file + `os.replace`; S3: a single PUT, which is atomic);
 - `atomic_dir` content appears all at once (local: rename of a staging folder; S3: upload, then a
-  `_COMPLETE` marker object), and an exception inside the block leaves nothing visible;
+  `_COMPLETE` marker object), and an exception inside the block leaves nothing visible; the
+  marker lists every file with its sha256, which `verify_dir` checks a copy against;
 - S3 calls are retried with exponential backoff on connection errors, timeouts, 5xx and
   throttling, up to `StorageConfig.max_attempts` and within `retry_budget_s` (the defaults wait
   >= 30 s for a server that refuses connections, and give up on one that accepts but never
@@ -210,6 +211,14 @@ def _file_in_the_way(folder: Path) -> Path | None:
         if path.exists():
             return None if path.is_dir() else path
     return None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * _MiB), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _remove_local(path: Path) -> None:
@@ -752,7 +761,47 @@ class Store:
     def _marker(staging: Path) -> bytes:
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
                        if p.is_file() and p.name != COMPLETE_MARKER)
-        return (json.dumps({"completed_at": _now(), "files": files}, indent=2) + "\n").encode()
+        sha256 = {name: _sha256_file(staging / name) for name in files}
+        return (json.dumps({"completed_at": _now(), "files": files, "sha256": sha256}, indent=2) + "\n").encode()
+
+    def verify_dir(self, uri: str, local: str | os.PathLike) -> list[str]:
+        """Problems of the local copy `local` of the folder `uri` against the checksums its
+        `_COMPLETE` marker lists (one per damaged or missing file; [] when all match, or for a
+        folder written before markers carried checksums)."""
+        marker = self.read_json(join(uri, COMPLETE_MARKER))
+        sums = marker.get("sha256") if isinstance(marker, dict) else None
+        if not isinstance(sums, dict):
+            return []
+        problems = []
+        for name, expected in sorted(sums.items()):
+            path = Path(local) / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif _sha256_file(path) != expected:
+                problems.append(f"{name}: content differs from its checksum in {COMPLETE_MARKER} "
+                                f"({path.stat().st_size} bytes now)")
+        return problems
+
+    def move(self, src: str, dst: str) -> None:
+        """Move the folder or file `src` to `dst` (local: one rename; S3: copy, then delete)."""
+        loc, target = parse_uri(src), parse_uri(dst)
+        if isinstance(loc, Path) != isinstance(target, Path):
+            raise StorageError(f"{src}: move to {dst}: both must be local or both s3://")
+        if isinstance(loc, Path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(loc, target)
+            return
+        objects = self._list_objects(loc, src, op="move")[0]
+        base = loc.folder_prefix
+        keys = [(o["Key"], o["Key"][len(base):]) for o in objects]
+        if not keys and self._head(loc, src, "move") is not None:
+            keys = [(loc.key, "")]
+        for key, rel in keys:
+            dest = join(dst, rel) if rel else dst
+            dloc = parse_uri(dest)
+            self._call("move", src, lambda key=key, dloc=dloc: self._s3().copy(
+                {"Bucket": loc.bucket, "Key": key}, dloc.bucket, dloc.key, Config=self._transfer))
+        self.delete(src)
 
     def _publish_s3(self, staging: Path, uri: str, marker: bytes) -> None:
         marker_uri = join(uri, COMPLETE_MARKER)

@@ -9,12 +9,18 @@ A checkpoint folder holds
                           world size, the loss history so far
 
 Saving is collective (every rank calls `save`, rank 0 writes) and goes through
-`Store.atomic_dir`, so a folder is either complete or invisible; `latest` only looks at complete
-ones. `load` is also collective and puts each rank's RNG and optimizer shard back.
+`Store.atomic_dir`, so a folder is either complete or invisible, and its `_COMPLETE` marker lists
+each file's sha256; `latest` only looks at complete ones. `load` is also collective and puts each
+rank's RNG and optimizer shard back; optim.pt is read with torch's weights-only unpickler, so a
+planted payload cannot run code (training/distributed.safe_load).
 
-    ckpt = latest(store, root)                     # (step, uri) or None
-    state = load(store, uri, trainer, env, cache)  # -> state.json dict
+    found = resume(store, root, trainer, env, cache, accept, say)   # (uri, state.json) or None
     save(store, root, step, trainer, env, state)   # then prune(store, root, keep)
+
+`resume` tries the newest complete checkpoint first. One whose files are missing, damaged (checksum,
+truncation, unparsable) or refused is reported in one line, set aside as
+`step-NNNNNN.unreadable-<time>` (renamed, never deleted) and the next older one is tried.
+`accept(uri, state)` raises for a checkpoint that reads fine but does not fit (another config).
 
 `trainer` is a `Trainee`: the model (possibly wrapped by DDP or DeepSpeed), the optimizer and the
 scheduler; the same code serves the SFT and BPO stages.
@@ -31,14 +37,19 @@ from typing import Any
 
 import torch
 
-from r4b_core.errors import R4BError
-from r4b_core.training.distributed import DistEnv, barrier, broadcast_object, gather_objects
+from r4b_core.errors import R4BError, first_line
+from r4b_core.training.distributed import (DistEnv, UnsafePayloadError, barrier, broadcast_object, gather_objects,
+                                           safe_load)
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 
 
 class CheckpointError(R4BError):
     """A checkpoint that cannot be used (different config, unreadable files)."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing or damaged: set aside, the previous one is tried."""
 
 
 @dataclass
@@ -177,37 +188,93 @@ def save(store, root: str, step: int, trainee: Trainee, env: DistEnv, state: dic
     return uri
 
 
-def read_state(store, uri: str) -> dict:
-    return json.loads(store.read_text(_join(uri, "state.json")))
+FILES = ("model.safetensors", "optim.pt", "state.json")
 
 
-def load(store, uri: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from `uri`; returns state.json."""
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnreadableCheckpoint(f"state.json: not valid JSON ({first_line(exc)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UnreadableCheckpoint("state.json: not a checkpoint state (no integer 'step')")
+    return state
+
+
+def verify(store, uri: str, cache_dir: str | Path) -> dict:
+    """state.json of the checkpoint at `uri` once its files check out: every file present and equal
+    to the checksum in `_COMPLETE`, or (older checkpoints without checksums) each one readable.
+    UnreadableCheckpoint naming the problems otherwise. (Rank 0 calls this; it fetches into the
+    cache folder that rank 0's `load` reads again.)"""
+    from safetensors import safe_open
+
+    local = Path(store.local_path(uri, Path(cache_dir) / "rank0"))
+    problems = [f"{name}: missing" for name in FILES if not (local / name).is_file()]
+    problems += store.verify_dir(uri, local)
+    if problems:
+        raise UnreadableCheckpoint("; ".join(dict.fromkeys(problems)))
+    state = _read_state(local / "state.json")
+    try:
+        with safe_open(str(local / "model.safetensors"), "pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+        raise UnreadableCheckpoint(f"model.safetensors: unreadable ({first_line(exc)})") from None
+    return state
+
+
+@dataclass
+class _Files:
+    state: dict
+    blob: dict  # optim.pt
+    weights: dict[str, torch.Tensor] | None  # model.safetensors (None under ZeRO-3)
+
+
+def _read_files(store, uri: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path) -> _Files:
+    """Everything `load` restores, read and checked before anything is restored."""
     from safetensors.torch import load_file
 
     # Rank 0 fetches (S3) into its cache; on one node every rank can read the same local copy,
     # across nodes each rank fetches its own.
     local = Path(store.local_path(uri, Path(cache_dir) / f"rank{env.rank}"))
-    state = json.loads((local / "state.json").read_text())
-    # Our own files, written by `save` above: full unpickling is needed for DeepSpeed's loss scaler.
-    blob = torch.load(local / "optim.pt", map_location="cpu", weights_only=False)
+    missing = [name for name in FILES if not (local / name).is_file()]
+    if missing:
+        raise UnreadableCheckpoint(f"{', '.join(missing)}: missing")
+    state = _read_state(local / "state.json")
+    try:
+        blob = safe_load(local / "optim.pt", "optim.pt")
+    except UnsafePayloadError as exc:
+        raise UnreadableCheckpoint(str(exc)) from None
+    if not isinstance(blob, dict) or not {"optimizer", "scheduler", "rng"} <= set(blob):
+        raise UnreadableCheckpoint("optim.pt: not a checkpoint's optimizer state")
+    weights = None
+    if trainee.zero_stage != 3 and blob.get("zero_stage", 0) == trainee.zero_stage:
+        # ZeRO-3 restores its parameter partitions from the optimizer's fp32 copies.
+        try:
+            weights = load_file(str(local / "model.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+            raise UnreadableCheckpoint(f"model.safetensors: unreadable ({first_line(exc)})") from None
+    return _Files(state, blob, weights)
+
+
+def _restore(uri: str, files: _Files, trainee: Trainee, env: DistEnv) -> dict:
+    """Put the read files into the trainee (the same on every rank); CheckpointError when they do
+    not fit (ZeRO stage, world size, shapes)."""
+    blob = files.blob
     if blob.get("zero_stage", 0) != trainee.zero_stage:
         raise CheckpointError(f"{uri}: written with ZeRO stage {blob.get('zero_stage', 0)}, now stage "
                               f"{trainee.zero_stage}; set the stage's distributed.deepspeed (anneal or bpo) back "
                               "or start fresh (delete the checkpoints folder)")
-    if trainee.zero_stage != 3:
-        # ZeRO-3 restores its parameter partitions from the optimizer's fp32 copies below.
-        try:
-            trainee.model.load_state_dict(load_file(str(local / "model.safetensors")))
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"{uri}: model.safetensors does not fit the model ({first}); "
-                                  "was the base model changed? start fresh or restore the base model") from None
     parts = blob["optimizer"]
+    if trainee.engine is not None and len(parts) != env.world_size:
+        raise CheckpointError(f"{uri}: optimizer sharded over {len(parts)} ranks, now {env.world_size}; "
+                              f"resume with {len(parts)} processes or start fresh")
+    if files.weights is not None:
+        try:
+            trainee.model.load_state_dict(files.weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{uri}: model.safetensors does not fit the model ({first_line(exc)}); "
+                                  "was the base model changed? start fresh or restore the base model") from None
     if trainee.engine is not None:
-        if len(parts) != env.world_size:
-            raise CheckpointError(f"{uri}: optimizer sharded over {len(parts)} ranks, now {env.world_size}; "
-                                  f"resume with {len(parts)} processes or start fresh")
         trainee.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         trainee.optimizer.load_state_dict(parts[0])
@@ -215,7 +282,61 @@ def load(store, uri: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path)
     rngs = blob["rng"]
     set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     barrier(env)
-    return state
+    return files.state
+
+
+def load(store, uri: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from `uri`; returns state.json.
+    Collective. An UnreadableCheckpoint leaves the trainee as it was (see `resume`)."""
+    return _restore(uri, _read_files(store, uri, trainee, env, cache_dir), trainee, env)
+
+
+def set_aside(store, uri: str, reason: str) -> str:
+    """Rename the checkpoint folder `uri` out of the resume order (kept for inspection, with the
+    reason in UNREADABLE.txt); returns its new URI."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = f"{uri.rstrip('/')}.unreadable-{stamp}"
+    store.move(uri, dest)
+    store.write_text(_join(dest, "UNREADABLE.txt"), reason + "\n")
+    return dest
+
+
+def resume(store, root: str, trainee: Trainee, env: DistEnv, cache_dir: str | Path,
+           accept=lambda uri, state: None, say=print) -> tuple[str, dict] | None:
+    """Load the newest checkpoint under `root` that reads; (uri, state.json) or None for none.
+
+    Collective. Rank 0 checks the files (`verify`), then every rank reads them; a checkpoint that
+    fails either is set aside with one line through `say`, and the next older one is tried.
+    `accept(uri, state)` raises for a readable checkpoint that must not be resumed (a different
+    config): that error is no reason to fall back, it reaches the caller."""
+    while True:
+        found = agree(latest(store, root) if env.is_main else None, env)
+        if found is None:
+            return None
+        uri, reason, state, files = found[1], None, None, None
+        if env.is_main:
+            try:
+                state = verify(store, uri, cache_dir)
+            except UnreadableCheckpoint as exc:
+                reason = str(exc)
+        reason, state = agree((reason, state), env)
+        if reason is None:
+            accept(uri, state)
+            try:
+                files = _read_files(store, uri, trainee, env, cache_dir)
+            except UnreadableCheckpoint as exc:
+                reason = str(exc)
+            reasons = gather_objects(reason, env)   # a rank that cannot read it stops every rank
+            reason = agree(next((r for r in reasons if r), None) if env.is_main else None, env)
+        if reason is None:
+            return uri, _restore(uri, files, trainee, env)
+        if env.is_main:
+            dest = set_aside(store, uri, reason)
+            say(f"checkpoint {uri} is unreadable ({reason}); set aside as {dest.rsplit('/', 1)[-1]}, "
+                "trying the previous one")
+        barrier(env)
 
 
 def agree(value, env: DistEnv):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from r4b_core.errors import R4BError, first_line
+
 
 @dataclass
 class DistEnv:
@@ -58,8 +60,6 @@ def init_distributed(backend: str = "auto", force: bool = False, timeout_s: floa
         os.environ.setdefault("WORLD_SIZE", "1")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        from r4b_core.errors import R4BError
-
         raise R4BError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with torchrun "
                        "or set MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE for every process")
     # Bare processes started by an operator (RANK/WORLD_SIZE only) have no LOCAL_RANK.
@@ -99,6 +99,49 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+# Classes DeepSpeed's ZeRO optimizers put in their state dicts (a loss scaler, the stage enum,
+# parameter offsets): plain data that torch's weights-only unpickler rebuilds without running code.
+# Anything else that is not tensors and containers is refused.
+_DEEPSPEED_STATE_TYPES = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+class UnsafePayloadError(R4BError):
+    """Bytes that would unpickle Python objects other than tensors, containers and DeepSpeed's state."""
+
+
+def safe_load(source, what: str):
+    """torch.load(source) with weights_only=True: tensors, containers and DeepSpeed's optimizer
+    state only. A payload naming any other Python object (one that could run code when loaded:
+    optim.pt from a writable bucket, bytes from a peer) raises UnsafePayloadError in one line;
+    bytes torch cannot read raise it too, saying why."""
+    import importlib
+
+    data = source if isinstance(source, bytes) else None
+    opened = (lambda: io.BytesIO(data)) if data is not None else (lambda: open(source, "rb"))
+    try:
+        with opened() as f:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for damaged files
+        raise UnsafePayloadError(f"{what}: unreadable ({first_line(exc)})") from None
+    foreign = sorted(set(names) - _DEEPSPEED_STATE_TYPES)
+    if foreign:
+        raise UnsafePayloadError(f"{what}: refused: it names Python objects that are not tensors or plain data "
+                                 f"({', '.join(foreign[:3])}), and loading it could run code; restore it from "
+                                 "a trusted copy or delete it")
+    classes = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attr))
+    try:
+        with opened() as f, torch.serialization.safe_globals(classes):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsafePayloadError(f"{what}: unreadable ({first_line(exc)})") from None
+
+
 def _to_bytes(obj) -> bytes:
     # torch.save, not plain pickle: tensors inside `obj` (RNG states, optimizer shards) then
     # round-trip; pickled tensor storages fail to unpickle inside gather_object (torch 2.13).
@@ -107,23 +150,44 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # our own bytes
+# Objects travel between ranks as raw uint8 tensors holding torch.save bytes, read back with
+# safe_load; torch's own gather_object / broadcast_object_list would unpickle whatever a peer sent.
+def _as_tensor(data: bytes, length: int, env: DistEnv) -> torch.Tensor:
+    out = torch.zeros(length, dtype=torch.uint8, device=_wire_device(env))
+    if data:
+        out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def _wire_device(env: DistEnv) -> torch.device:
+    return env.device if env.backend == "nccl" else torch.device("cpu")
 
 
 def gather_objects(obj, env: DistEnv) -> list | None:
-    """Every rank's `obj` on rank 0 (None elsewhere); [obj] without a process group."""
+    """Every rank's `obj` on rank 0 (None elsewhere); [obj] without a process group. `obj` holds
+    tensors, plain data and DeepSpeed optimizer state only (see safe_load)."""
     if not env.initialized:
         return [obj]
-    out = [None] * env.world_size if env.is_main else None
-    dist.gather_object(_to_bytes(obj), out, dst=0)
-    return [_from_bytes(b) for b in out] if out is not None else None
+    data = _to_bytes(obj)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=_wire_device(env)) for _ in range(env.world_size)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=_wire_device(env)))
+    lengths = [int(s.item()) for s in sizes]
+    mine = _as_tensor(data, max(lengths), env)
+    boxes = [torch.empty_like(mine) for _ in range(env.world_size)] if env.is_main else None
+    dist.gather(mine, boxes, dst=0)
+    if boxes is None:
+        return None
+    return [safe_load(box[:n].cpu().numpy().tobytes(), f"data from rank {r}")
+            for r, (box, n) in enumerate(zip(boxes, lengths))]
 
 
 def broadcast_object(obj, env: DistEnv):
-    """Rank 0's `obj` on every rank."""
+    """Rank 0's `obj` on every rank (same contents rule as gather_objects)."""
     if not env.initialized:
         return obj
-    box = [_to_bytes(obj) if env.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return _from_bytes(box[0])
+    data = _to_bytes(obj) if env.is_main else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=_wire_device(env))
+    dist.broadcast(size, src=0)
+    box = _as_tensor(data, int(size.item()), env)
+    dist.broadcast(box, src=0)
+    return safe_load(box.cpu().numpy().tobytes(), "data from rank 0")

@@ -298,3 +298,25 @@ def test_checkpoint_from_another_config_is_refused_naming_the_values(tmp_path, o
     assert resumed["resumed_from_step"] == 2 and resumed["steps_this_run"] == 4
     # steps 1-2 come from the checkpoint's history, identical to the first run's
     assert resumed["loss_curve"][:2] == first["loss_curve"][:2]
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_rerun_resumes_from_the_one_before(tmp_path, one_torch_thread,
+                                                                                          capsys):
+    """A run that died after its step-3 checkpoint, whose step-3 model.safetensors came out empty:
+    the rerun says so in one line, keeps the folder aside and ends as the uninterrupted run did."""
+    from r4b_core.anneal import run_anneal
+
+    cfg, data, base, out = make_run(tmp_path, n_records=4, steps=4, checkpoint_every=1, keep_checkpoints=3)
+    first = run_anneal(cfg, str(data), str(base), str(out))
+    ckpts = out.parent / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    (out / "manifest.json").unlink()          # died before committing
+    (ckpts / "step-000003" / "model.safetensors").write_bytes(b"")
+    capsys.readouterr()
+    again = run_anneal(cfg, str(data), str(base), str(out))
+    said = [line for line in capsys.readouterr().out.splitlines() if "unreadable" in line]
+    assert len(said) == 1 and f"checkpoint {ckpts}/step-000003 is unreadable (model.safetensors: " in said[0]
+    assert again["resumed_from_step"] == 2 and again["steps_this_run"] == 2
+    assert [h["loss"] for h in again["loss_curve"]] == pytest.approx([h["loss"] for h in first["loss_curve"]],
+                                                                      rel=1e-4)
+    assert any(p.name.startswith("step-000003.unreadable-") for p in ckpts.iterdir())
