@@ -15,6 +15,7 @@ import datetime
 import io
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,13 @@ def teardown(env: DistEnv) -> None:
     """End cleanly: gloo programs can abort at exit (rc -6) without the barrier + destroy."""
     if env.initialized and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            # DeepSpeed keeps its own references to the groups; its destroy releases them too, so
+            # a later engine in this process (repro runs anneal, then BPO) meets no dead group.
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:

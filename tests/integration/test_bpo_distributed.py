@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from bpo_helpers import bpo_run_config, two_prompt_batch, warm_start
+from training_helpers import world_of_one
 
 
 STEPS = 3
@@ -203,14 +204,12 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
     per optimizer step, 2 PPO epochs, clipping active) moves the weights exactly as the plain path;
     a stale batch is refused under ZeRO-2 too, before the engine steps."""
     import copy
-    import socket
 
     import torch.distributed as dist
 
     from r4b_core import bpo
     from r4b_core.config import BPOConfig
     from r4b_core.models.loading import load_model
-    from r4b_core.training.distributed import init_distributed, teardown
     from r4b_core.training.zero import deepspeed_engine
 
     model, processor = load_model(str(warm[0]))
@@ -218,13 +217,7 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
     items = two_prompt_batch(enc, model)
     b = BPOConfig(micro_batch_size=2, ppo_epochs=2, kl_beta=0.0,
                   optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "grad_clip": 0.5})
-    port = socket.create_server(("127.0.0.1", 0))          # a free port for the world of one
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port.getsockname()[1]), "RANK": "0",
-                 "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(k, v)
-    port.close()
-    env = init_distributed("gloo", force=True)
-    try:
+    with world_of_one(monkeypatch) as env:
         plain = copy.deepcopy(model)
         ref = bpo.policy_update(plain, None, bpo.make_optimizer(plain, b), None, items, b, enc.pad_id,
                                 enc.suppress, env)
@@ -238,8 +231,6 @@ def test_zero2_policy_update_equals_the_plain_update_over_micro_batches_and_epoc
             bpo.policy_update(zero, None, zero_opt, None, stale, b, enc.pad_id, enc.suppress, env, engine)
         assert all(torch.equal(x, p) for x, p in zip(before, zero.parameters()))   # nothing updated
         got = bpo.policy_update(zero, None, zero_opt, None, items, b, enc.pad_id, enc.suppress, env, engine)
-    finally:
-        teardown(env)
     assert not dist.is_initialized()
     assert ref["grad_norm"] > b.optim.grad_clip                   # clipping was active
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)

@@ -13,18 +13,11 @@ import torch
 from r4b_core.storage import COMPLETE_MARKER, Store
 from r4b_core.training import checkpoint as ckpt
 from r4b_core.training.distributed import DistEnv
-
-
-def _trainee(seed: int) -> ckpt.Trainee:
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(8, 4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    return ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
+from training_helpers import small_trainee
 
 
 def _train_and_prune(store: Store, root: str, steps: int, keep: int) -> tuple[ckpt.Trainee, list[list[str]]]:
-    trainee, env = _trainee(0), DistEnv()
+    trainee, env = small_trainee(0), DistEnv()
     pruned = []
     for step in range(1, steps + 1):
         loss = trainee.model(torch.ones(2, 8)).pow(2).mean()
@@ -47,7 +40,7 @@ def _check(store: Store, root: str, trainee: ckpt.Trainee, pruned: list[list[str
     for step in (4, 5):
         assert store.exists(f"{step_uri(step)}/{COMPLETE_MARKER}")
     # The newest survivor restores the trained weights exactly.
-    fresh = _trainee(1)
+    fresh = small_trainee(1)
     state = ckpt.load(store, step_uri(5), fresh, DistEnv(), tmp_path / "cache")
     assert state["step"] == 5
     for a, b in zip(fresh.model.parameters(), trainee.model.parameters()):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 
 import pytest
 import torch
@@ -17,14 +16,7 @@ import torch
 from r4b_core.storage import COMPLETE_MARKER, Store, local_dir_of
 from r4b_core.training import checkpoint as ckpt
 from r4b_core.training.distributed import DistEnv, UnsafePayloadError, safe_load
-
-
-def _trainee(seed: int) -> ckpt.Trainee:
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(8, 4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    return ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
+from training_helpers import small_trainee, world_of_one
 
 
 def _train(store: Store, root: str, trainee: ckpt.Trainee, env: DistEnv, steps: int) -> list[list[torch.Tensor]]:
@@ -98,7 +90,7 @@ DAMAGE = ["truncated model.safetensors", "empty model.safetensors", "truncated o
 def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path, how, checksums):
     store, env = Store(), DistEnv()
     root = str(tmp_path / "ckpts")
-    weights = _train(store, root, _trainee(0), env, steps=2)
+    weights = _train(store, root, small_trainee(0), env, steps=2)
     folders = {s: local_dir_of(u) for s, u in ckpt.list_checkpoints(store, root)}
     if not checksums:       # a checkpoint written before markers carried checksums
         for folder in folders.values():
@@ -107,7 +99,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp
             (folder / COMPLETE_MARKER).write_text(json.dumps(marker))
     _damage(folders[2], how, tmp_path)
 
-    said, fresh = [], _trainee(1)
+    said, fresh = [], small_trainee(1)
     uri, state = ckpt.resume(store, root, fresh, env, tmp_path / "cache", say=said.append)
     assert uri == f"{root}/step-000001" and state["step"] == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), weights[0]))
@@ -129,17 +121,17 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp
 def test_no_loadable_checkpoint_starts_fresh_and_a_config_mismatch_is_not_damage(tmp_path):
     store, env = Store(), DistEnv()
     root = str(tmp_path / "ckpts")
-    _train(store, root, _trainee(0), env, steps=1)
+    _train(store, root, small_trainee(0), env, steps=1)
 
     def refuse(uri, state):
         raise ckpt.CheckpointError(f"{uri}: another config")
 
     with pytest.raises(ckpt.CheckpointError, match="another config"):
-        ckpt.resume(store, root, _trainee(1), env, tmp_path / "cache", accept=refuse)
+        ckpt.resume(store, root, small_trainee(1), env, tmp_path / "cache", accept=refuse)
     assert ckpt.latest(store, root) == (1, f"{root}/step-000001")     # a misfit is not set aside
     (local_dir_of(root) / "step-000001" / "state.json").write_text("{")
     said = []
-    assert ckpt.resume(store, root, _trainee(1), env, tmp_path / "cache", say=said.append) is None
+    assert ckpt.resume(store, root, small_trainee(1), env, tmp_path / "cache", say=said.append) is None
     assert len(said) == 1 and ckpt.latest(store, root) is None
 
 
@@ -148,12 +140,12 @@ def test_damaged_checkpoint_on_s3_is_found_by_its_checksum(s3_store, s3_root, tm
     object by object."""
     env = DistEnv()
     root = f"{s3_root}/anneal/checkpoints"
-    weights = _train(s3_store, root, _trainee(0), env, steps=2)
+    weights = _train(s3_store, root, small_trainee(0), env, steps=2)
     optim = f"{root}/step-000002/optim.pt"
     data = bytearray(s3_store.read_bytes(optim))
     data[len(data) // 2] ^= 0x10
     s3_store.write_bytes(optim, bytes(data))
-    said, fresh = [], _trainee(1)
+    said, fresh = [], small_trainee(1)
     uri, _ = ckpt.resume(s3_store, root, fresh, env, tmp_path / "cache", say=said.append)
     assert uri == f"{root}/step-000001"
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), weights[0]))
@@ -166,30 +158,23 @@ def test_damaged_checkpoint_on_s3_is_found_by_its_checksum(s3_store, s3_root, tm
 
 def test_zero2_checkpoint_loads_weights_only_and_falls_back(tmp_path, monkeypatch):
     """A ZeRO-2 optimizer state (DeepSpeed's loss scaler, stage enum and offsets inside) passes the
-    weights-only reader; a damaged newest one is set aside as for plain training."""
-    from r4b_core.training.distributed import init_distributed, teardown
+    weights-only reader; a damaged newest one is set aside as for plain training. The resume runs
+    in a second process group of this process, as repro runs anneal then BPO: the first group's
+    teardown must leave DeepSpeed no dead group behind."""
     from r4b_core.training.zero import deepspeed_engine
 
-    port = socket.create_server(("127.0.0.1", 0))          # a free port for the world of one
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port.getsockname()[1]), "RANK": "0",
-                 "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(k, v)
-    port.close()
-    env = init_distributed("gloo", force=True)
-    try:
-        def zero2(seed):
-            t = _trainee(seed)
-            engine, opt = deepspeed_engine(t.model, t.optimizer, stage=2, grad_accum=1, grad_clip=1.0,
-                                           use_bf16=False)
-            return ckpt.Trainee(model=engine.module, optimizer=opt, scheduler=t.scheduler, engine=engine)
+    def zero2(seed):
+        t = small_trainee(seed)
+        engine, opt = deepspeed_engine(t.model, t.optimizer, stage=2, grad_accum=1, grad_clip=1.0, use_bf16=False)
+        return ckpt.Trainee(model=engine.module, optimizer=opt, scheduler=t.scheduler, engine=engine)
 
-        store, root = Store(), str(tmp_path / "ckpts")
+    store, root = Store(), str(tmp_path / "ckpts")
+    with world_of_one(monkeypatch) as env:
         weights = _train(store, root, zero2(0), env, steps=2)
-        (local_dir_of(root) / "step-000002" / "model.safetensors").write_bytes(b"")
+    (local_dir_of(root) / "step-000002" / "model.safetensors").write_bytes(b"")
+    with world_of_one(monkeypatch) as env:
         said, fresh = [], zero2(1)
         uri, state = ckpt.resume(store, root, fresh, env, tmp_path / "cache", say=said.append)
-    finally:
-        teardown(env)
     assert uri == f"{root}/step-000001" and state["step"] == 1
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), weights[0]))
     assert "model.safetensors: content differs from its checksum" in said[0]
