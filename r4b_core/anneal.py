@@ -731,8 +731,6 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
     cache_dir = Path(tempfile.mkdtemp(prefix=f"r4b-anneal-r{env.rank}-"))
     console = _Console(env.is_main)
     t_start = time.time()
-    if env.is_main:
-        store.invalidate(out_uri)  # an old manifest must not vouch for the files this run writes
     tracking = tracker if env.is_main else None
     stage_run = tracking.stage(STAGE) if tracking is not None else contextlib.nullcontext()
     try:
@@ -811,6 +809,8 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                 if env.is_main:
                     final = trainee.model
                     final.eval()
+                    # An earlier output and its manifest stay until this block succeeds; then the new
+                    # folder (no manifest yet) replaces them in one step, and the commit below follows.
                     with store.atomic_dir(out_uri) as staging:
                         save_model(final, processor, staging)
                         compliance = {}

@@ -47,7 +47,7 @@ from typing import Any
 from r4b_core import modes
 from r4b_core.config import RunConfig
 from r4b_core.data.schema import Label, Record, parse_jsonl
-from r4b_core.errors import R4BError
+from r4b_core.errors import R4BError, clip
 from r4b_core.identity import identity_hash, model_lineage, stage_identity
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest, RolloutEngine
@@ -459,8 +459,6 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         # Unknown lineage (engines passed in, a model folder without manifest): never skipped later.
         chash = "unverified-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:8]
 
-    # Files of an earlier, different attempt must not be vouched for by its manifest.
-    store.invalidate(prefix)
     items, rejects = read_raw(raw_text, raw_uri, cfg.data.max_question_chars)
     stats = CurateStats(num_samples=c.num_samples)
     for rj in rejects:
@@ -541,9 +539,21 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         rec = item.record.model_copy(update={"images": item.image_refs, "label": item.label})
         out_rows.append(rec.model_dump(exclude_none=True))
 
+    rejects_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    if not out_rows:
+        # Nothing to train on: fail, leaving a finished earlier output (and its manifest) as it was;
+        # the rejects go next to it, in a file no manifest lists.
+        failed_uri = store.join(prefix, "rejects.failed.jsonl")
+        store.write_text(failed_uri, rejects_text)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in stats.rejected.most_common())
+        first = rejects[0] if rejects else {"where": raw_uri, "reason": "no records"}
+        raise CurateError(f"{raw_uri}: every one of the {n_read} records was rejected ({reasons or 'no records'}); "
+                          f"first: {first['where']}: {clip(first['reason'], 160)}; all in {failed_uri}")
+    # Only now, with the new outputs ready: an earlier attempt's manifest must not vouch for them.
+    store.invalidate(prefix)
     rejects_uri = store.join(prefix, "rejects.jsonl")
     store.write_text(sft_uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows))
-    store.write_text(rejects_uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    store.write_text(rejects_uri, rejects_text)
 
     wall = time.perf_counter() - t0
     summary = stats.to_dict()

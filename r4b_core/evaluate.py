@@ -496,7 +496,6 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     if chash is None:
         chash = "unverified-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:8]
     other = load_report(compare, store) if compare is not None else None
-    store.invalidate(prefix)
 
     benchmarks: list[tuple[str, str, list[Record]]] = []
     if eval_uri:
@@ -553,6 +552,8 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                                                       "tokens_where_all_correct", "sampling", "n_items")
                                 if k in other}}
 
+    # Only now, with the new outputs ready: an earlier attempt's manifest must not vouch for them.
+    store.invalidate(prefix)
     _write_outputs(store, prefix, report, predictions, samples)
     manifest = {"stage": "eval", "tag": tag, "config_hash": chash, "identity": ident,
                 "inputs": {"model": model_uri, "data": report["data"], "compare": compare_key},

@@ -7,8 +7,9 @@ Every stage reads and writes through a `Store`, so the same code runs on a lapto
     out = store.join(cfg.run_uri(), "anneal")
     if store.is_complete(out, config_hash):               # the stage's identity (identity.py)
         return                                            # finished before: skip
-    store.invalidate(out)                                 # an old manifest must not vouch for new files
-    store.write_text(store.join(out, "log.txt"), "...")
+    ...                                                   # the work: nothing written to `out` yet
+    store.invalidate(out)                                 # an old manifest must not vouch for new files,
+    store.write_text(store.join(out, "log.txt"), "...")   # so it goes just before they are written
     store.commit(out, {"config_hash": config_hash, "outputs": [...]})
 
     with store.atomic_dir(store.join(out, "checkpoints", "step-000100")) as tmp:

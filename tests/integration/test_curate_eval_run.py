@@ -231,3 +231,15 @@ def test_eval_with_an_external_mathvista_style_benchmark(tiny_model_dir, tmp_pat
     assert [(p["mode"], p["text"], p["category"], p["difficulty"], p["reference"]) for p in ext] == \
         [(p["mode"], p["text"], p["category"], p["difficulty"], p["reference"]) for p in ev]
     assert "## By benchmark" in (tmp_path / "out" / "report.md").read_text()
+    # A rerun under another config that fails before evaluating (a bad line in the new external
+    # benchmark) leaves the finished report complete for its own config.
+    from r4b_core.evaluate import EvalError
+    from r4b_core.storage import Store
+
+    finished = Store().read_manifest(str(tmp_path / "out"))
+    (ext_dir / "broken.jsonl").write_text(lines[0] + "\n{oops\n")
+    broken = cfg.model_copy(deep=True)
+    broken.eval.external_uri = str(ext_dir / "broken.jsonl")
+    with pytest.raises(EvalError, match=r"broken\.jsonl:2: not valid JSON"):
+        run_eval(broken, str(tiny_model_dir), str(ours), str(tmp_path / "out"), "tiny")
+    assert Store().is_complete(str(tmp_path / "out"), finished["config_hash"])

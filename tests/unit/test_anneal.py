@@ -320,3 +320,20 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_rerun_resumes_from_the_o
     assert [h["loss"] for h in again["loss_curve"]] == pytest.approx([h["loss"] for h in first["loss_curve"]],
                                                                       rel=1e-4)
     assert any(p.name.startswith("step-000003.unreadable-") for p in ckpts.iterdir())
+
+
+def test_rerun_that_fails_at_start_up_keeps_the_finished_model_and_its_manifest(tmp_path, one_torch_thread):
+    """A finished anneal, then a rerun under another config that fails before training (every
+    record longer than the new pack_length): the finished stage is still complete for its config."""
+    from r4b_core.anneal import AnnealError, run_anneal
+    from r4b_core.storage import Store
+
+    cfg, data, base, out = make_run(tmp_path, n_records=4, steps=2)
+    finished = run_anneal(cfg, str(data), str(base), str(out))
+    weights = (out / "model.safetensors").read_bytes()
+    broken = cfg.model_copy(deep=True)
+    broken.anneal.pack_length = 32
+    with pytest.raises(AnnealError, match="no usable training records"):
+        run_anneal(broken, str(data), str(base), str(out))
+    assert Store().is_complete(str(out), finished["config_hash"])
+    assert (out / "model.safetensors").read_bytes() == weights

@@ -11,6 +11,7 @@ from PIL import Image
 from r4b_core import curate, modes
 from r4b_core.config import RunConfig
 from r4b_core.data.schema import Record
+from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest
 
@@ -324,14 +325,43 @@ def test_run_curate_writes_sft_rejects_manifest(tmp_path):
     assert again["config_hash"] != manifest["config_hash"]
 
 
-def test_reasoning_item_without_trace_or_teacher_is_rejected(tmp_path):
+def test_curation_that_rejects_every_record_fails_with_the_reject_summary(tmp_path):
+    """A reasoning item without trace or teacher is rejected; when that leaves nothing, the stage
+    fails (no empty dataset committed), naming the reasons; the rejects are kept beside."""
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps(dict(id="m1", question="Compute 3 + 4 x 5.", answer="23", answer_type="integer")) + "\n")
+    rows = [dict(id="m1", question="Compute 3 + 4 x 5.", answer="23", answer_type="integer"),
+            dict(id="m2", question="Compute 5 + 4 x 5.", answer="25", answer_type="integer")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{oops\n")
     cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)}, "curate": {"num_samples": 2}})
-    m = curate.run_curate(cfg, str(data), str(tmp_path / "c"), annotator=RuleEngine({"m1": "23"}))
-    assert m["counts"]["kept"] == 0 and m["stats"]["rejected"] == {"no_trace": 1}
-    rej = json.loads((tmp_path / "c" / "rejects.jsonl").read_text())
-    assert "no curate.teacher is configured" in rej["reason"] and rej["where"].endswith("d.jsonl:1")
+    with pytest.raises(curate.CurateError) as info:
+        curate.run_curate(cfg, str(data), str(tmp_path / "c"), annotator=RuleEngine({"m1": "23", "m2": "25"}))
+    msg = str(info.value)
+    assert msg.startswith(f"{data}: every one of the 3 records was rejected (2 no_trace, 1 bad_line); first: ")
+    assert msg.endswith(f"all in {tmp_path / 'c' / 'rejects.failed.jsonl'}") and "\n" not in msg
+    rej = [json.loads(x) for x in (tmp_path / "c" / "rejects.failed.jsonl").read_text().splitlines()]
+    assert any("no curate.teacher is configured" in r["reason"] and r["where"].endswith("d.jsonl:1") for r in rej)
+    assert not (tmp_path / "c" / "manifest.json").exists() and not (tmp_path / "c" / "sft.jsonl").exists()
+
+
+def test_rerun_that_fails_at_start_up_keeps_the_finished_output_and_its_manifest(tmp_path, repo_root):
+    """A finished curation, then a rerun under another config whose annotator cannot be opened:
+    the error, and the finished stage still complete for its own config, its files untouched."""
+    from r4b_core.config import load_config
+    from r4b_core.data.synthetic import generate_split
+    from r4b_core.storage import Store
+
+    sets = [f"storage.root={tmp_path}", "data.synthetic.train_size=8"]
+    cfg = load_config(repo_root / "configs" / "repro.yaml", sets)
+    raw = generate_split("train", 8, cfg.data.synthetic, tmp_path / "data")
+    out = tmp_path / "curate" / "sft.jsonl"
+    finished = curate.run_curate(cfg, str(raw), str(out))
+    before = out.read_text()
+    broken = load_config(repo_root / "configs" / "repro.yaml", sets + [f"curate.annotator={tmp_path / 'no-model'}",
+                                                                      "curate.engine=hf"])
+    with pytest.raises(R4BError):
+        curate.run_curate(broken, str(raw), str(out))
+    assert Store().is_complete(str(out.parent), finished["config_hash"])
+    assert out.read_text() == before
 
 
 def test_identity_tracks_raw_content_and_annotator_lineage(tmp_path):
