@@ -80,22 +80,46 @@ def _cmd_data_generate(args) -> int:
 
 
 def _cmd_data_check(args) -> int:
-    from r4b_core.data.schema import read_jsonl
+    from r4b_core.config import load_config
+    from r4b_core.data.images import check_images
+    from r4b_core.data.schema import DataError, parse_jsonl
+    from r4b_core.storage import Store, StorageNotFoundError
 
-    result = read_jsonl(args.path, on_error="collect")
-    for bad in result.bad[: args.max_errors]:
-        print(f"{bad}", file=sys.stderr)
-    if len(result.bad) > args.max_errors:
-        print(f"... and {len(result.bad) - args.max_errors} more bad lines", file=sys.stderr)
-    print(f"{args.path}: {len(result.records)} valid records, {len(result.bad)} bad lines")
-    return 2 if result.bad else 0
+    cfg = load_config(args.config, args.set)
+    store = Store.from_config(cfg.storage)
+    try:
+        data = store.read_bytes(args.path)
+    except StorageNotFoundError:
+        raise DataError(f"{args.path}: file not found") from None
+    result = parse_jsonl(data, args.path, on_error="collect", max_question_chars=cfg.data.max_question_chars)
+    bad, checked, note = list(result.bad), 0, None
+    if not args.no_images:
+        image_bad, checked, note = check_images(result.records, result.rows, args.path, store)
+        bad = sorted(bad + image_bad, key=lambda b: b.line)
+    for line in bad[: args.max_errors]:
+        print(f"{line}", file=sys.stderr)
+    if len(bad) > args.max_errors:
+        print(f"... and {len(bad) - args.max_errors} more problems", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
+    lines_bad = len({b.line for b in bad})
+    images = "images not checked (--no-images)" if args.no_images else f"{checked} images checked"
+    print(f"{args.path}: {len(result.records) + len(result.bad) - lines_bad} valid records, {lines_bad} bad lines; "
+          f"{images}")
+    return 2 if bad or note else 0
 
 
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="generate the synthetic splits, or check a JSONL file")
     s = p.add_subparsers(dest="action", required=True)
-    c = s.add_parser("check", help="validate a JSONL of records; print every bad line as file:line: field: problem")
-    c.add_argument("path")
+    c = s.add_parser("check", help="validate a JSONL of records and their images; print every problem as "
+                                   "file:line: field: problem")
+    c.add_argument("path", help="JSONL file: a local path or a storage URI (s3://...)")
+    c.add_argument("--config", "-c", default=None,
+                   help="run config for storage.* and data.max_question_chars (default: built-in defaults)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="override a config value")
+    c.add_argument("--no-images", action="store_true",
+                   help="skip the image checks (each image must stay inside the data folder, exist and decode)")
     c.add_argument("--max-errors", type=int, default=20)
     c.set_defaults(func=_cmd_data_check)
     c = s.add_parser("generate", help="write train/rl/eval JSONL + PNGs (sizes from data.synthetic)")

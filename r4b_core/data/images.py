@@ -15,6 +15,7 @@ place looked at, with the fix.
 from __future__ import annotations
 
 import io
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,19 @@ def _is_uri(ref: str) -> bool:
     return "://" in ref
 
 
+def escapes(ref: str) -> bool:
+    """True for a relative reference that climbs out of its JSONL's folder (`../x.png`)."""
+    if _is_uri(ref) or Path(ref).is_absolute():
+        return False
+    return posixpath.normpath(ref.replace("\\", "/")).split("/")[0] == ".."
+
+
 def resolve(ref: str, jsonl_path: str | Path | None = None) -> str:
-    """The path or URI an image reference points at (relative refs are relative to the JSONL)."""
+    """The path or URI an image reference points at (relative refs are relative to the JSONL, and
+    must stay inside its folder: DataError otherwise)."""
+    if escapes(ref):
+        raise DataError(f"{jsonl_path or '<jsonl>'}: image {ref!r} points outside the data folder; keep images "
+                        "next to the JSONL (e.g. images/x.png) or give an absolute path or URI")
     if _is_uri(ref) or Path(ref).is_absolute() or jsonl_path is None:
         return ref
     base = str(jsonl_path)
@@ -51,7 +63,7 @@ def load_image(ref: str, jsonl_path: str | Path | None = None, store: Any = None
             data = store.read_bytes(target)
         except (R4BError, OSError) as exc:
             raise DataError(f"{where}image {ref!r}: cannot read {target} ({exc}); check the reference and "
-                            "that the data was copied with its images/ folder") from None
+                            "that the data was copied with its images/ folder") from exc
     elif _is_uri(target) and not target.startswith("file://"):
         raise DataError(f"{where}image {ref!r} is at {target}, which needs a storage.Store; pass "
                         "store=Store.from_config(cfg.storage) to load_image")
@@ -70,3 +82,40 @@ def load_image(ref: str, jsonl_path: str | Path | None = None, store: Any = None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}image {ref!r} ({target}) is not a readable image ({exc}); "
                         "replace the file or drop the record") from None
+
+
+def check_images(records, rows, jsonl_path: str, store: Any) -> tuple[list, int, str | None]:
+    """(BadLine per unusable image reference, images checked, a note on images not checked) for the
+    records of one JSONL file (`rows`: their (line number, text), as parse_jsonl returns them):
+    each reference must stay inside the data folder, exist and decode. Each distinct image is read
+    once. After an object store fails to answer, its other images are not tried (each would wait
+    out the storage timeouts); one line says how many were skipped."""
+    from r4b_core.data.schema import BadLine
+    from r4b_core.storage import StorageError, StorageNotFoundError, is_s3
+
+    bad, seen, skipped, dead_endpoint = [], {}, 0, None
+    for rec, (lineno, raw) in zip(records, rows):
+        for i, ref in enumerate(rec.images):
+            try:
+                target = resolve(ref, jsonl_path)
+            except DataError:
+                bad.append(BadLine(jsonl_path, lineno, f"images[{i}]", f"{ref!r} points outside the data folder; "
+                                   "keep images next to the JSONL or give an absolute path or URI", raw))
+                continue
+            if is_s3(target) and dead_endpoint is not None:
+                skipped += 1
+                continue
+            if target not in seen:
+                try:
+                    load_image(target, store=store)
+                    seen[target] = None
+                except DataError as exc:
+                    cause = exc.__cause__
+                    seen[target] = str(exc)
+                    if is_s3(target) and isinstance(cause, StorageError) and not isinstance(cause, StorageNotFoundError):
+                        dead_endpoint = target
+            if seen[target] is not None:
+                bad.append(BadLine(jsonl_path, lineno, f"images[{i}]", seen[target], raw))
+    note = (f"{skipped} more s3:// images not checked: the object store did not answer for {dead_endpoint}"
+            if skipped else None)
+    return bad, len(seen), note

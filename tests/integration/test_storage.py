@@ -269,3 +269,29 @@ def test_missing_credentials_and_bucket(s3_env, root, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     with pytest.raises(StorageError, match=r"^s3://.*/x.txt: read: no S3 credentials; set AWS_ACCESS_KEY_ID"):
         Store(s3_endpoint_url=s3_env.endpoint_url).read_bytes(f"{root}/x.txt")
+
+
+def test_data_check_reads_a_jsonl_and_its_images_on_s3(store, root, capsys):
+    """`r4b data check s3://...`: the JSONL and the images next to it read from the object store;
+    a missing object and an object that is not an image are reported with file:line."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from r4b_core.cli import main
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(png, format="PNG")
+    store.write_bytes(f"{root}/data/images/ok.png", png.getvalue())
+    store.write_bytes(f"{root}/data/images/text.png", b"hello")
+    rows = [{"id": f"r{i}", "question": "What colour?", "answer": "green", "images": [ref]}
+            for i, ref in enumerate(["images/ok.png", "images/gone.png", "images/text.png"])]
+    store.write_text(f"{root}/data/d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "check", f"{root}/data/d.jsonl"]) == 2
+    out = capsys.readouterr()
+    err = out.err.splitlines()
+    assert err[0].startswith(f"{root}/data/d.jsonl:2: images[0]: image '{root}/data/images/gone.png': cannot read")
+    assert "no such object" in err[0]
+    assert err[1].startswith(f"{root}/data/d.jsonl:3: images[0]: ") and "is not a readable image" in err[1]
+    assert out.out.strip() == f"{root}/data/d.jsonl: 1 valid records, 2 bad lines; 3 images checked"

@@ -112,3 +112,43 @@ def test_long_values_are_shortened_and_long_questions_refused(tmp_path):
     assert str(res.bad[1]) == ("d.jsonl:2: question: 9000 characters, more than data.max_question_chars=8000; "
                                "shorten it or raise the limit")
     assert parse_jsonl(_line(question="q" * 9000), max_question_chars=0).records   # 0 = no limit
+
+
+def test_cli_data_check_checks_images(tmp_path, capsys, monkeypatch):
+    """Each image must stay inside the data folder, exist and decode; after an object store fails
+    to answer, its other images are counted, not tried. --no-images skips all of it."""
+    import socket
+
+    from PIL import Image
+
+    from r4b_core.cli import main
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(data / "images" / "ok.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "outside.png")       # readable, but not ours
+    (data / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    refs = ["images/ok.png", "images/missing.png", "images/broken.png", "../outside.png", "images/../images/ok.png",
+            "s3://bucket/a.png", "s3://bucket/b.png"]
+    p = data / "d.jsonl"
+    p.write_text("".join(_line(id=f"r{i}", images=[ref]) + "\n" for i, ref in enumerate(refs)))
+    sets = ["--set", f"storage.s3_endpoint_url=http://127.0.0.1:{port}", "--set", "storage.max_attempts=1"]
+    assert main(["data", "check", str(p), *sets]) == 2
+    out = capsys.readouterr()
+    err = out.err.splitlines()
+    assert err[0].startswith(f"{p}:2: images[0]: image ") and "no such file" in err[0]
+    assert err[1].startswith(f"{p}:3: images[0]: image ") and "is not a readable image" in err[1]
+    assert err[2] == (f"{p}:4: images[0]: '../outside.png' points outside the data folder; keep images next to "
+                      "the JSONL or give an absolute path or URI")
+    assert err[3].startswith(f"{p}:6: images[0]: image 's3://bucket/a.png': cannot read") and "unreachable" in err[3]
+    assert err[4] == ("1 more s3:// images not checked: the object store did not answer for s3://bucket/a.png")
+    assert len(err) == 5
+    assert out.out.strip() == f"{p}: 3 valid records, 4 bad lines; 5 images checked"
+    assert main(["data", "check", str(p), "--no-images", *sets]) == 0
+    assert capsys.readouterr().out.strip() == f"{p}: 7 valid records, 0 bad lines; images not checked (--no-images)"
