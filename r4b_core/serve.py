@@ -261,13 +261,23 @@ def api_key_note(cfg: RunConfig, host: str, env: dict[str, str] | None = None) -
     return f"no API key: whoever reaches {host} can use the server (set ${ENV_API_KEY} to require one)"
 
 
+def served_model_names(resolved: ResolvedModel) -> list[str]:
+    """The names clients may put in `model`: `r4b`, and for a registry ref the registered model with
+    its alias or version (`r4b-4b@champion`), the name a router or KServe routes by."""
+    from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME
+
+    return [SERVED_MODEL_NAME] + ([resolved.ref[len(REGISTRY_SCHEME):].strip("/")] if resolved.name else [])
+
+
 def serving_server(cfg: RunConfig, model_dir: str | Path, host: str | None = None, port: int | None = None,
-                   log_path: str | Path | None = None):
-    """A `VLLMServer` (not started) that serves `model_dir` with the serving flags; port 0 = a free one."""
+                   log_path: str | Path | None = None, names: list[str] | None = None):
+    """A `VLLMServer` (not started) that serves `model_dir` with the serving flags; port 0 = a free one.
+    `names`: the served model names (default: the launcher's one, `r4b`)."""
     from r4b_core.rollout.vllm_server import VLLMServer
 
+    extra = serving_args(cfg) + (["--served-model-name", *names] if names else [])   # replaces the launcher's
     return VLLMServer(model_dir, cfg.vllm, port=cfg.serve.port if port is None else port, log_path=log_path,
-                      extra_args=serving_args(cfg), host=host or cfg.serve.host,
+                      extra_args=extra, host=host or cfg.serve.host,
                       trust_request_chat_template=False, dev_mode=False, env=serving_env(cfg))
 
 
@@ -282,13 +292,12 @@ def _budget_text(cfg: RunConfig) -> str:
 def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = None,
           log_path: str | Path | None = None, echo: Callable[[str], None] = print) -> None:
     """Resolve, fetch and serve `ref` until Ctrl-C / SIGTERM (or the server dies: ServeError)."""
-    from r4b_core.rollout.vllm_server import SERVED_MODEL_NAME
-
     access = api_key_note(cfg, host or cfg.serve.host)   # before anything is fetched or started
     resolved = resolve_model(cfg, ref)
     model_dir = fetch_model(cfg, resolved)
     log_path = Path(log_path) if log_path else serving_dir(cfg) / "vllm.log"
-    server = serving_server(cfg, model_dir, host, port, log_path)
+    names = served_model_names(resolved)
+    server = serving_server(cfg, model_dir, host, port, log_path, names)
     echo(f"serving {resolved.describe()} from {model_dir} on {server.host}:{server.port}; vLLM log: {log_path}")
     echo(access)
     main_thread = threading.current_thread() is threading.main_thread()   # signals: main thread only
@@ -303,7 +312,7 @@ def serve(cfg: RunConfig, ref: str, host: str | None = None, port: int | None = 
     try:
         with server:
             echo(f"ready in {time.monotonic() - t0:.0f} s: OpenAI API at {server.url}/v1, model name "
-                 f"{SERVED_MODEL_NAME!r}; per request chat_template_kwargs={{\"thinking_mode\": "
+                 f"{' or '.join(repr(n) for n in names)}; per request chat_template_kwargs={{\"thinking_mode\": "
                  f"\"auto\"|\"long\"|\"short\", \"thinking_budget\": N}}; {_budget_text(cfg)}; mode "
                  f"metrics at {server.url}/metrics. Ctrl-C stops.")
             while server.alive():

@@ -99,6 +99,11 @@ def test_every_rendered_object_validates_offline(helm):
     for values, name in zip(VALUE_SETS, IDS):
         objs = template(helm, *values_args(values))
         for obj in objs:
+            if obj["kind"] == "ServiceMonitor":     # a custom resource: its own schema (below)
+                import jsonschema
+
+                jsonschema.validate(obj, SERVICE_MONITOR_SCHEMA)
+                continue
             for version in VERSIONS:
                 try:
                     kubernetes_validate.validate(obj, version, strict=True)
@@ -110,6 +115,55 @@ def test_every_rendered_object_validates_offline(helm):
     print(f"\nvalidated {total} rendered objects x {len(VERSIONS)} Kubernetes versions: {counts}")
     assert counts["chart-defaults"] >= 9 and counts["full-values.yaml"] >= 16
     assert total == sum(counts.values()) and total >= 40
+
+
+def _docs_yaml(first_line: str) -> dict:
+    """The ```yaml block of docs/serving.md that starts with `first_line`, parsed."""
+    text = (REPO / "docs/serving.md").read_text()
+    block = text[text.index("```yaml\n" + first_line) + len("```yaml\n"):]
+    return yaml.safe_load(block[:block.index("```")])
+
+
+def test_router_and_kserve_snippets_match_the_rendered_serving(helm):
+    """ci/router-values.yaml renders a server that production-stack's router (docs/serving.md's
+    values snippet) and KServe (its InferenceService snippet) can use: the registry name is a
+    served model name, the router's backend URL is the serving Service, the router pod is admitted
+    by the NetworkPolicy, and the InferenceService runs the chart's vLLM container flags."""
+    objs = template(helm, "-f", str(CHART / "ci/router-values.yaml"), namespace="ml")
+    pod = by_kind(objs, "Deployment")["r4b-serving"]["spec"]["template"]["spec"]
+    (vllm,) = pod["containers"]
+    i = vllm["args"].index("--served-model-name")
+    assert vllm["args"][i + 1:i + 3] == ["r4b", "r4b-4b@champion"]
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    service = by_kind(objs, "Service")["r4b-serving"]
+
+    router = _docs_yaml("# production-stack's chart (vllm-stack)")
+    spec = router["routerSpec"]
+    assert router["servingEngineSpec"]["enableEngine"] is False and spec["serviceDiscovery"] == "static"
+    assert spec["staticBackends"] == f"http://r4b-serving.ml.svc.cluster.local:{service['spec']['ports'][0]['port']}"
+    assert spec["staticModels"] == "r4b-4b@champion"
+    policy = by_kind(objs, "NetworkPolicy")["r4b-serving"]
+    assert admitted(policy, spec["labels"])
+    assert not admitted(policy, {k: v for k, v in spec["labels"].items() if not k.startswith("r4b.dev/")})
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in \
+        policy["spec"]["ingress"][0]["from"]                       # Prometheus scrapes /metrics
+
+    isvc = _docs_yaml("# KServe InferenceService")
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    for arg in vllm["args"]:
+        if arg.startswith(("--reasoning-parser", "--logits-processors", "--middleware", "--served-model-name",
+                           "--model=")) or arg in ("r4b", "r4b-4b@champion"):
+            assert arg in container["args"], arg
+    rendered_env = {e["name"]: e.get("value") for e in vllm["env"] if e["name"].startswith(("R4B_", "VLLM_USE"))}
+    snippet_env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {k: snippet_env.get(k) for k in rendered_env if k != "R4B_SERVE_API_KEY"} == \
+        {k: v for k, v in rendered_env.items() if k != "R4B_SERVE_API_KEY"}
+    (fetch,) = predictor["initContainers"]
+    assert fetch["args"][-4:] == ["--model", "models:/r4b-4b@champion", "--out", "/models/current"]
 
 
 def test_validation_catches_a_broken_object(helm):
@@ -270,6 +324,65 @@ def test_serving_container_runs_the_plugins_and_budget_that_r4b_serve_runs(helm)
         assert {k: env[k] for k in keys} == {k: serving_env(cfg)[k] for k in keys}
 
 
+# The fields of a monitoring.coreos.com/v1 ServiceMonitor that the chart renders, named and typed as
+# in the prometheus-operator CRD (no CRD schema is obtainable offline); any other field is a typo.
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "additionalProperties": False, "required": ["name"],
+                     "properties": {"name": {"type": "string"}, "labels": _LABELS}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["selector", "endpoints"], "properties": {
+            "selector": {"type": "object", "additionalProperties": False, "properties": {"matchLabels": _LABELS}},
+            "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                  "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
+            "endpoints": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string"},
+                    "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                                             "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                    "scrapeTimeout": {"type": "string"}}}}}}}}
+
+
+def test_serving_metrics_service_monitor_dashboard_and_scrape_annotations(helm):
+    """Off by default (scrape annotations on); with serving.metrics.serviceMonitor / dashboard on, a
+    ServiceMonitor that selects the serving Service's port `http` at /metrics, and the Grafana
+    dashboard JSON in a ConfigMap for Grafana's sidecar; helm lint stays clean."""
+    import json
+
+    import jsonschema
+
+    base = ["--set", "serving.enabled=true", "--set", "serving.model=models:/m@champion"]
+    off = template(helm, *base)
+    assert "ServiceMonitor" not in {o["kind"] for o in off} and "r4b-serving-dashboard" not in by_kind(off, "ConfigMap")
+    pod = by_kind(off, "Deployment")["r4b-serving"]["spec"]["template"]["metadata"]["annotations"]
+    assert {k: v for k, v in pod.items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+    quiet = template(helm, *base, "--set", "serving.metrics.scrapeAnnotations=false")
+    assert not [k for k in by_kind(quiet, "Deployment")["r4b-serving"]["spec"]["template"]["metadata"]["annotations"]
+                if k.startswith("prometheus.io/")]
+
+    on_args = [*base, "--set", "serving.metrics.serviceMonitor.enabled=true", "--set",
+               "serving.metrics.serviceMonitor.labels.release=kube-prometheus-stack", "--set",
+               "serving.metrics.dashboard.enabled=true"]
+    on = template(helm, *on_args, namespace="ml")
+    (monitor,) = by_kind(on, "ServiceMonitor").values()
+    jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+    service = by_kind(on, "Service")["r4b-serving"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    dashboard = by_kind(on, "ConfigMap")["r4b-serving-dashboard"]
+    kubernetes_validate.validate(dashboard, VERSIONS[-1], strict=True)
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["r4b-serving.json"]) == json.loads((CHART / "dashboards/r4b-serving.json").read_text())
+    lint = run_helm(helm, "lint", str(CHART), "--strict", *on_args)
+    assert "0 chart(s) failed" in lint.stdout and "[WARNING]" not in lint.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +395,7 @@ def test_serving_container_runs_the_plugins_and_budget_that_r4b_serve_runs(helm)
     (["--set", "serving.thinkingBudget=-1"], r"/serving/thinkingBudget"),
     (["--set-json", 'serving.allowedMediaDomains=["https://images.example.org/"]'], r"/serving/allowedMediaDomains/0"),
     (["--set", "mlflow.auth.defaultPermission=ALL"], r"/mlflow/auth/defaultPermission"),
+    (["--set", "serving.metrics.serviceMonitor.interval=often"], r"/serving/metrics/serviceMonitor/interval"),
 ])
 def test_schema_rejects_bad_values(helm, args, expected):
     proc = run_helm(helm, "template", "r4b", str(CHART), *args, check=False)

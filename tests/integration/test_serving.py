@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -597,7 +598,12 @@ def test_r4b_serve_resolved_the_champion_alias_through_mlflow(served):
     assert f"serving models:/{NAME}@champion (v{served.version}: {served.model_dir})" in out
     assert "ready in" in out and f"{served.url}/v1" in out
     assert "API key required ($R4B_SERVE_API_KEY)" in out
-    assert [m.id for m in served.client().models.list().data] == ["r4b"]
+    # the registered model with its alias is a model name too: what a router or KServe routes by
+    assert [m.id for m in served.client().models.list().data] == ["r4b", f"{NAME}@champion"]
+    assert f"model name 'r4b' or '{NAME}@champion'" in out
+    r = served.client().chat.completions.create(model=f"{NAME}@champion", max_tokens=4, messages=[
+        {"role": "user", "content": "hi"}], extra_body={"chat_template_kwargs": {"thinking_mode": "short"}})
+    assert r.choices[0].finish_reason in ("stop", "length")   # answered (under the first name, as vLLM does)
     # a served model cannot be reloaded by its clients: no dev-mode routes
     req = urllib.request.Request(served.url + "/collective_rpc", b'{"method": "reload_weights"}',
                                  {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
@@ -930,6 +936,82 @@ def test_api_key_is_required_on_every_route_but_health_and_metrics(served):
     assert requests.get(served.url + "/health", timeout=30).status_code == 200      # kubelet probes
     assert requests.get(served.url + "/metrics", timeout=30).status_code == 200     # Prometheus
     assert _post(served, "/tokenize", chat).status_code == 200                      # with the key
+
+
+def _scrape(served: Served) -> tuple[dict[tuple[str, tuple], float], set[str]]:
+    """The server's /metrics (no API key needed): {(sample name, sorted labels): value} and the
+    names of every family and sample in it."""
+    with urllib.request.urlopen(served.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples, names = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            names.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)", line)
+            labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or "")))
+            samples[(m.group(1), labels)] = float(m.group(3))
+            names.add(m.group(1))
+    return samples, names
+
+
+@pytest.mark.vllm
+def test_mode_metrics_count_a_known_mix_of_requests(served):
+    """After a known mix of requests (modes, streamed or not, a budget that binds, one refused),
+    every r4b_* series moved by exactly what the mix and its usage say; and every metric the chart's
+    Grafana dashboard queries is exported."""
+    before, _ = _scrape(served)
+    # (mode, streamed, budget asked); records 0 and 3 are reasoning-only in training: auto thinks on them
+    mix = [("auto", False, None), ("auto", False, None), ("auto", True, None), ("auto", False, None),
+           ("long", False, 2), ("long", True, None), ("long", False, None), ("short", False, None),
+           ("short", True, 4)]
+    expected: dict[tuple[str, tuple], float] = {}
+
+    def add(name: str, labels: tuple, value: float = 1.0) -> None:
+        expected[(name, labels)] = expected.get((name, labels), 0.0) + value
+
+    for i, (name, streamed, budget) in enumerate(mix):
+        record = served.records[i % 4]
+        kwargs = {"thinking_mode": name, **({} if budget is None else {"thinking_budget": budget})}
+        if streamed:
+            _, content, usage = _streamed(served, record, kwargs, {}, max_tokens=64)
+        else:
+            r = _chat(served, record, kwargs, max_tokens=64)
+            content, usage = "answered", r.usage       # a whole JSON response: its end is the first answer
+        spent = usage.completion_tokens_details.reasoning_tokens
+        mode = (("mode", name),)
+        add("r4b_requests_total", mode)
+        add("r4b_reasoning_tokens_total", mode, spent)
+        add("r4b_answer_tokens_total", mode, usage.completion_tokens - spent)
+        if name == "auto":
+            add("r4b_auto_think_decisions_total", (("decision", "thought" if spent else "skipped"),))
+        if name != "short":                             # the server default applies to auto and long
+            add("r4b_thinking_budget_requests_total", mode)
+            if spent >= (budget if budget is not None else DEFAULT_BUDGET):
+                add("r4b_thinking_budget_exhausted_total", mode)
+        if content.strip():
+            add("r4b_time_to_first_answer_token_seconds_count", mode)
+    import openai
+
+    with pytest.raises(openai.BadRequestError):                   # refused: counted nowhere
+        _chat(served, served.records[0], {"thinking_mode": "long"}, {"thinking_token_budget": DEFAULT_BUDGET + 1})
+    decisions = {labels[0][1] for (n, labels) in expected if n == "r4b_auto_think_decisions_total"}
+    assert decisions == {"thought", "skipped"}, f"the mix must hold both auto decisions; got {decisions}"
+    assert expected[("r4b_thinking_budget_exhausted_total", (("mode", "long"),))] >= 1
+
+    after, names = _scrape(served)
+    moved = {k: after[k] - before.get(k, 0.0) for k in after
+             if k[0].startswith("r4b_") and not k[0].endswith(("_created", "_bucket", "_sum"))
+             and after[k] != before.get(k, 0.0)}
+    assert moved == {k: v for k, v in expected.items() if v}     # (a series that moved by 0 did not move)
+    first_answer = [after[k] - before.get(k, 0.0) for k in after if k[0] == "r4b_time_to_first_answer_token_seconds_sum"]
+    assert sum(first_answer) > 0
+
+    dashboard = json.loads((REPO / "charts/r4b/dashboards/r4b-serving.json").read_text())
+    queried = {m for panel in dashboard["panels"] for target in panel["targets"]
+               for m in re.findall(r"\b(?:r4b_|vllm:)[A-Za-z0-9_:]+", target["expr"])}
+    assert {"r4b_requests_total", "r4b_auto_think_decisions_total", "vllm:e2e_request_latency_seconds_bucket"} <= queried
+    assert queried - names == set(), "the Grafana dashboard queries metrics the server does not export"
 
 
 @pytest.mark.vllm
