@@ -89,11 +89,12 @@ class BPOError(R4BError):
 # Config arithmetic, checked before anything expensive happens
 # ---------------------------------------------------------------------------------------------
 def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_tokens: int | None = None,
-                     world_size: int | None = None) -> None:
+                     world_size: int | None = None, max_positions: int | None = None) -> None:
     """Raise BPOError listing every inconsistent combination of `bpo.*` values at once: the
     config's own rules (config.bpo_config_problems, also enforced when the YAML loads) with the
     process count (given, else the configured nnodes x nproc_per_node), plus what depends on the
-    data (prompt count, prompt length)."""
+    data (prompt count, prompt length against `max_positions`: the loaded model's, else the tiny
+    base's configured ones)."""
     from r4b_core.config import bpo_config_problems
 
     b = cfg.bpo
@@ -103,13 +104,14 @@ def check_bpo_config(cfg: RunConfig, num_prompts: int | None = None, max_prompt_
     if num_prompts is not None and num_prompts < b.prompts_per_step:
         problems.append(f"the prompt set has {num_prompts} usable prompts but bpo.prompts_per_step="
                         f"{b.prompts_per_step}; lower prompts_per_step or add prompts")
-    max_pos = cfg.model.tiny.max_position_embeddings if cfg.model.base == "tiny" else None
+    max_pos = max_positions or (cfg.model.tiny.max_position_embeddings if cfg.model.base == "tiny" else None)
     if max_pos and max_prompt_tokens is not None:
         longest = max_prompt_tokens + max(b.max_new_tokens_think, b.max_new_tokens_no_think)
         if longest > max_pos:
             problems.append(f"longest rollout = prompt {max_prompt_tokens} + max_new_tokens "
                             f"{max(b.max_new_tokens_think, b.max_new_tokens_no_think)} = {longest} tokens "
-                            f"> model.tiny.max_position_embeddings {max_pos}; lower the token budgets")
+                            f"> the model's {max_pos} positions; lower the token budgets or shorten the "
+                            "prompts (data.max_question_chars)")
     if problems:
         raise BPOError("invalid BPO config:\n  " + "\n  ".join(problems))
 
@@ -999,7 +1001,9 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
         model.eval()
         encoder = PromptEncoder(processor)
         longest = max(len(encoder.encode(p, m).ids) for p in prompts for m in rollout_modes(b))
-        check_bpo_config(cfg, len(prompts), longest, env.world_size)
+        from r4b_core.rollout.hf import context_limit
+
+        check_bpo_config(cfg, len(prompts), longest, env.world_size, context_limit(model))
         ref_model = None
         if b.kl_beta > 0:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)

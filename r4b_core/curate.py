@@ -50,7 +50,7 @@ from r4b_core.data.schema import Label, Record, parse_jsonl
 from r4b_core.errors import R4BError, clip
 from r4b_core.identity import identity_hash, model_lineage, stage_identity
 from r4b_core.modes import Mode
-from r4b_core.rollout.base import Completion, GenerationRequest, RolloutEngine
+from r4b_core.rollout.base import Completion, GenerationRequest, PromptTooLong, RolloutEngine
 
 
 # The judge question sent to the annotator for subjective items (no-think mode, greedy).
@@ -513,7 +513,9 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
             images = [_load_images(it, store) for it in batch]
             reqs = build_requests(batch, images, c, seed=cfg.seed * 1_000_003 + start)
             tg = time.perf_counter()
-            completions = annotator.generate(reqs)
+            reqs, completions = _generate_fitting(annotator, reqs, batch)
+            images = [imgs for it, imgs in zip(batch, images) if it.reject is None]
+            batch = [it for it in batch if it.reject is None]
             stats.generate_seconds += time.perf_counter() - tg
             stats.generated_tokens += sum(len(x.token_ids) for x in completions)
             apply_labels(batch, split_completions(reqs, completions), c, scorer, stats)
@@ -614,7 +616,8 @@ def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutE
                               images=imgs, mode=Mode.THINK, max_new_tokens=c.teacher_max_new_tokens,
                               temperature=0.0, n=1, key=it.record.id) for it, imgs in need]
     tg = time.perf_counter()
-    completions = teacher.generate(reqs)
+    reqs, completions = _generate_fitting(teacher, reqs, [it for it, _ in need])
+    need = [(it, imgs) for it, imgs in need if it.reject is None]
     stats.generate_seconds += time.perf_counter() - tg
     stats.generated_tokens += sum(len(x.token_ids) for x in completions)
     for (item, _), group in zip(need, split_completions(reqs, completions)):
@@ -626,6 +629,23 @@ def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutE
         else:
             item.record = item.record.model_copy(update={"reasoning": trace})
             stats.teacher["kept"] += 1
+
+
+def _generate_fitting(engine: RolloutEngine, reqs: list[GenerationRequest],
+                      items: list[Item]) -> tuple[list[GenerationRequest], list[Completion]]:
+    """engine.generate(reqs), leaving out the requests the engine refuses as too long for the
+    model (their items are rejected as prompt_too_long); returns the requests that ran and their
+    completions."""
+    while reqs:
+        try:
+            return reqs, engine.generate(reqs)
+        except PromptTooLong as exc:
+            gone = set(exc.keys)
+            for item in items:
+                if item.record.id in gone and item.reject is None:
+                    item.reject = f"prompt_too_long: {exc}"
+            reqs = [r for r in reqs if r.key not in gone]
+    return [], []
 
 
 def _log(tracker, manifest: dict, rejects: list[dict]) -> None:

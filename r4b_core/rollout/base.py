@@ -11,7 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
+
+
+class PromptTooLong(R4BError):
+    """Requests whose prompt leaves no room for their max_new_tokens within the model's positions;
+    `keys` names them, so a caller can drop them and go on (curation rejects their items)."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any
 
 from r4b_core import modes
 from r4b_core.errors import R4BError
-from r4b_core.rollout.base import Completion, GenerationRequest
+from r4b_core.rollout.base import Completion, GenerationRequest, PromptTooLong
 
 
 class RolloutError(R4BError):
@@ -69,6 +69,30 @@ def check_request(req: GenerationRequest) -> None:
     if req.n < 1 or req.max_new_tokens < 1 or req.temperature < 0:
         raise RolloutError(f"request {req.key!r}: n={req.n}, max_new_tokens={req.max_new_tokens}, "
                            f"temperature={req.temperature}; need n >= 1, max_new_tokens >= 1, temperature >= 0")
+
+
+def context_limit(model) -> int | None:
+    """Positions the model can attend over (its text model's max_position_embeddings), if stated."""
+    config = getattr(model, "config", None)
+    for cfg in (getattr(config, "text_config", None), config):
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return None
+
+
+def check_prompt_lengths(requests: list[GenerationRequest], lengths: list[int], limit: int | None,
+                         counted: str = "tokens") -> None:
+    """PromptTooLong for the requests whose prompt (`lengths`, in tokens) leaves no room for a
+    single new token in `limit` positions, before any of them costs a prefill. (A prompt that fits
+    generates at most the positions left, as vLLM clamps max_tokens; finish reason "length".)"""
+    over = [(r, n) for r, n in zip(requests, lengths) if limit and n >= limit]
+    if over:
+        req, n = over[0]
+        more = f" (and {len(over) - 1} more requests)" if len(over) > 1 else ""
+        raise PromptTooLong(f"request {req.key!r}: a prompt of {n} {counted} leaves no room in the model's {limit} "
+                            f"positions{more}; shorten the question (records longer than data.max_question_chars "
+                            "are refused)", [r.key for r, _ in over])
 
 
 def suppressed_token_ids(processor) -> list[int]:
@@ -112,6 +136,7 @@ class HFEngine:
         self.eos_ids.add(self.tokenizer.convert_tokens_to_ids(modes.IM_END))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.suppress_ids = suppressed_token_ids(processor)
+        self.max_positions = context_limit(model)
         self._fast_checked: dict[int, bool] = {}      # id(model) -> static decoder verified
 
     # -- protocol --------------------------------------------------------------------------------
@@ -136,6 +161,7 @@ class HFEngine:
             self.tokenizer = self.processor.tokenizer
             model_or_path.to(self.device)
         self.model = model_or_path
+        self.max_positions = context_limit(model_or_path)
         self.policy_version = version
 
     def push_weights(self, model_or_path: Any) -> dict[str, float]:
@@ -212,9 +238,14 @@ class HFEngine:
         bsz = len(rows)
         owner = torch.tensor([uniq.index(ri) for ri, _ in rows], device=self.device)
         unique_prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attn)]
+        check_prompt_lengths([requests[ri] for ri in uniq], [len(ids) for ids in unique_prompt_ids],
+                             self.max_positions)
         prompt_ids = [unique_prompt_ids[uniq.index(ri)] for ri, _ in rows]
         temps = torch.tensor([requests[ri].temperature for ri, _ in rows], dtype=torch.float32, device=self.device)
-        limits = [requests[ri].max_new_tokens for ri, _ in rows]
+        # Prompt + generation stay within the model's positions (vLLM clamps max_tokens the same way).
+        room = [self.max_positions - len(ids) if self.max_positions else None for ids in prompt_ids]
+        limits = [requests[ri].max_new_tokens if left is None else min(requests[ri].max_new_tokens, left)
+                  for (ri, _), left in zip(rows, room)]
         gens = []
         for ri, j in rows:
             g = torch.Generator(device="cpu")

@@ -56,8 +56,8 @@ from typing import Any, Callable
 from r4b_core import modes
 from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
-from r4b_core.rollout.base import Completion, GenerationRequest
-from r4b_core.rollout.hf import check_request, load_images, suppressed_token_ids
+from r4b_core.rollout.base import Completion, GenerationRequest, PromptTooLong
+from r4b_core.rollout.hf import check_prompt_lengths, check_request, load_images, suppressed_token_ids
 
 # Renders the user message's text part verbatim: the prompt is built by modes.chat_prompt.
 PASS_THROUGH_TEMPLATE = (
@@ -141,7 +141,9 @@ class VLLMEngine:
         if not self.healthy():
             raise VLLMEngineError(f"vLLM server at {self.url} is unreachable (GET /health failed within "
                                   f"{health_timeout_s:.0f} s); start it (VLLMServer) or fix R4B_VLLM_URL")
-        self.model_name = self._get("/v1/models")["data"][0]["id"]
+        card = self._get("/v1/models")["data"][0]
+        self.model_name = card["id"]
+        self.max_positions = card.get("max_model_len")   # the server's context length
 
     # -- HTTP ------------------------------------------------------------------------------------
     def _session(self):
@@ -268,7 +270,15 @@ class VLLMEngine:
 
     def _one(self, req: GenerationRequest) -> list[Completion]:
         images = load_images(req.images)
-        resp = self._post("/v1/chat/completions", self._body(req, images), f"generate (request {req.key!r})")
+        try:
+            resp = self._post("/v1/chat/completions", self._body(req, images), f"generate (request {req.key!r})")
+        except VLLMEngineError as exc:
+            if "maximum context length" not in str(exc):
+                raise
+            detail = str(exc).split("maximum context length", 1)[1][:200]
+            raise PromptTooLong(f"request {req.key!r}: the vLLM server refused the prompt as too long (maximum "
+                                f"context length{detail}); shorten the question (records longer than "
+                                "data.max_question_chars are refused) or lower max_new_tokens", [req.key]) from None
         prompt_ids = resp.get("prompt_token_ids") or []
         comps = []
         for choice in sorted(resp["choices"], key=lambda c: c["index"]):
@@ -296,6 +306,10 @@ class VLLMEngine:
         (the part of it the overlap did not hide)."""
         for req in requests:
             check_request(req)
+        # The text alone (each image placeholder counted as one token) already too long: refused
+        # before any request is sent; a prompt that only its images make too long, the server refuses.
+        check_prompt_lengths(requests, [len(self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
+                                        for r in requests], self.max_positions, counted="text tokens")
         finished: list[float] = []
         futures = [self._pool.submit(self._one, req) for req in requests]
         for f in futures:

@@ -389,3 +389,31 @@ def test_tied_embeddings_need_the_output_layer_refresh(tied_model_dir, tiny, tmp
             assert engine.last_sync["max_abs_diff"] < 1e-3
         finally:
             engine.close()
+
+
+def test_prompt_too_long_for_the_served_model_is_refused_with_the_key(engine, tiny):
+    """A prompt whose text alone fills the server's context is refused before it is sent; one that
+    only its image makes too long, the server refuses, and the engine says so in the same terms."""
+    from r4b_core.rollout.base import PromptTooLong
+
+    tokenizer = tiny[1].tokenizer
+    assert engine.max_positions == 2048
+
+    def prompt(terms: int, images: int = 0) -> str:
+        return modes.chat_prompt("What is " + " + ".join(str(i % 10) for i in range(terms)) + "?", images,
+                                 Mode.NO_THINK)
+
+    with pytest.raises(PromptTooLong) as info:
+        engine.generate([GenerationRequest(prompt=prompt(6000), max_new_tokens=4, key="long")])
+    assert info.value.keys == ["long"]
+    assert str(info.value).startswith("request 'long': a prompt of ") and "text tokens leaves no room" in str(info.value)
+    # text just under the limit; the image's 16 tokens (64x64, patch 16) take it over
+    terms = next(t for t in range(600, 800) if 2034 <= len(tokenizer(prompt(t, 1))["input_ids"]) < 2048)
+    with pytest.raises(PromptTooLong) as info:
+        engine.generate([GenerationRequest(prompt=prompt(terms, 1), images=[Image.new("RGB", (64, 64))],
+                                           max_new_tokens=4, key="img")])
+    assert info.value.keys == ["img"]
+    msg = str(info.value)
+    assert msg.startswith("request 'img': the vLLM server refused the prompt as too long (maximum context length")
+    assert "\n" not in msg
+    assert [c.key for c in engine.generate(_requests())] == ["r0", "r1", "r2"]      # the engine still serves

@@ -321,7 +321,7 @@ def test_config_arithmetic_errors_name_the_numbers(tmp_path):
         bpo.check_bpo_config(RunConfig(bpo=BPOConfig(prompts_per_step=8, micro_batch_size=32)), world_size=4)
     with pytest.raises(bpo.BPOError, match="3 usable prompts"):
         bpo.check_bpo_config(cfg, num_prompts=3)
-    with pytest.raises(bpo.BPOError, match="max_position_embeddings"):
+    with pytest.raises(bpo.BPOError, match="the model.s 2048 positions"):
         bpo.check_bpo_config(cfg, num_prompts=100, max_prompt_tokens=2000)
     bpo.check_bpo_config(cfg, num_prompts=100, max_prompt_tokens=40)
 

@@ -453,3 +453,24 @@ def test_curation_with_the_simulated_annotator_labels_by_cell_and_skips_on_rerun
     ann = curate.SimulatedAnnotator(records, {"perception": 1.0, "math": 0.0}, seed=0)
     first = curate.run_curate(cfg, str(raw), out, annotator=ann)
     assert curate.run_curate(cfg, str(raw), out, annotator=ann)["config_hash"] == first["config_hash"]
+
+
+def test_item_whose_prompt_does_not_fit_the_annotator_is_rejected_not_fatal(tmp_path, tiny_model_dir):
+    """The engine refuses a prompt longer than the model's positions before any prefill; curation
+    rejects that item as prompt_too_long and labels the rest."""
+    from r4b_core.models.loading import load_model
+    from r4b_core.rollout.hf import HFEngine
+
+    long_q = "What is " + " + ".join(str(i % 10) for i in range(1500)) + "?"
+    rows = [dict(id="p1", question="What colour is it?", answer="5", category="perception"),
+            dict(id="m1", question=long_q, answer="1", category="math"),
+            dict(id="p2", question="How many squares?", answer="3", category="perception")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(dict(r, answer_type="integer", reasoning="look")) + "\n" for r in rows))
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path)},
+                                    "curate": {"num_samples": 2, "max_new_tokens": 4}})
+    model, processor = load_model(str(tiny_model_dir))
+    manifest = curate.run_curate(cfg, str(data), str(tmp_path / "c"), annotator=HFEngine(model, processor))
+    assert manifest["counts"] == {"read": 3, "kept": 2, "rejected": 1}
+    rej = json.loads((tmp_path / "c" / "rejects.jsonl").read_text())
+    assert rej["where"].endswith("d.jsonl:2") and rej["reason"].startswith("prompt_too_long: request 'm1': a prompt of ")

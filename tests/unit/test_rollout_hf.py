@@ -217,3 +217,34 @@ def test_text_only_and_image_paths(tiny, tmp_path):
     assert with_path[0].token_ids == with_pil[0].token_ids
     text_only = engine.generate([GenerationRequest(prompt=modes.chat_prompt("q", 0), max_new_tokens=4)])
     assert len(text_only[0].token_ids) == 4 and text_only[0].finish_reason == "length"
+
+
+def test_prompt_too_long_for_the_model_is_refused_before_any_prefill(tiny):
+    """A prompt that leaves no room in the model's positions (2048 here) is a PromptTooLong naming
+    the requests, raised before the prefill that would cost minutes and GBs; a prompt that fits
+    generates at most the positions left (as vLLM clamps max_tokens)."""
+    from r4b_core.rollout.base import PromptTooLong
+
+    model, processor = tiny
+    engine = HFEngine(model, processor)
+    assert engine.max_positions == model.config.text_config.max_position_embeddings == 2048
+
+    def prompt(terms: int) -> str:
+        return modes.chat_prompt("What is " + " + ".join(str(i % 10) for i in range(terms)) + "?", 0, Mode.NO_THINK)
+
+    def length(terms: int) -> int:
+        return len(processor.tokenizer(prompt(terms))["input_ids"])
+
+    near = next(t for t in range(600, 800) if 2040 <= length(t) < 2048)   # leaves 1 to 8 positions
+    reqs = [GenerationRequest(prompt=prompt(3), max_new_tokens=4, key="ok"),
+            GenerationRequest(prompt=prompt(6000), max_new_tokens=4, key="long"),
+            GenerationRequest(prompt=prompt(2000), max_new_tokens=1, key="long2")]
+    with pytest.raises(PromptTooLong) as info:
+        engine.generate(reqs)
+    assert info.value.keys == ["long", "long2"]
+    msg = str(info.value)
+    assert msg.startswith(f"request 'long': a prompt of {length(6000)} tokens leaves no room in the model's 2048 "
+                          "positions (and 1 more requests); shorten the question") and "\n" not in msg
+    out = engine.generate([reqs[0], GenerationRequest(prompt=prompt(near), max_new_tokens=64, key="near")])
+    assert [c.key for c in out] == ["ok", "near"]
+    assert len(out[1].token_ids) <= 2048 - length(near) and out[1].finish_reason in ("length", "stop")
