@@ -273,7 +273,8 @@ class ModeMetrics:
         self.budgeted = Counter("r4b_thinking_budget_requests_total", "Chat completions that ran under a thinking "
                                 "budget, by requested mode", ["mode"], **kw)
         self.exhausted = Counter("r4b_thinking_budget_exhausted_total", "Chat completions whose reasoning used "
-                                 "its whole budget (the budget closed the think block)", ["mode"], **kw)
+                                 "its whole budget (the budget closed the think block, or max_tokens ended the "
+                                 "request right there)", ["mode"], **kw)
         self.first_answer = Histogram("r4b_time_to_first_answer_token_seconds", "Seconds from the request to its "
                                       "first non-blank answer text (streamed) or to the whole response (not "
                                       "streamed), by requested mode", ["mode"], buckets=LATENCY_BUCKETS, **kw)
