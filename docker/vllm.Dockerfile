@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# The r4b vLLM image: the vLLM OpenAI server plus r4b's server assets (r4b_core/assets:
-# sitecustomize.py for the torchvision-free Llava import, the worker extension that refreshes a tied
-# output layer after a weight reload). It runs the BPO rollout sidecar and the serving Deployment;
-# the chat template comes with the model folder / the sidecar's fetch step.
+# The r4b vLLM image: the vLLM OpenAI server plus r4b's server assets (r4b_core/assets: the worker
+# extension that reloads pushed weights in place and refreshes a tied output layer, the serving plugin).
+# It runs the BPO rollout sidecar and the serving Deployment; the chat template comes with the model
+# folder / the sidecar's fetch step.
 #
 #   docker build -f docker/vllm.Dockerfile -t r4b-vllm:dev .
 #   docker build -f docker/vllm.Dockerfile --build-arg VLLM_IMAGE=<a vLLM CPU image> -t r4b-vllm:cpu .

@@ -66,8 +66,8 @@ SHM_DIR = "/dev/shm/r4b"
 SIDECAR_MODEL_DIR = SHM_DIR + "/model"
 SIDECAR_CHAT_TEMPLATE = SIDECAR_MODEL_DIR + "/chat_template.jinja"   # written by the fetch step (r4b serve --fetch-only)
 RUN_AS = 1000                    # the uid our images create (docker/*.Dockerfile)
-# Where docker/vllm.Dockerfile puts r4b_core/assets (sitecustomize.py, the worker extension named by
-# vllm_server.WORKER_EXTENSION): on the sidecar's PYTHONPATH.
+# Where docker/vllm.Dockerfile puts r4b_core/assets (the worker extension named by
+# vllm_server.WORKER_EXTENSION, the serving plugin): on the sidecar's PYTHONPATH.
 VLLM_ASSETS_DIR = "/opt/r4b/assets"
 # Pod names are <job>-worker-<i> and the operator makes a Service of each: keep room under 63.
 MAX_NAME = 48

@@ -6,8 +6,7 @@
 It mirrors R-4B's lineage at toy scale: a SigLIP vision tower (64x64 images, 16x16 patches ->
 16 image tokens), a two-layer GELU MLP projector and a Qwen3 text model, with a byte-level BPE
 tokenizer trained on the run's own corpus (models/tokenizer.py) and our chat template. The
-processor is `LlavaProcessor` around the PIL SigLIP image processor, so neither transformers nor
-vLLM needs torchvision.
+processor is `LlavaProcessor` around the SigLIP image processor.
 
 Deviations from R-4B, on purpose:
 - LLaVA's projector is Linear -> GELU -> Linear; R-4B's (LLaVA-OneVision) puts a LayerNorm
@@ -70,13 +69,12 @@ def tiny_llava_config(cfg: TinyModelConfig, image_token_id: int, pad_token_id: i
 
 
 def make_processor(tokenizer, image_size: int, patch_size: int):
-    """LlavaProcessor around the PIL SigLIP image processor (no torchvision)."""
-    from transformers import LlavaProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    """LlavaProcessor around the SigLIP image processor."""
+    from transformers import LlavaProcessor, SiglipImageProcessor
 
     from r4b_core.models.tokenizer import chat_template
 
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -17,7 +17,6 @@ What the launch takes care of (each one was a real failure, see ENVIRONMENT.md):
 - fp32 and `--enforce-eager` (greedy ids then match transformers token for token);
 - our chat template (models/tokenizer.py) and `--trust-request-chat-template`, which lets the
   rollout client send a pass-through template and so control the prompt text exactly;
-- `assets/sitecustomize.py` on PYTHONPATH (vLLM's Llava imports a torchvision-only module);
 - `--worker-extension-cls r4b_vllm_worker.R4BWorkerExtension` (re-packs a tied output layer
   after a weight reload; without it a tied model serves stale logits).
 

@@ -61,7 +61,7 @@ def test_reload_matches_saved_tensors_and_runs_an_image(tiny_dir):
     assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     n_params = sum(p.numel() for p in model.parameters())
     assert 300_000 < n_params < 3_000_000
-    assert type(processor.image_processor).__name__ == "SiglipImageProcessorPil"   # no torchvision
+    assert type(processor.image_processor).__name__ == "SiglipImageProcessor"
     enc = _inputs(processor)
     image_id = model.config.image_token_index
     assert int((enc["input_ids"] == image_id).sum()) == 16
@@ -111,12 +111,12 @@ def test_save_model_is_atomic(tiny_dir, tmp_path):
 def test_sharded_write_round_trips(tiny_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from r4b_core.models.loading import load_model, state_dict_for_vllm, write_safetensors
+    from r4b_core.models.loading import load_model, saved_state_dict, write_safetensors
 
     model, _ = load_model(str(tiny_dir))
     for f in ("config.json",):
         (tmp_path / f).write_text((tiny_dir / f).read_text())
-    paths = write_safetensors(state_dict_for_vllm(model), tmp_path, max_shard_bytes=400_000)
+    paths = write_safetensors(saved_state_dict(model), tmp_path, max_shard_bytes=400_000)
     assert len(paths) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
