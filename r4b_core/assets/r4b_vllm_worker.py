@@ -9,9 +9,10 @@ and re-packs it. Call it through `/collective_rpc` after every reload; it is che
 untied models too. `r4b_reload_weights(weights_path)` does the reload and the refresh in one call.
 
 The reload itself (`r4b_reload_weights`) takes a fast path when it can: the trainer writes the
-weights under the served model's own module names (models/loading.state_dict_for_vllm), so the
-worker only concatenates the parts of packed layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj,
-from the model's `packed_modules_mapping`), copies every tensor into its parameter in place, and
+weights in transformers' checkpoint layout (models/loading.saved_state_dict), the worker maps the
+names with the model's own `hf_to_vllm_mapper` (as its `load_weights` does), concatenates the
+parts of packed layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj, from the model's
+`packed_modules_mapping`), copies every tensor into its parameter in place, and
 re-packs the linear layers whose weight vLLM's CPU backend keeps only inside a oneDNN handle.
 That is what vLLM's `reload_weights` does for this case, without its per-layer meta-device
 restore and deferred loaders (measured on the tiny VLM: 26-29 ms -> 9-10 ms). Anything the
@@ -53,6 +54,15 @@ class R4BWorkerExtension:
         for f in files:
             tensors.update(load_file(str(f)))
         model = self.model_runner.get_model()
+        # checkpoint names -> the served model's module names, as the model's own loader maps them
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapped = {}
+            for key, t in tensors.items():
+                name = mapper.map_name(key)
+                if name is not None:
+                    mapped[name] = t
+            tensors = mapped
         packed = dict(getattr(model, "packed_modules_mapping", None) or {})
         part_of = {part: (name, i) for name, parts in packed.items() for i, part in enumerate(parts)}
         parts_by_target: dict = {}

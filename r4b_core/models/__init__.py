@@ -5,8 +5,8 @@
 Heavy libraries (torch, transformers) are imported inside the functions.
 """
 
-from r4b_core.models.loading import load_model, save_model, state_dict_for_vllm
+from r4b_core.models.loading import load_model, save_model, saved_state_dict
 from r4b_core.models.tiny import build_tiny_vlm
 from r4b_core.models.tokenizer import chat_template, train_tokenizer
 
-__all__ = ["build_tiny_vlm", "chat_template", "load_model", "save_model", "state_dict_for_vllm", "train_tokenizer"]
+__all__ = ["build_tiny_vlm", "chat_template", "load_model", "save_model", "saved_state_dict", "train_tokenizer"]

@@ -5,7 +5,7 @@
     model, processor = load_model("Qwen/Qwen2.5-VL-3B-Instruct", cfg.model)   # HF id (needs a hub)
     model, processor = load_model(cfg.model.base, cfg.model)   # base: llava-onevision + vision_tower
                                                                # + language_model: composed
-    save_model(model, processor, "runs/tiny/anneal/model")     # safetensors, vLLM key layout, atomic
+    save_model(model, processor, "runs/tiny/anneal/model")     # safetensors, transformers' layout, atomic
 
 Paper scale (configs/r4b-4b.yaml) composes a LLaVA-style model from a vision tower
 (google/siglip2-so400m-patch14-384) and a language model (Qwen/Qwen3-4B): the tower and the LM keep
@@ -13,10 +13,10 @@ their pretrained weights, the two-layer GELU projector is freshly initialised, t
 LM's plus an `<image>` token, the chat template is ours. R-4B's AnyRes tiling and projector
 LayerNorm are not reproduced (transformers' and vLLM's plain Llava have neither).
 
-Saved folders use the key layout vLLM's Llava loader expects (`language_model.model.*`,
-`language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`);
-transformers maps it back on load. The same layout is what the vLLM weight sync writes
-(`state_dict_for_vllm`).
+Saved folders use the key layout `save_pretrained` writes for the model's family (for LLaVA
+`language_model.model.*`, `vision_tower.vision_model.*`; for Qwen2.5-VL `visual.*`, `model.*`):
+transformers maps it back on load and each vLLM model maps it to its own modules. The weight
+sync writes the same names (`saved_state_dict`).
 """
 
 from __future__ import annotations
@@ -52,37 +52,21 @@ def _torch_dtype(dtype: Any):
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
-def _vision_needs_model_level(model) -> bool:
-    """transformers 5 SigLIP/CLIP towers have no `vision_model` level; vLLM's do."""
-    tower = model.model.vision_tower
-    return not hasattr(tower, "vision_model")
+def saved_state_dict(model) -> dict[str, Any]:
+    """The model's tensors under the names `save_pretrained` writes: transformers' own checkpoint
+    layout for the family (its conversion mapping reverted, tied weights once), which is also the
+    layout every vLLM model loader maps from. The weight push writes the same names."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-
-def state_dict_for_vllm(model) -> dict[str, Any]:
-    """The model's tensors under vLLM's Llava key names (also loadable by transformers).
-
-    Tied output layers are written once (as the embedding): both loaders re-tie them.
-    """
-    add_level = _vision_needs_model_level(model)
-    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    out: dict[str, Any] = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith("model.vision_tower."):
-            rest = key[len("model.vision_tower."):]
-            new = "vision_tower." + ("vision_model." if add_level else "") + rest
-        elif key.startswith("model.multi_modal_projector."):
-            new = key[len("model."):]
-        elif key.startswith("model.language_model."):
-            new = "language_model.model." + key[len("model.language_model."):]
-        elif key.startswith("lm_head."):
-            if tied:
-                continue
-            new = "language_model." + key
-        else:
-            raise ModelLoadError(f"save_model: unexpected parameter {key!r}; only LLaVA-style "
-                                 f"models (vision_tower + projector + language_model) are supported")
-        out[new] = tensor.detach().contiguous()
-    return out
+    if getattr(model, "_weight_conversions", None) is None:
+        # Built here, not loaded: write what a checkpoint of the family looks like, as a loaded
+        # model is written. transformers alone would drop the SigLIP `vision_model.` level, which
+        # vLLM's LLaVA / OneVision / Gemma3 towers need.
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return {k: v.detach().contiguous() for k, v in revert_weight_conversion(model, state).items()}
 
 
 def write_safetensors(tensors: dict[str, Any], folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
@@ -127,7 +111,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model(model, processor, out_dir: str | Path) -> Path:
-    """Save a loadable, servable folder: config, safetensors (vLLM layout), processor files.
+    """Save a loadable, servable folder: config, safetensors (transformers' layout), processor files.
 
     Atomic: everything is written to a temporary sibling folder that is renamed at the end, so
     a crash never leaves a half-written model where a finished one is expected.
@@ -142,7 +126,7 @@ def save_model(model, processor, out_dir: str | Path) -> Path:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        write_safetensors(state_dict_for_vllm(model), tmp)
+        write_safetensors(saved_state_dict(model), tmp)
         processor.save_pretrained(tmp)
         _replace_dir(tmp, out)
     except BaseException:
@@ -193,6 +177,36 @@ def local_model_dir(source: str, store=None) -> Path | None:
     return path
 
 
+def ensure_think_tokens(model, processor) -> list[str]:
+    """Make `<think>` and `</think>` single tokens when the family's vocabulary lacks them (Qwen2.5-VL,
+    LLaVA-OneVision, SmolVLM, Gemma3 have none): added as ordinary tokens (they survive decoding
+    with skip_special_tokens, as in Qwen3), the embedding matrix grown only if the vocabulary
+    outgrows it (Qwen's padded rows are used first), and each new row (input and output side) set
+    to the mean of the rows in use, so the new tokens start as an average token rather than noise
+    or a zero vector that attention cannot tell apart. Returns the tokens added."""
+    import torch
+    from tokenizers import AddedToken
+
+    from r4b_core import modes
+
+    tok = getattr(processor, "tokenizer", processor)
+    vocab = tok.get_vocab()
+    missing = [t for t in (modes.THINK_OPEN, modes.THINK_CLOSE) if t not in vocab]
+    if not missing:
+        return []
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+    new_ids = tok.convert_tokens_to_ids(missing)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    first_new = min(new_ids)
+    with torch.no_grad():
+        weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                   if m is not None}
+        for w in weights.values():
+            w[new_ids] = w[:first_new].mean(0)
+    return missing
+
+
 def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
@@ -202,6 +216,7 @@ def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
     cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForImageTextToText
     model = cls.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    ensure_think_tokens(model, processor)
     return model.eval(), processor
 
 
@@ -225,7 +240,7 @@ def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dt
     vision_src, lm_src = fetch(vision_source), fetch(lm_source)
     try:
         vision_full = AutoModel.from_pretrained(vision_src, dtype=dtype, trust_remote_code=trust)
-        image_processor = AutoImageProcessor.from_pretrained(vision_src, backend="pil")
+        image_processor = AutoImageProcessor.from_pretrained(vision_src)
         lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, trust_remote_code=trust)
         tokenizer = AutoTokenizer.from_pretrained(lm_src, trust_remote_code=trust)
     except OSError as exc:

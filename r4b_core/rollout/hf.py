@@ -60,12 +60,12 @@ def load_images(images: list[Any]) -> list[Any]:
     return out
 
 
-def check_request(req: GenerationRequest) -> None:
-    n_placeholders = req.prompt.count(modes.IMAGE_TOKEN)
+def check_request(req: GenerationRequest, image_placeholder: str = modes.IMAGE_TOKEN) -> None:
+    n_placeholders = req.prompt.count(image_placeholder)
     if n_placeholders != len(req.images):
-        raise RolloutError(f"request {req.key!r}: the prompt has {n_placeholders} {modes.IMAGE_TOKEN} "
+        raise RolloutError(f"request {req.key!r}: the prompt has {n_placeholders} {image_placeholder} "
                            f"placeholder(s) but {len(req.images)} image(s) were given; build the prompt with "
-                           f"modes.chat_prompt(question, num_images=len(images), mode=...)")
+                           f"ChatFormat.of(processor).prompt(question, num_images=len(images), mode=...)")
     if req.n < 1 or req.max_new_tokens < 1 or req.temperature < 0:
         raise RolloutError(f"request {req.key!r}: n={req.n}, max_new_tokens={req.max_new_tokens}, "
                            f"temperature={req.temperature}; need n >= 1, max_new_tokens >= 1, temperature >= 0")
@@ -96,12 +96,38 @@ def check_prompt_lengths(requests: list[GenerationRequest], lengths: list[int], 
 
 
 def suppressed_token_ids(processor) -> list[int]:
-    """Tokens a rollout never emits: the image placeholder. A completion containing it could not be
-    fed back to the model (Llava would look for image features for it), so both engines mask it and
-    every logprob here is under that masked distribution (teacher_forced_logprobs does the same)."""
+    """Tokens a rollout never emits: the image (and video) placeholders. A completion containing one
+    could not be fed back to the model (it would look for image features for it), so both engines
+    mask them and every logprob here is under that masked distribution (teacher_forced_logprobs
+    does the same). The ids are the processor's own (`image_token_id`, `video_token_id`)."""
     tok = getattr(processor, "tokenizer", processor)
-    tid = tok.convert_tokens_to_ids(modes.IMAGE_TOKEN)
-    return [tid] if isinstance(tid, int) and tid != tok.unk_token_id else []
+    ids = {getattr(processor, attr, None) for attr in ("image_token_id", "video_token_id")}
+    ids.add(tok.convert_tokens_to_ids(modes.IMAGE_TOKEN) if modes.IMAGE_TOKEN in tok.get_vocab() else None)
+    return sorted(i for i in ids if isinstance(i, int) and i != tok.unk_token_id)
+
+
+def encode_prompts(processor, texts: list[str], images: list[list[Any]], **kwargs) -> dict:
+    """The processor's inputs for a batch of prompts, one image list per prompt (what Gemma3 and
+    Idefics3 need to tell the prompts' images apart; the others accept the same nesting). Every
+    tensor the processor returns (pixel_values, image_grid_thw, image_sizes, pixel_attention_mask,
+    token_type_ids, ...) is kept: the model's forward takes them all."""
+    if any(images):
+        return dict(processor(text=texts, images=[load_images(ims) for ims in images], return_tensors="pt",
+                              **kwargs))
+    return dict(processor(text=texts, return_tensors="pt", **kwargs))
+
+
+def rope_positions(model, enc: dict):
+    """Prompt position ids from the model's own rope-index function where it has one (M-RoPE:
+    Qwen2.5-VL, Qwen3-VL; shape (3, B, L)), else None (the caller's 1-D positions apply)."""
+    inner = getattr(model, "model", None)
+    rope_index = getattr(inner, "get_rope_index", None)
+    if rope_index is None:
+        return None
+    extra = {k: v for k, v in enc.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+                                                   "mm_token_type_ids")}
+    positions, _ = rope_index(enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
+    return positions
 
 
 def sample_seed(request_seed: int | None, sample_index: int, fallback: int) -> int:
@@ -130,19 +156,29 @@ class HFEngine:
         self.reload_path = ""
         self._calls = 0
         self._seed = seed
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self._set_processor(processor)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self._fast_checked: dict[int, bool] = {}      # id(model) -> static decoder verified
+
+    def _set_processor(self, processor) -> None:
+        """Chat format, end-of-turn ids and masked ids of the served model (they change with it)."""
+        from r4b_core.models.chat import ChatFormat
+
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        generation_config = getattr(self.model, "generation_config", None)
+        self.chat = ChatFormat.of(processor, generation_config)
+        eos = getattr(generation_config, "eos_token_id", None)
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        self.eos_ids.add(self.tokenizer.convert_tokens_to_ids(modes.IM_END))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids.add(self.tokenizer.convert_tokens_to_ids(self.chat.end_of_turn))
         self.suppress_ids = suppressed_token_ids(processor)
-        self.max_positions = context_limit(model)
-        self._fast_checked: dict[int, bool] = {}      # id(model) -> static decoder verified
+        self.max_positions = context_limit(self.model)
 
     # -- protocol --------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         for req in requests:
-            check_request(req)
+            check_request(req, self.chat.image_placeholder)
         self._calls += 1
         rows = [(ri, j) for ri, req in enumerate(requests) for j in range(req.n)]
         out: dict[tuple[int, int], Completion] = {}
@@ -157,9 +193,10 @@ class HFEngine:
         if isinstance(model_or_path, (str, Path)):
             from r4b_core.models.loading import load_model
 
-            model_or_path, self.processor = load_model(str(model_or_path))
-            self.tokenizer = self.processor.tokenizer
+            model_or_path, processor = load_model(str(model_or_path))
             model_or_path.to(self.device)
+            self.model = model_or_path
+            self._set_processor(processor)
         self.model = model_or_path
         self.max_positions = context_limit(model_or_path)
         self.policy_version = version
@@ -178,14 +215,12 @@ class HFEngine:
     def _encode(self, requests: list[GenerationRequest], request_indices: list[int]):
         """One left-padded row per request (its n samples share it): the processor and the vision
         tower see each prompt and image once, not once per sample."""
-        texts, images = [], []
-        for ri in request_indices:
-            texts.append(requests[ri].prompt)
-            images.extend(load_images(requests[ri].images))
+        texts = [requests[ri].prompt for ri in request_indices]
+        images = [requests[ri].images for ri in request_indices]
         saved_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
-            enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            enc = encode_prompts(self.processor, texts, images, padding=True)
         finally:
             self.tokenizer.padding_side = saved_side
         return {k: v.to(self.device) for k, v in enc.items()}
@@ -251,7 +286,9 @@ class HFEngine:
             g = torch.Generator(device="cpu")
             g.manual_seed(sample_seed(requests[ri].seed, j, fallback=self._seed * 1_000_003 + self._calls * 1009 + ri))
             gens.append(g)
-        position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = rope_positions(model, {"input_ids": input_ids, "attention_mask": attn, **enc})
+        if position_ids is None:
+            position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=True,
                     logits_to_keep=1, **enc)
         cache = out.cache
@@ -260,7 +297,9 @@ class HFEngine:
             cache.batch_select_indices(owner)          # sample rows share their request's prefix K/V
             logits = logits[owner]
         attn = attn[owner]
-        next_pos = position_ids[owner, -1:] + 1
+        # generated tokens are text: one position each, after the prompt's last (M-RoPE: its largest)
+        last = position_ids[..., -1:] if position_ids.ndim == 2 else position_ids.amax(dim=(0, 2)).unsqueeze(-1)
+        next_pos = last[owner] + 1
         stepper = self._stepper(model, cache, attn, max(limits))
         sampler = _GumbelSampler(gens, temps, logits.shape[-1], max(limits))
         live = list(range(bsz))                         # original row of each batch position
@@ -358,6 +397,7 @@ class _StaticDecoder:
             return None
         text_cfg = getattr(model.config, "text_config", model.config)
         if (dec is model or head is None or not layers or getattr(rope, "rope_type", None) not in ("default", "linear")
+                or "mrope_section" in (getattr(cfg, "rope_parameters", None) or {})
                 or getattr(text_cfg, "final_logit_softcapping", None) or getattr(text_cfg, "logit_scale", None)
                 or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
                 or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
@@ -505,13 +545,17 @@ def teacher_forced_logprobs(model, processor, prompt: str, images: list[Any], to
     with the engines' suppressed tokens masked: the distribution the rollouts were sampled from."""
     import torch
 
-    enc = processor(text=[prompt], images=load_images(images) or None, return_tensors="pt")
+    enc = encode_prompts(processor, [prompt], [images])
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     n_prompt = enc["input_ids"].shape[1]
     ids = torch.cat([enc["input_ids"], torch.tensor([token_ids], device=device)], dim=1)
     attn = torch.ones_like(ids)
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    # per-token inputs of the prompt (Gemma3's token_type_ids, Qwen's mm_token_type_ids) cover the
+    # completion too: text, 0
+    extra = {k: (torch.cat([v, v.new_zeros((1, len(token_ids)))], dim=1)
+                 if v.ndim == 2 and v.shape[1] == n_prompt and k.endswith("token_type_ids") else v)
+             for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     was_training = model.training
     model.eval()
     try:

@@ -8,9 +8,9 @@
 
 Prompt control. Requests go to `/v1/chat/completions` with a pass-through chat template (the
 server runs with `--trust-request-chat-template`): the single user message carries the images and,
-as its text, the whole prompt already built with `modes.chat_prompt` (forced prefix included), and
+as its text, the whole prompt already built with `ChatFormat.prompt` (forced prefix included), and
 the template emits that text unchanged. So the server tokenizes exactly the string the trainer
-tokenizes, images are expanded by vLLM's own Llava processor, and per-token logprobs
+tokenizes, images are expanded by vLLM's processor for the model, and per-token logprobs
 (`--logprobs-mode processed_logprobs`: under the sampling distribution) and token ids come back.
 The completions endpoint would be simpler but takes no images. Requests run concurrently on a
 thread pool; each request's `seed` goes to vLLM's sampler.
@@ -53,13 +53,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from r4b_core import modes
 from r4b_core.errors import R4BError
+from r4b_core.models.chat import ChatFormat
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest, PromptTooLong
-from r4b_core.rollout.hf import check_prompt_lengths, check_request, load_images, suppressed_token_ids
+from r4b_core.rollout.hf import (check_prompt_lengths, check_request, encode_prompts, load_images,
+                                  suppressed_token_ids)
 
-# Renders the user message's text part verbatim: the prompt is built by modes.chat_prompt.
+# Renders the user message's text part verbatim: the prompt is built by ChatFormat.prompt.
 PASS_THROUGH_TEMPLATE = (
     "{%- for message in messages -%}{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}"
@@ -115,6 +116,9 @@ class VLLMEngine:
         self.url = (server_or_url if isinstance(server_or_url, str) else server_or_url.url).rstrip("/")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.chat = ChatFormat.of(processor) if processor is not None else None
+        end = self.tokenizer.convert_tokens_to_ids(self.chat.end_of_turn) if self.chat is not None else None
+        self.eos_ids = {i for i in (end, getattr(self.tokenizer, "eos_token_id", None)) if i is not None}
         self.sync_tolerance = sync_tolerance
         self.request_timeout_s = request_timeout_s
         self.health_timeout_s = health_timeout_s
@@ -290,7 +294,7 @@ class VLLMEngine:
             finish = choice.get("finish_reason") or "length"
             # Decode here, as HFEngine does: vLLM's incremental detokenizer drops unfinished UTF-8
             # byte sequences, so its text can differ from the same ids decoded at once.
-            body = ids[:-1] if finish == "stop" and ids and ids[-1] == self.tokenizer.eos_token_id else ids
+            body = ids[:-1] if finish == "stop" and ids and ids[-1] in self.eos_ids else ids
             text = self.tokenizer.decode(body, skip_special_tokens=True)
             comps.append(Completion(key=req.key, mode=req.mode, text=text,
                                     token_ids=ids, logprobs=[float(x) for x in lps],
@@ -305,7 +309,7 @@ class VLLMEngine:
         (None if there was none), with wait_s = how long the rollouts, once done, waited for it
         (the part of it the overlap did not hide)."""
         for req in requests:
-            check_request(req)
+            check_request(req, self.chat.image_placeholder)
         # The text alone (each image placeholder counted as one token) already too long: refused
         # before any request is sent; a prompt that only its images make too long, the server refuses.
         check_prompt_lengths(requests, [len(self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
@@ -333,7 +337,7 @@ class VLLMEngine:
     def push_weights(self, model_or_path: Any, while_reloading: Callable[[], Any] | None = None) -> dict[str, float]:
         """Make the server load the given weights (no verification; see `update_weights`).
         `while_reloading` runs on the calling thread while the server reloads."""
-        from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+        from r4b_core.models.loading import saved_state_dict, write_safetensors
 
         t0 = time.perf_counter()
         if isinstance(model_or_path, (str, Path)):
@@ -344,7 +348,7 @@ class VLLMEngine:
                 self._sync_dir.mkdir(parents=True, exist_ok=True)
             folder = self._sync_dir
             tensors = {k: v.detach().to("cpu", copy=False).float().contiguous()
-                       for k, v in state_dict_for_vllm(model_or_path).items()}
+                       for k, v in saved_state_dict(model_or_path).items()}
             for old in folder.glob("*.safetensors*"):
                 old.unlink()
             write_safetensors(tensors, folder)
@@ -407,7 +411,7 @@ class VLLMEngine:
         from PIL import Image
 
         image = (self._probe_images or [Image.new("RGB", (64, 64), (180, 40, 40))])[0]
-        prompt = modes.chat_prompt(PROBE_QUESTIONS[0], 1, Mode.THINK) + PROBE_ANSWER
+        prompt = self.chat.prompt(PROBE_QUESTIONS[0], 1, Mode.THINK) + PROBE_ANSWER
         return [GenerationRequest(prompt=prompt, images=[image], mode=Mode.THINK, max_new_tokens=1,
                                   temperature=0.0, key="probe")]
 
@@ -416,7 +420,7 @@ class VLLMEngine:
         if self._probe is None:
             req = self.probe_requests()[0]
             images = load_images(req.images)
-            self._probe = (req, images, self.processor(text=[req.prompt], images=images, return_tensors="pt"))
+            self._probe = (req, images, encode_prompts(self.processor, [req.prompt], [images]))
         return self._probe
 
     def verify(self, model, version: int | None = None) -> float:

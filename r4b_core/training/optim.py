@@ -15,9 +15,15 @@ import math
 
 import torch
 
-# Parameter-name markers of the LLaVA family (transformers' Llava*, LlavaOneVision, LlavaNext).
+# Which parameters belong to the vision encoder and to the projector, by name fragment, for every
+# family we train (transformers' names): the one piece of family knowledge the model cannot tell us.
+# Projector first: Qwen's `visual.merger` sits inside the vision module but maps into the LM.
+#   LLaVA / LLaVA-OneVision / Gemma3: vision_tower, multi_modal_projector (+ OneVision's image_newline)
+#   Qwen2.5-VL / Qwen3-VL:            visual.blocks, visual.merger (+ Qwen3's deepstack mergers)
+#   Idefics3 / SmolVLM:               vision_model, connector
+PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector", "connector.", "visual.merger.",
+                     "visual.deepstack_merger_list.", "image_newline")
 VISION_MARKERS = ("vision_tower", "vision_model", "visual.")
-PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector")
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:

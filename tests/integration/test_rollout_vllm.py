@@ -132,10 +132,10 @@ def test_in_place_reload_serves_what_vllms_reload_serves(engine, tiny, tmp_path)
 
 
 def _weights(folder, model):
-    from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+    from r4b_core.models.loading import saved_state_dict, write_safetensors
 
     folder.mkdir(parents=True)
-    write_safetensors(state_dict_for_vllm(model), folder)
+    write_safetensors(saved_state_dict(model), folder)
     return folder
 
 
@@ -364,7 +364,7 @@ def tied_model_dir(tiny, tmp_path_factory):
 
 def test_tied_embeddings_need_the_output_layer_refresh(tied_model_dir, tiny, tmp_path):
     from r4b_core.config import VLLMConfig
-    from r4b_core.models.loading import state_dict_for_vllm, write_safetensors
+    from r4b_core.models.loading import saved_state_dict, write_safetensors
     from r4b_core.rollout.vllm_server import VLLMServer
 
     folder, tied = tied_model_dir
@@ -375,7 +375,7 @@ def test_tied_embeddings_need_the_output_layer_refresh(tied_model_dir, tiny, tmp
         policy.get_input_embeddings().weight.add_(torch.randn_like(policy.lm_head.weight) * 0.2)
     weights = tmp_path / "weights"
     weights.mkdir()
-    write_safetensors(state_dict_for_vllm(policy), weights)
+    write_safetensors(saved_state_dict(policy), weights)
     with VLLMServer(folder, VLLMConfig(), log_path=tmp_path / "tied.log") as server:
         engine = VLLMEngine(server, processor)
         try:
