@@ -194,7 +194,7 @@ def fetch_model(cfg: RunConfig, resolved: ResolvedModel, out: str | Path | None 
                 return out
         except (OSError, ValueError):
             pass
-        from r4b_core.models.tokenizer import chat_template
+        from r4b_core.models.tokenizer import served_chat_template
         from r4b_core.storage import join
 
         source = parse_uri(resolved.uri)
@@ -212,7 +212,7 @@ def fetch_model(cfg: RunConfig, resolved: ResolvedModel, out: str | Path | None 
             else:
                 store.download_dir(resolved.uri, staging)
             _check_model_dir(staging, resolved)
-            (staging / "chat_template.jinja").write_text(chat_template())
+            (staging / "chat_template.jinja").write_text(served_chat_template(staging))
             (staging / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
         return out
     except StorageError as exc:

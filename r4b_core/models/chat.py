@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from r4b_core import modes
+from r4b_core.models.tokenizer import THINKING_BASE_CLOSE, THINKING_BASE_OPEN
 
 R4B_TEMPLATE_MARK = "r4b chat template"      # first line of models/tokenizer.chat_template()
 _PROBE = "\x00r4b-probe\x00"
@@ -48,6 +49,8 @@ class ChatFormat:
         """The format of a processor (or tokenizer) and, for the end of turn, the model's generation config."""
         tok = getattr(processor, "tokenizer", processor)
         template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+        if template and THINKING_BASE_OPEN in template:          # a served folder: the model's own inside
+            template = template.split(THINKING_BASE_OPEN, 1)[1].split(THINKING_BASE_CLOSE, 1)[0]
         if not template or R4B_TEMPLATE_MARK in template:
             return cls(None, modes.IMAGE_TOKEN, modes.IM_END, tok)
         fmt = cls(template, "", "", tok)

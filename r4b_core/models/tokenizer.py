@@ -38,17 +38,16 @@ def _lit(s: str) -> str:
     return json.dumps(s)
 
 
-def chat_template() -> str:
-    """The Jinja chat template; built from modes.py so no tag string is written twice."""
+def _mode_header() -> str:
+    """Jinja that sets `r4b_prefix` (mode name -> forced prefix) and `r4b_mode` from the request's
+    `thinking_mode` (or Qwen3's `enable_thinking`), refusing unknown names; from modes.py."""
     prefixes = ", ".join(f"{_lit(name)}: {_lit(modes.GENERATION_PREFIX[mode])}"
                          for name, mode in modes.SERVING_MODE_NAMES.items())
     allowed = ", ".join(modes.SERVING_MODE_NAMES)
     long_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.THINK)
     short_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.NO_THINK)
     auto_name = next(n for n, m in modes.SERVING_MODE_NAMES.items() if m is modes.Mode.AUTO)
-    image_types = "(" + ", ".join(_lit(t) for t in IMAGE_PART_TYPES) + ")"
     return (
-        "{#- r4b chat template: renders r4b_core.modes.chat_prompt; thinking_mode = " + allowed + " -#}\n"
         "{%- set r4b_prefix = {" + prefixes + "} -%}\n"
         "{%- if thinking_mode is defined and thinking_mode is not none -%}"
         "{%- set r4b_mode = thinking_mode | string | lower -%}"
@@ -58,6 +57,41 @@ def chat_template() -> str:
         "{%- if r4b_mode not in r4b_prefix -%}"
         "{{ raise_exception('unknown thinking_mode ' ~ r4b_mode ~ '; allowed: " + allowed + "') }}"
         "{%- endif -%}\n"
+    )
+
+
+THINKING_BASE_OPEN = "{#- r4b: the model's own template follows -#}"
+THINKING_BASE_CLOSE = "{#- r4b: end of the model's own template -#}"
+
+
+def thinking_template(base: str) -> str:
+    """A model's own chat template with `thinking_mode` added (the served template of a family
+    model): the model renders the turns and its generation prompt, the mode's forced prefix
+    follows. `ChatFormat` reads the base back out, so prompts are never prefixed twice."""
+    return ("{#- r4b thinking_mode = " + ", ".join(modes.SERVING_MODE_NAMES) + " around the model's template -#}\n"
+            + _mode_header() + THINKING_BASE_OPEN + base + THINKING_BASE_CLOSE
+            + "{%- if add_generation_prompt -%}{{ r4b_prefix[r4b_mode] }}{%- endif -%}")
+
+
+def served_chat_template(model_dir) -> str:
+    """The template a model folder is served with: r4b's own for r4b's models (and folders without
+    one), else the folder's own template with `thinking_mode` added."""
+    from pathlib import Path
+
+    path = Path(model_dir) / "chat_template.jinja"
+    base = path.read_text() if path.is_file() else ""
+    if not base.strip() or "r4b chat template" in base or THINKING_BASE_OPEN in base:
+        return base if THINKING_BASE_OPEN in base else chat_template()
+    return thinking_template(base)
+
+
+def chat_template() -> str:
+    """The Jinja chat template; built from modes.py so no tag string is written twice."""
+    allowed = ", ".join(modes.SERVING_MODE_NAMES)
+    image_types = "(" + ", ".join(_lit(t) for t in IMAGE_PART_TYPES) + ")"
+    return (
+        "{#- r4b chat template: renders r4b_core.modes.chat_prompt; thinking_mode = " + allowed + " -#}\n"
+        + _mode_header() +
         "{%- for message in messages -%}"
         "{{ " + _lit(modes.IM_START) + " ~ message['role'] ~ " + _lit("\n") + " }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"

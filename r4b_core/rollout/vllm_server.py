@@ -15,7 +15,8 @@ What the launch takes care of (each one was a real failure, see ENVIRONMENT.md):
   + `OMP_NUM_THREADS` (`vllm.cpu_threads`: one unpinned thread by default), `VLLM_SERVER_DEV_MODE=1` (exposes
   `/collective_rpc` for weight reloads);
 - fp32 and `--enforce-eager` (greedy ids then match transformers token for token);
-- our chat template (models/tokenizer.py) and `--trust-request-chat-template`, which lets the
+- the served chat template (models/tokenizer.served_chat_template: ours, or the model's own with
+  `thinking_mode` added) and `--trust-request-chat-template`, which lets the
   rollout client send a pass-through template and so control the prompt text exactly;
 - `--worker-extension-cls r4b_vllm_worker.R4BWorkerExtension` (re-packs a tied output layer
   after a weight reload; without it a tied model serves stale logits).
@@ -172,10 +173,10 @@ class VLLMServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        from r4b_core.models.tokenizer import chat_template
+        from r4b_core.models.tokenizer import served_chat_template
 
         template = self._workdir / "chat_template.jinja"
-        template.write_text(chat_template())
+        template.write_text(served_chat_template(self.model_dir))
         return server_command(resolve_python(self.cfg.python), self.model_dir.absolute(), self.cfg, self.port,
                               self.host, template, self.extra_args, self.trust_request_chat_template)
 

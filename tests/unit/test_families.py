@@ -117,3 +117,29 @@ def test_hf_rollouts_match_teacher_forcing(family):
     together = engine.generate(greedy)
     alone = [engine.generate([r])[0] for r in greedy]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_served_template_is_the_family_template_with_thinking_mode(family):
+    """`r4b serve` and the sidecar serve the model's own template with `thinking_mode` added: each
+    serving mode renders exactly the training prompt of its mode, and a folder saved with the
+    served template still yields the same prompts (the base is read back out)."""
+    from r4b_core.models.chat import ChatFormat
+    from r4b_core.models.tokenizer import served_chat_template
+
+    name, path, model, processor = family
+    fmt = ChatFormat.of(processor, model.generation_config)
+    served = served_chat_template(path)
+    assert served != fmt.template and fmt.template in served
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is 7 + 5?"}]}]
+    for serving_name, mode in modes.SERVING_MODE_NAMES.items():
+        text = processor.tokenizer.apply_chat_template(messages, chat_template=served, tokenize=False,
+                                                       add_generation_prompt=True, thinking_mode=serving_name)
+        assert text == fmt.prompt("What is 7 + 5?", 1, mode), (name, serving_name)
+    with pytest.raises(Exception, match="unknown thinking_mode"):
+        processor.tokenizer.apply_chat_template(messages, chat_template=served, tokenize=False,
+                                                add_generation_prompt=True, thinking_mode="medium")
+    import copy
+
+    wrapped = copy.copy(processor)
+    wrapped.chat_template = served
+    assert ChatFormat.of(wrapped, model.generation_config) == fmt
