@@ -27,8 +27,8 @@ CORPUS = [
 ] * 10
 
 IMAGE_SIZE = 64
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=2048)   # vLLM CPU attention: head_dim >= 32
 
 
 def _lit(s: str) -> str:
@@ -80,7 +80,8 @@ def _tokenizer(cls_name: str, special: list[str], extra: list[str], eos: str, pa
         byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Replace(" ", "\u2581")
-        tok.train_from_iterator(CORPUS + markup, trainers.BpeTrainer(
+        newlines = ["\n\n\n", "\n\n\n\n"] * 40      # runs of newlines are tokens in Gemma's vocabulary
+        tok.train_from_iterator(CORPUS + markup + newlines, trainers.BpeTrainer(
             vocab_size=400, special_tokens=special + ["<unk>", "<mask>"] + byte_tokens, show_progress=False))
         state = json.loads(tok.to_str())["model"]
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
@@ -116,7 +117,7 @@ def _qwen_vl(version: str):
     patch = 14 if version == "2.5" else 16
     side = (IMAGE_SIZE // (2 * patch)) * 2 * patch                # a multiple of patch x merge
     pixels = dict(min_pixels=side * side, max_pixels=4 * side * side)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}   # sums to head_dim / 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}   # sums to head_dim / 2
     common = dict(image_token_id=image_id, video_token_id=video_id, vision_start_token_id=vs,
                   vision_end_token_id=ve, tie_word_embeddings=False)
     text = dict(TEXT, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -215,7 +216,7 @@ def _gemma3():
         vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=16,
                            vision_use_head=False),
-        text_config=dict(TEXT, vocab_size=len(tok), sliding_window=64, query_pre_attn_scalar=16,
+        text_config=dict(TEXT, vocab_size=len(tok), sliding_window=64, query_pre_attn_scalar=32,
                          eos_token_id=[tok.eos_token_id, eot], pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id),
         mm_tokens_per_image=tokens_per_image, boi_token_index=boi, eoi_token_index=eoi,

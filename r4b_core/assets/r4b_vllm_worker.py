@@ -10,16 +10,24 @@ untied models too. `r4b_reload_weights(weights_path)` does the reload and the re
 
 The reload itself (`r4b_reload_weights`) takes a fast path when it can: the trainer writes the
 weights in transformers' checkpoint layout (models/loading.saved_state_dict), the worker maps the
-names with the model's own `hf_to_vllm_mapper` (as its `load_weights` does), concatenates the
-parts of packed layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj, from the model's
-`packed_modules_mapping`), copies every tensor into its parameter in place, and
-re-packs the linear layers whose weight vLLM's CPU backend keeps only inside a oneDNN handle.
-That is what vLLM's `reload_weights` does for this case, without its per-layer meta-device
-restore and deferred loaders (measured on the tiny VLM: 26-29 ms -> 9-10 ms). Anything the
-fast path does not recognise (a name it cannot place, a shape it cannot fill, a parameter left
-unwritten) sends the call down vLLM's `reload_weights` instead, and says why in the reply; the
-trainer's probe verification checks the result either way.
+names with the model's own `hf_to_vllm_mapper` (as its `load_weights` does), fills the real rows of
+vocabularies vLLM padded (embedding, LM head), concatenates the parts of packed layers (q/k/v ->
+qkv_proj, gate/up -> gate_up_proj, from the model's `packed_modules_mapping`), copies every tensor
+into its parameter in place, and re-packs the linear layers whose weight vLLM's CPU backend keeps
+only inside a oneDNN handle. That is what vLLM's `reload_weights` does for this case, without its
+per-layer meta-device restore and deferred loaders (measured on the tiny VLM: 26-29 ms -> 9-10 ms).
+Anything the fast path does not recognise (a name it cannot place, a shape it cannot fill, a
+parameter left unwritten) sends the call down vLLM's `reload_weights` instead, and says why in the
+reply; the trainer's probe verification checks the result either way.
 """
+
+
+def _has_module(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 class R4BWorkerExtension:
@@ -63,14 +71,17 @@ class R4BWorkerExtension:
                 if name is not None:
                     mapped[name] = t
             tensors = mapped
-        packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+        # the model's fused layers; towers inside it (a SigLIP encoder) may fuse q/k/v without the
+        # model declaring it, so the usual fusions count too wherever the unfused module is absent
+        packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+        packed.update(getattr(model, "packed_modules_mapping", None) or {})
         part_of = {part: (name, i) for name, parts in packed.items() for i, part in enumerate(parts)}
         parts_by_target: dict = {}
         flat: dict = {}
         for key, t in tensors.items():
             module_path, _, leaf = key.rpartition(".")
             parent, _, module_name = module_path.rpartition(".")
-            if module_name in part_of:
+            if module_name in part_of and not _has_module(model, module_path):
                 name, i = part_of[module_name]
                 parts_by_target.setdefault((f"{parent}.{name}" if parent else name, leaf, name), {})[i] = t
             else:
@@ -94,6 +105,9 @@ class R4BWorkerExtension:
                 plan.append((module, leaf, param, t, "copy"))
             elif leaf == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
                 plan.append((module, leaf, param, t, "repack"))     # CPU linear: weight lives in the handle
+            elif (getattr(module, "org_vocab_size", None) == t.shape[0] and t.ndim == param.ndim
+                  and tuple(t.shape[1:]) == tuple(param.shape[1:])):
+                plan.append((module, leaf, param, t, "rows"))       # vocabulary padded by vLLM: the real rows
             else:
                 return f"{key}: checkpoint shape {tuple(t.shape)} does not fit parameter {tuple(param.shape)}"
         written = {id(p) for _, _, p, _, _ in plan}
@@ -107,6 +121,8 @@ class R4BWorkerExtension:
             for module, leaf, param, t, how in plan:
                 if how == "copy":
                     param.copy_(t)
+                elif how == "rows":
+                    param[:t.shape[0]].copy_(t)
                 else:
                     # what UnquantizedLinearMethod.process_weights_after_loading does on CPU
                     module.weight = torch.nn.Parameter(t.to(param.dtype).contiguous(), requires_grad=False)
