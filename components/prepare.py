@@ -3,18 +3,20 @@
 from kfp.dsl import Dataset, Model, Output
 
 
-def prepare(config_yaml: str, pipeline_run_id: str, train: Output[Dataset], rl: Output[Dataset],
-            eval_data: Output[Dataset], base_model: Output[Model]) -> str:
-    """Returns the URI of the resolved config that every later task reads."""
-    import tempfile
-
-    from r4b_core.config import load_config
+def prepare(config_yaml: str, config_uri: str, overrides: list, pipeline_run_id: str, train: Output[Dataset],
+            rl: Output[Dataset], eval_data: Output[Dataset], base_model: Output[Model]) -> str:
+    """The run's config: the YAML at `config_uri` (object storage) when given, else `config_yaml`,
+    with `overrides` (`KEY=VALUE`, as `--set`) applied; every problem of the three is reported at
+    once, before anything runs. Returns the URI of the resolved config that every later task reads."""
+    from r4b_core.config import load_config, parse_config
     from r4b_core.prepare import run_prepare
     from r4b_core.tracking import pipeline_tracker
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(config_yaml)
-    cfg = load_config(fh.name)
+    overrides = [str(item) for item in overrides or []]
+    if config_uri:
+        cfg = load_config(config_uri, overrides)
+    else:
+        cfg = parse_config(config_yaml, "pipeline parameter config_yaml", overrides)
     out = run_prepare(cfg)
     # Open the pipeline's MLflow run now so that every later task nests under it.
     tracker = pipeline_tracker(cfg, pipeline_run_id)

@@ -23,14 +23,20 @@ from r4b_core.config import RunConfig
 from r4b_core.errors import R4BError
 
 
-def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False, verbose: bool = False) -> dict:
-    """Run the whole pipeline; returns a summary (also printed as a table)."""
+def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False, verbose: bool = False,
+                         overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run the whole pipeline; returns a summary (also printed as a table). `overrides` (`r4b run
+    --set`) travel as the pipeline's `overrides` parameter and the first task applies them to
+    `cfg`, as in a run started from the KFP UI."""
     from kfp import local
 
     from r4b_kfp.pipelines.r4b_pipeline import build_pipeline
     from r4b_kfp.pipelines.run_console import RunConsole
+    from r4b_core.config import dump_config, parse_config
     from r4b_core.tracking import local_run_dir
 
+    base_yaml = json.dumps(cfg.model_dump(mode="json"))
+    cfg = parse_config(dump_config(cfg), "the run config", list(overrides))   # what the tasks will resolve
     run_dir = local_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.storage.s3_endpoint_url:
@@ -46,7 +52,7 @@ def run_pipeline_locally(cfg: RunConfig, with_grpo_control: bool = False, verbos
     started = time.time()
     try:
         with console.capture():
-            pipeline(config_yaml=json.dumps(cfg.model_dump(mode="json")))
+            pipeline(config_yaml=base_yaml, overrides=list(overrides))
     except RuntimeError as exc:
         where = "Its output is above" if verbose else f"Its last lines are above, all of it in {log_path}"
         raise R4BError(f"{_plain(exc)} {where}; finished stages are kept and skipped when you rerun. "

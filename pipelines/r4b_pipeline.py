@@ -3,8 +3,16 @@
     r4b pipeline compile --config configs/r4b-4b.yaml --out r4b.yaml   # upload in the KFP UI
     r4b run --config configs/tiny.yaml                                 # same pipeline, kfp.local
 
-The pipeline has one real parameter, the run config (YAML text), because every knob is declared
-once in r4b_core/config.py: a KFP parameter per knob would be a second name for it. The image comes
+The run config stays the one source of every knob (r4b_core/config.py): a KFP parameter per knob
+would be a second name for it. The pipeline's parameters say where the config comes from and what
+to change in it, as a person fills them in the KFP UI:
+
+    config_yaml   the whole config as one line of JSON (default: the compiled config)
+    config_uri    a YAML in object storage (s3://bucket/configs/run.yaml); when set, used instead
+    overrides     a list of KEY=VALUE in `--set` syntax, e.g. ["bpo.steps=80", "anneal.optim.lr=2e-5"]
+
+The first task (prepare) resolves them and reports every problem at once, one line each, before
+anything runs; `r4b run --set` and `r4b pipeline submit --set` fill `overrides`. The image comes
 from `launcher.image` at compile time (null: DEFAULT_PLATFORM_IMAGE; the chart's ConfigMap is not
 known then). Credentials reach the tasks from the Kubernetes Secret `launcher.secret_name` (null:
 DEFAULT_CREDENTIALS_SECRET) through kfp-kubernetes, never as parameters.
@@ -57,9 +65,10 @@ def build_pipeline(cfg: RunConfig, with_grpo_control: bool = False, with_secrets
         return task
 
     @dsl.pipeline(name=f"r4b-{cfg.name}", description="R-4B: bi-mode annealing + Bi-mode Policy Optimization")
-    def r4b_pipeline(config_yaml: str = default_yaml):
+    def r4b_pipeline(config_yaml: str = default_yaml, config_uri: str = "", overrides: list = []):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        prep = secure(prepare_op(config_yaml=config_yaml, pipeline_run_id=run_id))
+        prep = secure(prepare_op(config_yaml=config_yaml, config_uri=config_uri, overrides=overrides,
+                                 pipeline_run_id=run_id))
         prep.set_display_name("prepare data + base model")
         cfg_uri = prep.outputs["Output"]
         cur = secure(curate_op(config_uri=cfg_uri, pipeline_run_id=run_id, raw=prep.outputs["train"], base_model=prep.outputs["base_model"]))

@@ -659,27 +659,35 @@ def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     return path, value
 
 
-def parse_overrides(overrides: list[str] | None) -> dict:
-    """`a.b.c=value` strings (value parsed as YAML) into a nested dict.
+def parse_overrides(overrides: list[str] | None) -> tuple[dict, list[tuple[tuple[str, ...], str]], list[str]]:
+    """`a.b.c=value` strings (value parsed as YAML) as (a nested dict, the (key path, item) of each
+    usable one, a problem line for each one that is not), so that every bad one is reported at once.
 
     The same key given twice: the last wins. A key inside another one's value (`anneal=5` and
-    `anneal.steps=3`) is a ConfigError naming both, since neither order has an obvious meaning.
+    `anneal.steps=3`) is a problem naming both, since neither order has an obvious meaning.
     """
     result: dict = {}
     given: list[tuple[tuple[str, ...], str]] = []
+    problems: list[str] = []
     for item in overrides or []:
-        path, value = _parse_override(item)
-        for other, other_item in given:
-            n = min(len(path), len(other))
-            if path[:n] == other[:n] and len(path) != len(other):
-                raise ConfigError(f"--set {clip(item)}: overlaps --set {clip(other_item)} (one sets a value "
-                                  "inside the other); keep one of them")
+        try:
+            path, value = _parse_override(item)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        clash = next((other_item for other, other_item in given
+                      if path[:min(len(path), len(other))] == other[:min(len(path), len(other))]
+                      and len(path) != len(other)), None)
+        if clash is not None:
+            problems.append(f"--set {clip(item)}: overlaps --set {clip(clash)} (one sets a value inside the "
+                            "other); keep one of them")
+            continue
         given.append((path, item))
         node = result
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = value
-    return result
+    return result, given, problems
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -729,35 +737,44 @@ def _duplicate_keys(node: yaml.Node | None, source: str, prefix: str = "") -> li
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a run config; raise ConfigError listing every problem with file:line
-    (or with the `--set` that caused it)."""
+    """Load and validate a run config (a local path or a storage URI; None = the defaults); raise
+    ConfigError listing every problem with file:line (or with the `--set` that caused it)."""
+    if path is None:
+        return parse_config(None, "<defaults>", overrides)
+    try:
+        text = _read_config_text(str(path))
+    except R4BError as exc:
+        raise ConfigError(str(exc)) from None
+    return parse_config(text, str(path), overrides)
+
+
+def parse_config(text: str | None, source: str, overrides: list[str] | None = None) -> RunConfig:
+    """A run config from YAML text (None = the defaults) and `KEY=VALUE` overrides, validated; a
+    ConfigError lists every problem at once: the text's (as `source`:line), each bad override's,
+    each bad value's (KFP's first task reports a pipeline run's `overrides` parameter this way)."""
     data: dict = {}
     tree = None
-    source = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        try:
-            text = _read_config_text(str(path))
-        except R4BError as exc:
-            raise ConfigError(str(exc)) from None
+    problems: list[str] = []
+    if text is not None:
         try:
             tree = yaml.compose(text)
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            where = f"{source}:{mark.line + 1}" if mark else source
             raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-        duplicates = _duplicate_keys(tree, str(p))
-        if duplicates:
-            raise ConfigError("\n".join(duplicates))
+        problems += _duplicate_keys(tree, source)
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}:1: the config must be a mapping of sections (name, model, anneal, ...)")
-    data = _merge(data, parse_overrides(overrides))
-    given = [(_parse_override(item)[0], item) for item in overrides or []]
+            raise ConfigError(f"{source}:1: the config must be a mapping of sections (name, model, anneal, ...)")
+    extra, given, bad = parse_overrides(overrides)
+    problems += bad
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(_merge(data, extra))
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, tree, given)) from None
+        problems.append(format_validation_error(err, source, tree, given))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -1,7 +1,7 @@
 """`r4b` — the command line: r4b_core's stage commands (r4b_core/cli.py) plus the two that need
 the KFP pipeline, which r4b_core must not import.
 
-    r4b run --config configs/tiny.yaml                        the whole pipeline here (kfp.local)
+    r4b run --config configs/tiny.yaml --set bpo.steps=5     the whole pipeline here (kfp.local)
     r4b pipeline compile --config configs/r4b-4b.yaml --out r4b.yaml
     r4b anneal --config configs/tiny.yaml                     one stage (r4b_core.cli)
 """
@@ -18,8 +18,11 @@ from r4b_core.errors import R4BError
 def _cmd_run(args) -> int:
     from r4b_kfp.pipelines.local_run import run_pipeline_locally
 
-    cfg = core.apply_service_flags(args, core.load_args_config(args))
-    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control, verbose=args.verbose)
+    from r4b_core.config import load_config
+
+    # --set travels as the pipeline's `overrides` parameter, as a run started in the KFP UI
+    cfg = core.apply_service_flags(args, load_config(args.config))
+    run_pipeline_locally(cfg, with_grpo_control=args.grpo_control, verbose=args.verbose, overrides=args.set)
     return 0
 
 
@@ -41,17 +44,22 @@ def _cmd_pipeline_submit(args) -> int:
 
     import kfp
 
+    from r4b_core.config import load_config
     from r4b_kfp.pipelines.r4b_pipeline import compile_pipeline
 
     host = args.host or os.environ.get("KFP_HOST")
     if not host:
         raise R4BError("no KFP endpoint: pass --host URL or set KFP_HOST (e.g. http://ml-pipeline-ui.kubeflow)")
-    cfg = core.load_args_config(args)
+    cfg = core.load_args_config(args)          # every --set problem at once, before submitting
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(cfg, f"{tmp}/r4b.yaml", with_grpo_control=args.grpo_control)
         client = kfp.Client(host=host, namespace=args.namespace)
+        arguments = {"config_yaml": json.dumps(load_config(args.config).model_dump(mode="json")),
+                     "overrides": list(args.set)}
+        if args.config_uri:
+            arguments["config_uri"] = args.config_uri
         run = client.create_run_from_pipeline_package(
-            path, arguments={"config_yaml": json.dumps(cfg.model_dump(mode="json"))},
+            path, arguments=arguments,
             run_name=args.run_name or f"r4b-{cfg.name}", experiment_name=args.experiment or f"r4b-{cfg.name}",
             namespace=args.namespace)
     print(f"submitted run {run.run_id} to {host}")
@@ -82,6 +90,9 @@ def add_pipeline_commands(sub) -> None:
     c.add_argument("--namespace", default=None)
     c.add_argument("--experiment", default=None)
     c.add_argument("--run-name", default=None)
+    c.add_argument("--config-uri", default=None,
+                   help="the run reads its config from this YAML in object storage (the KFP parameter "
+                        "config_uri) instead of --config's content; --set still applies")
     c.add_argument("--grpo-control", action="store_true")
     c.set_defaults(func=_cmd_pipeline_submit)
 

@@ -54,9 +54,43 @@ def test_compiled_pipeline_loads_back_with_the_kfp_sdk(tmp_path):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name, executor in executors.items():
         assert executor["secretAsEnv"][0]["secretName"] == "r4b-credentials", name
-    default = spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    default = params["config_yaml"]["defaultValue"]
     assert json.loads(default)["name"] == "r4b-4b"
     assert "aws_secret" not in default.lower()
+    # what a person fills in the KFP UI: where the config is, and what to change in it
+    assert params["config_uri"] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+    assert params["overrides"] == {"defaultValue": [], "isOptional": True, "parameterType": "LIST"}
+
+
+def test_ui_parameters_are_resolved_in_the_first_task_with_every_problem_at_once(tmp_path, capfd):
+    """A run started with `config_uri` (a YAML in storage) and `overrides`: prepare reads that YAML,
+    applies the overrides and, when they are wrong, fails before anything runs, listing each one."""
+    from kfp import local
+
+    from r4b_kfp.pipelines.r4b_pipeline import build_pipeline
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={tmp_path / 'runs'}"])
+    stored = tmp_path / "store" / "run.yaml"
+    stored.parent.mkdir()
+    raw = cfg.model_dump(mode="json")
+    raw["anneal"]["steps"] = 0                       # the stored YAML has a problem of its own
+    stored.write_text(yaml.safe_dump({**raw, "name": "from-uri"}))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+               raise_on_error=True)
+    pipeline = build_pipeline(cfg, with_secrets=False)
+    bad = ["bpo.steps=many", "anneal.colour=red", "eval.limit"]
+    with pytest.raises(RuntimeError, match=r"Inner task failed: \S*'prepare'"):
+        pipeline(config_uri=str(stored), overrides=bad)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    for line in ("--set bpo.steps=many: bpo.steps: Input should be a valid integer",
+                 "--set anneal.colour=red: anneal.colour: unknown key",
+                 "--set eval.limit: expected KEY.PATH=VALUE"):
+        assert line in text, text[-3000:]
+    assert re.search(rf"{re.escape(str(stored))}:\d+: anneal\.steps: Input should be greater than or equal to 1",
+                     text), text[-3000:]
+    assert not (tmp_path / "runs" / "from-uri").exists() and not (tmp_path / "runs" / "tiny").exists()
 
 
 def _run(args, env, cwd):
@@ -97,6 +131,9 @@ def test_local_pipeline_on_s3_and_mlflow_server(seaweedfs, s3_env, mlflow_server
     store = Store(s3_endpoint_url=seaweedfs.endpoint_url)
     report = json.loads(store.read_text(layout.eval_dir(cfg, "bpo") + "/report.json"))
     assert set(report["modes"]) == {"auto", "think", "no_think"}
+    # the --set values reached the tasks as the pipeline's `overrides` parameter, applied by prepare
+    resolved = yaml.safe_load(store.read_text(layout.config_uri(cfg)))
+    assert resolved["anneal"]["steps"] == 4 and resolved["bpo"]["engine"] == "hf"
     for stage_prefix in (layout.curated_uri(cfg).rsplit("/", 1)[0], layout.model_dir(cfg, "anneal"),
                          layout.model_dir(cfg, "bpo"), layout.eval_dir(cfg, "anneal")):
         assert store.read_manifest(stage_prefix) is not None, stage_prefix

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -93,9 +94,27 @@ def test_set_errors_name_the_override_not_a_yaml_line():
     (["anneal.steps"], r"^--set anneal\.steps: expected KEY\.PATH=VALUE"),
 ])
 def test_bad_set_is_one_line(sets, expect):
-    with pytest.raises(ConfigError, match=expect) as info:
+    with pytest.raises(ConfigError) as info:
         load_config(None, sets)
-    assert "\n" not in str(info.value)
+    lines = str(info.value).splitlines()
+    assert re.search(expect, lines[0]), lines
+    # one line per problem, each naming its --set (overlapping: the other one may be invalid too)
+    assert all(line.startswith("--set ") for line in lines) and len(lines) <= len(sets)
+
+
+def test_every_problem_at_once_yaml_sets_and_values(tmp_path):
+    """What KFP's first task reports for a run's `config_uri` + `overrides`: all of it, one line each."""
+    path = tmp_path / "run.yaml"
+    path.write_text("name: t\nanneal:\n  steps: 5\n  steps: 6\nbpo:\n  clip_eps: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["eval.limit=-1", "anneal.steps", "curate.colour=red"])
+    lines = str(info.value).splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith(f"{path}:4: anneal.steps: duplicate key (first on line 3)")
+    assert lines[1].startswith("--set anneal.steps: expected KEY.PATH=VALUE")
+    assert any(x.startswith(f"{path}:6: bpo.clip_eps: Input should be less than 1") for x in lines)
+    assert any(x.startswith("--set eval.limit=-1: eval.limit:") for x in lines)
+    assert any(x.startswith("--set curate.colour=red: curate.colour: unknown key") for x in lines)
 
 
 def test_same_set_twice_last_wins():
