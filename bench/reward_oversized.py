@@ -13,9 +13,9 @@ and restarts, then `reward_oversized ratio=X` (now / before; lower is better).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
+import common                      # the offline environment, this checkout, load()
 from r4b_core.rewards import RewardScorer
 
 OVERSIZED = ["9^{999!}", "(10^{999})!", "10000000!", "2^{1000!}"]
@@ -30,7 +30,7 @@ def main() -> None:
              for i in range(a.batch - len(OVERSIZED))]
     texts = [p for p, _ in plain] + [f"\\boxed{{{x}}}" for x in OVERSIZED]
     refs = [r for _, r in plain] + ["3"] * len(OVERSIZED)
-    print(f"load average {os.getloadavg()[0]:.2f}; batch {a.batch}, {len(OVERSIZED)} oversized, timeout {a.timeout} s")
+    print(f"{common.load()}; batch {a.batch}, {len(OVERSIZED)} oversized, timeout {a.timeout} s")
     with RewardScorer(workers=2, timeout_s=a.timeout) as scorer:
         scorer.score(["\\boxed{\\sqrt{4}}"] * 2, ["2"] * 2, "integer")          # warm both workers
         t0 = time.perf_counter()

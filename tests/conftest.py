@@ -14,6 +14,7 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(1, str(REPO))     # bench.common: the toy warm start the tests and benchmarks share
 
 pytest_plugins = ["servers", "vllm_fixtures"]
 

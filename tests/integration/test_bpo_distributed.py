@@ -28,7 +28,8 @@ import pytest
 import torch
 import yaml
 
-from bpo_helpers import bpo_run_config, two_prompt_batch, warm_start
+from bench.common import bpo_run_config, warm_start
+from bpo_helpers import two_prompt_batch
 from training_helpers import world_of_one
 
 

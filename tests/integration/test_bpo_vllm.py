@@ -23,7 +23,7 @@ import time
 import pytest
 import yaml
 
-from bpo_helpers import bpo_run_config, warm_start
+from bench.common import bpo_run_config, warm_start
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

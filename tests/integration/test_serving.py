@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from bench.common import annealed_model
 from fake_kube import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -474,37 +475,6 @@ def test_deploy_on_a_cluster_restarts_the_charts_serving_deployment_once_per_ver
 # ---------------------------------------------------------------------------------------------
 # The served champion (vLLM)
 # ---------------------------------------------------------------------------------------------
-def _annealed_model(root: Path) -> tuple[Path, list]:
-    """A tiny VLM annealed on both modes of 24 synthetic items (~45 s on one thread)."""
-    import torch
-
-    from r4b_core.anneal import run_anneal
-    from r4b_core.config import SyntheticDataConfig, TinyModelConfig
-    from r4b_core.data.schema import read_jsonl, write_jsonl
-    from r4b_core.data.synthetic import generate_split
-    from r4b_core.models.tiny import build_tiny_vlm
-
-    raw = read_jsonl(generate_split("train", 24, SyntheticDataConfig(seed=0), root / "data")).records
-    # every item in both modes, except every third one, which is only ever answered with reasoning:
-    # auto mode then thinks on those and answers the others directly
-    sft = [r.model_copy(update={"id": f"{r.id}-{tag}", "label": label})
-           for i, r in enumerate(raw) for tag, label in (("t", "reasoning"), ("d", "direct"))
-           if label == "reasoning" or i % 3]
-    write_jsonl(root / "data" / "sft.jsonl", sft)
-    base = build_tiny_vlm(TinyModelConfig(), [t for r in raw for t in (r.question, r.reasoning or "", r.answer)],
-                          root / "base", seed=0)
-    cfg = RunConfig.model_validate({"name": "t", "storage": {"root": str(root / "runs")}, "anneal": {
-        "steps": 160, "pack_length": 256, "micro_batch_size": 2, "log_every": 40, "checkpoint_every": 1000,
-        "compliance_samples": 0,
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "vision_lr": 3e-3, "projector_lr": 3e-3, "warmup_steps": 3}}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # 2 busy cores: one thread is faster
-    try:
-        out = root / "runs" / "t" / "anneal" / "model"
-        run_anneal(cfg, str(root / "data" / "sft.jsonl"), str(base), str(out))
-    finally:
-        torch.set_num_threads(threads)
-    return out, raw
 
 
 class Served:
@@ -536,7 +506,7 @@ def served(tmp_path_factory):
     from r4b_core.rollout.vllm_server import free_port
 
     root = tmp_path_factory.mktemp("serving")
-    model_dir, records = _annealed_model(root)
+    model_dir, records = annealed_model(root)
     db = root / "mlflow.db"
     version = _register(db, str(model_dir))
     config = root / "serve.yaml"

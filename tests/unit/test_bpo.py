@@ -18,7 +18,8 @@ from r4b_core import bpo, modes
 from r4b_core.config import BPOConfig, RunConfig, load_config
 from r4b_core.modes import Mode
 
-from bpo_helpers import QUESTIONS, bpo_run_config, math_prompt, on_policy_items, two_prompt_batch, warm_start
+from bench.common import bpo_run_config, warm_start
+from bpo_helpers import QUESTIONS, math_prompt, on_policy_items, two_prompt_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

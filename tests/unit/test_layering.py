@@ -39,3 +39,15 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     sample.write_text("import os\n\ndef f():\n    from r4b_kfp.pipelines.local_run import run_pipeline_locally\n"
                       "    importlib.import_module('pipelines.r4b_pipeline')\n")
     assert imported_modules(sample) == [(1, "os"), (4, "r4b_kfp.pipelines.local_run"), (5, "pipelines.r4b_pipeline")]
+
+
+def test_benchmarks_import_nothing_from_tests():
+    """bench/ is run on machines without the test suite's fixtures: its shared set-up is bench/common.py."""
+    test_modules = {p.stem for p in (REPO / "tests").rglob("*.py")}
+    files = sorted((REPO / "bench").glob("*.py"))
+    bad = [f"{path.relative_to(REPO)}:{line}: imports {module}"
+           for path in files for line, module in imported_modules(path)
+           if module.split(".")[0] in test_modules | {"tests"}]
+    bad += [f"{path.relative_to(REPO)}: puts tests/ on sys.path" for path in files
+            if '"tests"' in path.read_text() and "sys.path" in path.read_text()]
+    assert files and not bad, "\n".join(bad)
