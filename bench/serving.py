@@ -142,7 +142,7 @@ def main() -> int:
     model = Path(a.model) if a.model else common.annealed_model(tmp)[0]
     print(f"model {model} ({time.time() - t0:.0f} s)", flush=True)
     cfg = RunConfig.model_validate({"serve": {"thinking_budget": a.budget}})
-    flags = ["--max-model-len", str(cfg.serve.max_model_len), "--dtype", cfg.model.dtype]
+    flags = ["--max-model-len", str(cfg.serve.max_model_len), "--dtype", "auto"]
     servers = {
         "ours": serve.serving_server(cfg, model, port=0, log_path=tmp / "ours.log"),
         "plain": VLLMServer(model, cfg.vllm, log_path=tmp / "plain.log", extra_args=flags,

@@ -223,10 +223,12 @@ def fetch_model(cfg: RunConfig, resolved: ResolvedModel, out: str | Path | None 
 # Launch
 # ---------------------------------------------------------------------------------------------
 def serving_args(cfg: RunConfig) -> list[str]:
-    """vLLM flags that serving adds to the launcher's (rollout/vllm_server.server_command); the
-    Helm chart's serving container has the same (charts/r4b/templates/serving/deployment.yaml)."""
+    """vLLM flags that serving adds to the launcher's (rollout/vllm_server.server_command). The Helm
+    chart's serving container renders the same from its `serving.*` values, which carry the names of
+    `serve.*` in camelCase (tests/integration/test_helm_chart.py checks it for several values files)."""
     args = ["--max-model-len", str(cfg.serve.max_model_len),
-            "--dtype", cfg.model.dtype,     # later flags win: the served dtype, not the sidecar's fp32
+            # the checkpoint's own dtype (later flags win over the sidecar command's pinned fp32)
+            "--dtype", "auto",
             "--reasoning-parser-plugin", PLUGIN_MODULE, "--reasoning-parser", REASONING_PARSER,
             "--logits-processors", BUDGET_PROCESSOR, "--middleware", MIDDLEWARE]
     if cfg.serve.allowed_media_domains:   # vLLM checks the host again (empty means "any" to vLLM)

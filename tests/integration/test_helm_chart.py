@@ -915,3 +915,68 @@ def test_rendered_mlflow_auth_works_on_a_real_mlflow_server(helm, tmp_path, monk
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving container runs what `r4b serve` runs
+# ---------------------------------------------------------------------------------------------
+SERVING_SETS = {
+    "full-values.yaml": ["-f", str(CHART / "ci" / "full-values.yaml")],
+    "router-values.yaml": ["-f", str(CHART / "ci" / "router-values.yaml")],
+    "defaults+serving": ["--set", "serving.enabled=true", "--set", "serving.model=s3://b/run/bpo/model"],
+    "every-serving-knob": ["--set", "serving.enabled=true", "--set", "serving.model=models:/r4b-tiny@champion",
+                           "--set", "serving.maxModelLen=4096", "--set", "serving.maxImageBytes=3000000",
+                           "--set", "serving.thinkingBudget=256", "--set", "serving.thinkingBudgetIsLimit=false",
+                           "--set", "serving.allowedMediaDomains={a.example.org,b.example.org}"],
+}
+
+
+def _flags(args: list[str]) -> list[str]:
+    """`--flag=value` and `--flag value` alike, as separate tokens."""
+    return [part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a])]
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+@pytest.mark.parametrize("name", list(SERVING_SETS))
+def test_serving_container_runs_what_r4b_serve_runs(helm, name):
+    """For several values files: the rendered vLLM container's serving flags and env are exactly
+    serve.serving_args / serving_env of the run config whose serve.* are the chart's serving.*
+    (the same names, camelCase), so the chart is no hand copy that can drift."""
+    from r4b_core import serve
+    from r4b_core.config import RunConfig, ServeConfig
+
+    args = SERVING_SETS[name]
+    # the serving values the chart renders with: its defaults, then the file or the --set values
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())["serving"]
+    for flag, arg in zip(args[::2], args[1::2]):
+        if flag == "-f":
+            chart_values |= yaml.safe_load(Path(arg).read_text()).get("serving", {})
+        else:
+            key, _, raw = arg.partition("=")
+            chart_values[key.removeprefix("serving.")] = (raw.strip("{}").split(",") if raw.startswith("{")
+                                                          else yaml.safe_load(raw))
+    shared = {f: chart_values[_camel(f)] for f in ServeConfig.model_fields if _camel(f) in chart_values}
+    assert {"max_model_len", "max_image_bytes", "allowed_media_domains", "thinking_budget",
+            "thinking_budget_is_limit"} <= set(shared), shared
+    cfg = RunConfig.model_validate({"serve": shared})
+
+    dep = next(o for o in template(helm, *args) if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-serving"))
+    (vllm,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm"]
+    tokens = _flags(vllm["args"])
+    extra = _flags(chart_values.get("extraArgs") or [])     # the user's own flags come last, as given
+    assert tokens[len(tokens) - len(extra):] == extra
+    tokens = tokens[:len(tokens) - len(extra)]
+    served, skip = [], False
+    for token in tokens:                        # less the launch flags: where, and under which names
+        if token.startswith("--"):
+            skip = token in ("--model", "--served-model-name", "--host", "--port")
+        if not skip:
+            served.append(token)
+    assert served == serve.serving_args(cfg), name
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    for key, value in serve.serving_env(cfg).items():
+        assert env.get(key) == value, (name, key, env.get(key), value)
