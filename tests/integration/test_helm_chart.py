@@ -166,6 +166,16 @@ def test_router_and_kserve_snippets_match_the_rendered_serving(helm):
     assert fetch["args"][-4:] == ["--model", "models:/r4b-4b@champion", "--out", "/models/current"]
 
 
+def test_every_configmap_key_is_read_by_code(helm):
+    """The defaults ConfigMap carries only what code reads (a key nobody reads is a second name for a
+    setting that silently does nothing), with everything on (full-values)."""
+    data = by_kind(template(helm, "-f", str(CHART / "ci/full-values.yaml")), "ConfigMap")["team-a-defaults"]["data"]
+    code = "\n".join(p.read_text() for p in (REPO / "r4b_core").rglob("*.py"))
+    extra = yaml.safe_load((CHART / "ci/full-values.yaml").read_text()).get("defaults", {}).get("extra", {})
+    unread = [key for key in data if key not in code and key not in extra]     # defaults.extra: the user's own
+    assert not unread, f"ConfigMap keys no code reads: {unread}"
+
+
 def test_validation_catches_a_broken_object(helm):
     """The offline validator is live: a misspelled field in a rendered Deployment is rejected."""
     (dep,) = [o for o in template(helm) if o["kind"] == "Deployment"]
