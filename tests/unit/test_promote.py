@@ -72,3 +72,23 @@ def test_unfinished_model_refused(tmp_path):
     cfg = load_config(None, [f"storage.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     with pytest.raises(PromotionError, match="did not finish"):
         register_and_gate(cfg, str(tmp_path / "nothing"), str(tmp_path / "r.json"))
+
+
+def test_registered_source_is_an_absolute_uri(tmp_path, monkeypatch):
+    """A version registered from a relative run folder points at it from any directory or machine."""
+    from r4b_core.serve import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage.root=./runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                             "tracking.registered_model=r4b-abs"])
+    store = Store.from_config(cfg.storage)
+    model_uri, report_uri = _model(store, cfg, "bpo", 0.6, 0.4)
+    assert model_uri.startswith("./runs/")
+    decision = register_and_gate(cfg, model_uri, report_uri)
+    expected = (tmp_path / "runs" / "tiny" / "bpo" / "model").as_uri()
+    assert decision["model_uri"] == expected
+    monkeypatch.chdir(tmp_path.parent)                  # elsewhere: the registry still finds the weights
+    resolved = resolve_model(cfg, "models:/r4b-abs@champion")
+    assert resolved.uri == expected and store.exists(resolved.uri + "/config.json")
+    with Tracker(cfg) as tracker:
+        assert tracker.get_version("r4b-abs", "champion").tags["r4b.eval_report"].startswith("file:///")

@@ -585,3 +585,21 @@ def test_images_match_what_the_pods_expect():
     pinned = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
     assert re.search(r"ARG TORCH_VERSION=(\S+)", platform).group(1) == pinned["torch"].split("+")[0]
     assert re.search(r"ARG PYTHON_VERSION=3\.11", platform)
+
+
+def test_prepare_refuses_what_cannot_run_in_a_pod_before_anything_is_made(tmp_path):
+    """Bad launcher settings fail in the pipeline's first task, all at once, not when the anneal job
+    is built after data, base model and curation."""
+    from r4b_core.prepare import run_prepare
+
+    cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path / "runs")}, "bpo": {"engine": "vllm"},
+                                    "vllm": {"python": ".venv-vllm/bin/python"},
+                                    "launcher": {"kind": "pytorchjob", "memory": "lots"}})
+    with pytest.raises(ConfigError) as err:
+        run_prepare(cfg)
+    lines = str(err.value).splitlines()
+    assert any(x.startswith("storage.root:") for x in lines)
+    assert any(x.startswith("launcher.memory: 'lots'") for x in lines)
+    assert any(x.startswith("vllm.python:") for x in lines)
+    assert len(lines) == len(set(lines))                    # a problem of both stages is said once
+    assert not (tmp_path / "runs").exists()
