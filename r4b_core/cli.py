@@ -194,10 +194,21 @@ def _add_curate(sub) -> None:
     p.set_defaults(func=_cmd_curate)
 
 
+def _budget_list(text: str) -> str:
+    """--thinking-budget 0,16,64 -> the `--set eval.thinking_budgets=[0,16,64]` it stands for."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of reasoning tokens >= 0 separated by commas, "
+                                         "e.g. --thinking-budget 0,16,64")
+    return f"eval.thinking_budgets=[{','.join(parts)}]"
+
+
 def _cmd_eval(args) -> int:
     from r4b_core import layout
     from r4b_core.evaluate import run_eval
 
+    if args.thinking_budget:
+        args.set.append(args.thinking_budget)
     cfg = load_args_config(args)
     tag = args.tag
     model = args.model or (layout.base_model_dir(cfg) if tag == "base" else layout.model_dir(cfg, tag))
@@ -217,6 +228,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", help="output folder URI (default: <run>/eval/<tag>)")
     p.add_argument("--compare", metavar="OTHER_REPORT_URI",
                    help="another model's report.json (or its eval folder) to show side by side")
+    p.add_argument("--thinking-budget", metavar="N,N,...", type=_budget_list,
+                   help="sweep these thinking budgets in auto and think mode (eval.thinking_budgets), e.g. 0,16,64: "
+                        "accuracy vs budget in the report")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -398,12 +398,27 @@ class EvalConfig(Section):
     # answered max(k) more times per mode, sampled at `sample_temperature`, seeded by the run seed.
     pass_k: list[int] = Field(default_factory=list)
     sample_temperature: float = Field(1.0, gt=0)
+    # -- thinking budgets to sweep (`r4b eval --thinking-budget 0,16,64`); [] = off. Auto and think
+    # mode are answered again under each budget, as `r4b serve` runs it (reasoning closed with
+    # modes.THINK_END after that many tokens; 0 = the no-think prompt, as the server renders it):
+    # report.json `budget_sweep`, a table and one plot (accuracy vs budget) in report.md.
+    thinking_budgets: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _pass_k(self) -> EvalConfig:
         if any(k < 1 for k in self.pass_k):
             raise ValueError(f"pass_k values are sample counts >= 1; got {self.pass_k} (e.g. [1, 4, 8])")
+        if self.thinking_budgets and not {"auto", "think"} & set(self.modes):
+            raise ValueError(f"thinking_budgets {self.thinking_budgets} apply to auto and think mode, and modes is "
+                             f"{self.modes}; add one of them to eval.modes or drop the budgets")
         return self
+
+    @field_validator("thinking_budgets")
+    @classmethod
+    def _budgets(cls, budgets: list[int]) -> list[int]:
+        if any(b < 0 for b in budgets):
+            raise ValueError("thinking budgets are numbers of reasoning tokens >= 0, e.g. [0, 16, 64]")
+        return sorted(set(budgets))
 
 
 class ReproConfig(Section):

@@ -17,6 +17,12 @@ mean output tokens, think-rate, hybrid accuracy, oracle accuracy, mode selection
 recall of "thought" against "thinking was needed"), tokens at matched accuracy; with `eval.pass_k`,
 pass@k and maj@k per mode from sampled answers (`samples.jsonl`).
 
+Thinking budgets (`eval.thinking_budgets`, `r4b eval --thinking-budget 0,16,64`): auto and think mode
+are answered again under each budget as `r4b serve` runs it (the engines close the think block with
+the serving rule, r4b_core/assets/r4b_thinking.py; budget 0 is the no-think prompt, as the server
+renders it), and `budget_sweep` reports accuracy, tokens, reasoning tokens, think-rate and the
+share cut per budget and mode (`budget_sweep.jsonl` holds the answers; a table and a plot in report.md).
+
 Outputs under `out_uri` (`<run>/eval/<tag>/` by default): `report.json`, `predictions.jsonl`,
 `report.md` with PNG plots (r4b_core/report.py), `manifest.json` last; all logged to MLflow.
 `compare` (another report.json or its URI) puts two models side by side in one report.
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from r4b_core import modes
+from r4b_core.assets.r4b_thinking import budget_replay
 from r4b_core.config import RunConfig
 from r4b_core.data.schema import Record, json_object, jsonl_lines, parse_jsonl
 from r4b_core.errors import R4BError, shorten
@@ -345,6 +352,38 @@ def sampling_report(samples: list[dict], e, seed: int) -> dict:
             "by_category": {c: sampling_metrics(rows, e.pass_k, e.modes) for c, rows in sorted(by_cat.items())}}
 
 
+BUDGETED_MODES = ("auto", "think")   # the modes a thinking budget applies to (no-think has no block)
+
+
+def _budget_block(rows: list[dict]) -> dict:
+    return {"n": len(rows),
+            "accuracy": _mean([float(r["correct"]) for r in rows]),
+            "mean_tokens": _mean([float(r["tokens"]) for r in rows]),
+            "mean_reasoning_tokens": _mean([float(r["reasoning_tokens"]) for r in rows]),
+            "think_rate": _mean([float(r["thought"]) for r in rows]),
+            "closed_by_budget": _mean([float(r.get("budget_closed", False)) for r in rows])}
+
+
+def budget_sweep(unbudgeted: Iterable[dict], budgeted: Iterable[dict], budgets: Iterable[int]) -> dict:
+    """The report's `budget_sweep`: per budget and mode (auto, think) over the rows answered under
+    that budget, and `unbudgeted` over the plain rows of the same modes: `accuracy`, `mean_tokens`
+    (all generated tokens), `mean_reasoning_tokens` (the tokens a budget limits:
+    ThinkTokens.reasoning_count), `think_rate` (share with a non-empty think block) and
+    `closed_by_budget` (share whose think block the budget closed). A budget of 0 is the no-think
+    prompt, as the server renders it. Rows need `reasoning_tokens`; budgeted rows `budget`."""
+    budgets = sorted(set(budgets))
+    plain: dict[str, list[dict]] = defaultdict(list)
+    for r in unbudgeted:
+        plain[r["mode"]].append(r)
+    swept: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for r in budgeted:
+        swept[(r["budget"], r["mode"])].append(r)
+    mode_names = [m for m in BUDGETED_MODES if plain.get(m) or any(m == k[1] for k in swept)]
+    return {"budgets": budgets, "modes": mode_names,
+            "unbudgeted": {m: _budget_block(plain.get(m, [])) for m in mode_names},
+            "by_budget": {str(b): {m: _budget_block(swept.get((b, m), [])) for m in mode_names} for b in budgets}}
+
+
 def build_report(predictions: list[dict], mode_names: Iterable[str] = MODE_ORDER) -> dict:
     """The report body: overall metrics plus per category, per difficulty and per benchmark."""
     mode_names = list(mode_names)
@@ -374,12 +413,15 @@ def sample_seed(run_seed: int, benchmark: str, item_id: str, mode: str) -> int:
 def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], max_new_tokens: int,
             batch_size: int, scorer, benchmark: str,
             load_images: Callable[[Record], list[Any]], samples: int = 1, temperature: float = 0.0,
-            seed: int | None = None) -> tuple[list[dict], dict]:
+            seed: int | None = None, thinking_budget: int | None = None, think_tokens=None) -> tuple[list[dict], dict]:
     """Answers of every item in every mode; one `generate` call per batch of items.
 
     Greedy by default. With `samples` > 1 (pass@k / maj@k) each item is answered `samples` times
     per mode at `temperature`, seeded per (seed, benchmark, item, mode), and each row carries its
-    `sample` index. `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it."""
+    `sample` index. `scorer`: a `rewards.RewardScorer`, used exactly as the BPO reward uses it.
+    `thinking_budget`: as `r4b serve` runs it (budget 0 = the no-think prompt, as the server renders
+    it); rows carry `budget` and `budget_closed` (the budget closed the think block).
+    `think_tokens` (the engine tokenizer's ThinkTokens): rows carry `reasoning_tokens`."""
     rows: list[dict] = []
     t0, gen_s, n_tokens = time.perf_counter(), 0.0, 0
     for start in range(0, len(items), batch_size):
@@ -388,11 +430,12 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
         for rec in batch:
             imgs = load_images(rec)
             for m in mode_names:
+                prompt_mode = Mode.NO_THINK if thinking_budget == 0 else Mode.parse(m)
                 reqs.append(GenerationRequest(
-                    prompt=modes.chat_prompt(rec.question, len(imgs), mode=m), images=imgs,
-                    mode=Mode.parse(m), max_new_tokens=max_new_tokens, temperature=temperature, n=samples,
+                    prompt=modes.chat_prompt(rec.question, len(imgs), mode=prompt_mode), images=imgs,
+                    mode=prompt_mode, max_new_tokens=max_new_tokens, temperature=temperature, n=samples,
                     seed=None if seed is None else sample_seed(seed, benchmark, rec.id, m),
-                    key=f"{rec.id}\x1f{m}"))
+                    key=f"{rec.id}\x1f{m}", thinking_budget=thinking_budget or None))
         tg = time.perf_counter()
         completions = engine.generate(reqs)
         gen_s += time.perf_counter() - tg
@@ -407,8 +450,16 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
             n_tokens += len(comp.token_ids)
             row = prediction_row(comp.text, req.mode.value, rec, len(comp.token_ids), comp.finish_reason,
                                  reward == 1.0, benchmark)
+            row["mode"] = req.key.partition("\x1f")[2]      # the mode asked for (budget 0: no-think prompt)
             if samples > 1:
                 row["sample"] = j % samples
+            if think_tokens is not None:
+                opened = think_tokens.open_at_end(comp.prompt_token_ids)
+                row["reasoning_tokens"] = think_tokens.reasoning_count(comp.token_ids, opened)
+            if thinking_budget is not None:
+                row["budget"] = thinking_budget
+                row["budget_closed"] = bool(req.thinking_budget) and budget_replay(
+                    req.thinking_budget, comp.prompt_token_ids, comp.token_ids, think_tokens) == "closed"
             rows.append(row)
         done = start + len(batch)
         print(f"eval[{benchmark}]: {done}/{len(items)} items x {len(mode_names)} modes"
@@ -433,6 +484,20 @@ def eval_identity(cfg: RunConfig, store, model_uri: str, texts: dict[str, str], 
     return stage_identity(cfg, "eval", {
         "model": model, "model_uri": model_uri, "tag": tag, "compare": compare or "",
         **{f"data_{k}": hashlib.sha256(v.encode()).hexdigest() for k, v in texts.items()}})
+
+
+def _think_tokens(engine):
+    """The think-tag ids of the engine's tokenizer, which a budget sweep counts reasoning with."""
+    from r4b_core.assets.r4b_thinking import ThinkTokens
+
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        raise EvalError(f"eval.thinking_budgets: the rollout engine {type(engine).__name__} has no `tokenizer`; "
+                        "a budget sweep counts reasoning tokens with it")
+    try:
+        return ThinkTokens.of(tokenizer)
+    except ValueError as exc:
+        raise EvalError(f"eval.thinking_budgets: {exc}") from None
 
 
 def load_report(source: str | dict, store=None) -> dict:
@@ -512,17 +577,26 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
 
     predictions: list[dict] = []
     samples: list[dict] = []
+    swept: list[dict] = []
     throughput: dict[str, dict] = {}
     engine_name = e.engine if engine is None else type(engine).__name__
     with contextlib.ExitStack() as stack:
         scorer = stack.enter_context(RewardScorer())
         if engine is None:
-            engine = stack.enter_context(open_engine(cfg, e.engine, model_uri, label="eval"))
+            engine = stack.enter_context(open_engine(cfg, e.engine, model_uri, label="eval",
+                                                     thinking_budgets=bool(e.thinking_budgets)))
+        think_tokens = _think_tokens(engine) if e.thinking_budgets else None
         for name, _, items in benchmarks:
             rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, scorer,
-                               name, images_of)
+                               name, images_of, think_tokens=think_tokens)
             predictions.extend(rows)
             throughput[name] = tp
+            for budget in e.thinking_budgets:
+                rows, tp = predict(engine, items, [m for m in e.modes if m in BUDGETED_MODES], e.max_new_tokens,
+                                   e.batch_size, scorer, name, images_of, thinking_budget=budget,
+                                   think_tokens=think_tokens)
+                swept.extend(rows)
+                throughput[f"{name}/budget_{budget}"] = tp
             if e.pass_k:
                 rows, tp = predict(engine, items, list(e.modes), e.max_new_tokens, e.batch_size, scorer, name,
                                    images_of, samples=max(e.pass_k), temperature=e.sample_temperature, seed=cfg.seed)
@@ -539,7 +613,11 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
     report["primary_benchmark"] = primary
     report["data"] = {name: uri for name, uri, _ in benchmarks}
     report["settings"] = {"modes": list(e.modes), "max_new_tokens": e.max_new_tokens, "greedy": True,
-                          "engine": engine_name}
+                          "engine": engine_name, "thinking_budgets": list(e.thinking_budgets)}
+    if e.thinking_budgets:
+        for name, block in [(primary, report), *report["benchmarks"].items()]:
+            block["budget_sweep"] = budget_sweep([p for p in predictions if p["benchmark"] == name],
+                                                 [r for r in swept if r["benchmark"] == name], e.thinking_budgets)
     if samples:
         report["sampling"] = sampling_report([r for r in samples if r["benchmark"] == primary], e, cfg.seed)
     report["throughput"] = throughput
@@ -549,18 +627,20 @@ def run_eval(cfg: RunConfig, model_uri: str, eval_uri: str | None, out_uri: str,
                              **{k: other[k] for k in ("modes", "by_category", "by_difficulty", "cells",
                                                       "hybrid_accuracy", "hybrid_items", "oracle_accuracy",
                                                       "mode_selection", "tokens_at_matched_accuracy",
-                                                      "tokens_where_all_correct", "sampling", "n_items")
+                                                      "tokens_where_all_correct", "sampling", "budget_sweep",
+                                                      "n_items")
                                 if k in other}}
 
     # Only now, with the new outputs ready: an earlier attempt's manifest must not vouch for them.
     store.invalidate(prefix)
-    _write_outputs(store, prefix, report, predictions, samples)
+    _write_outputs(store, prefix, report, predictions, samples, swept)
     manifest = {"stage": "eval", "tag": tag, "config_hash": chash, "identity": ident,
                 "inputs": {"model": model_uri, "data": report["data"], "compare": compare_key},
                 "outputs": {"report": store.join(prefix, "report.json"),
                             "predictions": store.join(prefix, "predictions.jsonl"),
                             "report_md": store.join(prefix, "report.md"),
-                            **({"samples": store.join(prefix, "samples.jsonl")} if samples else {})},
+                            **({"samples": store.join(prefix, "samples.jsonl")} if samples else {}),
+                            **({"budget_sweep": store.join(prefix, "budget_sweep.jsonl")} if swept else {})},
                 "counts": {"items": report["n_items"], "predictions": len(predictions)},
                 "metrics": headline(report), "throughput": throughput,
                 "wall_time_s": round(time.time() - started, 2)}
@@ -591,6 +671,11 @@ def headline(report: dict) -> dict[str, float]:
         for k, v in d.items():
             if k.startswith(("pass@", "maj@")) and v is not None:
                 out[f"{m}/{k}"] = v
+    for budget, block in ((report.get("budget_sweep") or {}).get("by_budget") or {}).items():
+        for m, d in block.items():
+            for k in ("accuracy", "mean_reasoning_tokens"):
+                if d.get(k) is not None:
+                    out[f"{m}/budget_{budget}/{k}"] = d[k]
     for cat, block in report.get("by_category", {}).items():
         for m, d in block["modes"].items():
             if d.get("accuracy") is not None:
@@ -616,17 +701,17 @@ def format_headline(report: dict) -> str:
     return "; ".join(parts)
 
 
-def _write_outputs(store, prefix: str, report: dict, predictions: list[dict], samples: list[dict]) -> None:
-    """report.json, predictions.jsonl (+ samples.jsonl), report.md + plots: rendered locally, then stored."""
+def _write_outputs(store, prefix: str, report: dict, predictions: list[dict], samples: list[dict],
+                   swept: list[dict]) -> None:
+    """report.json, predictions.jsonl (+ samples.jsonl, budget_sweep.jsonl), report.md + plots:
+    rendered locally, then stored."""
     import tempfile
 
     from r4b_core.report import write_report
 
-    store.write_text(store.join(prefix, "predictions.jsonl"),
-                     "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    if samples:
-        store.write_text(store.join(prefix, "samples.jsonl"),
-                         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in samples))
+    for name, rows in (("predictions.jsonl", predictions), ("samples.jsonl", samples), ("budget_sweep.jsonl", swept)):
+        if rows or name == "predictions.jsonl":
+            store.write_text(store.join(prefix, name), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in rows))
     store.write_text(store.join(prefix, "report.json"), json.dumps(report, indent=2, sort_keys=False))
     with tempfile.TemporaryDirectory() as tmp:
         files = write_report(report, Path(tmp))
@@ -641,6 +726,11 @@ def _log(tracker, report: dict, prefix: str, tag: str) -> None:
     with tracker.stage(f"eval-{tag}"):
         tracker.log_params({"eval": report["settings"], "eval_model": report["model"], "eval_tag": tag})
         tracker.log_metrics({f"eval/{k}": v for k, v in headline(report).items()})
+        # accuracy vs budget as one series per mode (MLflow's step axis = the budget)
+        for budget, block in ((report.get("budget_sweep") or {}).get("by_budget") or {}).items():
+            tracker.log_metrics({f"eval/budget_sweep/{m}/{k}": d[k] for m, d in block.items()
+                                 for k in ("accuracy", "mean_reasoning_tokens") if d.get(k) is not None},
+                                step=int(budget))
         tracker.log_dict(report, f"eval/{tag}/report.json")
         import tempfile
 

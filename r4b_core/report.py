@@ -8,6 +8,8 @@ Plots (matplotlib, Agg backend, no display needed):
   think_rate_by_difficulty.png  auto-mode think-rate per difficulty level, one line per category
   auto_vs_forced.png            per (category, difficulty) cell: auto vs forced accuracy and tokens
   by_level.png                  per category: accuracy per mode and auto think-rate by level
+  accuracy_budget.png           with eval.thinking_budgets: accuracy vs thinking budget, one line
+                                per mode, the unbudgeted accuracy as a dashed reference
 When the report carries a `compare` block (another model's report), every table and plot shows
 both models side by side.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 MODES = ("auto", "think", "no_think")
 PLOTS = ("accuracy_tokens.png", "think_rate_by_difficulty.png", "auto_vs_forced.png", "by_level.png")
+BUDGET_PLOT = "accuracy_budget.png"
 
 
 def _models(report: dict) -> list[tuple[str, dict]]:
@@ -228,6 +231,62 @@ def _sampling_table(models: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def _budget_table(models: list[tuple[str, dict]]) -> list[str]:
+    """Per thinking budget and mode (only when the eval swept budgets: eval.thinking_budgets)."""
+    swept = [(lab, rep["budget_sweep"]) for lab, rep in models if rep.get("budget_sweep")]
+    if not swept:
+        return []
+    lines = ["", "## Thinking budget", "",
+             "Auto and think mode answered again under each thinking budget, as `r4b serve` runs it: once the "
+             "reasoning has used the budget, the think block is closed with `\\n</think>\\n\\n` and the model "
+             "answers; budget 0 is the no-think prompt. Reasoning tokens are the ones a budget counts; "
+             "`cut` is the share of answers whose reasoning the budget closed.", "",
+             "| model | budget | mode | acc | tokens | reasoning tokens | think-rate | cut |",
+             "|---|---|---|---|---|---|---|---|"]
+    for lab, sweep in swept:
+        blocks = [("none", sweep["unbudgeted"])] + [(b, sweep["by_budget"][str(b)]) for b in sweep["budgets"]]
+        for budget, block in blocks:
+            for m in sweep["modes"]:
+                d = block.get(m) or {}
+                cut = "–" if budget == "none" else _f(d.get("closed_by_budget"), 2)
+                lines.append(f"| {lab} | {budget} | {m} | {_f(d.get('accuracy'))} | {_f(d.get('mean_tokens'), 1)} | "
+                             f"{_f(d.get('mean_reasoning_tokens'), 1)} | {_f(d.get('think_rate'), 2)} | {cut} |")
+    return lines
+
+
+def plot_budget_sweep(report: dict, path: Path) -> Path:
+    """Accuracy vs thinking budget: one line per mode (evenly spaced budgets), the unbudgeted
+    accuracy of that mode as a dashed line; a compared model dotted."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = {"auto": "tab:green", "think": "tab:red"}
+    budgets = sorted({b for _, rep in _models(report) for b in (rep.get("budget_sweep") or {}).get("budgets", [])})
+    top = 0.0
+    for j, (label, rep) in enumerate(_models(report)):
+        sweep = rep.get("budget_sweep")
+        if not sweep:
+            continue
+        for m in sweep["modes"]:
+            pts = [(budgets.index(b), (sweep["by_budget"][str(b)].get(m) or {}).get("accuracy")) for b in sweep["budgets"]]
+            ax.plot([x for x, _ in pts], [y if y is not None else float("nan") for _, y in pts], ("-", ":")[j % 2],
+                    marker="o", color=colors.get(m), label=f"{label}: {m}")
+            ref = (sweep["unbudgeted"].get(m) or {}).get("accuracy")
+            top = max([top, ref or 0.0] + [y for _, y in pts if y is not None])
+            if ref is not None:
+                ax.axhline(ref, linestyle="--", linewidth=1, color=colors.get(m), alpha=0.6,
+                           label=f"{label}: {m}, no budget")
+    ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+    ax.set_ylim(0, min(1.05, top * 1.25 + 0.05))      # a small model's accuracies stay readable
+    ax.set_xlabel("thinking budget (reasoning tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs thinking budget")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _level(x: str) -> float:
     try:
         return float(x)
@@ -275,10 +334,11 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## By difficulty", ""] + _group_table(models, modes, "by_difficulty", "difficulty")
     lines += ["", "## By category and level", ""] + _cell_table(models, modes)
     lines += _sampling_table(models)
+    lines += _budget_table(models)
     if len(report.get("benchmarks", {})) > 1:
         lines += ["", "## By benchmark", ""] + _group_table([models[0]], modes, "benchmarks", "benchmark")
     lines += ["", "## Plots", ""]
-    lines += [f"![{p.removesuffix('.png')}]({p})" for p in PLOTS]
+    lines += [f"![{p.removesuffix('.png')}]({p})" for p in PLOTS + ((BUDGET_PLOT,) if report.get("budget_sweep") else ())]
     tp = report.get("throughput") or {}
     if tp:
         lines += ["", "## Throughput", ""]
@@ -324,6 +384,8 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [plot_accuracy_tokens(report, out_dir / PLOTS[0]), plot_think_rate(report, out_dir / PLOTS[1]),
              plot_auto_vs_forced(report, out_dir / PLOTS[2]), plot_by_level(report, out_dir / PLOTS[3])]
+    if report.get("budget_sweep"):
+        files.append(plot_budget_sweep(report, out_dir / BUDGET_PLOT))
     md = out_dir / "report.md"
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(render_markdown(report))

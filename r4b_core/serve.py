@@ -49,13 +49,13 @@ from typing import Any, Callable
 
 from r4b_core.config import RunConfig
 from r4b_core.errors import R4BError
+from r4b_core.rollout.vllm_server import BUDGET_ARGS, BUDGET_ENV
 
 REGISTRY_SCHEME = "models:/"
 # r4b_core/assets/r4b_vllm_serving.py, imported by the server from its PYTHONPATH
 PLUGIN_MODULE = "r4b_vllm_serving"
 REASONING_PARSER = "r4b"
 MIDDLEWARE = f"{PLUGIN_MODULE}.R4BServingMiddleware"
-BUDGET_PROCESSOR = "r4b_thinking:ThinkingBudgetProcessor"   # r4b_core/assets/r4b_thinking.py
 ENV_MAX_IMAGE_BYTES = "R4B_MAX_IMAGE_BYTES"
 ENV_ALLOWED_MEDIA_DOMAINS = "R4B_ALLOWED_MEDIA_DOMAINS"
 ENV_API_KEY = "R4B_SERVE_API_KEY"      # the key itself: from the environment (a Secret), never the config
@@ -230,7 +230,7 @@ def serving_args(cfg: RunConfig) -> list[str]:
             # the checkpoint's own dtype (later flags win over the sidecar command's pinned fp32)
             "--dtype", "auto",
             "--reasoning-parser-plugin", PLUGIN_MODULE, "--reasoning-parser", REASONING_PARSER,
-            "--logits-processors", BUDGET_PROCESSOR, "--middleware", MIDDLEWARE]
+            *BUDGET_ARGS, "--middleware", MIDDLEWARE]
     if cfg.serve.allowed_media_domains:   # vLLM checks the host again (empty means "any" to vLLM)
         args += ["--allowed-media-domains", *cfg.serve.allowed_media_domains]
     return args
@@ -248,8 +248,7 @@ def serving_env(cfg: RunConfig) -> dict[str, str]:
             "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
             ENV_THINKING_BUDGET: "" if budget is None else str(budget),
             ENV_THINKING_BUDGET_IS_LIMIT: "1" if cfg.serve.thinking_budget_is_limit else "0",
-            # the budget's logits processor has vLLM's V1 interface, which Model Runner V2 refuses
-            "VLLM_USE_V2_MODEL_RUNNER": "0"}
+            **BUDGET_ENV}
 
 
 def api_key_note(cfg: RunConfig, host: str, env: dict[str, str] | None = None) -> str:

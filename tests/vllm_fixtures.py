@@ -3,7 +3,9 @@
 - `tiny_model_dir`: a tiny LLaVA(SigLIP + Qwen3) folder built once per session from a small
   corpus (models.tiny.build_tiny_vlm), safetensors in vLLM's key layout.
 - `vllm_server`: a real `VLLMServer` from `.venv-vllm` serving `tiny_model_dir`, started the first
-  time a test asks for it (~30 s, ~3 GB RAM) and stopped at the end of the session. Tests share it;
+  time a test asks for it (~30 s, ~3 GB RAM) and stopped at the end of the session. It runs the
+  thinking budget's logits processor, as `open_engine(..., thinking_budgets=True)` starts an eval
+  sweep's server (requests without a budget never meet it). Tests share it;
   after each test the original weights are reloaded, so a test that syncs other weights into the
   server does not leak them into the next one.
 """
@@ -32,9 +34,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def _vllm_session_server(tiny_model_dir, tmp_path_factory):
     from r4b_core.config import VLLMConfig
-    from r4b_core.rollout.vllm_server import VLLMServer
+    from r4b_core.rollout.vllm_server import BUDGET_ARGS, BUDGET_ENV, VLLMServer
 
-    server = VLLMServer(tiny_model_dir, VLLMConfig(), log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    server = VLLMServer(tiny_model_dir, VLLMConfig(), log_path=tmp_path_factory.mktemp("vllm") / "server.log",
+                        extra_args=BUDGET_ARGS, env=BUDGET_ENV)
     server.start()
     try:
         yield server

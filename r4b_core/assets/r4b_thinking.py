@@ -27,7 +27,8 @@ processor here has vLLM's V1 interface, so serving runs Model Runner V1
 
 Mode metrics: the r4b_* series that `/metrics` serves beside vLLM's own (docs/serving.md).
 
-The platform environment imports this module too (tests): only the logits processor needs vLLM.
+The platform imports this module too (tests, and r4b_core.rollout.hf, whose decode loop runs the
+same ThinkingBudget): only the logits processor needs vLLM, and it is defined when vLLM asks for it.
 """
 
 from __future__ import annotations
@@ -179,6 +180,25 @@ class ThinkingBudget:
         return tk.end_ids[self.forcing]
 
 
+def budget_replay(budget: int, prompt_ids, output_ids, tokens: ThinkTokens) -> str:
+    """An output replayed token by token under ThinkingBudget: "closed" (the budget closed its think
+    block), "within" (it never had to) or "over" (a token where the rule forces another: the output
+    was not generated under this budget)."""
+    state = ThinkingBudget(budget, prompt_ids, tokens)
+    seen: list[int] = []
+    closed = False
+    for t in output_ids:
+        forced = state.advance(seen)
+        if state.done:
+            break
+        if forced is not None:
+            if t != forced:
+                return "over"
+            closed = True
+        seen.append(t)
+    return "closed" if closed else "within"
+
+
 # ---------------------------------------------------------------------------------------------
 # The request's budget (the middleware applies it before vLLM sees the request)
 # ---------------------------------------------------------------------------------------------
@@ -316,16 +336,23 @@ def has_answer_text(payload: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The logits processor (vLLM environment only)
 # ---------------------------------------------------------------------------------------------
-try:
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-except ImportError:   # the platform environment
-    LogitsProcessor = None
+def __getattr__(name: str):
+    """`ThinkingBudgetProcessor`, defined on first access: vLLM loads it by name
+    (`--logits-processors r4b_thinking:ThinkingBudgetProcessor`), while the platform (the HF
+    rollout engine shares ThinkTokens and ThinkingBudget) imports this module without vLLM."""
+    if name != "ThinkingBudgetProcessor":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    processor = globals()[name] = _define_processor()
+    return processor
 
-if LogitsProcessor is not None:
+
+def _define_processor():
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
     class ThinkingBudgetProcessor(LogitsProcessor):
         """Forces THINK_END where a request's reasoning reached `vllm_xargs.r4b_thinking_budget`
-        (set by the middleware from the request and the server default); see ThinkingBudget."""
+        (set by the middleware from the request and the server default, or by the rollout
+        client); see ThinkingBudget."""
 
         @classmethod
         def validate_params(cls, params):
@@ -369,3 +396,6 @@ if LogitsProcessor is not None:
                     logits[index] = float("-inf")
                     logits[index, forced] = 0.0
             return logits
+
+    ThinkingBudgetProcessor.__qualname__ = "ThinkingBudgetProcessor"   # pickled by name, found by __getattr__
+    return ThinkingBudgetProcessor

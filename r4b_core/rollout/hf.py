@@ -19,6 +19,11 @@ from (log_softmax(logits / T); T = 1 for greedy), which is what the BPO importan
 Generation stops at the EOS token (`<|im_end|>`): the EOS token is included in `token_ids` and
 `logprobs` (the policy chose to stop) but not in `text`.
 
+Thinking budget: a request's `thinking_budget` runs in the decode loop as the same `ThinkingBudget`
+that the vLLM server's logits processor runs (r4b_core/assets/r4b_thinking.py): once the reasoning
+used the budget, the next tokens are forced to close the block with modes.THINK_END (each with
+logprob 0, as vLLM reports a forced token) and the model answers.
+
 Speed (a small model's decode step is bound by the number of tensor ops, not by FLOPs): each
 request is encoded and prefilled once and its KV cache expanded to its n samples (BPO's 2g
 rollouts of a prompt share one prefill and one vision pass); decode steps of Llama/Qwen-style text
@@ -69,6 +74,9 @@ def check_request(req: GenerationRequest, image_placeholder: str = modes.IMAGE_T
     if req.n < 1 or req.max_new_tokens < 1 or req.temperature < 0:
         raise RolloutError(f"request {req.key!r}: n={req.n}, max_new_tokens={req.max_new_tokens}, "
                            f"temperature={req.temperature}; need n >= 1, max_new_tokens >= 1, temperature >= 0")
+    if req.thinking_budget is not None and req.thinking_budget < 0:
+        raise RolloutError(f"request {req.key!r}: thinking_budget={req.thinking_budget}; need a number of "
+                           f"tokens >= 0, or None for no budget")
 
 
 def context_limit(model) -> int | None:
@@ -128,6 +136,23 @@ def rope_positions(model, enc: dict):
                                                    "mm_token_type_ids")}
     positions, _ = rope_index(enc["input_ids"], attention_mask=enc.get("attention_mask"), **extra)
     return positions
+
+
+def budget_states(tokenizer, requests: list[GenerationRequest], prompt_ids: list[list[int]]) -> list | None:
+    """One `ThinkingBudget` per row whose request has a thinking budget (None for the others; None
+    for all when no request has one): the per-request rule that vLLM's logits processor runs
+    (r4b_core/assets/r4b_thinking.py), so both engines close a think block at the same token."""
+    from r4b_core.assets.r4b_thinking import ThinkingBudget, ThinkTokens
+
+    if all(r.thinking_budget is None for r in requests):
+        return None
+    try:
+        tokens = ThinkTokens.of(tokenizer)
+    except ValueError as exc:
+        key = next(r.key for r in requests if r.thinking_budget is not None)
+        raise RolloutError(f"request {key!r}: {exc}") from None
+    return [None if r.thinking_budget is None else ThinkingBudget(r.thinking_budget, ids, tokens)
+            for r, ids in zip(requests, prompt_ids)]
 
 
 def sample_seed(request_seed: int | None, sample_index: int, fallback: int) -> int:
@@ -302,6 +327,7 @@ class HFEngine:
         next_pos = last[owner] + 1
         stepper = self._stepper(model, cache, attn, max(limits))
         sampler = _GumbelSampler(gens, temps, logits.shape[-1], max(limits))
+        budgets = budget_states(self.tokenizer, [requests[ri] for ri, _ in rows], prompt_ids)
         live = list(range(bsz))                         # original row of each batch position
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         logps: list[list[float]] = [[] for _ in range(bsz)]
@@ -309,6 +335,11 @@ class HFEngine:
         for step in range(max(limits)):
             if self.suppress_ids:
                 logits[:, self.suppress_ids] = float("-inf")
+            for k, b in enumerate(live if budgets else ()):
+                forced = budgets[b].advance(tokens[b]) if budgets[b] is not None else None
+                if forced is not None:          # as the vLLM processor: one allowed token, logprob 0
+                    logits[k] = float("-inf")
+                    logits[k, forced] = 0.0
             chosen, chosen_lp = sampler.choose(logits, live, step)
             done_here = 0
             for b, tok, lp in zip(live, chosen.tolist(), chosen_lp.tolist()):

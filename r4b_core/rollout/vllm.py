@@ -33,6 +33,11 @@ matched; the trainer's half always runs on the caller's thread, at push time.
 The image placeholder token is masked (logit_bias -100) as in HFEngine: see
 `hf.suppressed_token_ids`.
 
+Thinking budget: a request's `thinking_budget` goes to the server as `vllm_xargs` for the budget's
+logits processor (assets/r4b_thinking.py; a server started with `vllm_server.BUDGET_ARGS`, as
+`open_engine(..., thinking_budgets=True)` starts it), and each budgeted completion is checked
+against the same rule, so a server without the processor fails loudly instead of overspending.
+
 A server that is down or stops answering raises `VLLMEngineError` (health is checked every few
 seconds while requests are in flight, each check on a connection of its own; a server that
 refuses connections fails at once, a silent one after `health_grace_s`), never a hang. A call
@@ -53,12 +58,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from r4b_core.assets.r4b_thinking import BUDGET_XARG, ThinkTokens, budget_replay
 from r4b_core.errors import R4BError
 from r4b_core.models.chat import ChatFormat
 from r4b_core.modes import Mode
 from r4b_core.rollout.base import Completion, GenerationRequest, PromptTooLong
 from r4b_core.rollout.hf import (check_prompt_lengths, check_request, encode_prompts, load_images,
                                   suppressed_token_ids)
+from r4b_core.rollout.vllm_server import BUDGET_ARGS, BUDGET_ENV
 
 # Renders the user message's text part verbatim: the prompt is built by ChatFormat.prompt.
 PASS_THROUGH_TEMPLATE = (
@@ -270,6 +277,8 @@ class VLLMEngine:
             body["logit_bias"] = self._logit_bias
         if req.seed is not None:
             body["seed"] = int(req.seed)
+        if req.thinking_budget is not None:     # for the budget's logits processor (BUDGET_ARGS)
+            body["vllm_xargs"] = {BUDGET_XARG: req.thinking_budget}
         return body
 
     def _one(self, req: GenerationRequest) -> list[Completion]:
@@ -291,6 +300,8 @@ class VLLMEngine:
             if len(lps) != len(ids):
                 raise VLLMEngineError(f"vLLM server at {self.url}: request {req.key!r} returned {len(ids)} token ids "
                                       f"but {len(lps)} logprobs; the server must run with logprobs enabled")
+            if req.thinking_budget is not None:
+                self._check_budget(req, prompt_ids, ids)
             finish = choice.get("finish_reason") or "length"
             # Decode here, as HFEngine does: vLLM's incremental detokenizer drops unfinished UTF-8
             # byte sequences, so its text can differ from the same ids decoded at once.
@@ -301,6 +312,16 @@ class VLLMEngine:
                                     finish_reason="stop" if finish == "stop" else "length",
                                     prompt_token_ids=list(prompt_ids), policy_version=self.policy_version))
         return comps
+
+    def _check_budget(self, req: GenerationRequest, prompt_ids: list[int], ids: list[int]) -> None:
+        """A budgeted completion must follow the budget's rule token by token: a server without the
+        logits processor ignores `vllm_xargs` and would hand back unbudgeted rollouts silently."""
+        if budget_replay(req.thinking_budget, prompt_ids, ids, ThinkTokens.of(self.tokenizer)) == "over":
+            raise VLLMEngineError(
+                f"vLLM server at {self.url}: request {req.key!r} went past its thinking budget of "
+                f"{req.thinking_budget} tokens; the server must run the budget's logits processor "
+                f"({' '.join(BUDGET_ARGS)}, with {' '.join(f'{k}={v}' for k, v in BUDGET_ENV.items())}; "
+                f"open_engine(..., thinking_budgets=True) starts it so)")
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Completions of all requests, run concurrently. If the last weight push is still being

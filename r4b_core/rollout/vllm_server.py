@@ -49,6 +49,12 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_EXTENSION = "r4b_vllm_worker.R4BWorkerExtension"
 SERVED_MODEL_NAME = "r4b"
+# What a server that runs thinking budgets adds (r4b serve; an eval's budget sweep): the budget's
+# logits processor (assets/r4b_thinking.py) and the model runner its V1 interface needs (Model Runner
+# V2 refuses it). The BPO sidecar goes without: it has no budgets, and V2 where vLLM would pick it.
+BUDGET_PROCESSOR = "r4b_thinking:ThinkingBudgetProcessor"
+BUDGET_ARGS = ("--logits-processors", BUDGET_PROCESSOR)
+BUDGET_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
 class VLLMServerError(R4BError):

@@ -170,7 +170,8 @@ def test_curate_then_eval_on_the_tiny_model(run):
 @pytest.mark.vllm
 def test_eval_through_vllm_matches_hf(vllm_server, tiny_model_dir, tmp_path):
     """The RolloutEngine swap: the same three-mode eval through the vLLM sidecar and in-process HF
-    gives the same greedy predictions (fp32), hence the same report."""
+    gives the same greedy predictions (fp32), hence the same report; the thinking-budget sweep too
+    (the shared server runs the budget's logits processor, HF its own decode loop)."""
     from r4b_core.config import RunConfig, SyntheticDataConfig
     from r4b_core.data.synthetic import generate_split
     from r4b_core.evaluate import run_eval
@@ -180,7 +181,7 @@ def test_eval_through_vllm_matches_hf(vllm_server, tiny_model_dir, tmp_path):
 
     eval_uri = str(generate_split("eval", 12, SyntheticDataConfig(seed=3), tmp_path / "data"))
     cfg = RunConfig.model_validate({"storage": {"root": str(tmp_path / "runs")},
-                                    "eval": {"max_new_tokens": 12, "batch_size": 12}})
+                                    "eval": {"max_new_tokens": 12, "batch_size": 12, "thinking_budgets": [0, 4]}})
     model, processor = load_model(str(tiny_model_dir), cfg.model)
     reports = {}
     for name, engine in (("hf", HFEngine(model, processor)), ("vllm", VLLMEngine(vllm_server, processor))):
@@ -194,6 +195,9 @@ def test_eval_through_vllm_matches_hf(vllm_server, tiny_model_dir, tmp_path):
         [(p["id"], p["mode"], p["text"], p["tokens"]) for p in preds["hf"]]
     assert reports["vllm"]["modes"] == reports["hf"]["modes"]
     assert reports["vllm"]["settings"]["engine"] == "VLLMEngine"
+    swept = {n: [json.loads(x) for x in (tmp_path / n / "budget_sweep.jsonl").read_text().splitlines()] for n in reports}
+    assert len(swept["hf"]) == 12 * 2 * 2 and swept["vllm"] == swept["hf"]       # items x budgets x (auto, think)
+    assert reports["vllm"]["budget_sweep"] == reports["hf"]["budget_sweep"]
 
 
 def test_eval_with_an_external_mathvista_style_benchmark(tiny_model_dir, tmp_path):
@@ -243,3 +247,57 @@ def test_eval_with_an_external_mathvista_style_benchmark(tiny_model_dir, tmp_pat
     with pytest.raises(EvalError, match=r"broken\.jsonl:2: not valid JSON"):
         run_eval(broken, str(tiny_model_dir), str(ours), str(tmp_path / "out"), "tiny")
     assert Store().is_complete(str(tmp_path / "out"), finished["config_hash"])
+
+
+def test_eval_thinking_budget_sweep_from_the_command_line(tiny_model_dir, tmp_path, repo_root):
+    """`r4b eval --thinking-budget 0,4,16` on the tiny model, as a user runs it: auto and think mode
+    answered again under each budget; report.json's budget_sweep agrees with the rows in
+    budget_sweep.jsonl, report.md has the table and the plot, the manifest's identity holds the
+    budgets, and MLflow has accuracy vs budget as a stepped series per mode."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    from r4b_core.config import SyntheticDataConfig
+    from r4b_core.data.synthetic import generate_split
+    from r4b_core.evaluate import budget_sweep
+
+    eval_uri = generate_split("eval", 10, SyntheticDataConfig(seed=3), tmp_path / "data")
+    db = tmp_path / "mlflow.db"
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"name": "sweep", "storage": {"root": str(tmp_path / "runs")},
+                                      "tracking": {"uri": f"sqlite:///{db}"},
+                                      "eval": {"max_new_tokens": 24, "batch_size": 10}}))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "r4b_core.cli", "eval", "--config", str(config), "--tag", "tiny",
+                           "--model", str(tiny_model_dir), "--data", str(eval_uri), "--out", str(out),
+                           "--thinking-budget", "16,0,4"], capture_output=True, text=True, timeout=600, cwd=repo_root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    sweep = rep["budget_sweep"]
+    assert sweep["budgets"] == [0, 4, 16] and sweep["modes"] == ["auto", "think"]
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "budget_sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 * 3 * 2 and {r["budget"] for r in rows} == {0, 4, 16}
+    assert sweep == budget_sweep(preds, rows, [0, 4, 16])
+    # budget 0 is the no-think prompt: auto and think answer exactly as no-think mode does
+    no_think = {p["id"]: p["text"] for p in preds if p["mode"] == "no_think"}
+    assert all(r["text"] == no_think[r["id"]] and r["reasoning_tokens"] == 0 for r in rows if r["budget"] == 0)
+    assert all(r["reasoning_tokens"] <= r["budget"] for r in rows)
+    assert sweep["by_budget"]["4"]["think"]["closed_by_budget"] > 0.5           # the random model reasons on
+    assert sweep["unbudgeted"]["think"]["mean_reasoning_tokens"] > sweep["by_budget"]["16"]["think"]["mean_reasoning_tokens"]
+    md = (out / "report.md").read_text()
+    assert "## Thinking budget" in md and "![accuracy_budget](accuracy_budget.png)" in md
+    assert (out / "accuracy_budget.png").stat().st_size > 5_000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identity"]["eval"]["thinking_budgets"] == [0, 4, 16]
+    assert manifest["outputs"]["budget_sweep"].endswith("budget_sweep.jsonl")
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([client.get_experiment_by_name("r4b").experiment_id], "attributes.run_name = 'eval-tiny'")[0]
+    series = client.get_metric_history(run.info.run_id, "eval/budget_sweep/think/accuracy")
+    assert [(m.step, m.value) for m in series] == [(b, sweep["by_budget"][str(b)]["think"]["accuracy"]) for b in (0, 4, 16)]
+    assert run.data.metrics["eval/auto/budget_16/accuracy"] == sweep["by_budget"]["16"]["auto"]["accuracy"]

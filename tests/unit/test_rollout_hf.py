@@ -248,3 +248,62 @@ def test_prompt_too_long_for_the_model_is_refused_before_any_prefill(tiny):
     out = engine.generate([reqs[0], GenerationRequest(prompt=prompt(near), max_new_tokens=64, key="near")])
     assert [c.key for c in out] == ["ok", "near"]
     assert len(out[1].token_ids) <= 2048 - length(near) and out[1].finish_reason in ("length", "stop")
+
+
+BUDGET_QUESTIONS = ["What is 12 + 30?", "What colour is the square?", "Add 3 and 4", "How many shapes are there?"]
+
+
+def test_thinking_budget_closes_the_block_where_the_served_rule_does(tiny, one_torch_thread):
+    """A request's thinking_budget runs the rule of the served logits processor
+    (r4b_core/assets/r4b_thinking.py, ThinkingBudget): the output is the unbudgeted one up to the
+    token where the reasoning has used the budget, then THINK_END is forced (logprob 0 each, as vLLM
+    reports a forced token) and the model answers; reasoning never exceeds the budget; a budget above
+    the think block's length (the random model closes some blocks itself) changes no token; a
+    no-think prompt is never forced; budgeted and unbudgeted rows share a batch unchanged."""
+    from r4b_core.assets.r4b_thinking import ThinkingBudget, ThinkTokens
+
+    model, processor = tiny
+    engine = HFEngine(model, processor)
+    tk = ThinkTokens.of(processor.tokenizer)
+    reqs = [GenerationRequest(prompt=modes.chat_prompt(q, 1, m), images=[Image.new("RGB", (64, 64), (60 * i, 30, 90))],
+                              mode=m, max_new_tokens=40, key=f"{i}-{m.value}")
+            for i, q in enumerate(BUDGET_QUESTIONS) for m in (Mode.THINK, Mode.AUTO, Mode.NO_THINK)]
+    plain = engine.generate(reqs)
+    length = {}      # the think block's tokens up to the model's own `</think>` (the budget's count)
+    for c in plain:
+        unlimited = ThinkingBudget(10**9, c.prompt_token_ids, tk)
+        unlimited.advance(c.token_ids)
+        length[c.key] = len(unlimited.block)
+    closed_itself = [c.key for c in plain if tk.close_id in c.token_ids and length[c.key] > 0]
+    assert len(closed_itself) >= 2, "the tiny model no longer closes a think block: pick other questions"
+    cut = unchanged = 0
+    for budget in (0, 4, 16):
+        outs = engine.generate([dataclasses.replace(r, thinking_budget=budget) for r in reqs])
+        for req, before, out in zip(reqs, plain, outs):
+            if req.mode is Mode.NO_THINK or budget > length[req.key]:
+                assert (out.token_ids, out.logprobs) == (before.token_ids, before.logprobs), (budget, req.key)
+                unchanged += req.mode is not Mode.NO_THINK
+                continue
+            state, forced_at, seen = ThinkingBudget(budget, out.prompt_token_ids, tk), [], []
+            for i, t in enumerate(out.token_ids):
+                forced = state.advance(seen)
+                if forced is not None:
+                    assert t == forced
+                    forced_at.append(i)
+                seen.append(t)
+            first = forced_at[0]
+            assert out.token_ids[:first] == before.token_ids[:first]
+            assert [out.logprobs[i] for i in forced_at] == [0.0] * len(forced_at)
+            end = forced_at[-1] + 1        # the forced tokens finish our closing string (or the length limit hit)
+            assert forced_at == list(range(first, end))
+            assert processor.tokenizer.decode(out.token_ids[:end]).endswith(modes.THINK_END) or end == len(out.token_ids)
+            assert tk.reasoning_count(out.token_ids, tk.open_at_end(out.prompt_token_ids)) <= budget
+            assert modes.parse_response(out.text, req.mode).closed
+            cut += 1
+    assert cut >= 10 and unchanged >= 2
+    mixed = [dataclasses.replace(r, thinking_budget=4 if k % 2 else None) for k, r in enumerate(reqs)]
+    alone = engine.generate([r for r in mixed if r.thinking_budget]) + engine.generate([r for r in mixed if not r.thinking_budget])
+    together = engine.generate(mixed)
+    assert sorted((c.key, c.token_ids) for c in together) == sorted((c.key, c.token_ids) for c in alone)
+    with pytest.raises(RolloutError, match="thinking_budget=-1; need a number of tokens >= 0"):
+        engine.generate([dataclasses.replace(reqs[0], thinking_budget=-1)])

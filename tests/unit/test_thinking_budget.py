@@ -12,6 +12,7 @@ import pytest
 from serving_plugin import PLUGIN, THINKING
 
 from r4b_core import modes, serve
+from r4b_core.rollout import vllm_server
 from r4b_core.config import RunConfig
 
 CORPUS = ["What is 12 + 30?", "12 + 30 = 42", "A = 14\nB = 2\nA - B = 12", "red: C = 8942", "14", "8942"] * 20
@@ -159,9 +160,10 @@ def test_server_budget_reaches_the_plugin_through_serving_env():
     assert (policy.default, policy.is_limit) == (None, True)
     assert (serve.ENV_THINKING_BUDGET, serve.ENV_THINKING_BUDGET_IS_LIMIT) == (
         THINKING.ENV_THINKING_BUDGET, THINKING.ENV_THINKING_BUDGET_IS_LIMIT)
-    module, _, name = serve.BUDGET_PROCESSOR.partition(":")
+    module, _, name = vllm_server.BUDGET_PROCESSOR.partition(":")
     assert module == THINKING.__name__ and name == "ThinkingBudgetProcessor"
-    assert serve.serving_args(RunConfig())[-4:-2] == ["--logits-processors", serve.BUDGET_PROCESSOR]
+    assert serve.serving_args(RunConfig())[-4:-2] == ["--logits-processors", vllm_server.BUDGET_PROCESSOR]
+    assert serve.serving_env(RunConfig())["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert THINKING.SERVING_MODES == tuple(modes.SERVING_MODE_NAMES)
 
 
@@ -198,3 +200,22 @@ def test_middleware_rewrites_the_budget_before_vllm_and_refuses_one_above_the_li
     assert refused[0]["status"] == 400 and len(seen) == 3
     error = json.loads(refused[-1]["body"])["error"]
     assert error["param"] == "thinking_token_budget" and "above this server's limit of 16 tokens" in error["message"]
+
+
+def test_the_shared_rule_imports_without_vllm_where_vllm_is_installed(repo_root):
+    """r4b_core.rollout.hf runs ThinkingBudget from this module, so importing it must not import vLLM
+    (seconds, and a GPU probe) even in an environment that has vLLM; the processor class is made
+    when vLLM asks for it by name (the server: tests/integration/test_thinking_budget_engines.py)."""
+    import subprocess
+
+    python = repo_root / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm (make venv-vllm)")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import r4b_thinking; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    done = subprocess.run([str(python), "-c", code, str(repo_root / "r4b_core" / "assets")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        THINKING.Nothing
