@@ -11,7 +11,7 @@ format (written here; nothing is downloaded). What a family lacks stays missing 
 Qwen3-VL's vocabulary has `<think>` / `</think>`, so the others exercise the platform adding them.
 
 Families: qwen2_5_vl, qwen3_vl (M-RoPE, image_grid_thw), llava_onevision (AnyRes, image_newline,
-image_sizes), smolvlm (Idefics3 layout, pixel_attention_mask, `<end_of_utterance>`), gemma3
+image_sizes), rvl (R-4B's layout: OneVision with a projector LayerNorm, r4b's own class), smolvlm (Idefics3 layout, pixel_attention_mask, `<end_of_utterance>`), gemma3
 (`<end_of_turn>`, tied embeddings, bidirectional image attention).
 """
 
@@ -176,6 +176,26 @@ def _llava_onevision():
     return config, tf.LlavaOnevisionForConditionalGeneration, processor
 
 
+def _rvl():
+    """R-4B's layout (r4b_core/models/rvl.py): a SigLIP tower, OneVision's AnyRes tiles (32-pixel
+    tiles, so a 64x64 image is a 2x2 grid) and a projector LayerNorm, a tied Qwen3 LM whose
+    vocabulary has `<think>` / `</think>`, as R-4B's Qwen3-4B."""
+    import transformers as tf
+
+    from r4b_core.models import rvl
+
+    tok = _tokenizer("Qwen2Tokenizer", ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
+                     ["<think>", "</think>"], eos="<|im_end|>", pad="<|endoftext|>")
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=IMAGE_SIZE // 2, patch_size=8, vision_use_head=False)
+    text = tf.Qwen3Config(**TEXT, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          bos_token_id=None, tie_word_embeddings=True)
+    config = rvl.rvl_config(vision, text, _ids(tok, "<image>")[0], tie_word_embeddings=True)
+    template = _template("<|im_start|>{role}\n", "<|im_end|>\n", "<image>\n", "<|im_start|>assistant\n")
+    processor = rvl.rvl_processor(tok, config, image_mean=[0.5] * 3, image_std=[0.5] * 3, chat_template=template)
+    return config, rvl.RForConditionalGeneration, processor
+
+
 def _smolvlm():
     import transformers as tf
 
@@ -233,6 +253,7 @@ BUILDERS = {
     "qwen2_5_vl": lambda: _qwen_vl("2.5"),
     "qwen3_vl": lambda: _qwen_vl("3"),
     "llava_onevision": _llava_onevision,
+    "rvl": _rvl,
     "smolvlm": _smolvlm,
     "gemma3": _gemma3,
 }

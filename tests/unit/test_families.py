@@ -1,5 +1,5 @@
-"""Every VLM family (tests/families.py: tiny random Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM,
-Gemma3) through the platform's model code: parameter roles for learning-rate groups, save in
+"""Every VLM family (tests/families.py: tiny random Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, R-4B's layout,
+SmolVLM, Gemma3) through the platform's model code: parameter roles for learning-rate groups, save in
 transformers' layout and load back with the same outputs, `<think>` / `</think>` added where the
 vocabulary lacks them, prompts in the family's own chat format, and HF rollouts whose logprobs
 equal a teacher-forced forward (M-RoPE positions included) while batching leaves greedy output alone."""
@@ -38,6 +38,7 @@ def test_parameter_roles_cover_vision_projector_and_language_model():
     expected_projector = {"qwen2_5_vl": ("visual.merger.",), "smolvlm": ("connector.",),
                           "qwen3_vl": ("visual.merger.", "visual.deepstack_merger_list."),
                           "llava_onevision": ("multi_modal_projector.", "image_newline"),
+                          "rvl": ("multi_modal_projector.", "image_newline"),
                           "gemma3": ("multi_modal_projector.",)}
     for name in FAMILIES:
         model, _ = build_family_model(name)
@@ -55,12 +56,13 @@ def test_save_load_round_trip_and_think_tokens(family):
 
     name, path, model, processor = family
     fresh, _ = build_family_model(name)               # the same seed: the weights that were saved
+    assert type(model) is type(fresh)                  # the class the saved config names (rvl: r4b's own)
     tok = processor.tokenizer
     think_ids = tok.convert_tokens_to_ids([modes.THINK_OPEN, modes.THINK_CLOSE])
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in (modes.THINK_OPEN, modes.THINK_CLOSE))
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] >= len(tok)
-    if name != "qwen3_vl":                             # added here: rows start at the mean of the old ones
+    if name not in ("qwen3_vl", "rvl"):                # added here: rows start at the mean of the old ones
         assert torch.allclose(emb[think_ids[0]], emb[:min(think_ids)].mean(0), atol=1e-6)
     fresh_state = fresh.state_dict()
     for key, value in model.state_dict().items():
