@@ -145,3 +145,37 @@ def test_served_template_is_the_family_template_with_thinking_mode(family):
     wrapped = copy.copy(processor)
     wrapped.chat_template = served
     assert ChatFormat.of(wrapped, model.generation_config) == fmt
+
+
+# The real-scale configs and the class their hub model's config.json names.
+REAL_SCALE = [("qwen2.5-vl-3b.yaml", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+              ("qwen2.5-vl-7b.yaml", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+              ("qwen3-vl-4b.yaml", "qwen3_vl", "Qwen3VLForConditionalGeneration")]
+
+
+@pytest.mark.parametrize("config_name, family, architecture", REAL_SCALE)
+def test_real_scale_config_loads_a_tiny_instance_of_its_class(config_name, family, architecture, repo_root,
+                                                              tmp_path, monkeypatch):
+    """Offline, a real-scale config validates, its hub id fails in one line naming it, and the same
+    load path (the config's model section, bfloat16, no composition) takes a tiny instance of the
+    class the hub model's config names."""
+    import re
+
+    from r4b_core import layout
+    from r4b_core.config import load_config
+    from r4b_core.models.loading import ModelLoadError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = repo_root / "configs" / config_name
+    assert path.read_text().startswith(f"# r4b pipeline submit --config configs/{config_name}")
+    cfg = load_config(path)
+    with pytest.raises(ModelLoadError, match=re.escape(cfg.model.base) + ".*hub is unreachable"):
+        load_model(cfg.model.base, cfg.model)
+    folder = build_family(family, tmp_path / "model")
+    local = load_config(path, [f"model.base={folder}"])
+    assert layout.base_model_dir(local) == str(folder)            # read where it is, never composed
+    model, processor = load_model(local.model.base, local.model)
+    assert type(model).__name__ == architecture and model.dtype == torch.bfloat16
+    tok = processor.tokenizer
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in (modes.THINK_OPEN, modes.THINK_CLOSE))
