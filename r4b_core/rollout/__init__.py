@@ -57,7 +57,7 @@ def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: 
                 t0 = time.perf_counter()
                 budget = {"extra_args": BUDGET_ARGS, "env": BUDGET_ENV} if thinking_budgets else {}
                 server = stack.enter_context(VLLMServer(folder, cfg.vllm, **budget))
-                print(f"{label}: vLLM server pid {server.proc.pid} at {server.url} (up in "
+                print(f"{label}: vLLM sidecar pid {server.proc.pid} at {server.url} (up in "
                       f"{time.perf_counter() - t0:.0f} s, log {server.log_path})", flush=True)
             b = cfg.bpo
             engine = VLLMEngine(server, processor, sync_tolerance=b.sync_tolerance,
