@@ -68,7 +68,7 @@ def _tokenizer(cls_name: str, special: list[str], extra: list[str], eos: str, pa
     the GPT-2 style classes (Qwen2, GPT2); SentencePiece style (`▁` for spaces, byte fallback) for
     Gemma, whose class rebuilds that pipeline around the saved vocabulary when it loads."""
     import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     markup = ["\n\n", "user\n", "assistant\n", "User:", "Assistant:", "model\n", "system\n"] * 20
     cls = getattr(transformers, cls_name)
@@ -80,7 +80,14 @@ def _tokenizer(cls_name: str, special: list[str], extra: list[str], eos: str, pa
         byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Replace(" ", "\u2581")
-        newlines = ["\n\n\n", "\n\n\n\n"] * 40      # runs of newlines are tokens in Gemma's vocabulary
+        # Runs of newlines are tokens of their own, never merged with text ("user" "\n", not
+        # "user\n"): vLLM's Gemma3 processor assumes it when it joins the "\n\n" it inserts before
+        # an image with the "\n" before it (to "\n\n\n", as the tokenizer reads the whole text). A
+        # "user\n" token leaves the sidecar's prompt ids different from the trainer's
+        # (docs/models.md). Split here for training only; the class's own pipeline reads the
+        # saved vocabulary.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated")
+        newlines = ["\n\n\n", "\n\n\n\n"] * 40
         tok.train_from_iterator(CORPUS + markup + newlines, trainers.BpeTrainer(
             vocab_size=400, special_tokens=special + ["<unk>", "<mask>"] + byte_tokens, show_progress=False))
         state = json.loads(tok.to_str())["model"]
