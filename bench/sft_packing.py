@@ -102,9 +102,9 @@ def main() -> int:
                        "log_every": 10**6, "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2}, **anneal},
         })
 
-    _, processor = load_model(model_dir)
+    model, processor = load_model(model_dir)
     base = cfg_for(pack_length=args.pack_length)
-    samples, _, report = prepare_data(base, Store.from_config(base.storage), str(sft), processor, tmp / "cache")
+    samples, _, report = prepare_data(base, Store.from_config(base.storage), str(sft), model, processor, tmp / "cache")
     lengths = sorted(len(s) for s in samples)
     longest = lengths[-1]
     budget = args.micro_batch * args.pack_length

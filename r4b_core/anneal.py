@@ -8,17 +8,22 @@
     manifest = run_anneal(cfg, train_uri, base_model_uri, out_uri)
 
 What it does (RECIPE.md "Bi-mode annealing"): every curated record becomes one sequence, the
-prompt `modes.chat_prompt(question, n_images, mode=None)` followed by the record's bi-mode target
-(`<think>\\n{reasoning}\\n</think>\\n\\n{answer}` or `<think>\\n\\n</think>\\n\\n{answer}`) and `<|im_end|>`.
-Prompt and target are tokenized separately and the ids concatenated, so the forced prefixes of
-BPO and evaluation are exactly the ids seen here. The loss covers the target and the closing
-`<|im_end|>` only. Sequences are packed into `pack_length` rows (training/packing.py); samples in a
-row never see each other: attention runs per sample (boundaries from the position ids), after a
-start-up check that this gives the block-diagonal mask's logits, else through that mask
-(`anneal.attention`); the manifest's `metrics.time_split_s` says where the step time went. The
-optimizer is AdamW with separate LRs for vision tower / projector / LLM and a cosine schedule
-(training/optim.py). Under torchrun it is DDP, or DeepSpeed ZeRO-2/3 when
-`anneal.distributed.deepspeed` says so (a torch AdamW is passed in, so no DeepSpeed op is compiled).
+prompt in the model's own chat format up to the assistant header (models/chat.ChatFormat: the
+family's template with the record's images and question) followed by the record's bi-mode target
+(`<think>\\n{reasoning}\\n</think>\\n\\n{answer}` or `<think>\\n\\n</think>\\n\\n{answer}`) and the
+model's end-of-turn token. Prompt and target are tokenized separately and the ids concatenated, so
+the forced prefixes of BPO and evaluation are exactly the ids seen here; every tensor the
+processor returns travels with the sample (models/inputs.py), and positions come from the
+model's rope index where it has one (M-RoPE). The loss covers the target and the closing end of
+turn only. Sequences are packed into `pack_length` rows (training/packing.py); samples in a row
+never see each other: attention runs per sample (boundaries from the samples' segments), after a
+start-up check that this gives each sample's token losses as that sample alone, else through a
+block mask, else one sample per row with the model's own mask (`anneal.attention`); the
+manifest's `metrics.time_split_s` says where the step time went. The optimizer is AdamW with
+separate LRs for vision tower / projector / LLM and a cosine schedule (training/optim.py;
+`anneal.optim.freeze` leaves parts as they are). Under torchrun it is DDP, or DeepSpeed ZeRO-2/3
+when `anneal.distributed.deepspeed` says so (a torch AdamW is passed in, so no DeepSpeed op is
+compiled).
 
 The story in `run_anneal`: skip if done → set up (data, model, optimizer, resume) → train (with
 checkpoints) → save the model → mode-compliance check → manifest. Only rank 0 writes and logs.
@@ -119,38 +124,59 @@ def load_images(record, train_uri: str, store) -> list:
     return [load_image(ref, train_uri, store) for ref in record.images]
 
 
-def encode(record, images: list, processor, pack_length: int, overlong: str):
-    """One record -> `Sample` (prompt ids + target ids + <|im_end|>), or a reason string to skip it.
+def encode(record, images: list, model, processor, pack_length: int, overlong: str, chat=None):
+    """One record -> `Sample` (prompt ids + target ids + end of turn), or a reason string to skip it.
 
-    The processor expands each `<image>` into the model's image tokens and makes pixel_values.
+    The prompt is the model's chat template for the question and its images up to the assistant
+    header (`chat`, models/chat.ChatFormat; default: the processor's, with the model's end of
+    turn); the processor expands the image placeholders and returns the media tensors, which the
+    sample keeps (models/inputs.py). Positions come from the model's rope index where it has one
+    (M-RoPE), over the whole sample.
     """
+    import torch
+
+    from r4b_core.models.inputs import extend_per_token, split_encoding
+    from r4b_core.rollout.hf import encode_prompts, rope_positions
     from r4b_core.training.packing import IGNORE_INDEX, MODE_DIRECT, MODE_THINK, Sample
 
+    from r4b_core.models.chat import ChatFormat
+
+    chat = chat or ChatFormat.of(processor, model.generation_config)
     tok = processor.tokenizer
-    prompt = modes.chat_prompt(record.question, len(images), mode=None)
-    enc = processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
-    prompt_ids = enc["input_ids"][0].tolist()
+    prompt = chat.prompt(record.question, len(images), mode=None)
+    prompt_ids, per_token, media = split_encoding(encode_prompts(processor, [prompt], [images]))
     target = record.sft_target()
-    target_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(modes.IM_END)]
+    target_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(chat.end_of_turn)]
     truncated = False
     if len(prompt_ids) + len(target_ids) > pack_length:
         room = pack_length - len(prompt_ids)
         if overlong == "skip" or room < 1:
             return f"{len(prompt_ids) + len(target_ids)} tokens > anneal.pack_length {pack_length}"
         target_ids, truncated = target_ids[:room], True
+    ids = prompt_ids + target_ids
+    per_token = extend_per_token(per_token, len(target_ids))
+    whole = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             **{k: v[None] for k, v in per_token.items()}, **media}
+    positions = rope_positions(model, whole)
     mode = MODE_DIRECT if modes.target_mode(target) == modes.Mode.NO_THINK else MODE_THINK
     return Sample(
-        input_ids=prompt_ids + target_ids,
+        input_ids=ids,
         labels=[IGNORE_INDEX] * len(prompt_ids) + target_ids,
         mode=mode,
-        pixel_values=enc.get("pixel_values"),
+        media=media,
+        per_token=per_token,
+        positions=positions[:, 0] if positions is not None else None,
         meta={"id": record.id, "truncated": truncated, "prompt_len": len(prompt_ids)},
     )
 
 
-def prepare_data(cfg: RunConfig, store, train_uri: str, processor, cache_dir: Path):
-    """(train samples, held-out (record, images) pairs for the compliance check, DataReport)."""
+def prepare_data(cfg: RunConfig, store, train_uri: str, model, processor, cache_dir: Path):
+    """(train samples, held-out (record, images) pairs for the compliance check, DataReport), for
+    `model` (its chat format, end of turn and positions)."""
+    from r4b_core.models.chat import ChatFormat
+
     a = cfg.anneal
+    chat = ChatFormat.of(processor, model.generation_config)
     report = DataReport()
     records = read_records(store, train_uri, cache_dir, report, cfg.data.max_question_chars)
     held: list = []
@@ -169,7 +195,7 @@ def prepare_data(cfg: RunConfig, store, train_uri: str, processor, cache_dir: Pa
             report.missing_images += 1
             report.note(f"{train_uri}: record {rec.id}: image {rec.images}: {str(exc).splitlines()[0][:160]} (skipped)")
             continue
-        item = encode(rec, images, processor, a.pack_length, a.overlong)
+        item = encode(rec, images, model, processor, a.pack_length, a.overlong, chat)
         if isinstance(item, str):
             report.overlong_skipped += 1
             report.note(f"{train_uri}: record {rec.id}: {item} (skipped; anneal.overlong=truncate keeps it)")
@@ -249,29 +275,40 @@ class RowStream:
 def token_losses(model, batch: dict, device, dtype=None) -> tuple[Any, Any, Any]:
     """Cross entropy of the next-token targets, their mask, and their mode (THINK / DIRECT).
 
-    With a 4D `attention_mask` in the batch: every position, shaped (B, L-1). Without one (segment
-    attention, training/packing.py) the rows are laid end to end as one sequence, which position ids
-    still cut into samples, and the LM head runs only where a target follows (`logits_to_keep`): the
-    1D results cover just those positions (mask all true). On the bi-mode mix that skips the head
-    and softmax for ~60 % of the tokens (prompts, images, pads). Pixels take `dtype` (the compute
-    dtype), else the mask's dtype (SDPA wants the two equal).
+    With an `attention_mask` in the batch (the 4D block mask, or the 2-D padding mask of one sample
+    per row): every position, shaped (B, L-1). Without one (varlen attention, training/packing.py)
+    the rows are laid end to end as one sequence, which the segments (`varlen_kwargs`) cut into
+    samples, and the LM head runs only where a target follows (`logits_to_keep`): the 1D results
+    cover just those positions (mask all true). On the bi-mode mix that skips the head and softmax
+    for ~60 % of the tokens (prompts, images, pads). Every other tensor of the batch (media,
+    per-token) goes to the model; floating ones (pixels) take `dtype` (the compute dtype), else the
+    mask's dtype (SDPA wants the two equal).
     """
     import torch
     import torch.nn.functional as F
 
-    from r4b_core.training.packing import IGNORE_INDEX
+    from r4b_core.training.packing import IGNORE_INDEX, varlen_kwargs
 
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "pixel_values" in batch:
-        pixels, mask = batch["pixel_values"], inputs.get("attention_mask")
-        inputs["pixel_values"] = pixels.to(device, dtype or (mask.dtype if mask is not None else pixels.dtype))
-    if "attention_mask" in inputs:
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "token_mode", "segment_ids")}
+    mask = inputs.get("attention_mask")
+    float_dtype = dtype or (mask.dtype if mask is not None and mask.is_floating_point() else None)
+    if float_dtype is not None:
+        inputs = {k: v.to(float_dtype) if v.is_floating_point() and k != "attention_mask" else v
+                  for k, v in inputs.items()}
+    if mask is not None:
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         labels = batch["labels"][:, 1:].to(device)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
         return ce, labels != IGNORE_INDEX, batch["token_mode"][:, 1:].to(device)
-    inputs = {k: v.reshape(1, -1) if k != "pixel_values" else v for k, v in inputs.items()}
+    shape = batch["input_ids"].shape
+    for k, v in inputs.items():       # token-aligned tensors: one row; media stay as they are
+        if k == "position_ids" and v.ndim == 3:
+            inputs[k] = v.reshape(v.shape[0], 1, -1)
+        elif tuple(v.shape) == tuple(shape):
+            inputs[k] = v.reshape(1, -1)
+    inputs.update({k: v.to(device) if torch.is_tensor(v) else v
+                   for k, v in varlen_kwargs(batch["segment_ids"]).items()})
     labels = batch["labels"].reshape(-1)
     # Logit p predicts token p + 1; a row's first token is a prompt token, so p + 1 never crosses rows.
     keep = (labels[1:] != IGNORE_INDEX).nonzero().flatten()
@@ -299,8 +336,8 @@ def identity(cfg: RunConfig, store, train_uri: str, base_model_uri: str) -> dict
 # Mode compliance: do forced think / no-think prefixes give well-formed outputs?
 # ---------------------------------------------------------------------------------------------
 def well_formed(text: str, finished: bool, mode: modes.Mode) -> bool:
-    """think: a non-empty reasoning block closed by </think>, then an answer, then <|im_end|>.
-    no_think: an answer then <|im_end|>, with no second think block."""
+    """think: a non-empty reasoning block closed by </think>, then an answer, then the end of turn.
+    no_think: an answer then the end of turn, with no second think block."""
     if not finished:
         return False
     parsed = modes.parse_response(text, mode)
@@ -309,42 +346,31 @@ def well_formed(text: str, finished: bool, mode: modes.Mode) -> bool:
     return bool(parsed.answer) and modes.THINK_OPEN not in text and modes.THINK_CLOSE not in text
 
 
-def mode_compliance(model, processor, items: list, max_new_tokens: int, device, batch_size: int = 16) -> dict:
-    """Greedy-decode every (record, images) item under forced think and no-think prefixes."""
-    import torch
+def mode_compliance(model, processor, items: list, max_new_tokens: int, batch_size: int = 16) -> dict:
+    """Greedy-decode every (record, images) item under forced think and no-think prefixes, with
+    the in-process rollout engine (the model's chat format, end of turn and positions)."""
+    from r4b_core.rollout.base import GenerationRequest
+    from r4b_core.rollout.hf import HFEngine
 
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids(modes.IM_END)
-    side = tok.padding_side
-    tok.padding_side = "left"
+    engine = HFEngine(model, processor, max_batch_size=batch_size)
+    tok = engine.tokenizer
     out: dict[str, Any] = {}
     examples: dict[str, str] = {}
     failures: dict[str, list[str]] = {}
-    try:
-        for mode in (modes.Mode.THINK, modes.Mode.NO_THINK):
-            good = 0
-            for i in range(0, len(items), batch_size):
-                chunk = items[i:i + batch_size]
-                texts = [modes.chat_prompt(r.question, len(imgs), mode) for r, imgs in chunk]
-                images = [imgs for _, imgs in chunk]
-                kw = {"images": images} if any(images) else {}
-                enc = processor(text=texts, padding=True, return_tensors="pt", **kw).to(device)
-                with torch.no_grad():
-                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         eos_token_id=eos, pad_token_id=tok.pad_token_id)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                for row in new.tolist():
-                    finished = eos in row
-                    row = row[:row.index(eos)] if finished else row
-                    text = tok.decode(row, skip_special_tokens=False)
-                    ok = well_formed(text, finished, mode)
-                    good += ok
-                    if not ok and len(failures.setdefault(mode.value, [])) < 3:
-                        failures[mode.value].append(text[:200])
-                    examples.setdefault(mode.value, text[:200])
-            out[mode.value] = good / len(items) if items else 0.0
-    finally:
-        tok.padding_side = side
+    for mode in (modes.Mode.THINK, modes.Mode.NO_THINK):
+        requests = [GenerationRequest(prompt=engine.chat.prompt(r.question, len(imgs), mode), images=imgs, mode=mode,
+                                      max_new_tokens=max_new_tokens, temperature=0.0, key=r.id) for r, imgs in items]
+        good = 0
+        for c in engine.generate(requests):
+            finished = c.finish_reason == "stop"
+            # the think tags survive (some tokenizers count them as special)
+            text = tok.decode(c.token_ids[:-1] if finished else c.token_ids, skip_special_tokens=False)
+            ok = well_formed(text, finished, mode)
+            good += ok
+            if not ok and len(failures.setdefault(mode.value, [])) < 3:
+                failures[mode.value].append(text[:200])
+            examples.setdefault(mode.value, text[:200])
+        out[mode.value] = good / len(items) if items else 0.0
     out["overall"] = (out.get("think", 0.0) + out.get("no_think", 0.0)) / 2
     out["samples"] = len(items)
     out["example"] = examples
@@ -356,51 +382,62 @@ def mode_compliance(model, processor, items: list, max_new_tokens: int, device, 
 # Attention and timing
 # ---------------------------------------------------------------------------------------------
 def choose_attention(model, samples: list, pad_id: int, pack_length: int, device,
-                     dtype=None) -> tuple[str | None, str]:
-    """The first varlen attention (training/packing.py: the flash-attention varlen kernel where
-    installed on CUDA, then per-sample SDPA) that gives the 4D mask's per-token losses on real
-    packed rows, else the mask. Returns (the implementation or None for the mask, a line saying
-    which and why). `dtype`: the compute dtype under autocast (bf16 on GPU; flash-attention runs
-    in nothing wider), compared against the mask path under the same autocast."""
+                     dtype=None, allow_varlen: bool = True) -> tuple[str, str | None, str]:
+    """How packed samples are kept apart (training/packing.py): the first of the varlen attentions
+    (the flash-attention varlen kernel where installed on CUDA, then per-sample SDPA; unless
+    `allow_varlen` is False), the 4D block mask, and plain padding (one sample per row, the
+    model's own mask) that gives every sample's token losses as that sample alone through the
+    model's own forward, on real packed rows. Models whose attention is more than causal within a
+    sample (Gemma3's image tokens attend both ways; sliding windows) end at plain padding.
+    Returns (collate's `attention`, the varlen implementation or None, a line saying which and
+    why). `dtype`: the compute dtype under autocast (bf16 on GPU; flash-attention runs in nothing
+    wider), the reference computed under the same autocast."""
     import torch
 
     from r4b_core.training.packing import VARLEN, collate, use_segment_attention, varlen_attentions
 
     # Two rows, the first holding two samples (the case that must not leak), images included when
     # the data has any; the second row checks that rows laid end to end stay apart too.
-    pool = [s for s in samples if s.pixel_values is not None] + [s for s in samples if s.pixel_values is None]
+    pool = [s for s in samples if s.has_images] + [s for s in samples if not s.has_images]
     rows = next(([[x, y], [z]] for x, y, z in zip(pool, pool[1:], pool[2:]) if len(x) + len(y) <= pack_length),
                 [[s] for s in pool[:2]])
-    batch = collate(rows, pad_id, mask_dtype=dtype or torch.float32)
-    bare = {k: v for k, v in batch.items() if k != "attention_mask"}
     where = f"{sum(len(r) for r in rows)} samples in {len(rows)} rows"
     half = dtype is not None and dtype != torch.float32
     amp = (torch.autocast(torch.device(device).type, dtype=dtype) if half else contextlib.nullcontext())
     # fp32 paths agree to rounding; bf16 ones to its 8-bit mantissa
     tolerance = 3e-2 if half else 1e-4
+    candidates = [("varlen", impl) for impl in (varlen_attentions(device) if allow_varlen else [])] + [("block", None)]
+    names = {"block": "4D block mask"}
     was_training = model.training
     model.eval()  # no dropout: the paths must see the same computation
     refused = []
     try:
         with torch.no_grad(), amp:
             use_segment_attention(model, False)
-            ref, mask, _ = token_losses(model, batch, device, dtype)
-            for impl in varlen_attentions(device):
+            alone = []
+            for row in rows:
+                for s in row:
+                    ce, mask, _ = token_losses(model, collate([[s]], pad_id, attention="padding"), device, dtype)
+                    alone.append(ce[mask])
+            ref = torch.cat(alone).float()
+            for attention, impl in candidates:
+                name = VARLEN[impl] if impl else names[attention]
                 try:
-                    use_segment_attention(model, impl)
-                    got, _, _ = token_losses(model, bare, device, dtype)
-                    diff = float((ref[mask].float() - got.float()).abs().max())
-                except Exception as exc:  # an architecture without position ids in its attention, ...
-                    refused.append(f"{impl} failed: {str(exc).splitlines()[0][:120]}")
+                    use_segment_attention(model, impl or False)
+                    ce, mask, _ = token_losses(model, collate(rows, pad_id, mask_dtype=dtype or torch.float32,
+                                                              attention=attention), device, dtype)
+                    diff = float((ref - ce[mask].float()).abs().max())
+                except Exception as exc:  # no varlen arguments in the family's attention, a sliding window, ...
+                    refused.append(f"{impl or attention} failed: {str(exc).splitlines()[0][:120]}")
                     continue
                 if diff <= tolerance:
-                    return impl, (f"attention: {VARLEN[impl]} (token losses within {diff:.1e} of the 4D "
-                                  f"mask's on {where})" + (f"; {'; '.join(refused)}" if refused else ""))
-                refused.append(f"{impl}'s token losses differ from it by {diff:.1e} on {where}")
+                    return attention, impl, (f"attention: {name} (token losses within {diff:.1e} of each sample "
+                                             f"alone on {where})" + (f"; {'; '.join(refused)}" if refused else ""))
+                refused.append(f"{name}'s token losses differ from each sample alone by {diff:.1e} on {where}")
     finally:
         model.train(was_training)
     use_segment_attention(model, False)
-    return None, f"attention: 4D block mask ({'; '.join(refused)})"
+    return "padding", None, f"attention: one sample per row, the model's own mask ({'; '.join(refused)})"
 
 
 class _PhaseClock:
@@ -477,15 +514,16 @@ class AnnealTrainer:
     device: Any
     compute_dtype: Any  # of the additive mask and the pixels (SDPA wants them equal)
     amp: Any  # bf16 autocast on CUDA without DeepSpeed, else a null context
-    varlen: str | None  # the varlen attention in use (training/packing.py VARLEN); None = the 4D mask
+    attention: str  # how packed samples are kept apart: collate's "varlen", "block" or "padding"
+    varlen: str | None  # the varlen attention in use (training/packing.py VARLEN); None unless "varlen"
     clock: _PhaseClock
     ddp: Any = None  # DistributedDataParallel around `model` (plain data parallelism)
     ds_engine: Any = None  # DeepSpeed engine around `model`
 
     @property
     def segments(self) -> bool:
-        """Samples kept apart by position ids (a varlen attention), not by a 4D mask."""
-        return self.varlen is not None
+        """Samples kept apart by their segments (a varlen attention), not by a mask."""
+        return self.attention == "varlen"
 
 
 def freeze_unused_parameters(model, sample, pad_id: int, device) -> list[str]:
@@ -495,7 +533,7 @@ def freeze_unused_parameters(model, sample, pad_id: int, device) -> list[str]:
     that never come. Returns their names."""
     from r4b_core.training.packing import collate
 
-    ce, mask, _ = token_losses(model, collate([[sample]], pad_id), device)
+    ce, mask, _ = token_losses(model, collate([[sample]], pad_id, attention="padding"), device)
     (ce * mask).sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in model.named_parameters():
@@ -512,24 +550,26 @@ def setup_trainer(a, model, samples: list, pad_id: int, env, console) -> tuple[A
     import torch
 
     from r4b_core.training import checkpoint as ckpt
-    from r4b_core.training.optim import cosine_scheduler, param_groups
+    from r4b_core.training.optim import cosine_scheduler, freeze_components, param_groups
 
     device = env.device
     cuda = device.type == "cuda"
     use_bf16 = cuda and torch.cuda.is_bf16_supported()
     use_ds = a.distributed.deepspeed != "none"
     model.to(device)
-    unused = freeze_unused_parameters(model, next((s for s in samples if s.pixel_values is not None), samples[0]),
-                                      pad_id, device)
+    if a.optim.freeze:
+        frozen = freeze_components(model, a.optim.freeze)
+        console.print(f"model: {', '.join(a.optim.freeze)} frozen (anneal.optim.freeze): {frozen} parameter tensors")
+    unused = freeze_unused_parameters(model, next((s for s in samples if s.has_images), samples[0]), pad_id, device)
     if unused:
         console.print(f"model: {len(unused)} parameter tensors get no gradient and stay frozen: "
                       f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}")
     # The additive mask and pixels follow the attention dtype (SDPA wants them equal).
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
     # Segment attention before any wrapper (DDP, DeepSpeed): it is a setting of the model.
-    varlen, line = None, "attention: 4D block mask (anneal.attention=mask)"
+    attention, varlen, line = "block", None, "attention: 4D block mask (anneal.attention=mask)"
     if a.attention == "auto":
-        varlen, line = choose_attention(model, samples, pad_id, a.pack_length, device, compute_dtype)
+        attention, varlen, line = choose_attention(model, samples, pad_id, a.pack_length, device, compute_dtype)
     console.print(line)
     optimizer = torch.optim.AdamW(param_groups(model, a.optim), betas=tuple(a.optim.betas),
                                   weight_decay=a.optim.weight_decay)
@@ -548,13 +588,13 @@ def setup_trainer(a, model, samples: list, pad_id: int, env, console) -> tuple[A
 
             # A micro-batch without any image leaves the vision tower without gradients.
             ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                          find_unused_parameters=any(s.pixel_values is None for s in samples))
+                                          find_unused_parameters=any(not s.has_images for s in samples))
         trainee = ckpt.Trainee(model=model, optimizer=optimizer, scheduler=scheduler)
     trainer = AnnealTrainer(
         model=model, forward_model=engine or ddp or model, optimizer=optimizer, scheduler=scheduler,
         samples=samples, cfg=a, env=env, pad_id=pad_id, device=device, compute_dtype=compute_dtype,
         amp=torch.autocast("cuda", dtype=torch.bfloat16) if (use_bf16 and not use_ds) else contextlib.nullcontext(),
-        varlen=varlen, clock=_PhaseClock(torch.cuda.synchronize if cuda else None), ddp=ddp, ds_engine=engine)
+        attention=attention, varlen=varlen, clock=_PhaseClock(torch.cuda.synchronize if cuda else None), ddp=ddp, ds_engine=engine)
     return trainer, trainee
 
 
@@ -600,14 +640,17 @@ def anneal_step(tr: AnnealTrainer, rows: list[list[int]]) -> tuple[dict[str, flo
     scale = env.world_size * (a.grad_accum if engine is not None else 1) / max(1, n_global)
     row_length = a.pack_length if a.pad_to == "pack_length" else None
     # Packed rows under segment attention need no pads at all: the micro-batch's samples run end
-    # to end as one sequence (position ids keep them apart), as first-fit grouped them.
+    # to end as one sequence (their segments keep them apart), as first-fit grouped them. Under the
+    # model's own mask (attention "padding") every sample is a row of its own.
     padding_free = a.packing and tr.segments and row_length is None
     totals = StepTotals()
     for m in range(a.grad_accum):
         micro = [[tr.samples[i] for i in row] for row in mine[m * a.micro_batch_size:(m + 1) * a.micro_batch_size]]
         if padding_free:
             micro = [[s for row in micro for s in row]]
-        batch = collate(micro, tr.pad_id, length=row_length, mask_dtype=tr.compute_dtype, mask=not tr.segments)
+        elif tr.attention == "padding":
+            micro = [[s] for row in micro for s in row]
+        batch = collate(micro, tr.pad_id, length=row_length, mask_dtype=tr.compute_dtype, attention=tr.attention)
         clock.lap("data")
         last = m == a.grad_accum - 1
         sync = contextlib.nullcontext() if (tr.ddp is None or last) else tr.ddp.no_sync()
@@ -742,7 +785,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
             random.seed(cfg.seed)
             model, processor = load_model(base_model_uri, cfg.model, store=store, dtype=torch.float32)
             model.train()
-            samples, compliance_items, report = prepare_data(cfg, store, train_uri, processor, cache_dir)
+            samples, compliance_items, report = prepare_data(cfg, store, train_uri, model, processor, cache_dir)
             for line in report.problems:
                 console.print(f"data: {line}")
             console.print(f"data: {report.used} samples ({report.think} think / {report.direct} direct, "
@@ -818,7 +861,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                             reloaded, rproc = load_model(staging, cfg.model, dtype=torch.float32)
                             reloaded.to(env.device)
                             max_new = report.max_target_tokens + 8
-                            compliance = mode_compliance(reloaded, rproc, compliance_items, max_new, env.device)
+                            compliance = mode_compliance(reloaded, rproc, compliance_items, max_new)
                             console.print(f"mode compliance: think {compliance['think']:.3f} no_think "
                                           f"{compliance['no_think']:.3f} over {compliance['samples']} prompts")
                             del reloaded
@@ -838,7 +881,7 @@ def run_anneal(cfg: RunConfig, train_uri: str | None = None, base_model_uri: str
                         "time_split_s": _PhaseClock.rounded(clock.wall),
                         "time_split_cpu_s": _PhaseClock.rounded(clock.cpu),
                         "segment_attention": trainer.segments,
-                        "attention": trainer.varlen or "mask",
+                        "attention": trainer.varlen or {"block": "mask"}.get(trainer.attention, trainer.attention),
                     }
                     manifest = {
                         "stage": STAGE,

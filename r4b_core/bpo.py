@@ -198,15 +198,16 @@ def request_seed(run_seed: int, step: int, prompt_index: int, mode: Mode) -> int
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
-def plan_rollouts(prompts: list[Prompt], b: BPOConfig, run_seed: int, step: int) -> list[GenerationRequest]:
-    """BPO: per prompt, g forced-think then g forced-no-think requests; GRPO: 2g auto-mode."""
+def plan_rollouts(prompts: list[Prompt], b: BPOConfig, run_seed: int, step: int, chat) -> list[GenerationRequest]:
+    """BPO: per prompt, g forced-think then g forced-no-think requests; GRPO: 2g auto-mode. Prompts
+    in the policy's chat format (`chat`: models/chat.ChatFormat, the trainer's PromptEncoder's)."""
     requests = []
     for i, p in enumerate(prompts):
         for mode in rollout_modes(b):
             n = b.group_size if b.algorithm == "bpo" else 2 * b.group_size
             budget = b.max_new_tokens_no_think if mode == Mode.NO_THINK else b.max_new_tokens_think
             requests.append(GenerationRequest(
-                prompt=modes.chat_prompt(p.record.question, len(p.images), mode=mode),
+                prompt=chat.prompt(p.record.question, len(p.images), mode=mode),
                 images=p.images, mode=mode, max_new_tokens=budget, temperature=b.temperature,
                 n=n, seed=request_seed(run_seed, step, i, mode), key=p.record.id))
     return requests
@@ -241,7 +242,8 @@ def score_rollouts(scorer, prompts: list[Prompt], completions: list[Completion],
 class EncodedPrompt:
     key: str                        # the record: every mode of one record shares the prefix
     ids: list[int]                  # prompt incl. the forced prefix, image tokens expanded
-    pixel_values: torch.Tensor | None
+    media: dict                     # the processor's media tensors (models/inputs.py); {} = text only
+    per_token: dict                 # the processor's per-token tensors over `ids` (1-D)
     prompt_len: int                 # tokens up to and including `<think>` (the shared prefix)
     n_forced: int                   # forced prefix tokens after `<think>` (0 in auto mode)
 
@@ -251,34 +253,36 @@ class EncodedPrompt:
 
 
 class PromptEncoder:
-    """Tokenizes (prompt, mode) pairs once with the processor, exactly as the engines do."""
+    """Renders (prompt, mode) pairs in the model's chat format and tokenizes them once with the
+    processor, exactly as the engines do (`chat` also renders the rollout requests)."""
 
     def __init__(self, processor):
-        self.processor = processor
-        tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
-        self.think_id = tok.convert_tokens_to_ids(modes.THINK_OPEN)
-        self.image_id = tok.convert_tokens_to_ids(modes.IMAGE_TOKEN)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # tokens the engines never sample; the trainer's distribution must exclude them too
+        from r4b_core.models.chat import ChatFormat
         from r4b_core.rollout.hf import suppressed_token_ids
 
+        self.processor = processor
+        self.chat = ChatFormat.of(processor)
+        tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+        self.think_id = tok.convert_tokens_to_ids(modes.THINK_OPEN)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # tokens the engines never sample (image placeholders); the trainer's distribution excludes them too
         self.suppress = tuple(suppressed_token_ids(processor))
         self._cache: dict[tuple[str, str], EncodedPrompt] = {}
 
     def encode(self, prompt: Prompt, mode: Mode) -> EncodedPrompt:
+        from r4b_core.models.inputs import split_encoding
+        from r4b_core.rollout.hf import encode_prompts
+
         key = (prompt.record.id, mode.value)
         if key not in self._cache:
-            text = modes.chat_prompt(prompt.record.question, len(prompt.images), mode=mode)
-            kw = {"images": prompt.images} if prompt.images else {}
-            enc = self.processor(text=text, return_tensors="pt", **kw)
-            ids = enc["input_ids"][0].tolist()
+            text = self.chat.prompt(prompt.record.question, len(prompt.images), mode=mode)
+            ids, per_token, media = split_encoding(encode_prompts(self.processor, [text], [prompt.images]))
             where = [k for k, t in enumerate(ids) if t == self.think_id]
             if not where:
                 raise BPOError(f"prompt of {prompt.record.id!r} in mode {mode.value} has no {modes.THINK_OPEN} "
                                f"token after tokenization; the tokenizer must know the think tags")
             prompt_len = where[-1] + 1
-            self._cache[key] = EncodedPrompt(prompt.record.id, ids, enc.get("pixel_values"), prompt_len,
-                                             len(ids) - prompt_len)
+            self._cache[key] = EncodedPrompt(prompt.record.id, ids, media, per_token, prompt_len, len(ids) - prompt_len)
         return self._cache[key]
 
 
@@ -298,7 +302,8 @@ class TrainItem:
 
 @dataclass
 class MicroBatch:
-    """U distinct prefixes (prompt through `<think>`, left-padded, images) and B responses.
+    """U distinct prefixes (prompt through `<think>`, left-padded, with the processor's tensors) and
+    B responses.
 
     All 2g rollouts of a prompt share its prefix — both modes, since the forced tokens come after
     `<think>` — so the trainer runs the prefix (and the vision tower) once per prompt and the
@@ -307,7 +312,7 @@ class MicroBatch:
     """
     prefix_ids: torch.Tensor         # [U, P] left-padded
     prefix_mask: torch.Tensor        # [U, P]
-    pixel_values: torch.Tensor | None
+    prefix_inputs: dict              # media tensors of the U prefixes, per-token ones [U, P]
     owner: torch.Tensor              # [B] prefix row of each response
     response_ids: torch.Tensor       # [B, R] right-padded
     response_mask: torch.Tensor      # [B, R]
@@ -326,10 +331,13 @@ class MicroBatch:
             return self
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        moved["prefix_inputs"] = {k: v.to(device) for k, v in self.prefix_inputs.items()}
         return replace(self, **moved)
 
 
 def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_trainable: bool) -> MicroBatch:
+    from r4b_core.models.inputs import join_media, pad_per_token
+
     keys: dict[str, int] = {}
     prefixes: list[EncodedPrompt] = []
     owner = []
@@ -344,7 +352,9 @@ def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_traina
     for u, e in enumerate(prefixes):
         prefix_ids[u, P - e.prompt_len:] = torch.tensor(e.ids[:e.prompt_len])
         prefix_mask[u, P - e.prompt_len:] = 1
-    pixels = [e.pixel_values for e in prefixes if e.pixel_values is not None]
+    prefix_inputs = {**join_media([e.media for e in prefixes if e.media]),
+                     **pad_per_token([{k: v[:e.prompt_len] for k, v in e.per_token.items()} for e in prefixes],
+                                     P, left=True)}
     R = max(len(it.response) for it in items)
     B = len(items)
     response_ids = torch.full((B, R), pad_id, dtype=torch.long)
@@ -361,7 +371,7 @@ def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_traina
     loss, forced, generated = bpo_math.response_masks(
         torch.ones(B, dtype=torch.long), torch.tensor([it.prompt.n_forced for it in items]),
         torch.tensor([len(it.gen_ids) for it in items]), R + 1, forced_trainable)
-    return MicroBatch(prefix_ids, prefix_mask, torch.cat(pixels) if pixels else None, torch.tensor(owner),
+    return MicroBatch(prefix_ids, prefix_mask, prefix_inputs, torch.tensor(owner),
                       response_ids, response_mask, loss, forced, generated, rollout_lp,
                       torch.tensor([it.advantage for it in items]), torch.tensor([it.think for it in items]), index)
 
@@ -369,15 +379,22 @@ def collate(items: list[TrainItem], index: list[int], pad_id: int, forced_traina
 def sequence_logprobs(model, mb: MicroBatch, temperature: float,
                       suppress: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """log-prob of each response token and the entropy at its position, under
-    softmax(logits / temperature), with positions as the engine generated them (left padding,
-    position ids from the attention mask)."""
-    kw = {"pixel_values": mb.pixel_values} if mb.pixel_values is not None else {}
-    prefix_pos = (mb.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    softmax(logits / temperature), with positions as the engines generate them: the prefix's from
+    the model's rope index where it has one (M-RoPE), else from the attention mask (left padding);
+    response token t at the prefix's largest position + 1 + t."""
+    from r4b_core.rollout.hf import rope_positions
+
+    bare = getattr(model, "module", model)           # a DeepSpeed engine's module
+    prefix_pos = rope_positions(bare, {"input_ids": mb.prefix_ids, "attention_mask": mb.prefix_mask,
+                                       **mb.prefix_inputs})
+    if prefix_pos is None:
+        prefix_pos = (mb.prefix_mask.cumsum(-1) - 1).clamp(min=0)
     head = model(input_ids=mb.prefix_ids, attention_mask=mb.prefix_mask, position_ids=prefix_pos,
-                 use_cache=True, logits_to_keep=1, **kw)
+                 use_cache=True, logits_to_keep=1, **mb.prefix_inputs)
     cache = getattr(head, "cache", None) or head.past_key_values
     cache.batch_select_indices(mb.owner)                 # each response gets its prompt's K/V
-    start = mb.prefix_mask.sum(-1)[mb.owner].unsqueeze(-1)
+    last = prefix_pos[:, -1] if prefix_pos.ndim == 2 else prefix_pos.amax(dim=(0, 2))
+    start = (last[mb.owner] + 1).unsqueeze(-1)
     resp_pos = start + torch.arange(mb.response_ids.shape[1], device=start.device).unsqueeze(0)
     attn = torch.cat([mb.prefix_mask[mb.owner], mb.response_mask], dim=1)
     body = model(input_ids=mb.response_ids, attention_mask=attn, position_ids=resp_pos, cache=cache,
@@ -628,17 +645,17 @@ class Rollouts:
     The model is read on the caller's thread only; the background thread only talks to the engine.
     """
 
-    def __init__(self, engine, model, b: BPOConfig, run_seed: int):
+    def __init__(self, engine, model, b: BPOConfig, run_seed: int, chat):
         import concurrent.futures as cf
 
-        self.engine, self.model, self.b, self.run_seed = engine, model, b, run_seed
+        self.engine, self.model, self.b, self.run_seed, self.chat = engine, model, b, run_seed, chat
         self.staleness = b.async_staleness
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="r4b-rollouts") if self.staleness else None
         self._ahead: tuple[int, int, Any] | None = None      # (step, engine version at start, future)
 
     def _generate(self, step: int, prompts: list[Prompt]) -> RolloutBatch:
         t0 = time.perf_counter()
-        completions = self.engine.generate(plan_rollouts(prompts, self.b, self.run_seed, step))
+        completions = self.engine.generate(plan_rollouts(prompts, self.b, self.run_seed, step, self.chat))
         versions = sorted({c.policy_version for c in completions})
         if len(versions) > 1:
             raise BPOError(f"step {step}: the batch's rollouts came from policy versions {versions}; a batch "
@@ -710,10 +727,12 @@ class Rollouts:
 # The step
 # ---------------------------------------------------------------------------------------------
 def make_optimizer(model, b: BPOConfig):
-    """AdamW over the vision / projector / LLM groups. The fused kernel (one op per step instead of
-    ~10 per parameter tensor; same update rule, TRL's default too) wherever the parameters live
-    on a device that has it."""
-    from r4b_core.training.optim import param_groups
+    """AdamW over the vision / projector / LLM groups, less the parts `bpo.optim.freeze` leaves as
+    they are. The fused kernel (one op per step instead of ~10 per parameter tensor; same update
+    rule, TRL's default too) wherever the parameters live on a device that has it."""
+    from r4b_core.training.optim import freeze_components, param_groups
+
+    freeze_components(model, b.optim.freeze)
 
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, b.optim), betas=tuple(b.optim.betas), fused=fused or None)
@@ -737,7 +756,7 @@ class Trainer:
 
     def __post_init__(self):
         if self.rollouts is None:
-            self.rollouts = Rollouts(self.engine, self.model, self.cfg.bpo, self.cfg.seed)
+            self.rollouts = Rollouts(self.engine, self.model, self.cfg.bpo, self.cfg.seed, self.encoder.chat)
 
 
 @dataclass
@@ -804,9 +823,9 @@ def bpo_step(tr: Trainer, prompts: list[Prompt], step: int, upcoming: list[Promp
         i = s.prompt_index
         if not keep[i]:
             continue
-        if tr.encoder.image_id in s.completion.token_ids:
-            # a sampled `<image>` token would be taken for an image placeholder by the trainer's
-            # forward (features/tokens mismatch); such a rollout is left out of the loss, counted
+        if any(t in tr.encoder.suppress for t in s.completion.token_ids):
+            # a sampled image placeholder would be taken for an image by the trainer's forward
+            # (features/tokens mismatch); such a rollout is left out of the loss, counted
             image_token_rollouts += 1
             continue
         enc = tr.encoder.encode(prompts[i], s.completion.mode)
@@ -923,15 +942,15 @@ def decision_probability(model, encoder: PromptEncoder, prompts: list[Prompt]) -
     return logp[:, 0].exp().mean().item()
 
 
-def run_probes(engine, scorer, sets: dict[str, list[Prompt]], b: BPOConfig, model=None,
-               encoder: PromptEncoder | None = None) -> dict[str, float]:
+def run_probes(engine, scorer, sets: dict[str, list[Prompt]], b: BPOConfig, encoder: PromptEncoder,
+               model=None) -> dict[str, float]:
     """Greedy auto-mode generations on the fixed probe sets: think-rate, accuracy, mean length,
     and (given the trainer's model) the mean probability of choosing to think."""
     out: dict[str, float] = {}
     for name, items in sets.items():
-        if model is not None and encoder is not None:
+        if model is not None:
             out[f"probe/{name}/p_think"] = decision_probability(model, encoder, items)
-        reqs = [GenerationRequest(prompt=modes.chat_prompt(p.record.question, len(p.images), mode=Mode.AUTO),
+        reqs = [GenerationRequest(prompt=encoder.chat.prompt(p.record.question, len(p.images), mode=Mode.AUTO),
                                   images=p.images, mode=Mode.AUTO, max_new_tokens=b.max_new_tokens_think,
                                   temperature=0.0, n=1, key=p.record.id) for p in items]
         comps = engine.generate(reqs)
@@ -1098,7 +1117,7 @@ def run_bpo(cfg: RunConfig, prompts_uri: str, init_model_uri: str, out_uri: str,
                 metrics = dict(result.metrics)
                 if env.is_main and (step == start_step or (step + 1) % b.probe_every == 0 or step + 1 == b.steps):
                     tr.rollouts.drain()            # the probes' requests never run beside a batch's
-                    metrics.update(run_probes(engine, scorer, probes, b, model, encoder))
+                    metrics.update(run_probes(engine, scorer, probes, b, encoder, model))
                 metrics.update(sync_check_metrics(engine, verified_versions))
                 last = metrics
                 history.append({"step": step + 1, "prompt_position": position(step) - env.rank * per_rank,

@@ -65,8 +65,13 @@ class TrackingConfig(Section):
 
 
 class TinyModelConfig(Section):
-    """The toy LLaVA-style VLM: tiny SigLIP tower + MLP projector + tiny Qwen3 text model."""
+    """The toy VLM: r4b's own (tiny SigLIP tower + MLP projector + tiny Qwen3 text model), or a
+    tiny random instance of a family people bring (models/tiny_families.py), at these sizes."""
 
+    # -- "r4b": our LLaVA-style toy; qwen2_5_vl | qwen3_vl | llava_onevision | rvl (R-4B's layout) |
+    # smolvlm | gemma3: that family's own classes at toy size, with its processor, tokenizer class
+    # and chat template (vLLM's CPU attention needs text_hidden / text_heads >= 32).
+    family: Literal["r4b", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "rvl", "smolvlm", "gemma3"] = "r4b"
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(16, ge=4)
     vision_hidden: int = Field(64, ge=8)
@@ -129,6 +134,18 @@ class ModelConfig(Section):
     language_model: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # -- pixel budget of image processors with dynamic resolution (Qwen2.5-VL, Qwen3-VL): every image
+    # is resized to between min_pixels and max_pixels pixels (fewer image tokens, less memory);
+    # null = the processor's own. Applied wherever a model is loaded, and saved with every model
+    # written, so the vLLM sidecar and `r4b serve` resize the same way.
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _pixels(self) -> ModelConfig:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}; swap them")
+        return self
 
 
 class SyntheticDataConfig(Section):
@@ -216,6 +233,16 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # -- parts of the model left as they are (not trained, no optimizer state), e.g. [vision] or
+    # [vision, projector]: the vision encoder, the projector, the language model, as
+    # training/optim.py tells them apart for every family.
+    freeze: list[Literal["vision", "projector", "llm"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _frozen(self) -> OptimConfig:
+        if len(set(self.freeze)) == 3:
+            raise ValueError("freeze lists vision, projector and llm: nothing would be trained; drop one")
+        return self
 
 
 class DistributedConfig(Section):
@@ -243,9 +270,10 @@ class AnnealConfig(Section):
     # (static shapes; with packing off, the fixed-length padding of the SFT benchmark). Padding
     # never changes the loss, so it is not part of the stage's identity.
     pad_to: Literal["longest", "pack_length"] = "longest"
-    # -- how packed samples are kept apart: "auto" runs attention per sample (boundaries from the
-    # position ids) after a start-up check that it gives the 4D mask's token losses, else the mask;
-    # "mask" always uses the 4D block-diagonal mask. Same loss either way (not part of the identity).
+    # -- how packed samples are kept apart: "auto" takes the first of attention per sample (the
+    # samples' segment boundaries), the 4D block-diagonal mask and one sample per row with the
+    # model's own mask whose token losses equal each sample's alone (checked at start-up); "mask"
+    # always uses the 4D block mask. Same loss either way (not part of the identity).
     attention: Literal["auto", "mask"] = "auto"
     optim: OptimConfig = OptimConfig()
     distributed: DistributedConfig = DistributedConfig()

@@ -75,9 +75,10 @@ def label_for_passes(num_correct: int, max_correct_for_reasoning: int = 0) -> La
     return "reasoning" if num_correct <= max_correct_for_reasoning else "direct"
 
 
-def judge_prompt(question: str, num_images: int) -> str:
-    """The subjective-item judge prompt, no-think mode (the answer is one word)."""
-    return modes.chat_prompt(JUDGE_INSTRUCTION + question.strip(), num_images, mode=Mode.NO_THINK)
+def judge_prompt(chat, question: str, num_images: int) -> str:
+    """The subjective-item judge prompt in the annotator's chat format (`chat`), no-think mode (the
+    answer is one word)."""
+    return chat.prompt(JUDGE_INSTRUCTION + question.strip(), num_images, mode=Mode.NO_THINK)
 
 
 def parse_judge(text: str) -> bool | None:
@@ -215,19 +216,20 @@ class CurateStats:
         }
 
 
-def build_requests(items: list[Item], images: list[list[Any]], cfg_curate, seed: int) -> list[GenerationRequest]:
-    """One request per item: N sampled no-think answers (objective) or one greedy judge reply."""
+def build_requests(items: list[Item], images: list[list[Any]], cfg_curate, seed: int, chat) -> list[GenerationRequest]:
+    """One request per item: N sampled no-think answers (objective) or one greedy judge reply, in
+    the annotator's chat format (`chat`: the engine's)."""
     reqs = []
     for i, (item, imgs) in enumerate(zip(items, images)):
         r = item.record
         if r.objective:
             reqs.append(GenerationRequest(
-                prompt=modes.chat_prompt(r.question, len(imgs), mode=Mode.NO_THINK), images=imgs,
+                prompt=chat.prompt(r.question, len(imgs), mode=Mode.NO_THINK), images=imgs,
                 mode=Mode.NO_THINK, max_new_tokens=cfg_curate.max_new_tokens,
                 temperature=cfg_curate.temperature, n=cfg_curate.num_samples, seed=seed + i, key=r.id))
         else:
             reqs.append(GenerationRequest(
-                prompt=judge_prompt(r.question, len(imgs)), images=imgs, mode=Mode.NO_THINK,
+                prompt=judge_prompt(chat, r.question, len(imgs)), images=imgs, mode=Mode.NO_THINK,
                 max_new_tokens=cfg_curate.max_new_tokens, temperature=0.0, n=1, key=r.id))
     return reqs
 
@@ -321,6 +323,9 @@ class SimulatedAnnotator:
     policy_version = 0
 
     def __init__(self, records, accuracy: dict[str, float], seed: int):
+        from r4b_core.models.chat import ChatFormat
+
+        self.chat = ChatFormat.of(None)        # prompts are never read: r4b's own format will do
         self.records = {r.id: r for r in records}
         self.accuracy = dict(accuracy)
         self.seed = seed
@@ -511,7 +516,7 @@ def run_curate(cfg: RunConfig, raw_uri: str, out_uri: str, annotator: RolloutEng
         for start in range(0, len(kept), c.batch_size):
             batch = kept[start:start + c.batch_size]
             images = [_load_images(it, store) for it in batch]
-            reqs = build_requests(batch, images, c, seed=cfg.seed * 1_000_003 + start)
+            reqs = build_requests(batch, images, c, cfg.seed * 1_000_003 + start, annotator.chat)
             tg = time.perf_counter()
             reqs, completions = _generate_fitting(annotator, reqs, batch)
             images = [imgs for it, imgs in zip(batch, images) if it.reject is None]
@@ -612,7 +617,7 @@ def _attach_traces(batch: list[Item], images: list[list[Any]], teacher: RolloutE
             need.append((item, imgs))
     if not need:
         return
-    reqs = [GenerationRequest(prompt=modes.chat_prompt(it.record.question, len(imgs), mode=Mode.THINK),
+    reqs = [GenerationRequest(prompt=teacher.chat.prompt(it.record.question, len(imgs), mode=Mode.THINK),
                               images=imgs, mode=Mode.THINK, max_new_tokens=c.teacher_max_new_tokens,
                               temperature=0.0, n=1, key=it.record.id) for it, imgs in need]
     tg = time.perf_counter()

@@ -3,8 +3,9 @@
     r4b eval --config configs/tiny.yaml --tag bpo [--compare runs/tiny/eval/anneal/report.json]
     from r4b_core.evaluate import run_eval          run_eval(cfg, model_uri, eval_uri, out_uri, tag)
 
-For each item and each mode in `eval.modes` the prompt is `modes.chat_prompt(question, n_images,
-mode)` (auto ends in `<think>`, think in `<think>\\n`, no-think in `<think>\\n\\n</think>\\n\\n`),
+For each item and each mode in `eval.modes` the prompt is the served model's chat format for the
+question and its images, followed by the mode's forced prefix (`engine.chat.prompt`, models/chat.py:
+auto ends in `<think>`, think in `<think>\\n`, no-think in `<think>\\n\\n</think>\\n\\n`),
 decoded greedily up to `eval.max_new_tokens` through a RolloutEngine (`eval.engine`), all modes of
 a batch in one `generate` call. The completion is split with `modes.parse_response`; the answer
 after the think block is scored by `rewards.RewardScorer.score`, the function that gives BPO its
@@ -432,7 +433,7 @@ def predict(engine: RolloutEngine, items: list[Record], mode_names: list[str], m
             for m in mode_names:
                 prompt_mode = Mode.NO_THINK if thinking_budget == 0 else Mode.parse(m)
                 reqs.append(GenerationRequest(
-                    prompt=modes.chat_prompt(rec.question, len(imgs), mode=prompt_mode), images=imgs,
+                    prompt=engine.chat.prompt(rec.question, len(imgs), mode=prompt_mode), images=imgs,
                     mode=prompt_mode, max_new_tokens=max_new_tokens, temperature=temperature, n=samples,
                     seed=None if seed is None else sample_seed(seed, benchmark, rec.id, m),
                     key=f"{rec.id}\x1f{m}", thinking_budget=thinking_budget or None))

@@ -227,15 +227,34 @@ def model_class(config):
     return AutoModelForImageTextToText
 
 
+def load_processor(path: str | Path, model_cfg: ModelConfig):
+    """The processor of a model folder (or hub id), with `model.min_pixels` / `model.max_pixels`
+    where set: passed to the image processor, which must take a pixel budget (it says so in its
+    accepted arguments: Qwen2-VL's image processor and its descendants); else a one-line refusal."""
+    from transformers import AutoProcessor
+
+    budget = {k: v for k, v in (("min_pixels", model_cfg.min_pixels), ("max_pixels", model_cfg.max_pixels))
+              if v is not None}
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **budget)
+    if budget:
+        image_processor = getattr(processor, "image_processor", None)
+        accepted = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
+        if "max_pixels" not in accepted:
+            raise ModelLoadError(f"model.min_pixels / model.max_pixels: {path}'s image processor "
+                                 f"({type(image_processor).__name__}) takes no pixel budget (it resizes to "
+                                 f"{getattr(image_processor, 'size', '?')}); leave them unset for this model")
+    return processor
+
+
 def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     trust = model_cfg.trust_remote_code
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     model = model_class(config).from_pretrained(path, config=config, dtype=dtype or torch.float32,
                                                 trust_remote_code=trust)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+    processor = load_processor(path, model_cfg)
     ensure_think_tokens(model, processor)
     return model.eval(), processor
 

@@ -86,7 +86,8 @@ def make_processor(tokenizer, image_size: int, patch_size: int):
 
 
 def build_tiny_vlm(cfg: TinyModelConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0) -> Path:
-    """Train the tokenizer on `texts`, build the model with seeded random weights, save to out_dir."""
+    """Train the tokenizer on `texts`, build the model with seeded random weights, save to out_dir.
+    `cfg.family` other than "r4b": that family's tiny instance (models/tiny_families.py)."""
     import torch
     from transformers import LlavaForConditionalGeneration, GenerationConfig
 
@@ -94,6 +95,11 @@ def build_tiny_vlm(cfg: TinyModelConfig, texts: Iterable[str], out_dir: str | Pa
     from r4b_core.errors import R4BError
     from r4b_core.models.loading import save_model
     from r4b_core.models.tokenizer import train_tokenizer
+
+    if cfg.family != "r4b":
+        from r4b_core.models.tiny_families import build_tiny_family
+
+        return build_tiny_family(cfg.family, cfg, texts, out_dir, seed)
 
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     if len(tokenizer) > cfg.vocab_size:

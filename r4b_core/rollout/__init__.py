@@ -47,9 +47,9 @@ def open_engine(cfg: RunConfig, kind: str, model_uri: str | None = None, model: 
             # a storage URI is downloaded once into the model cache; a Hugging Face id stays one
             folder = (local_model_dir(model_uri, store) or model_uri) if model_uri else None
             if processor is None:
-                from transformers import AutoProcessor
+                from r4b_core.models.loading import load_processor
 
-                processor = AutoProcessor.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+                processor = load_processor(folder, cfg.model)
             server = os.environ.get("R4B_VLLM_URL")
             if server:
                 print(f"{label}: vLLM sidecar at {server} (R4B_VLLM_URL)", flush=True)

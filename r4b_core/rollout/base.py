@@ -1,7 +1,7 @@
 """The rollout protocol shared by curation, BPO and evaluation.
 
-An engine turns `GenerationRequest`s (prompt text built with modes.chat_prompt, images, a forced
-mode, sampling settings) into `Completion`s carrying token ids, text, per-token logprobs, the
+An engine turns `GenerationRequest`s (prompt text rendered in the served model's chat format,
+`engine.chat.prompt(question, n_images, mode)`, images, a forced mode, sampling settings) into `Completion`s carrying token ids, text, per-token logprobs, the
 finish reason and the policy version that produced them. `hf` runs in-process; `vllm` talks to a
 vLLM server (the sidecar).
 """
@@ -9,10 +9,13 @@ vLLM server (the sidecar).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from r4b_core.errors import R4BError
 from r4b_core.modes import Mode
+
+if TYPE_CHECKING:
+    from r4b_core.models.chat import ChatFormat
 
 
 class PromptTooLong(R4BError):
@@ -26,7 +29,7 @@ class PromptTooLong(R4BError):
 
 @dataclass
 class GenerationRequest:
-    prompt: str                      # full prompt text incl. the generation prefix of `mode`
+    prompt: str                      # full prompt text incl. the generation prefix of `mode` (engine.chat.prompt)
     images: list[Any] = field(default_factory=list)   # PIL images or paths
     mode: Mode = Mode.AUTO
     max_new_tokens: int = 64
@@ -59,6 +62,9 @@ class RolloutEngine(Protocol):
     the trainer's module, so its pushes are free and its checks trivially pass (empty figures)."""
 
     policy_version: int
+    # the served model's prompt format: requests are rendered with it (its template, image
+    # placeholder, end of turn)
+    chat: ChatFormat
     # the last push: its timings and, once checked, verify_s and max_abs_diff ({} if nothing to time)
     last_sync: dict[str, float]
     # the check of the previous push that the last `generate` finished (overlapped verification),

@@ -2,11 +2,11 @@
 
     from r4b_core.rollout.hf import HFEngine
     engine = HFEngine(model, processor)                 # shares the live (training) module
-    outs = engine.generate([GenerationRequest(prompt=modes.chat_prompt(q, 1, Mode.THINK),
+    outs = engine.generate([GenerationRequest(prompt=engine.chat.prompt(q, 1, Mode.THINK),
                                               images=[img], mode=Mode.THINK, n=4, temperature=1.0, seed=7)])
     engine.update_weights(model, version=3)             # nothing to copy: the module is shared
 
-Prompts arrive as text that already ends in the forced prefix (built with modes.chat_prompt); the
+Prompts arrive as text that already ends in the forced prefix (built with engine.chat.prompt); the
 processor expands the `<image>` placeholders. Generation is batched with left padding and a KV
 cache; position ids follow the attention mask (as `model.generate` does), so a request's output
 does not depend on what else is in its batch.

@@ -1,5 +1,6 @@
 """Optimizer pieces shared by the training stages: parameter groups and the cosine LR schedule.
 
+    freeze_components(model, cfg.anneal.optim.freeze)    # e.g. [vision]: those keep their weights
     groups = param_groups(model, cfg.anneal.optim)        # vision tower / projector / LLM, each
     opt = torch.optim.AdamW(groups, betas=..., ...)       # with and without weight decay
     sched = cosine_scheduler(opt, total_steps, warmup)    # per-group peak -> per-group floor
@@ -42,6 +43,18 @@ def component_of(name: str) -> str:
     if any(m in name for m in VISION_MARKERS):
         return "vision"
     return "llm"
+
+
+def freeze_components(model: torch.nn.Module, components: list[str]) -> int:
+    """Turn off gradients of every parameter of the given components ('vision', 'projector',
+    'llm'; `optim.freeze`); returns how many parameter tensors that froze. Frozen parameters get
+    no optimizer group (param_groups skips them) and keep their values."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if component_of(name) in components and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:

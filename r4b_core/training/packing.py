@@ -1,31 +1,42 @@
 """Sequence packing for SFT: several samples share one row, none can see another.
 
-A `Sample` is one tokenized (prompt + target) sequence with its loss labels and images. Packing
-puts samples into rows of at most `pack_length` tokens (first-fit, in the given order so the data
-stays shuffled), and `collate` turns a list of rows into model inputs:
+A `Sample` is one tokenized (prompt + target) sequence with its loss labels and the processor's
+other tensors (models/inputs.py: media such as pixel_values / image_grid_thw / image_sizes, and
+per-token ones such as token_type_ids), plus its positions where the model computes them itself
+(M-RoPE: Qwen2.5-VL, Qwen3-VL; the model's rope index over the sample alone). Packing puts samples
+into rows of at most `pack_length` tokens (first-fit, in the given order so the data stays
+shuffled), and `collate` turns a list of rows into model inputs:
 
     input_ids      (B, L)        samples back to back, then pad
-    labels         (B, L)        token id where the loss applies (target + closing <|im_end|>), else -100
-    position_ids   (B, L)        restart at 0 for every sample; a row's pad tail continues its last sample
-    attention_mask (B, 1, L, L)  additive float mask: causal *within* a sample, blocked across samples;
-                                 a pad token sees only itself (a fully blocked row would give NaN)
-    pixel_values   (N, 3, H, W)  images of every sample of every row, in token order
+    labels         (B, L)        token id where the loss applies (target + closing end of turn), else -100
+    position_ids   (B, L)        restart at 0 for every sample; (3, B, L) where samples carry M-RoPE positions
+    segment_ids    (B, L)        which sample a token belongs to: unique over the batch, a row's pad tail
+                                 its own segment. The samples' boundaries come from here, never from
+                                 positions (M-RoPE positions do not restart at a sample's start)
     token_mode     (B, L)        0 = thinking sample, 1 = direct sample, -1 = pad (for per-mode loss)
+    <per-token>    (B, L)        the samples' per-token processor tensors, 0 on pads
+    <media>        (N, ...)      every sample's media tensors, joined in token order (inputs.join_media)
+    attention_mask               by `attention`:
+      "block"   (B, 1, L, L)  additive float mask: causal *within* a sample, blocked across samples;
+                              a pad token sees only itself (a fully blocked row would give NaN)
+      "varlen"  none          samples apart by segment_ids (`varlen_kwargs`: cu_seq_lens for the forward)
+      "padding" (B, L)        the model's own 2-D padding mask: one sample per row, the model builds its
+                              own attention (Gemma3's bidirectional image tokens, sliding windows)
 
 `collate` with one sample per row is plain padding (the packing benchmark's baseline).
 
-Two ways to keep samples apart in attention, giving the same logits (tests/unit/test_packing.py):
-- the 4D mask above (`collate(..., mask=True)`), any attention implementation. It costs O(L^2) per
-  row to build, and SDPA with a mask attends over the whole row (every key of a 512-token row is
-  scored, then masked);
-- varlen attention (`collate(..., mask=False)` + `use_segment_attention(model, impl)`): no mask;
-  each sample is found from `position_ids` (a new sample starts where the position is 0) and
-  attends only within itself. A sample of n tokens costs n^2, not n x L. Two implementations
-  (`varlen_attentions`): on CUDA with the `flash_attn` package installed, transformers'
-  "flash_attention_2", which turns the position ids into cu_seqlens for `flash_attn_varlen_func`;
-  everywhere, `segment_sdpa` below, causal SDPA per sample. The anneal stage takes the first of
-  them that gives the mask path's per-token losses on real packed rows, else the mask
-  (anneal.choose_attention).
+Three ways to keep samples apart, the anneal stage taking the first that gives every sample's
+token losses as that sample alone through the model's own forward (anneal.choose_attention):
+- varlen attention (`attention="varlen"` + `use_segment_attention(model, impl)`): no mask; the
+  forward gets the segments as `cu_seq_lens_q/k` (transformers' packed-sequence arguments) and
+  each sample attends only within itself. A sample of n tokens costs n^2, not n x L. Two
+  implementations (`varlen_attentions`): on CUDA with the `flash_attn` package installed,
+  transformers' "flash_attention_2" (`flash_attn_varlen_func` on the cu_seq_lens); everywhere,
+  `segment_sdpa` below, causal SDPA per sample;
+- the 4D block mask, any attention implementation, O(L^2) per row to build, and SDPA with a mask
+  attends over the whole row;
+- plain padding, one sample per row with the model's own mask: for models whose attention is more
+  than causal (Gemma3's images attend both ways; sliding windows), which neither of the above is.
 
 Measured on the 2-core CPU (torch 2.13, one thread; 35 samples of 37-130 tokens, 4 heads of 32,
 forward + backward of one layer's attention): per-sample SDPA 10.9-22 ms; the same samples grouped
@@ -51,12 +62,18 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     mode: int  # MODE_THINK or MODE_DIRECT
-    pixel_values: torch.Tensor | None = None  # (n_images, 3, H, W) or None for text-only samples
+    media: dict = field(default_factory=dict)  # the processor's media tensors (models/inputs.py); {} = text only
+    per_token: dict = field(default_factory=dict)  # the processor's per-token tensors, 1-D over input_ids
+    positions: torch.Tensor | None = None  # (3, n) positions from the model's rope index; None = 0..n-1
     index: int = -1  # position in the source dataset (for reports)
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.media)
 
     @property
     def n_target(self) -> int:
@@ -98,51 +115,75 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     return mask[:, None]
 
 
+ATTENTIONS = ("block", "varlen", "padding")
+
+
 def collate(rows: list[list[Sample]], pad_id: int, length: int | None = None,
-            mask_dtype: torch.dtype = torch.float32, mask: bool = True) -> dict[str, torch.Tensor]:
+            mask_dtype: torch.dtype = torch.float32, attention: str = "block") -> dict[str, torch.Tensor]:
     """Rows of samples -> model inputs (see module docstring). `length` defaults to the longest row.
 
-    mask=False leaves out `attention_mask`: for segment attention, which reads the boundaries
-    from `position_ids` (building an unused (B, L, L) mask cost a packed step ~3 % of its time).
+    attention="varlen" leaves out `attention_mask` (building an unused (B, L, L) mask cost a packed
+    step ~3 % of its time); "padding" gives the 2-D padding mask and needs one sample per row.
     """
+    from r4b_core.models.inputs import join_media
+
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention {attention!r}: one of {ATTENTIONS}")
+    if attention == "padding" and any(len(row) > 1 for row in rows):
+        raise ValueError("attention='padding' keeps one sample per row; the model's own mask cannot separate more")
     L = length or max(sum(len(s) for s in row) for row in rows)
     B = len(rows)
+    mrope = any(s.positions is not None for row in rows for s in row)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    segment_ids = torch.full((B, L), -1, dtype=torch.long)
+    position_ids = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
+    segment_ids = torch.zeros((B, L), dtype=torch.long)
     token_mode = torch.full((B, L), -1, dtype=torch.long)
-    pixels = []
+    per_token: dict[str, torch.Tensor] = {}
+    media = []
+    segment = 0
     for b, row in enumerate(rows):
         at = 0
-        for j, s in enumerate(row):
+        for s in row:
             n = len(s)
             if at + n > L:
                 raise ValueError(f"row {b} holds {sum(len(x) for x in row)} tokens > length {L}")
             input_ids[b, at:at + n] = torch.tensor(s.input_ids)
             labels[b, at:at + n] = torch.tensor(s.labels)
-            position_ids[b, at:at + n] = torch.arange(n)
-            segment_ids[b, at:at + n] = j
+            position_ids[..., b, at:at + n] = s.positions if s.positions is not None else torch.arange(n)
+            segment_ids[b, at:at + n] = segment
             token_mode[b, at:at + n] = s.mode
-            if s.pixel_values is not None and len(s.pixel_values):
-                pixels.append(s.pixel_values)
+            for key, v in s.per_token.items():
+                per_token.setdefault(key, v.new_zeros((B, L)))[b, at:at + n] = v
+            if s.media:
+                media.append(s.media)
+            segment += 1
             at += n
-        # The pad tail continues the last sample's positions, so position ids alone delimit the
-        # samples: segment attention sees a padded row as one sequence (one causal call; real
-        # tokens never reach the pads after them). Pad outputs carry no loss either way.
-        last = len(row[-1]) if row else 0
-        position_ids[b, at:] = torch.arange(last, last + L - at)
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "token_mode": token_mode,
-    }
-    if mask:
-        batch["attention_mask"] = block_causal_mask(segment_ids, mask_dtype)
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
+        # the pad tail joins the row's last segment (causal: no real token attends to it; no loss),
+        # so plainly padded rows are segments of one length
+        position_ids[..., b, at:] = torch.arange(L - at)
+        if not row:
+            segment += 1
+        segment_ids[b, at:] = segment - 1
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
+             "token_mode": token_mode, **per_token, **join_media(media)}
+    if attention == "block":
+        real = torch.where(token_mode >= 0, segment_ids, -1)
+        batch["attention_mask"] = block_causal_mask(real, mask_dtype)
+    elif attention == "padding":
+        batch["attention_mask"] = (token_mode >= 0).long()
     return batch
+
+
+def varlen_kwargs(segment_ids: torch.Tensor) -> dict:
+    """The packed-sequence arguments of a forward over `segment_ids` laid end to end (one row):
+    transformers' `cu_seq_lens_q/k` (cumulative segment starts, int32) and `max_length_q/k`, which
+    its flash-attention varlen path and `segment_sdpa` read."""
+    flat = segment_ids.reshape(-1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (flat[1:] != flat[:-1]).nonzero().flatten() + 1])
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def padding_waste(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -152,49 +193,42 @@ def padding_waste(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Segment attention: per-sample causal SDPA, boundaries from position_ids
+# Segment attention: per-sample causal SDPA, boundaries from the segments (cu_seq_lens)
 # ---------------------------------------------------------------------------------------------
 SEGMENT_ATTENTION = "r4b_segments"
-
-
-def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(B, L) position ids -> per row, the (start, end) of each segment; a segment starts at 0.
-
-    One host transfer for the whole batch (called once per layer: cheap next to the layer).
-    """
-    B, L = position_ids.shape
-    starts: list[list[int]] = [[0] for _ in range(B)]
-    for b, i in (position_ids[:, 1:] == 0).nonzero().tolist():
-        starts[b].append(i + 1)
-    return [list(zip(row, row[1:] + [L])) for row in starts]
 
 
 def segment_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: causal attention inside each segment of each row.
+    """transformers attention function: causal attention inside each segment of the sequence.
 
-    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D); B is 1 when the anneal loop
-    lays a micro-batch's rows end to end. A row's pad tail is part of its last segment (`collate`
-    continues its positions): with right padding a real token never reaches a pad key, so only pad
-    positions (no loss, never attended to) differ from the mask path. Segments of one length (plain
+    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D); the segments are the forward's
+    `cu_seq_lens_q` (`varlen_kwargs`) over the B rows laid end to end (B is 1 when the anneal loop
+    lays a micro-batch's rows end to end). A row's pad tail is part of its last segment: with
+    right padding a real token never reaches a pad key, so only pad positions (no loss, never
+    attended to) see more than the mask path would show them. Segments of one length (plain
     padding: every row one sample + pads) go through one batched causal call. Anything this
-    function is not for (a mask given, a KV cache, no position ids) goes to transformers' SDPA
-    unchanged.
+    function is not for (a mask given, a KV cache, no segments) goes to transformers' SDPA
+    unchanged; a sliding-window layer is refused (its window is not applied here).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    position_ids = kwargs.get("position_ids")
+    cu = kwargs.get("cu_seq_lens_q")
     L = query.shape[2]
-    if attention_mask is not None or position_ids is None or key.shape[2] != L or position_ids.shape[-1] != L:
+    if attention_mask is not None or cu is None or key.shape[2] != L:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        raise NotImplementedError("segment_sdpa has no sliding window; the layer needs one")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     B, H, _, D = query.shape
-    sizes = [e - s for row in segment_bounds(position_ids.expand(B, -1)) for s, e in row]
+    sizes = (cu[1:] - cu[:-1]).tolist()
+    if sum(sizes) != B * L:
+        raise ValueError(f"segments cover {sum(sizes)} tokens, the query {B * L}")
     sdpa = torch.nn.functional.scaled_dot_product_attention
     # Rows laid end to end, (H, B*L, D): segments never cross rows.
     q, k, v = (t.transpose(0, 1).reshape(H, B * L, D) for t in (query, key, value))
@@ -216,7 +250,7 @@ def _text_config(model):
     return getattr(config, "text_config", config)
 
 
-FLASH_VARLEN = "flash_attention_2"   # transformers' name; packed position ids -> flash_attn_varlen_func
+FLASH_VARLEN = "flash_attention_2"   # transformers' name; cu_seq_lens -> flash_attn_varlen_func
 VARLEN = {FLASH_VARLEN: "flash-attention varlen kernel", SEGMENT_ATTENTION: "per-sample SDPA"}   # name: what it is
 
 

@@ -193,7 +193,7 @@ def test_async_rollouts_of_a_push_that_fails_its_check_never_reach_the_trainer(v
     engine = VLLMEngine(vllm_server, processor, sync_tolerance=1e-3, overlap_verify=True)
     b = BPOConfig(engine="vllm", async_staleness=1, prompts_per_step=2, group_size=2, micro_batch_size=8,
                   max_new_tokens_think=6, max_new_tokens_no_think=4)
-    rollouts = bpo.Rollouts(engine, policy, b, run_seed=0)
+    rollouts = bpo.Rollouts(engine, policy, b, run_seed=0, chat=engine.chat)
     prompts = [math_prompt(0), math_prompt(1)]
     try:
         engine.update_weights(model, version=0)

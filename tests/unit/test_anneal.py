@@ -205,7 +205,7 @@ def test_anneal_step_alone_is_the_token_mean_loss_and_accumulation_changes_nothi
         torch.manual_seed(0)
         model, processor = load_model(str(base), cfg.model, dtype=torch.float32)
         model.train()
-        samples, _, _ = prepare_data(cfg, Store.from_config(cfg.storage), str(data), processor, tmp_path / "cache")
+        samples, _, _ = prepare_data(cfg, Store.from_config(cfg.storage), str(data), model, processor, tmp_path / "cache")
         trainer, _ = setup_trainer(cfg.anneal, model, samples, processor.tokenizer.pad_token_id,
                                    DistEnv(device=torch.device("cpu")), _Console(False))
         rows = [[0, 1], [2], [3, 4], [5]]
@@ -261,8 +261,8 @@ def test_overlong_truncate_keeps_the_record_and_counts_it(tmp_path):
     cfg, data, base, _ = make_run(tmp_path, n_records=2, overlong="truncate")
     bad = data.parent / "bad.jsonl"
     _write_bad_data(bad, data)
-    _, processor = load_model(base)
-    samples, _, report = prepare_data(cfg, Store.from_config(cfg.storage), str(bad), processor, tmp_path / "cache")
+    model, processor = load_model(base)
+    samples, _, report = prepare_data(cfg, Store.from_config(cfg.storage), str(bad), model, processor, tmp_path / "cache")
     assert report.overlong_truncated == 1 and report.overlong_skipped == 0 and report.used == 5
     long = next(s for s in samples if s.meta["id"] == "long")
     assert len(long) == cfg.anneal.pack_length and long.meta["truncated"]

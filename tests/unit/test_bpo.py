@@ -40,7 +40,7 @@ def _decision_logprobs(model, encoder, prompt) -> torch.Tensor:
     """log p(next token | prompt up to `<think>`) over the vocabulary, in auto mode."""
     enc = encoder.encode(prompt, Mode.AUTO)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([enc.ids]), pixel_values=enc.pixel_values)
+        out = model(input_ids=torch.tensor([enc.ids]), **enc.media)
     return torch.log_softmax(out.logits[0, -1].float(), -1)
 
 
@@ -259,7 +259,7 @@ def test_async_rollouts_honour_the_version_bound(tiny):
     b = BPOConfig(engine="vllm", async_staleness=1, prompts_per_step=2, group_size=2, micro_batch_size=8,
                   max_new_tokens_think=6, max_new_tokens_no_think=4)
     engine = HFEngine(model, processor)
-    r = bpo.Rollouts(engine, model, b, run_seed=0)
+    r = bpo.Rollouts(engine, model, b, run_seed=0, chat=engine.chat)
     try:
         first = r.take(0, prompts, trainer_version=0)                 # nothing prefetched: now
         assert (first.policy_version, first.regenerated, len(first.completions)) == (0, False, 8)
@@ -278,7 +278,7 @@ def test_async_rollouts_honour_the_version_bound(tiny):
             assert [c.mode for c in batch.completions[:4]] == [Mode.THINK] * 2 + [Mode.NO_THINK] * 2
     finally:
         r.close()
-    lazy = bpo.Rollouts(engine, model, b.model_copy(update={"async_staleness": 2}), run_seed=0)
+    lazy = bpo.Rollouts(engine, model, b.model_copy(update={"async_staleness": 2}), run_seed=0, chat=engine.chat)
     try:
         assert lazy.sync(4) == {"sync/skipped": 1.0} and engine.policy_version == 3     # 3 >= 4 + 1 - 2
         assert "sync/skipped" not in lazy.sync(5) and engine.policy_version == 5
@@ -338,15 +338,18 @@ def test_prompt_stream_is_a_pure_function_of_position():
 
 def test_rollout_plan_forces_both_modes_with_budgets_and_seeds():
     b = BPOConfig(group_size=3, max_new_tokens_think=50, max_new_tokens_no_think=7, temperature=0.7)
-    reqs = bpo.plan_rollouts([math_prompt(0), math_prompt(1)], b, run_seed=1, step=4)
+    from r4b_core.models.chat import ChatFormat
+
+    chat = ChatFormat.of(None)                  # r4b's own format
+    reqs = bpo.plan_rollouts([math_prompt(0), math_prompt(1)], b, run_seed=1, step=4, chat=chat)
     assert [r.mode for r in reqs] == [Mode.THINK, Mode.NO_THINK] * 2
     assert all(r.n == 3 and r.temperature == 0.7 for r in reqs)
     assert [r.max_new_tokens for r in reqs] == [50, 7, 50, 7]
     assert reqs[0].prompt.endswith("<think>\n") and reqs[1].prompt.endswith("<think>\n\n</think>\n\n")
     assert len({r.seed for r in reqs}) == 4
-    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 4)[0].seed == reqs[0].seed       # reproducible
-    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 5)[0].seed != reqs[0].seed
-    g = bpo.plan_rollouts([math_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4)
+    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 4, chat)[0].seed == reqs[0].seed       # reproducible
+    assert bpo.plan_rollouts([math_prompt(0)], b, 1, 5, chat)[0].seed != reqs[0].seed
+    g = bpo.plan_rollouts([math_prompt(0)], BPOConfig(algorithm="grpo", group_size=3), 1, 4, chat)
     assert len(g) == 1 and g[0].mode == Mode.AUTO and g[0].n == 6 and g[0].prompt.endswith("<think>")
 
 

@@ -8,7 +8,7 @@ from r4b_core.config import ConfigError, RunConfig, load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "r4b-4b.yaml", "qwen2.5-vl-3b.yaml", "qwen2.5-vl-7b.yaml",
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-qwen2_5_vl.yaml", "r4b-4b.yaml", "qwen2.5-vl-3b.yaml", "qwen2.5-vl-7b.yaml",
                                   "qwen3-vl-4b.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / name)

@@ -103,7 +103,9 @@ def test_judge_path_yes_no_garbage(scorer):
 
 
 def test_judge_prompt_is_no_think_and_contains_question():
-    p = curate.judge_prompt("Why is the sky blue?", 1)
+    from r4b_core.models.chat import ChatFormat
+
+    p = curate.judge_prompt(ChatFormat.of(None), "Why is the sky blue?", 1)
     assert p.endswith(modes.generation_prefix(Mode.NO_THINK))
     assert "Why is the sky blue?" in p and modes.IMAGE_TOKEN in p
 
@@ -112,7 +114,9 @@ def test_build_requests_objective_and_subjective():
     cfg = RunConfig().curate.model_copy(update={"num_samples": 8, "temperature": 0.7})
     items = [curate.Item(record=rec(1), where="f:1", raw=""),
              curate.Item(record=rec(2, objective=False), where="f:2", raw="")]
-    reqs = curate.build_requests(items, [["img"], []], cfg, seed=5)
+    from r4b_core.models.chat import ChatFormat
+
+    reqs = curate.build_requests(items, [["img"], []], cfg, 5, ChatFormat.of(None))
     assert (reqs[0].n, reqs[0].temperature, reqs[0].mode, reqs[0].seed) == (8, 0.7, Mode.NO_THINK, 5)
     assert reqs[0].prompt == modes.chat_prompt("What is 1 + 1?", 1, mode=Mode.NO_THINK)
     assert (reqs[1].n, reqs[1].temperature) == (1, 0.0)
@@ -220,8 +224,11 @@ class RuleEngine:
     policy_version = 0
 
     def __init__(self, answers: dict[str, str]):
+        from r4b_core.models.chat import ChatFormat
+
         self.answers = answers
         self.calls: list[list[GenerationRequest]] = []
+        self.chat = ChatFormat.of(None)
 
     def generate(self, requests):
         self.calls.append(list(requests))

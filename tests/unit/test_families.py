@@ -179,3 +179,144 @@ def test_real_scale_config_loads_a_tiny_instance_of_its_class(config_name, famil
     assert type(model).__name__ == architecture and model.dtype == torch.bfloat16
     tok = processor.tokenizer
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in (modes.THINK_OPEN, modes.THINK_CLOSE))
+
+
+# -- the training stages' pieces, per family ---------------------------------------------------------
+def _records(n: int):
+    """Records with 1, 2 and 0 images (Gemma3's processor needs an image per prompt: 1, 2, 1)."""
+    from r4b_core.data.schema import Record
+
+    out = []
+    for i in range(n):
+        k = [1, 2, 0][i % 3]
+        out.append(Record(id=f"r{i}", question=f"What is {i} + 5?", answer=str(i + 5),
+                          images=[f"img{j}.png" for j in range(k)], label="reasoning" if i % 2 else "direct",
+                          reasoning="Step 1: read the numbers.\n7 * 5 = 35" if i % 2 else None))
+    return out
+
+
+def _family_images(name: str, record, i: int) -> list[Image.Image]:
+    n = len(record.images) or (1 if name == "gemma3" else 0)
+    return [Image.new("RGB", (64, 64 + 32 * j), ((60 * i) % 255, 200, 40 * j)) for j in range(n)]
+
+
+def test_packed_samples_train_as_each_alone_with_every_processor_tensor(family):
+    """SFT samples with 0-2 images carry the processor's tensors (image_grid_thw, image_sizes,
+    pixel_attention_mask, token_type_ids, ...) and, for M-RoPE families, the model's own 3-D
+    positions; packed rows give each sample's token losses as that sample alone. Gemma3's image
+    tokens attend both ways and its layers have sliding windows, so it trains one sample per row."""
+    from r4b_core.anneal import choose_attention, encode, token_losses
+    from r4b_core.training.packing import collate
+
+    name, _, model, processor = family
+    samples = []
+    for i, rec in enumerate(_records(6)):
+        rec = rec.model_copy(update={"images": [f"img{j}.png" for j in range(len(_family_images(name, rec, i)))]})
+        samples.append(encode(rec, _family_images(name, rec, i), model, processor, 256, "skip"))
+    with_images = [s for s in samples if s.has_images]
+    assert any("pixel_values" in s.media for s in with_images)
+    expected = {"qwen2_5_vl": {"image_grid_thw"}, "qwen3_vl": {"image_grid_thw"}, "smolvlm": {"pixel_attention_mask"},
+                "llava_onevision": {"image_sizes"}, "gemma3": set()}[name]
+    assert expected <= set(with_images[0].media), (name, list(with_images[0].media))
+    mrope = name.startswith("qwen")
+    assert all((s.positions is not None) == mrope for s in samples)
+    if mrope:      # the rope index, not 0..n-1: image tokens share positions, text continues after their largest
+        s = with_images[0]
+        assert s.positions.shape == (3, len(s)) and int(s.positions.max()) < len(s) - 1
+    attention, impl, line = choose_attention(model, samples, processor.tokenizer.pad_token_id, 256, "cpu")
+    assert attention == ("padding" if name == "gemma3" else "varlen"), line
+    assert "each sample alone" in line
+    rows = [[samples[0], samples[1]], [samples[2], samples[3]]]
+    alone = torch.cat([token_losses(model, collate([[s]], 0, attention="padding"), "cpu")[0][0][
+        torch.tensor(s.labels[1:]) != -100] for row in rows for s in row])
+    from r4b_core.training.packing import use_segment_attention
+
+    try:
+        use_segment_attention(model, impl or False)
+        batch = collate(rows if attention != "padding" else [[s] for r in rows for s in r],
+                        processor.tokenizer.pad_token_id, attention=attention)
+        with torch.no_grad():
+            ce, mask, _ = token_losses(model, batch, "cpu")
+    finally:
+        use_segment_attention(model, False)
+    assert torch.allclose(ce[mask], alone, atol=1e-4), (name, float((ce[mask] - alone).abs().max()))
+
+
+def test_bpo_trainer_logprobs_equal_the_engines(family, monkeypatch):
+    """BPO's trainer scores the HF engine's rollouts (prompts with 0-2 images, both forced modes)
+    within 1e-4 of the engine's logprobs: prompts in the family's format through the shared-prefix
+    KV cache, every processor tensor, M-RoPE positions from the model's rope index continued past
+    the prefix. The check has teeth: 1-D positions (what BPO used before) miss beyond it on M-RoPE."""
+    from r4b_core import bpo
+    from r4b_core.config import BPOConfig
+    from r4b_core.rollout import hf
+    from r4b_core.rollout.hf import HFEngine
+
+    name, _, model, processor = family
+    prompts = [bpo.Prompt(r, _family_images(name, r, i)) for i, r in enumerate(_records(3))]
+    prompts = [bpo.Prompt(p.record.model_copy(update={"images": [f"i{j}" for j in range(len(p.images))]}), p.images)
+               for p in prompts]
+    encoder = bpo.PromptEncoder(processor)
+    engine = HFEngine(model, processor)
+    b = BPOConfig(group_size=2, max_new_tokens_think=10, max_new_tokens_no_think=6)
+    completions = engine.generate(bpo.plan_rollouts(prompts, b, 0, 0, encoder.chat))
+    items = []
+    for j, c in enumerate(completions):
+        enc = encoder.encode(prompts[j // 4], c.mode)
+        assert c.prompt_token_ids == enc.ids
+        items.append(bpo.TrainItem(enc, list(c.token_ids), list(c.logprobs), 1.0, c.mode == Mode.THINK))
+    mb = bpo.collate(items, list(range(len(items))), encoder.pad_id, True)
+
+    def gap() -> float:
+        with torch.no_grad():
+            logp, _ = bpo.sequence_logprobs(model, mb, b.temperature, encoder.suppress)
+        return float((logp - mb.rollout_logp).abs()[mb.generated_mask].max())
+
+    assert gap() < 1e-4, name
+    if name.startswith("qwen"):
+        monkeypatch.setattr(hf, "rope_positions", lambda model, enc: None)
+        assert gap() > 3e-4, name            # beyond the tolerance
+
+
+def test_freeze_leaves_vision_and_projector_as_they_are(family):
+    """`optim.freeze: [vision, projector]` (anneal and BPO): those parameters get no gradient and no
+    optimizer group and keep their values through an update; the language model trains."""
+    from r4b_core.config import OptimConfig
+    from r4b_core.training.optim import component_of, freeze_components, param_groups
+
+    name, _, model, _ = family
+    model = __import__("copy").deepcopy(model)
+    assert freeze_components(model, OptimConfig(freeze=["vision", "projector"]).freeze) > 0
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if component_of(n) in ("vision", "projector")}
+    groups = param_groups(model, OptimConfig(freeze=["vision", "projector"]))
+    assert {g["name"].removesuffix("_no_decay") for g in groups} == {"llm"}
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        OptimConfig(freeze=["vision", "projector", "llm"])
+
+
+def test_pixel_budget_reaches_the_processor_or_is_refused(family, tmp_path):
+    """`model.min_pixels` / `model.max_pixels` resize images of dynamic-resolution processors (fewer
+    image tokens for a smaller budget) and are saved with the model; a processor without a pixel
+    budget refuses them in one line."""
+    from r4b_core.config import ModelConfig
+    from r4b_core.models.loading import ModelLoadError, load_model, save_model
+    from r4b_core.models.chat import ChatFormat
+
+    name, path, _, processor = family
+    budget = ModelConfig(min_pixels=32 * 32, max_pixels=32 * 32)
+    if not name.startswith("qwen"):
+        with pytest.raises(ModelLoadError, match="takes no pixel budget"):
+            load_model(str(path), budget)
+        return
+    small_model, small = load_model(str(path), budget)
+    image = [Image.new("RGB", (128, 128), (200, 30, 30))]
+    prompt = ChatFormat.of(processor).prompt("q", 1, Mode.THINK)
+
+    def image_tokens(proc) -> int:
+        return int((proc(text=[prompt], images=[image], return_tensors="pt")["input_ids"] == proc.image_token_id).sum())
+
+    assert image_tokens(small) < image_tokens(processor)
+    saved = save_model(small_model, small, tmp_path / "budget")
+    _, reloaded = load_model(str(saved))
+    assert image_tokens(reloaded) == image_tokens(small)

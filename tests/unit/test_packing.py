@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r4b_core.training.packing import (IGNORE_INDEX, MODE_DIRECT, MODE_THINK, SEGMENT_ATTENTION, Sample,
-                                       block_causal_mask, collate, pack_first_fit, padding_waste, segment_bounds,
-                                       use_segment_attention)
+                                       block_causal_mask, collate, pack_first_fit, padding_waste,
+                                       use_segment_attention, varlen_kwargs)
 
 
 @given(st.lists(st.integers(1, 64), max_size=60), st.integers(64, 200))
@@ -38,7 +38,7 @@ def test_overlong_sample_is_refused():
 
 def _sample(ids, n_prompt, mode, pixels=None):
     return Sample(input_ids=list(ids), labels=[IGNORE_INDEX] * n_prompt + list(ids[n_prompt:]), mode=mode,
-                  pixel_values=pixels)
+                  media={"pixel_values": pixels} if pixels is not None else {})
 
 
 def test_collate_layout_positions_labels_mask_and_images():
@@ -48,8 +48,9 @@ def test_collate_layout_positions_labels_mask_and_images():
     c = _sample([31, 32], 1, MODE_DIRECT)
     batch = collate([[a, b], [c]], pad_id=0, length=8)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22, 23, 0], [31, 32, 0, 0, 0, 0, 0, 0]]
-    # positions restart per sample; a pad tail continues the row's last sample (one segment with it)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7]]
+    # positions restart per sample; segments are unique over the batch, a pad tail joins its row's last
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3, 4, 5]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [2] * 8]
     assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100], [-100, 32] + [-100] * 6]
     assert batch["token_mode"].tolist() == [[0, 0, 0, 0, 1, 1, 1, -1], [1, 1] + [-1] * 6]
     assert torch.equal(batch["pixel_values"], torch.cat([img_a, img_b]))  # token order
@@ -67,21 +68,42 @@ def test_collate_refuses_a_row_longer_than_length():
         collate([[_sample([1, 2, 3], 1, 0), _sample([4, 5], 1, 0)]], pad_id=0, length=4)
 
 
-def test_collate_without_mask_for_segment_attention():
+def test_collate_without_mask_for_segment_attention_and_with_the_models_own_for_one_sample_rows():
     a, b = _sample([11, 12, 13], 1, MODE_THINK), _sample([21, 22], 1, MODE_DIRECT)
     with_mask = collate([[a, b]], pad_id=0, length=6)
-    bare = collate([[a, b]], pad_id=0, length=6, mask=False)
+    bare = collate([[a, b]], pad_id=0, length=6, attention="varlen")
     assert "attention_mask" not in bare and "attention_mask" in with_mask
     assert {k: v.tolist() for k, v in bare.items()} == {k: v.tolist() for k, v in with_mask.items()
                                                         if k != "attention_mask"}
+    padded = collate([[a], [b]], pad_id=0, attention="padding")
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    with pytest.raises(ValueError, match="one sample per row"):
+        collate([[a, b]], pad_id=0, attention="padding")
 
 
-def test_segment_bounds_come_from_position_id_restarts():
+def test_segment_bounds_come_from_the_segment_ids_not_positions():
     a, b, c = _sample([1, 2, 3], 1, 0), _sample([4, 5, 6, 7], 1, 0), _sample([8, 9], 1, 0)
-    batch = collate([[a, b], [c]], pad_id=0, length=9, mask=False)
+    batch = collate([[a, b], [c]], pad_id=0, length=9, attention="varlen")
     # row 0: a, then b with the pad tail; row 1: c with its pad tail (one segment: plain padding)
-    assert segment_bounds(batch["position_ids"]) == [[(0, 3), (3, 9)], [(0, 9)]]
-    assert segment_bounds(torch.zeros(1, 3, dtype=torch.long)) == [[(0, 1), (1, 2), (2, 3)]]
+    kw = varlen_kwargs(batch["segment_ids"])
+    assert kw["cu_seq_lens_q"].tolist() == [0, 3, 9, 18] and kw["max_length_q"] == 9
+    # M-RoPE positions (3, n) of the samples themselves: carried as they are, never read for bounds
+    a.positions = torch.tensor([[0, 1, 5], [0, 2, 5], [0, 3, 5]])
+    batch = collate([[a, b], [c]], pad_id=0, length=9, attention="varlen")
+    assert batch["position_ids"].shape == (3, 2, 9)
+    assert batch["position_ids"][:, 0, :3].tolist() == a.positions.tolist()
+    assert batch["position_ids"][:, 0, 3:7].tolist() == [[0, 1, 2, 3]] * 3
+    assert varlen_kwargs(batch["segment_ids"])["cu_seq_lens_q"].tolist() == [0, 3, 9, 18]
+
+
+def test_media_of_samples_join_in_token_order_padded_to_the_largest():
+    from r4b_core.models.inputs import join_media
+
+    one = {"pixel_values": torch.ones(1, 2, 3), "image_sizes": torch.tensor([[4, 4]])}
+    two = {"pixel_values": torch.full((2, 3, 3), 2.0), "image_sizes": torch.tensor([[4, 8], [8, 4]])}
+    joined = join_media([one, two])
+    assert joined["pixel_values"].shape == (3, 3, 3) and joined["image_sizes"].tolist() == [[4, 4], [4, 8], [8, 4]]
+    assert joined["pixel_values"][0, :2].eq(1).all() and joined["pixel_values"][0, 2].eq(0).all()
 
 
 def test_block_mask_matches_plain_causal_for_one_segment():
@@ -106,14 +128,18 @@ def tiny(tmp_path_factory):
     samples = []
     for rec in read_jsonl(data).records:
         images = [load_image(ref, str(data)) for ref in rec.images]
-        samples.append(encode(rec, images, processor, pack_length=256, overlong="skip"))
+        samples.append(encode(rec, images, model, processor, pack_length=256, overlong="skip"))
     return model.eval(), processor, samples
+
+
+def _inputs(batch):
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch}
+    return inputs if "attention_mask" in batch else {**inputs, **varlen_kwargs(batch["segment_ids"])}
 
 
 def _logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values")).logits
+        return model(**_inputs(batch)).logits
 
 
 def test_encoded_sample_follows_the_token_id_contract(tiny):
@@ -128,7 +154,7 @@ def test_encoded_sample_follows_the_token_id_contract(tiny):
     assert s.input_ids[-1] == tok.convert_tokens_to_ids(modes.IM_END)  # the loss covers <|im_end|>
     # one <image> placeholder per image, expanded to the model's 16 image tokens
     image_id = tok.convert_tokens_to_ids(modes.IMAGE_TOKEN)
-    assert s.input_ids.count(image_id) == 16 * s.pixel_values.shape[0]
+    assert s.input_ids.count(image_id) == 16 * s.media["pixel_values"].shape[0]
     # the forced prefix of the sample's mode is a token-exact prefix continuation of the prompt
     mode = modes.Mode.THINK if s.mode == MODE_THINK else modes.Mode.NO_THINK
     prefix = tok(modes.generation_prefix(mode), add_special_tokens=False)["input_ids"]
@@ -167,8 +193,7 @@ def _loss_logits_grads(model, batch):
     import torch.nn.functional as F
 
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch["position_ids"], pixel_values=batch.get("pixel_values")).logits
+    logits = model(**_inputs(batch)).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
     loss.backward()
@@ -187,16 +212,16 @@ def test_segment_attention_gives_the_mask_paths_loss_logits_and_gradients(tiny):
         assert use_segment_attention(model, True) == "sdpa"
         assert model.config.text_config._attn_implementation == SEGMENT_ATTENTION
         assert model.config.vision_config._attn_implementation == "sdpa"  # one image: nothing to separate
-        bare = collate(rows, pad, length=256, mask=False)
+        bare = collate(rows, pad, length=256, attention="varlen")
         loss, logits, grads = _loss_logits_grads(model, bare)
         # each sample of the packed rows is what it is alone (the cross-sample check, segment path)
         starts = [0, len(samples[0]), len(samples[0]) + len(samples[1]), 0]
         for k, (row, s) in enumerate(zip([0, 0, 0, 1], samples)):
-            alone = _logits(model, collate([[s]], pad, mask=False))[0]
+            alone = _logits(model, collate([[s]], pad, attention="varlen"))[0]
             got = logits[row, starts[k]:starts[k] + len(s)]
             assert torch.allclose(got, alone, atol=1e-4), f"sample {k}: max diff {(got - alone).abs().max():.2e}"
         # plain padding (one sample + pad tail per row) takes the one-call path and agrees too
-        padded = _logits(model, collate([[s] for s in samples], pad, mask=False))
+        padded = _logits(model, collate([[s] for s in samples], pad, attention="varlen"))
         for k, s in enumerate(samples):
             assert torch.allclose(padded[k, :len(s)], logits[[0, 0, 0, 1][k], starts[k]:starts[k] + len(s)], atol=1e-4)
     finally:
@@ -240,7 +265,7 @@ def test_anneal_token_losses_with_rows_end_to_end_equal_the_mask_paths(tiny):
         ref, mask, ref_mode = token_losses(model, batch, torch.device("cpu"))
         try:
             use_segment_attention(model, True)
-            got, got_mask, got_mode = token_losses(model, collate([samples[:3], samples[3:]], pad, mask=False),
+            got, got_mask, got_mode = token_losses(model, collate([samples[:3], samples[3:]], pad, attention="varlen"),
                                                    torch.device("cpu"))
         finally:
             use_segment_attention(model, False)
@@ -249,10 +274,10 @@ def test_anneal_token_losses_with_rows_end_to_end_equal_the_mask_paths(tiny):
     assert torch.equal(got_mode, ref_mode[mask]) and set(got_mode.tolist()) == {MODE_THINK, MODE_DIRECT}
 
 
-def test_varlen_choice_takes_the_first_path_that_matches_the_mask_and_says_why(tiny, monkeypatch):
+def test_varlen_choice_takes_the_first_path_that_matches_each_sample_alone_and_says_why(tiny, monkeypatch):
     """CPU offers per-sample SDPA only; CUDA adds the flash-attention varlen kernel where the
     package is installed. A candidate that cannot run here (flash-attention on CPU) is refused with
-    its reason and the next one is checked against the 4D mask."""
+    its reason and the next one is checked against each sample's losses alone."""
     from r4b_core import anneal
     from r4b_core.training import packing
 
@@ -260,9 +285,11 @@ def test_varlen_choice_takes_the_first_path_that_matches_the_mask_and_says_why(t
     assert packing.varlen_attentions("cpu") == [SEGMENT_ATTENTION]
     monkeypatch.setattr(packing, "varlen_attentions", lambda device: [packing.FLASH_VARLEN, SEGMENT_ATTENTION])
     try:
-        impl, line = anneal.choose_attention(model, samples, processor.tokenizer.pad_token_id, 256, "cpu")
-        assert impl == SEGMENT_ATTENTION == model.config.text_config._attn_implementation
+        attention, impl, line = anneal.choose_attention(model, samples, processor.tokenizer.pad_token_id, 256, "cpu")
+        assert (attention, impl) == ("varlen", SEGMENT_ATTENTION)
+        assert impl == model.config.text_config._attn_implementation
     finally:
         use_segment_attention(model, False)
     assert line.startswith("attention: per-sample SDPA (token losses within ")
+    assert " of each sample alone on " in line
     assert "flash_attention_2 failed: " in line
