@@ -32,7 +32,8 @@ from PIL import Image
 from r4b_core.config import load_config
 from r4b_core.models.tiny_families import FAMILIES
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1500), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.vllm, pytest.mark.families, pytest.mark.timeout(1500),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "r4b-family"

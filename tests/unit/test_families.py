@@ -216,7 +216,7 @@ def test_packed_samples_train_as_each_alone_with_every_processor_tensor(family):
     with_images = [s for s in samples if s.has_images]
     assert any("pixel_values" in s.media for s in with_images)
     expected = {"qwen2_5_vl": {"image_grid_thw"}, "qwen3_vl": {"image_grid_thw"}, "smolvlm": {"pixel_attention_mask"},
-                "llava_onevision": {"image_sizes"}, "gemma3": set()}[name]
+                "llava_onevision": {"image_sizes"}, "rvl": {"image_sizes"}, "gemma3": set()}[name]
     assert expected <= set(with_images[0].media), (name, list(with_images[0].media))
     mrope = name.startswith("qwen")
     assert all((s.positions is not None) == mrope for s in samples)
