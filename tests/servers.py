@@ -271,3 +271,45 @@ def mlflow_server(seaweedfs, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def healthy(url: str) -> bool:
+    """A server at `url` answers /health with 200."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def r4b_serve(config: Path, model_ref: str, log: Path, env: dict | None = None, startup_s: float = 400):
+    """`r4b serve --config CONFIG --model MODEL_REF` as a user runs it (a subprocess from the repo
+    root), until its vLLM is healthy and it said "ready in"; yields (process, url, stdout path) and
+    stops it (SIGTERM, then kill) on exit. A server that does not come up fails the test with its
+    output and the end of vLLM's log."""
+    root = Path(__file__).resolve().parents[1]
+    port = free_ports(1)[0]
+    stdout_path = log.with_suffix(".out")
+    with open(stdout_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "r4b_core.cli", "serve", "--config", str(config),
+                                 "--model", model_ref, "--port", str(port), "--log", str(log)],
+                                cwd=root, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while not (healthy(url) and "ready in" in stdout_path.read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"r4b serve did not come up (rc {proc.poll()}):\n"
+                            f"{stdout_path.read_text(errors='replace')}\n{_tail(log) if log.exists() else ''}")
+            time.sleep(1)
+        yield proc, url, stdout_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -15,19 +15,14 @@ Per family: two vLLM starts (the sidecar, the served model) and a few tiny train
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from servers import r4b_serve
 
 from r4b_core.config import load_config
 from r4b_core.models.tiny_families import FAMILIES
@@ -65,25 +60,14 @@ def _config(family: str, root: Path):
     ])
 
 
-def _serve(root: Path):
-    """`r4b serve --model models:/NAME@champion` as a user runs it; (process, url, stdout path)."""
-    from r4b_core.rollout.vllm_server import free_port
-
+def _serve_config(root: Path) -> Path:
     import yaml
 
     config = root / "serve.yaml"
     config.write_text(yaml.safe_dump({"name": "serve", "storage": {"root": str(root / "runs")},
                                       "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "registered_model": NAME},
                                       "serve": {"max_model_len": 1024}}))
-    port = free_port()
-    out_path = root / "r4b-serve.out"
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "r4b_core.cli", "serve", "--config", str(config),
-                                 "--model", f"models:/{NAME}@champion", "--port", str(port),
-                                 "--log", str(root / "vllm-serve.log")],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc, f"http://127.0.0.1:{port}", out_path
+    return config
 
 
 def _max_change(before: str, after: str) -> float:
@@ -92,14 +76,6 @@ def _max_change(before: str, after: str) -> float:
     old, new = load_file(f"{before}/model.safetensors"), load_file(f"{after}/model.safetensors")
     assert old.keys() == new.keys()
     return max(float((new[k].float() - old[k].float()).abs().max()) for k in old)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,15 +129,7 @@ def test_family_through_every_stage_and_served(family, tmp_path, capsys):
     url_image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     processor = AutoProcessor.from_pretrained(bpo_out)
     chat = ChatFormat.of(processor)
-    proc, url, out_path = _serve(tmp_path)
-    try:
-        deadline = time.monotonic() + 400
-        while not (_healthy(url) and "ready in" in out_path.read_text(errors="replace")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (tmp_path / "vllm-serve.log")
-                pytest.fail(f"r4b serve did not come up (rc {proc.poll()}):\n{out_path.read_text()}\n"
-                            f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}")
-            time.sleep(1)
+    with r4b_serve(_serve_config(tmp_path), f"models:/{NAME}@champion", tmp_path / "vllm-serve.log") as (_, url, _):
         client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
         differs: list[bool] = []
         for mode in ("auto", "long", "short"):
@@ -181,14 +149,6 @@ def test_family_through_every_stage_and_served(family, tmp_path, capsys):
                 assert data["prompt_token_ids"] == expected, mode
             if mode == "short":
                 assert not data["choices"][0]["message"].get("reasoning_content"), data
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(60)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     print(f"{family}: stages {stages_s:.0f} s, total {time.perf_counter() - t0:.0f} s")
     if family in SERVED_PROMPT_DIFFERS:        # strict: the day vLLM renders it as trained, this fails
         assert all(differs), f"{family}: the served prompt matches the trained one now; drop SERVED_PROMPT_DIFFERS"

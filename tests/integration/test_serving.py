@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from fake_kube import FakeCluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from serving_plugin import PLUGIN
+from servers import healthy, r4b_serve
 
 from r4b_core import modes
 from r4b_core.config import RunConfig, ServeConfig
@@ -491,20 +491,10 @@ class Served:
         return self.stdout_path.read_text(errors="replace")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`r4b serve --model models:/r4b-tiny@champion` (a subprocess, as a user runs it) on the
     annealed model registered in an MLflow SQLite registry."""
-    from r4b_core.rollout.vllm_server import free_port
-
     root = tmp_path_factory.mktemp("serving")
     model_dir, records = annealed_model(root)
     db = root / "mlflow.db"
@@ -515,33 +505,11 @@ def served(tmp_path_factory):
                                       "serve": {"max_image_bytes": MAX_IMAGE_BYTES, "max_model_len": 1024,
                                                 "allowed_media_domains": [MEDIA_DOMAIN],
                                                 "require_api_key": True, "thinking_budget": DEFAULT_BUDGET}}))
-    port = free_port()
-    stdout_path = root / "r4b-serve.out"
-    with open(stdout_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "r4b_core.cli", "serve", "--config", str(config),
-                                 "--model", f"models:/{NAME}@champion", "--port", str(port),
-                                 "--log", str(root / "vllm.log")],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "R4B_SERVE_API_KEY": API_KEY})
-    url = f"http://127.0.0.1:{port}"
-    served = Served(proc, url, stdout_path, model_dir, records, root / "data")
-    served.version = version
-    try:
-        deadline = time.monotonic() + 400
-        while not (_healthy(url) and "ready in" in served.stdout()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (root / "vllm.log").read_text(errors="replace")[-3000:] if (root / "vllm.log").exists() else ""
-                pytest.fail(f"r4b serve did not come up (rc {proc.poll()}):\n{served.stdout()}\n{log}")
-            time.sleep(1)
+    with r4b_serve(config, f"models:/{NAME}@champion", root / "vllm.log", env={"R4B_SERVE_API_KEY": API_KEY}) as (
+            proc, url, stdout_path):
+        served = Served(proc, url, stdout_path, model_dir, records, root / "data")
+        served.version = version
         yield served
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(60)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def _image_url(served: Served, record) -> str:
@@ -991,4 +959,4 @@ def test_zz_sigterm_stops_r4b_serve_and_its_vllm_server(served):
     assert served.proc.wait(90) == 0
     assert "\nstopped" in served.stdout()
     time.sleep(1)
-    assert not _healthy(served.url)       # vLLM (its own process group) went with it
+    assert not healthy(served.url)       # vLLM (its own process group) went with it
