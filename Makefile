@@ -63,7 +63,7 @@ run: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## run the tiny end-to-end pipeline (CON
 test: $(VENV)/.stamp $(VENV_VLLM)/.stamp $(HELM) ## unit + integration tests (real SeaweedFS, MLflow, vLLM servers)
 	$(VENV)/bin/python -m pytest -m "not slow and not kind and not families" $(PYTEST_ARGS)
 
-test-families: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## every VLM family through every stage and `r4b serve` (~3-4 min a family)
+test-families: $(VENV)/.stamp $(VENV_VLLM)/.stamp ## every VLM family through every stage and `r4b serve` (~1-2 min a family)
 	$(VENV)/bin/python -m pytest -m families $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.stamp ## fast tests only (no servers)

