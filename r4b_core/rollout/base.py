@@ -1,8 +1,9 @@
 """The rollout protocol shared by curation, BPO and evaluation.
 
 An engine turns `GenerationRequest`s (prompt text rendered in the served model's chat format,
-`engine.chat.prompt(question, n_images, mode)`, images, a forced mode, sampling settings) into `Completion`s carrying token ids, text, per-token logprobs, the
-finish reason and the policy version that produced them. `hf` runs in-process; `vllm` talks to a
+`engine.chat.prompt(question, n_images, mode)`, images, a forced mode, sampling settings) into
+`Completion`s carrying token ids, text, per-token logprobs, the finish reason and the policy
+version that produced them. `hf` runs in-process; `vllm` talks to a
 vLLM server (the sidecar).
 """
 

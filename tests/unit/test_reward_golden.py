@@ -102,8 +102,11 @@ def test_golden_table_through_bpo_curate_and_eval(scorer):
     assert len(direct) >= 150 and not _mismatches(got, rows, "curate"), _mismatches(got, rows, "curate")
 
     # evaluation: each mode's rows through predict, the engine replaying the table
+    from r4b_core.models.chat import ChatFormat
+
     class Replay:
         policy_version = 0
+        chat = ChatFormat.of(None)              # r4b's own prompt format (evaluate renders with it)
 
         def __init__(self, texts: dict[str, str]):
             self.texts = texts
