@@ -118,8 +118,8 @@ class PretrainConfig(Section):
         return self
 
 
-# model.base values that compose a LLaVA-style model from model.vision_tower + model.language_model
-COMPOSED_BASES = ("llava", "llava-onevision", "compose")
+# model.base values that compose R-4B's layout (models/rvl.py) from model.vision_tower + model.language_model
+COMPOSED_BASES = ("llava-onevision", "compose")
 
 
 class ModelConfig(Section):
@@ -129,7 +129,8 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = TinyModelConfig()
     # -- model.base: tiny only: pretrain the random base before curation and annealing.
     pretrain: PretrainConfig = PretrainConfig()
-    # -- paper scale only: build a LLaVA-style model from a vision tower + LLM pair.
+    # -- paper scale only (model.base: llava-onevision): R-4B's layout (LLaVA-OneVision with a
+    # projector LayerNorm, models/rvl.py) composed from a vision tower + LLM pair.
     vision_tower: str | None = None
     language_model: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

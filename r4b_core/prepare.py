@@ -8,8 +8,8 @@
 - base model: for `model.base: tiny`, a tokenizer trained on the training split and a randomly
   initialised tiny LLaVA-style VLM saved as an HF folder, then pretrained to read and compute when
   `model.pretrain.steps` > 0 (pretrain.py); for a composed base (`model.base: llava-onevision` with
-  `model.vision_tower` + `model.language_model`) the pair composed once and saved; otherwise the
-  HF id / URI as given.
+  `model.vision_tower` + `model.language_model`) the pair composed once into R-4B's layout
+  (models/rvl.py) and saved; otherwise the HF id / URI as given.
 
 Every part is skipped when its manifest exists with the same config hash.
 """
@@ -82,13 +82,16 @@ def prepare_base_model(cfg: RunConfig, store, train_uri: str) -> str:
 
 
 def prepare_composed_model(cfg: RunConfig, store) -> str:
-    """model.vision_tower + model.language_model composed into one model, saved at <run>/base_model."""
+    """model.vision_tower + model.language_model composed into R-4B's layout, saved at <run>/base_model."""
     import torch
 
+    from r4b_core.models import rvl
     from r4b_core.models.loading import load_model, save_model
 
     prefix = layout.init_model_dir(cfg)
-    model_hash = identity_hash(stage_identity(cfg, "model", {}, ignore=("pretrain", "tiny")))
+    # the architecture counts: a base composed before R-4B's layout (a plain LLaVA) is rebuilt
+    model_hash = identity_hash(stage_identity(cfg, "model", {"architecture": rvl.ARCHITECTURE},
+                                              ignore=("pretrain", "tiny")))
     if store.is_complete(prefix, model_hash):
         return prefix
     t0 = time.time()
@@ -97,7 +100,8 @@ def prepare_composed_model(cfg: RunConfig, store) -> str:
     with store.atomic_dir(prefix) as staging:
         save_model(model, processor, Path(staging))
     store.commit(prefix, {"stage": "base_model", "config_hash": model_hash, "kind": "composed",
-                          "vision_tower": cfg.model.vision_tower, "language_model": cfg.model.language_model,
+                          "architecture": rvl.ARCHITECTURE, "vision_tower": cfg.model.vision_tower,
+                          "language_model": cfg.model.language_model,
                           "seconds": round(time.time() - t0, 2)})
     return prefix
 

@@ -7,14 +7,12 @@
                                                                # + language_model: composed
     save_model(model, processor, "runs/tiny/anneal/model")     # safetensors, transformers' layout, atomic
 
-Paper scale (configs/r4b-4b.yaml) composes a LLaVA-style model from a vision tower
-(google/siglip2-so400m-patch14-384) and a language model (Qwen/Qwen3-4B): the tower and the LM keep
-their pretrained weights, the two-layer GELU projector is freshly initialised, the tokenizer is the
-LM's plus an `<image>` token, the chat template is ours. R-4B's AnyRes tiling and projector
-LayerNorm are not reproduced (transformers' and vLLM's plain Llava have neither).
-
-A folder loads with the class its config's `architectures` names (`model_class`): transformers'
-own, or r4b's class for R-4B's layout (models/rvl.py), which vLLM serves as its R-4B model.
+Paper scale (configs/r4b-4b.yaml) composes R-4B's layout (models/rvl.py: LLaVA-OneVision with AnyRes
+tiles, `image_newline` and a projector LayerNorm, served by vLLM's R-4B model) from a vision tower
+(google/siglip2-so400m-patch14-384) and a language model (Qwen/Qwen3-4B): the towers keep their
+pretrained weights, the projector and `image_newline` are freshly initialised, the tokenizer is the
+LM's plus an `<image>` token, the chat template is ours. A folder loads with the class its config's
+`architectures` names (`model_class`): transformers' own, or r4b's R-4B class.
 
 Saved folders use the key layout `save_pretrained` writes for the model's family (for LLaVA
 `language_model.model.*`, `vision_tower.vision_model.*`; for Qwen2.5-VL `visual.*`, `model.*`):
@@ -259,15 +257,15 @@ def _load_folder(path: str | Path, model_cfg: ModelConfig, dtype):
     return model.eval(), processor
 
 
-def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtype=None, store=None):
-    """A LLaVA model from a pretrained vision tower and a pretrained causal LM (fresh projector)."""
+def compose_r4b(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtype=None, store=None):
+    """R-4B's layout (models/rvl.py) from a pretrained vision tower and a pretrained causal LM: the
+    towers keep their weights, the projector (with its LayerNorm) and `image_newline` are fresh."""
     import torch
-    from transformers import (AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
-                              LlavaConfig, LlavaForConditionalGeneration)
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from r4b_core import modes
-    from r4b_core.models.tiny import make_processor
+    from r4b_core.models import rvl
+    from r4b_core.models.tokenizer import chat_template
 
     dtype = dtype or torch.float32
     trust = model_cfg.trust_remote_code
@@ -279,16 +277,20 @@ def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dt
     vision_src, lm_src = fetch(vision_source), fetch(lm_source)
     try:
         vision_full = AutoModel.from_pretrained(vision_src, dtype=dtype, trust_remote_code=trust)
-        image_processor = AutoImageProcessor.from_pretrained(vision_src)
+        tower_processor = AutoImageProcessor.from_pretrained(vision_src)
         lm = AutoModelForCausalLM.from_pretrained(lm_src, dtype=dtype, trust_remote_code=trust)
         tokenizer = AutoTokenizer.from_pretrained(lm_src, trust_remote_code=trust)
     except OSError as exc:
         vision_missing = not Path(vision_src).exists()
         raise _hub_error(vision_source if vision_missing else lm_source, exc,
                          "model.vision_tower" if vision_missing else "model.language_model") from None
-    # A dual-encoder checkpoint (SigLIP) carries a text tower too: keep the vision half.
+    # A dual-encoder checkpoint (SigLIP) carries a text tower too: keep the vision half. OneVision
+    # takes the patch features, so the tower's pooling head (if any) would be dead weight.
     vision = getattr(vision_full, "vision_model", vision_full)
     vision_config = getattr(vision_full.config, "vision_config", vision_full.config)
+    if getattr(vision, "head", None) is not None:
+        del vision.head
+        vision.use_head = vision_config.vision_use_head = False
 
     if modes.IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [modes.IMAGE_TOKEN]})
@@ -299,33 +301,24 @@ def compose_llava(vision_source: str, lm_source: str, model_cfg: ModelConfig, dt
                              f"chat format needs a ChatML + think-tag tokenizer (Qwen3 family)")
     if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tokenizer))
-    image_size = vision_config.image_size
-    patch = vision_config.patch_size
-    config = LlavaConfig(
-        vision_config=vision_config.to_dict() | {"model_type": vision_config.model_type},
-        text_config=lm.config.to_dict() | {"model_type": lm.config.model_type},
-        image_token_index=tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN),
-        image_seq_length=(image_size // patch) ** 2,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
-    )
+    config = rvl.rvl_config(vision_config, lm.config, tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN),
+                            tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
     # Build the shell without allocating a second copy of the towers, then move the loaded ones in.
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = rvl.RForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = lm.model
     model.lm_head = lm.lm_head
-    projector = LlavaMultiModalProjector(config).to(dtype)
-    model.model.multi_modal_projector = projector
+    model.model.multi_modal_projector = rvl.RVLMultiModalProjector(config).to(dtype)
+    model.model.image_newline = torch.nn.Parameter(
+        torch.randn(config.text_config.hidden_size, dtype=dtype) / config.text_config.hidden_size ** 0.5)
     model.to(dtype)
     model.generation_config = lm.generation_config   # the LM's EOS ids and sampling defaults
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
-        raise ModelLoadError(f"compose_llava: parameters left unset: {leftover[:5]}")
-    processor = make_processor(tokenizer, image_size, patch)
-    processor.image_processor = image_processor
+        raise ModelLoadError(f"compose_r4b: parameters left unset: {leftover[:5]}")
+    processor = rvl.rvl_processor(tokenizer, config, tower_processor.image_mean, tower_processor.image_std,
+                                  chat_template())
     return model.eval(), processor
 
 
@@ -345,7 +338,7 @@ def load_model(source: str | Path, model_cfg: ModelConfig | None = None, store=N
         if not (model_cfg.vision_tower and model_cfg.language_model):
             raise ModelLoadError(f"model.base {source!r} composes a model: set model.vision_tower and "
                                  f"model.language_model (e.g. google/siglip2-so400m-patch14-384, Qwen/Qwen3-4B)")
-        return compose_llava(model_cfg.vision_tower, model_cfg.language_model, model_cfg, dtype, store)
+        return compose_r4b(model_cfg.vision_tower, model_cfg.language_model, model_cfg, dtype, store)
     local = local_model_dir(source, store)
     if local is not None:
         return _load_folder(local, model_cfg, dtype)

@@ -30,7 +30,7 @@ AnyRes grids: vLLM's R-4B counts an image's tokens as LLaVA-NeXT does (every til
 one newline per row), while the OneVision model it runs shrinks a grid whose features exceed
 `anyres_max_9`'s budget by more than 10% (bilinear). A grid of at most 9 tiles never shrinks,
 so the composition offers OneVision's tile grids up to 9 tiles (`rvl_pinpoints`) and the two counts
-agree; with larger grids vLLM 0.32 would refuse or misplace the image features of big images.
+agree; given a 4x4 grid, vLLM 0.32's engine fails on a big enough image (docs/models.md).
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ It mirrors R-4B's lineage at toy scale: a SigLIP vision tower (64x64 images, 16x
 tokenizer trained on the run's own corpus (models/tokenizer.py) and our chat template. The
 processor is `LlavaProcessor` around the SigLIP image processor.
 
-Deviations from R-4B, on purpose:
-- LLaVA's projector is Linear -> GELU -> Linear; R-4B's (LLaVA-OneVision) puts a LayerNorm
-  before it. transformers' and vLLM's Llava implementations have no such LayerNorm, and the
-  tiny model must run unchanged in both.
-- single-resolution images (no AnyRes tiling); input embeddings and output layer are untied
-  (Qwen3-4B ties them; the vLLM weight-sync path handles both, see rollout/vllm_server.py).
+Deviations from R-4B, on purpose (R-4B's own layout is models/rvl.py, what the paper-scale
+composition builds):
+- LLaVA's projector is Linear -> GELU -> Linear; R-4B's puts a LayerNorm before it.
+- single-resolution images (no AnyRes tiling): 16 image tokens per image keep the toy run's
+  sequences short; input embeddings and output layer are untied (Qwen3-4B ties them; the vLLM
+  weight-sync path handles both, see rollout/vllm_server.py).
 
 The folder is written by `loading.save_model` (safetensors, vLLM key layout, atomic) and loads
 with `loading.load_model` in transformers and with `vllm.entrypoints.openai.api_server`.

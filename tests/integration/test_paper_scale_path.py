@@ -1,8 +1,10 @@
 """The paper-scale composition, end to end on CPU: configs/r4b-4b.yaml as it is (a base composed
-from `model.vision_tower` + `model.language_model`, user JSONL data, an external annotator, DeepSpeed
-and PyTorchJob settings), with the towers replaced by tiny random models of the same classes
-(SigLIP, Qwen3) saved locally and what needs a cluster turned local: prepare -> curate -> anneal ->
-BPO -> eval, each stage on its defaults (layout), as `r4b <stage>` runs them one by one.
+from `model.vision_tower` + `model.language_model` in R-4B's layout, user JSONL data, an external
+annotator, DeepSpeed and PyTorchJob settings), with the towers replaced by tiny random models of the
+same classes (SigLIP, Qwen3) saved locally and what needs a cluster turned local: prepare -> curate
+-> anneal -> BPO on the vLLM sidecar (as the config asks: vLLM's R-4B model serves the composed
+layout, every weight push verified) -> eval, each stage on its defaults (layout), as `r4b <stage>`
+runs them one by one. One sidecar start (~1-2 min on 2 cores).
 
 The break this guards: `layout.base_model_dir` named `<run>/base_model` for every non-tiny base, a
 folder prepare never wrote, so anneal could not start at paper scale.
@@ -10,6 +12,7 @@ folder prepare never wrote, so anneal could not start at paper scale.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,17 @@ LOCAL = [
     "anneal.optim.warmup_steps=1", "anneal.checkpoint_every=1", "anneal.compliance_samples=0",
     "anneal.distributed.deepspeed=none", "anneal.distributed.nproc_per_node=1", "anneal.distributed.nnodes=1",
     "anneal.distributed.backend=auto",
-    "bpo.engine=hf", "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8",
-    "bpo.max_new_tokens_think=6", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2",
+    "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8",
+    "bpo.max_new_tokens_think=6", "bpo.max_new_tokens_no_think=4", "bpo.probe_size=2", "bpo.sync_tolerance=1e-4",
+    # a random model's rewards are all 0: keep its groups and let weight decay move every weight, so
+    # the step's update is pushed and verified
+    "bpo.drop_zero_variance=false", "bpo.optim.lr=0.1", "bpo.optim.weight_decay=1.0",
     "bpo.distributed.deepspeed=none", "bpo.distributed.nproc_per_node=1", "bpo.distributed.nnodes=1",
     "bpo.distributed.backend=auto",
     "eval.engine=hf", "eval.max_new_tokens=6", "eval.limit=4", "eval.batch_size=8",
+    # the sidecar of this checkout on CPU (the config's are a GPU image's)
+    "vllm.python=.venv-vllm/bin/python", "vllm.enforce_eager=true", "vllm.kv_cache_gib=1",
+    "vllm.startup_timeout_s=240", "vllm.max_num_batched_tokens=65536",
 ]
 
 
@@ -60,7 +69,8 @@ def towers(tmp_path_factory) -> tuple[Path, Path]:
     return root / "vision", root / "lm"
 
 
-def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one_torch_thread):
+@pytest.mark.vllm
+def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one_torch_thread, capsys):
     from r4b_core import layout
     from r4b_core.anneal import run_anneal
     from r4b_core.bpo import run_bpo
@@ -95,6 +105,14 @@ def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one
     init = layout.model_dir(cfg, "anneal")
     trained = run_bpo(cfg, layout.split_uri(cfg, "rl"), init, layout.model_dir(cfg, "bpo"))
     assert trained["counts"]["steps"] == 1
+    # the composed checkpoint is served by vLLM's R-4B model; the initial push and the step's push
+    # were verified: the sidecar's probe logprobs within 1e-4 of the trainer's
+    out = capsys.readouterr().out
+    sidecar = re.search(r"vLLM sidecar pid \d+ at \S+ \(up in \d+ s, log (\S+)\)", out)
+    assert sidecar, "BPO did not start its vLLM sidecar"
+    assert re.search(r"serves policy version 0 \(full push .*, reload in place\)", out), out
+    assert "Resolved architecture: RForConditionalGeneration" in Path(sidecar.group(1)).read_text(errors="replace")
+    assert trained["verified_versions"] == [0, 1]
     report = run_eval(cfg, layout.model_dir(cfg, "bpo"), layout.split_uri(cfg, "eval"), layout.eval_dir(cfg, "bpo"),
                       "bpo")
     assert set(report["modes"]) == {"auto", "think", "no_think"}

@@ -178,20 +178,28 @@ def stand_ins(tmp_path_factory):
 
 
 def test_compose_vision_tower_and_language_model(stand_ins, tmp_path):
+    """The paper-scale composition builds R-4B's layout (models/rvl.py) around the pretrained towers:
+    OneVision's AnyRes tiles and image_newline, a fresh projector starting with a LayerNorm, the
+    tower's pooling head dropped, the LM's tied head kept tied; saved and loaded back as that class."""
     from r4b_core.models.loading import load_model, save_model
+    from r4b_core.models.rvl import ARCHITECTURE, RForConditionalGeneration
 
     vdir, ldir, vision, lm = stand_ins
     cfg = ModelConfig(base="llava-onevision", vision_tower=str(vdir), language_model=str(ldir))
     model, processor = load_model(cfg.base, cfg)
+    assert type(model) is RForConditionalGeneration and model.config.architectures == [ARCHITECTURE]
+    assert isinstance(model.model.multi_modal_projector.pre_norm, torch.nn.LayerNorm)
     tower = model.model.vision_tower
     assert torch.equal(tower.embeddings.patch_embedding.weight, vision.embeddings.patch_embedding.weight)
+    assert not hasattr(tower, "head") and not model.config.vision_config.vision_use_head
     assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, lm.model.layers[0].mlp.up_proj.weight)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()   # stays tied
-    assert model.config.image_seq_length == 16
-    assert processor.tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN) == model.config.image_token_index
+    assert processor.tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN) == model.config.image_token_id
+    assert max(h * w for h, w in model.config.image_grid_pinpoints) == 9 * 32 * 32     # tiles of the tower's size
     enc = processor(text=[modes.chat_prompt("What is 12 + 30?", 1, Mode.AUTO)],
-                    images=[Image.new("RGB", (40, 40), (1, 2, 3))], return_tensors="pt")
-    assert int((enc["input_ids"] == model.config.image_token_index).sum()) == 16
+                    images=[[Image.new("RGB", (40, 64), (1, 2, 3))]], return_tensors="pt")
+    assert enc["pixel_values"].shape[1] > 1                   # the base tile + AnyRes tiles
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) > (32 // 8) ** 2
     with torch.no_grad():
         logits = model(**enc).logits
     # Save (tied head written once) and reload through the ordinary folder path: same outputs.
@@ -200,8 +208,11 @@ def test_compose_vision_tower_and_language_model(stand_ins, tmp_path):
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "language_model.lm_head.weight" not in keys and any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert "language_model.lm_head.weight" not in keys and "image_newline" in keys
+    assert {"multi_modal_projector.pre_norm.weight", "multi_modal_projector.pre_norm.bias"} <= keys
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys) and not any(".head." in k for k in keys)
     again, proc2 = load_model(str(out), cfg)
+    assert type(again) is RForConditionalGeneration
     with torch.no_grad():
         assert torch.allclose(again(**enc).logits, logits, atol=1e-5)
     assert again.lm_head.weight.data_ptr() == again.get_input_embeddings().weight.data_ptr()
