@@ -313,3 +313,59 @@ def r4b_serve(config: Path, model_ref: str, log: Path, env: dict | None = None, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def serve_config(root: Path, storage_root: Path, tracking_uri: str, registered_model: str) -> Path:
+    """A config file for `r4b serve` of a registered model: the run's storage and registry, the
+    tiny models' model length."""
+    import yaml
+
+    config = root / "serve.yaml"
+    config.write_text(yaml.safe_dump({"name": "serve", "storage": {"root": str(storage_root)},
+                                      "tracking": {"uri": tracking_uri, "registered_model": registered_model},
+                                      "serve": {"max_model_len": 1024}}))
+    return config
+
+
+def ask_each_thinking_mode(url: str, model_dir: str | Path, image_path: Path, question: str,
+                           max_tokens: int = 12) -> dict[str, dict]:
+    """One image request per thinking mode (auto, long, short) to a served model through the openai
+    client; checks that each answered, that the served prompt is the one the stages render for that
+    mode (`ChatFormat` of `model_dir`'s processor: the model's own template + the mode's prefix, token
+    for token), that short mode has no reasoning and that `enable_thinking: false` is short mode.
+    Returns each mode's response (`to_dict`)."""
+    import base64
+    import io
+
+    from openai import OpenAI
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from r4b_core.models.chat import ChatFormat
+    from r4b_core.modes import Mode
+    from r4b_core.rollout.hf import encode_prompts
+
+    image = Image.open(image_path).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url_image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    chat = ChatFormat.of(processor)
+    client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
+    answers = {}
+    # the three modes, then Qwen3's `enable_thinking: false`, an alias of short (its think block once)
+    for mode, kwargs in (("auto", {"thinking_mode": "auto"}), ("long", {"thinking_mode": "long"}),
+                         ("short", {"thinking_mode": "short"}), ("short", {"enable_thinking": False})):
+        r = client.chat.completions.create(
+            model="r4b", max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_image}},
+                                                   {"type": "text", "text": question}]}],
+            extra_body={"chat_template_kwargs": kwargs, "return_token_ids": True})
+        data = r.to_dict()
+        assert data["choices"][0]["token_ids"], (kwargs, data)
+        expected = encode_prompts(processor, [chat.prompt(question, 1, Mode.parse(mode))], [[image]])["input_ids"][0]
+        assert data["prompt_token_ids"] == expected.tolist(), kwargs
+        if mode == "short":
+            assert not data["choices"][0]["message"].get("reasoning_content"), data
+        answers.setdefault(mode, data)
+    return answers

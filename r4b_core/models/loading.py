@@ -11,7 +11,8 @@ Paper scale (configs/r4b-4b.yaml) composes R-4B's layout (models/rvl.py: LLaVA-O
 tiles, `image_newline` and a projector LayerNorm, served by vLLM's R-4B model) from a vision tower
 (google/siglip2-so400m-patch14-384) and a language model (Qwen/Qwen3-4B): the towers keep their
 pretrained weights, the projector and `image_newline` are freshly initialised, the tokenizer is the
-LM's plus an `<image>` token, the chat template is ours. A folder loads with the class its config's
+LM's plus an `<image>` token, the chat template the LM's own (each turn's images as `<image>` lines
+before its text; `r4b serve` adds `thinking_mode` around it). A folder loads with the class its config's
 `architectures` names (`model_class`): transformers' own, or r4b's R-4B class.
 
 Saved folders use the key layout `save_pretrained` writes for the model's family (for LLaVA
@@ -265,7 +266,8 @@ def compose_r4b(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtyp
 
     from r4b_core import modes
     from r4b_core.models import rvl
-    from r4b_core.models.tokenizer import chat_template
+    from r4b_core.models.chat import R4B_TEMPLATE_MARK
+    from r4b_core.models.tokenizer import chat_template, images_as_text
 
     dtype = dtype or torch.float32
     trust = model_cfg.trust_remote_code
@@ -294,11 +296,15 @@ def compose_r4b(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtyp
 
     if modes.IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [modes.IMAGE_TOKEN]})
-    missing = [t for t in (modes.IM_START, modes.IM_END, modes.THINK_OPEN, modes.THINK_CLOSE)
-               if t not in tokenizer.get_vocab()]
-    if missing:
-        raise ModelLoadError(f"model.language_model {lm_source!r}: its tokenizer lacks {missing}; the bi-mode "
-                             f"chat format needs a ChatML + think-tag tokenizer (Qwen3 family)")
+    # The LM's own chat template renders the turns (its images as text before each turn's text);
+    # an LM without one gets r4b's, which is ChatML.
+    own_template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if own_template and R4B_TEMPLATE_MARK in own_template:      # an LM r4b trained: ours, current
+        own_template = None
+    missing = [t for t in (modes.IM_START, modes.IM_END) if t not in tokenizer.get_vocab()]
+    if not own_template and missing:
+        raise ModelLoadError(f"model.language_model {lm_source!r}: its tokenizer has no chat template and "
+                             f"lacks {missing} for r4b's ChatML one; use an LM with a chat template")
     if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tokenizer))
     config = rvl.rvl_config(vision_config, lm.config, tokenizer.convert_tokens_to_ids(modes.IMAGE_TOKEN),
@@ -317,8 +323,9 @@ def compose_r4b(vision_source: str, lm_source: str, model_cfg: ModelConfig, dtyp
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise ModelLoadError(f"compose_r4b: parameters left unset: {leftover[:5]}")
-    processor = rvl.rvl_processor(tokenizer, config, tower_processor.image_mean, tower_processor.image_std,
-                                  chat_template())
+    template = images_as_text(own_template, modes.IMAGE_TOKEN) if own_template else chat_template()
+    processor = rvl.rvl_processor(tokenizer, config, tower_processor.image_mean, tower_processor.image_std, template)
+    ensure_think_tokens(model, processor)
     return model.eval(), processor
 
 

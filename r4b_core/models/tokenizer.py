@@ -67,10 +67,44 @@ THINKING_BASE_CLOSE = "{#- r4b: end of the model's own template -#}"
 def thinking_template(base: str) -> str:
     """A model's own chat template with `thinking_mode` added (the served template of a family
     model): the model renders the turns and its generation prompt, the mode's forced prefix
-    follows. `ChatFormat` reads the base back out, so prompts are never prefixed twice."""
+    follows. `ChatFormat` reads the base back out, so prompts are never prefixed twice. Qwen3's
+    `enable_thinking` is an alias of the mode, so the base does not see it."""
     return ("{#- r4b thinking_mode = " + ", ".join(modes.SERVING_MODE_NAMES) + " around the model's template -#}\n"
-            + _mode_header() + THINKING_BASE_OPEN + base + THINKING_BASE_CLOSE
+            + _mode_header()
+            # the mode is ours to render: a base that reads Qwen3's `enable_thinking` (an alias of the
+            # mode here) sees it unset, as if not passed, or its own think block would follow ours
+            + "{%- set enable_thinking = r4b_unset_name -%}\n"
+            + THINKING_BASE_OPEN + base + THINKING_BASE_CLOSE
             + "{%- if add_generation_prompt -%}{{ r4b_prefix[r4b_mode] }}{%- endif -%}")
+
+
+def images_as_text(base: str, image_token: str) -> str:
+    """A text LM's chat template taking a VLM's messages (a model composed from a tower and an LM):
+    each message's content parts become one string, the image token and a newline per image, then
+    the texts joined by newlines (the user turn of r4b's own template and of vLLM's string-content
+    format), so the LM's own template, which reads `content` as a string, renders the turns."""
+    image_types = "(" + ", ".join(_lit(t) for t in IMAGE_PART_TYPES) + ")"
+    return (
+        "{#- r4b: the language model's template follows, each message's image parts as text -#}\n"
+        "{%- set r4b_flat = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string or message['content'] is none -%}"
+        "{%- set r4b_flat.messages = r4b_flat.messages + [message] -%}"
+        "{%- else -%}"
+        "{%- set r4b_parts = namespace(images='', text=[]) -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] in " + image_types + " -%}"
+        "{%- set r4b_parts.images = r4b_parts.images ~ " + _lit(image_token + "\n") + " -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set r4b_parts.text = r4b_parts.text + [part['text']] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set r4b_flat.messages = r4b_flat.messages + "
+        "[dict(message, content=r4b_parts.images ~ r4b_parts.text | join(" + _lit("\n") + "))] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = r4b_flat.messages -%}\n"
+        + base
+    )
 
 
 def served_chat_template(model_dir) -> str:

@@ -16,15 +16,12 @@ Per family: two vLLM starts (the sidecar, the served model; Gemma3 only the seco
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from servers import r4b_serve
+from servers import ask_each_thinking_mode, r4b_serve, serve_config
 
 from r4b_core.config import load_config
 from r4b_core.models.tiny_families import FAMILIES
@@ -59,16 +56,6 @@ def _config(family: str, root: Path):
     ])
 
 
-def _serve_config(root: Path) -> Path:
-    import yaml
-
-    config = root / "serve.yaml"
-    config.write_text(yaml.safe_dump({"name": "serve", "storage": {"root": str(root / "runs")},
-                                      "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "registered_model": NAME},
-                                      "serve": {"max_model_len": 1024}}))
-    return config
-
-
 def _max_change(before: str, after: str) -> float:
     from safetensors.torch import load_file
 
@@ -79,9 +66,6 @@ def _max_change(before: str, after: str) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_through_every_stage_and_served(family, tmp_path, capsys):
-    from openai import OpenAI
-    from transformers import AutoProcessor
-
     from r4b_core import layout
     from r4b_core.anneal import run_anneal
     from r4b_core.bpo import run_bpo
@@ -89,10 +73,7 @@ def test_family_through_every_stage_and_served(family, tmp_path, capsys):
     from r4b_core.data.schema import read_jsonl
     from r4b_core.evaluate import run_eval
     from r4b_core.prepare import run_prepare
-    from r4b_core.models.chat import ChatFormat
-    from r4b_core.modes import Mode
     from r4b_core.promote import register_and_gate
-    from r4b_core.rollout.hf import encode_prompts
 
     cfg = _config(family, tmp_path)
     t0 = time.perf_counter()
@@ -125,26 +106,7 @@ def test_family_through_every_stage_and_served(family, tmp_path, capsys):
     stages_s = time.perf_counter() - t0
 
     record = read_jsonl(Path(uris["eval"])).records[0]
-    image = Image.open(Path(uris["eval"]).parent / record.images[0]).convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    url_image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    processor = AutoProcessor.from_pretrained(bpo_out)
-    chat = ChatFormat.of(processor)
-    with r4b_serve(_serve_config(tmp_path), f"models:/{NAME}@champion", tmp_path / "vllm-serve.log") as (_, url, _):
-        client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
-        for mode in ("auto", "long", "short"):
-            r = client.chat.completions.create(
-                model="r4b", max_tokens=12, temperature=0,
-                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url_image}},
-                                                       {"type": "text", "text": record.question}]}],
-                extra_body={"chat_template_kwargs": {"thinking_mode": mode}, "return_token_ids": True})
-            data = r.to_dict()
-            assert data["choices"][0]["token_ids"], (mode, data)
-            # the served template is the family's own with the mode's prefix: the prompt the stages render
-            prompt = chat.prompt(record.question, 1, Mode.parse(mode))
-            expected = encode_prompts(processor, [prompt], [[image]])["input_ids"][0].tolist()
-            assert data["prompt_token_ids"] == expected, mode
-            if mode == "short":
-                assert not data["choices"][0]["message"].get("reasoning_content"), data
+    serving = serve_config(tmp_path, tmp_path / "runs", f"sqlite:///{tmp_path}/mlflow.db", NAME)
+    with r4b_serve(serving, f"models:/{NAME}@champion", tmp_path / "vllm-serve.log") as (_, url, _):
+        ask_each_thinking_mode(url, bpo_out, Path(uris["eval"]).parent / record.images[0], record.question)
     print(f"{family}: stages {stages_s:.0f} s, total {time.perf_counter() - t0:.0f} s")

@@ -3,8 +3,10 @@ from `model.vision_tower` + `model.language_model` in R-4B's layout, user JSONL 
 annotator, DeepSpeed and PyTorchJob settings), with the towers replaced by tiny random models of the
 same classes (SigLIP, Qwen3) saved locally and what needs a cluster turned local: prepare -> curate
 -> anneal -> BPO on the vLLM sidecar (as the config asks: vLLM's R-4B model serves the composed
-layout, every weight push verified) -> eval, each stage on its defaults (layout), as `r4b <stage>`
-runs them one by one. One sidecar start (~1-2 min on 2 cores).
+layout, every weight push verified) -> eval -> register -> `r4b serve` of the champion answering one image request per thinking mode
+through the openai client, with the composed LM's own chat template (a Qwen3-style one, text only)
+and `thinking_mode` added; each stage on its defaults (layout), as `r4b <stage>` runs them one by
+one. Two vLLM starts (the sidecar, the served model; ~1-2 min each on 2 cores).
 
 The break this guards: `layout.base_model_dir` named `<run>/base_model` for every non-tiny base, a
 folder prepare never wrote, so anneal could not start at paper scale.
@@ -16,6 +18,7 @@ import re
 from pathlib import Path
 
 import pytest
+from servers import ask_each_thinking_mode, r4b_serve, serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,9 +46,11 @@ LOCAL = [
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny SigLIP vision tower and a tiny Qwen3 LM with a ChatML + think-tag tokenizer, saved
-    like hub checkpoints (the classes of google/siglip2-so400m-patch14-384 and Qwen/Qwen3-4B)."""
+    """A tiny SigLIP vision tower and a tiny Qwen3 LM with a ChatML + think-tag tokenizer and a
+    Qwen3-style chat template, saved like hub checkpoints (the classes of
+    google/siglip2-so400m-patch14-384 and Qwen/Qwen3-4B)."""
     import torch
+    from families import QWEN3_TEXT_TEMPLATE
     from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -62,6 +67,7 @@ def towers(tmp_path_factory) -> tuple[Path, Path]:
     items = draw_split("train", 200, SyntheticDataConfig())
     tok = train_tokenizer(tokenizer_corpus([{"question": i.question, "answer": i.answer, "reasoning": i.reasoning}
                                             for i in items]), 400)
+    tok.chat_template = QWEN3_TEXT_TEMPLATE
     Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                  max_position_embeddings=2048)).save_pretrained(root / "lm")
@@ -70,16 +76,23 @@ def towers(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.vllm
-def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one_torch_thread, capsys):
+def test_composed_base_runs_every_stage_and_is_served(towers, tmp_path, one_torch_thread, capsys):
+    from families import QWEN3_TEXT_TEMPLATE
+    from transformers import AutoProcessor
+
     from r4b_core import layout
     from r4b_core.anneal import run_anneal
     from r4b_core.bpo import run_bpo
     from r4b_core.config import SyntheticDataConfig, load_config
     from r4b_core.curate import run_curate
+    from r4b_core.data.schema import read_jsonl
     from r4b_core.data.synthetic import generate_all
     from r4b_core.evaluate import run_eval
+    from r4b_core.models.tokenizer import THINKING_BASE_OPEN, served_chat_template
     from r4b_core.prepare import run_prepare
+    from r4b_core.promote import register_and_gate
     from r4b_core.storage import Store
+    from r4b_core.tracking import tracking_uri
 
     vision, lm = towers
     splits = generate_all(SyntheticDataConfig(train_size=12, rl_size=4, eval_size=4, difficulties=[1]),
@@ -113,9 +126,24 @@ def test_composed_base_runs_prepare_curate_anneal_bpo_eval(towers, tmp_path, one
     assert re.search(r"serves policy version 0 \(full push .*, reload in place\)", out), out
     assert "Resolved architecture: RForConditionalGeneration" in Path(sidecar.group(1)).read_text(errors="replace")
     assert trained["verified_versions"] == [0, 1]
-    report = run_eval(cfg, layout.model_dir(cfg, "bpo"), layout.split_uri(cfg, "eval"), layout.eval_dir(cfg, "bpo"),
-                      "bpo")
+    bpo_dir = layout.model_dir(cfg, "bpo")
+    report = run_eval(cfg, bpo_dir, layout.split_uri(cfg, "eval"), layout.eval_dir(cfg, "bpo"), "bpo")
     assert set(report["modes"]) == {"auto", "think", "no_think"}
+
+    # register, then `r4b serve` of the champion: the LM's own template with thinking_mode added
+    decision = register_and_gate(cfg, bpo_dir, layout.eval_dir(cfg, "bpo") + "/report.json")
+    assert decision["promoted"], decision
+    assert THINKING_BASE_OPEN + AutoProcessor.from_pretrained(bpo_dir).chat_template in served_chat_template(bpo_dir)
+    assert QWEN3_TEXT_TEMPLATE in served_chat_template(bpo_dir)
+    record = read_jsonl(Path(splits["eval"])).records[0]
+    serving = serve_config(tmp_path, tmp_path / "runs", tracking_uri(cfg), cfg.tracking.registered_model)
+    with r4b_serve(serving, f"models:/{cfg.tracking.registered_model}@champion", tmp_path / "serve.log") as (_, url, _):
+        assert "Resolved architecture: RForConditionalGeneration" in (tmp_path / "serve.log").read_text(errors="replace")
+        answers = ask_each_thinking_mode(url, bpo_dir, Path(splits["eval"]).parent / record.images[0], record.question)
+    for mode, data in answers.items():
+        message, usage = data["choices"][0]["message"], data["usage"]
+        print(f"served {mode}: reasoning {message.get('reasoning_content')!r}, answer {message.get('content')!r}, "
+              f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens")
     # a rerun of prepare finds the composed base done (its manifest matches) and keeps it
     committed = store.read_manifest(base)["committed_at"]
     run_prepare(cfg)

@@ -156,6 +156,7 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """A tiny SigLIP vision tower and a tiny tied Qwen3 LM, each saved like a hub checkpoint."""
+    from families import QWEN3_TEXT_TEMPLATE
     from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -168,7 +169,8 @@ def stand_ins(tmp_path_factory):
     vision.save_pretrained(root / "vision")
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "vision")
     tok = train_tokenizer(TEXTS, 400)
-    # A Qwen3-like tokenizer: no <image> token yet (composition must add it).
+    tok.chat_template = QWEN3_TEXT_TEMPLATE
+    # A Qwen3-like tokenizer and chat template: no <image> token yet (composition must add it).
     lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=420, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                       tie_word_embeddings=True))
@@ -217,6 +219,39 @@ def test_compose_vision_tower_and_language_model(stand_ins, tmp_path):
         assert torch.allclose(again(**enc).logits, logits, atol=1e-5)
     assert again.lm_head.weight.data_ptr() == again.get_input_embeddings().weight.data_ptr()
     assert proc2.chat_template == processor.chat_template
+
+
+def test_composed_chat_template_is_the_lms_own_with_thinking_mode(stand_ins, tmp_path):
+    """The composed model's chat template is its LM's own (Qwen3's, which takes text only), each
+    turn's images rendered as `<image>` lines before its text; served, `thinking_mode` (and Qwen3's
+    `enable_thinking`, its alias) adds the mode's prefix once: exactly the stages' prompt."""
+    from families import QWEN3_TEXT_TEMPLATE
+
+    from r4b_core.models.chat import ChatFormat
+    from r4b_core.models.loading import load_model, save_model
+    from r4b_core.models.tokenizer import served_chat_template
+
+    vdir, ldir, _, _ = stand_ins
+    cfg = ModelConfig(base="llava-onevision", vision_tower=str(vdir), language_model=str(ldir))
+    model, processor = load_model(cfg.base, cfg)
+    assert QWEN3_TEXT_TEMPLATE in processor.chat_template
+    fmt = ChatFormat.of(processor, model.generation_config)
+    assert (fmt.image_placeholder, fmt.end_of_turn) == (modes.IMAGE_TOKEN, modes.IM_END)
+    assert fmt.prompt("What is 7 + 5?", 2, Mode.THINK, system="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\n<image>\nWhat is 7 + 5?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n")
+    served = served_chat_template(save_model(model, processor, tmp_path / "composed"))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}},
+                                             {"type": "text", "text": "What is 7 + 5?"}]}]
+
+    def render(**kwargs) -> str:
+        return processor.tokenizer.apply_chat_template(messages, chat_template=served, tokenize=False,
+                                                       add_generation_prompt=True, **kwargs)
+
+    for name, mode in modes.SERVING_MODE_NAMES.items():
+        assert render(thinking_mode=name) == fmt.prompt("What is 7 + 5?", 1, mode), name
+    assert render(enable_thinking=True) == fmt.prompt("What is 7 + 5?", 1, Mode.THINK)
+    assert render(enable_thinking=False) == fmt.prompt("What is 7 + 5?", 1, Mode.NO_THINK)   # not twice
 
 
 def test_compose_offline_hub_ids_fail_clearly(monkeypatch, tmp_path):
