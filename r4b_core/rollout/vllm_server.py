@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -165,8 +166,11 @@ class VLLMServer:
         self.cfg = vllm_cfg or VLLMConfig()
         self.host = host
         self.port = port or free_port(host)
-        self._workdir = Path(tempfile.mkdtemp(prefix="r4b-vllm-"))
-        self.log_path = Path(log_path) if log_path else self._workdir / "server.log"
+        # the chat template, the process's cwd and (without log_path) its log: made by the first
+        # command(), removed at a clean stop
+        self.workdir = Path(tempfile.gettempdir()) / f"r4b-vllm-{uuid.uuid4().hex[:12]}"
+        self.log_path = Path(log_path) if log_path else self.workdir / "server.log"
+        self._keep_workdir = False
         self.extra_args = list(extra_args)
         self.trust_request_chat_template = trust_request_chat_template
         self.model_name = SERVED_MODEL_NAME
@@ -181,7 +185,8 @@ class VLLMServer:
     def command(self) -> list[str]:
         from r4b_core.models.tokenizer import served_chat_template
 
-        template = self._workdir / "chat_template.jinja"
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)     # again after a stop, for a restart
+        template = self.workdir / "chat_template.jinja"
         template.write_text(served_chat_template(self.model_dir))
         return server_command(resolve_python(self.cfg.python), self.model_dir.absolute(), self.cfg, self.port,
                               self.host, template, self.extra_args, self.trust_request_chat_template)
@@ -206,12 +211,13 @@ class VLLMServer:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_set_parent_death_signal if on_main_thread else None,
-                                     cwd=self._workdir)
+                                     cwd=self.workdir)
         self.pid = self.proc.pid
         atexit.register(self.stop)
         try:
             self.wait_healthy(self.cfg.startup_timeout_s)
         except BaseException:
+            self._keep_workdir = True      # the error names the log
             self.stop()
             raise
         return self
@@ -239,8 +245,10 @@ class VLLMServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the whole process group (API server + engine core + workers), then SIGKILL."""
+        """SIGTERM the whole process group (API server + engine core + workers), then SIGKILL. The work
+        folder goes too, unless the server died or never came up: then its log is what explains why."""
         proc, self.proc = self.proc, None
+        died = proc is not None and proc.poll() is not None
         if proc is not None:
             try:
                 pgid = os.getpgid(proc.pid)
@@ -262,6 +270,8 @@ class VLLMServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if proc is not None and not (died or self._keep_workdir):
+            shutil.rmtree(self.workdir, ignore_errors=True)
         atexit.unregister(self.stop)
 
     def __enter__(self) -> VLLMServer:

@@ -389,6 +389,8 @@ def test_tied_embeddings_need_the_output_layer_refresh(tied_model_dir, tiny, tmp
             assert engine.last_sync["max_abs_diff"] < 1e-3
         finally:
             engine.close()
+        assert (server.workdir / "chat_template.jinja").exists()
+    assert not server.workdir.exists()       # a clean stop leaves nothing in /tmp (each start used to)
 
 
 def test_prompt_too_long_for_the_served_model_is_refused_with_the_key(engine, tiny):

@@ -93,8 +93,10 @@ def test_server_that_dies_at_startup_reports_its_log(tmp_path):
     (bad / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"],
                                                  "model_type": "no_such_model"}))
     t0 = time.monotonic()
+    server = VLLMServer(bad, VLLMConfig(startup_timeout_s=180), log_path=tmp_path / "bad.log")
     with pytest.raises(VLLMServerError) as exc:
-        VLLMServer(bad, VLLMConfig(startup_timeout_s=180), log_path=tmp_path / "bad.log").start()
+        server.start()
+    assert server.workdir.exists()     # a server that died keeps its work folder
     msg = str(exc.value)
     assert "exited with code" in msg and str(tmp_path / "bad.log") in msg
     tail = msg.split("last lines:\n", 1)[1]
@@ -110,8 +112,11 @@ def test_server_never_healthy_times_out_and_ends_its_process_group(tiny_model_di
     assert server.proc is None and server.pid
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)      # the whole group is gone
+    assert server.workdir.exists()    # kept: the error names its log
 
 
 def test_server_refuses_a_folder_without_config(tmp_path):
+    server = VLLMServer(tmp_path, VLLMConfig())
     with pytest.raises(VLLMServerError, match="no config.json"):
-        VLLMServer(tmp_path, VLLMConfig()).start()
+        server.start()
+    assert not server.workdir.exists()     # never made: nothing left in /tmp
