@@ -97,6 +97,28 @@ class TinyModelConfig(Section):
         return self
 
 
+class OptimConfig(Section):
+    lr: float = Field(4e-5, gt=0)
+    min_lr: float = Field(4e-6, ge=0)
+    # -- separate LRs (paper: vision tower and projector 4e-6, LLM 4e-5 -> 4e-6).
+    vision_lr: float | None = Field(4e-6, gt=0)
+    projector_lr: float | None = Field(4e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    # -- parts of the model left as they are (not trained, no optimizer state), e.g. [vision] or
+    # [vision, projector]: the vision encoder, the projector, the language model, as
+    # training/optim.py tells them apart for every family.
+    freeze: list[Literal["vision", "projector", "llm"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _frozen(self) -> OptimConfig:
+        if len(set(self.freeze)) == 3:
+            raise ValueError("freeze lists vision, projector and llm: nothing would be trained; drop one")
+        return self
+
+
 class PretrainConfig(Section):
     """The tiny base's pretraining (r4b_core/pretrain.py): the toy stand-in for starting from a
     pretrained VLM, as R-4B starts from one that already reads images and does arithmetic."""
@@ -104,17 +126,25 @@ class PretrainConfig(Section):
     # -- optimizer steps (anneal's optimizer, packing and LR schedule); 0 = the base keeps its
     # random weights.
     steps: int = Field(0, ge=0)
-    # -- "read": transcribe every number of each training image ("A = 37 / B = 4 / ..."), an OCR
-    # task; "arithmetic": one operation written the way traces write it ("37 + 25 = 50 + 12 = 62"),
-    # text only, on random operands that are not the data's.
-    tasks: list[Literal["read", "arithmetic"]] = Field(default_factory=lambda: ["read", "arithmetic"])
+    # -- "read": transcribe every number of each training image with its colour ("A = 37 red / B = 4
+    # blue / ..."), an OCR task; "arithmetic": one operation written the way traces write it
+    # ("37 + 25 = 50 + 12 = 62"), text only, on random operands that are not the data's; "think" and
+    # "direct": training questions answered in the thinking format with their step-by-step trace, and
+    # directly, as R-4B's language model (Qwen3-4B, a hybrid) does both before any annealing.
+    tasks: list[Literal["read", "arithmetic", "think", "direct"]] = Field(
+        default_factory=lambda: ["read", "arithmetic"])
     # -- how many arithmetic examples (the read task has one per training image).
     arithmetic_items: int = Field(4000, ge=1)
+    # -- how many training questions (the first ones) the think and the direct task each answer.
+    question_items: int = Field(4000, ge=1)
+    # -- pretraining's own optimizer and schedule (the annealing loop runs it, with anneal's packing
+    # and batch size): the base does not change when only the annealing settings do.
+    optim: OptimConfig = OptimConfig(lr=1e-3, min_lr=1e-4, vision_lr=1e-4, projector_lr=1e-4, warmup_steps=20)
 
     @model_validator(mode="after")
     def _tasks(self) -> PretrainConfig:
         if self.steps and not self.tasks:
-            raise ValueError("pretrain.tasks is empty; list read and/or arithmetic, or set steps: 0")
+            raise ValueError("pretrain.tasks is empty; list read, arithmetic, think and/or direct, or set steps: 0")
         return self
 
 
@@ -221,28 +251,6 @@ class CurateConfig(Section):
         bad = {k: v for k, v in self.simulated_accuracy.items() if not 0.0 <= v <= 1.0}
         if bad:
             raise ValueError(f"simulated_accuracy values are probabilities in [0, 1]; got {bad}")
-        return self
-
-
-class OptimConfig(Section):
-    lr: float = Field(4e-5, gt=0)
-    min_lr: float = Field(4e-6, ge=0)
-    # -- separate LRs (paper: vision tower and projector 4e-6, LLM 4e-5 -> 4e-6).
-    vision_lr: float | None = Field(4e-6, gt=0)
-    projector_lr: float | None = Field(4e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    # -- parts of the model left as they are (not trained, no optimizer state), e.g. [vision] or
-    # [vision, projector]: the vision encoder, the projector, the language model, as
-    # training/optim.py tells them apart for every family.
-    freeze: list[Literal["vision", "projector", "llm"]] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _frozen(self) -> OptimConfig:
-        if len(set(self.freeze)) == 3:
-            raise ValueError("freeze lists vision, projector and llm: nothing would be trained; drop one")
         return self
 
 
@@ -465,6 +473,10 @@ class ReproConfig(Section):
     hard_difficulty: int | None = Field(None, ge=1)
     # -- torch CPU threads per process (0 = torch's default); tiny models gain nothing from more.
     threads: int = Field(1, ge=0)
+    # -- model.base: tiny with pretraining: one pretrained base for every seed, prepared once in
+    # `<name>-base` from this seed's data, as every R-4B run starts from one pretrained model (the
+    # seeds vary data, labels, annealing and RL); null = each seed pretrains its own base.
+    base_seed: int | None = 0
     # -- the mechanism figure (`r4b repro --mechanism`): annotator strengths as overrides of
     # curate.simulated_accuracy, one arm each (BPO and GRPO from each annealed model).
     mechanism: dict[str, dict[str, float]] = Field(default_factory=dict)

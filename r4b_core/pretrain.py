@@ -1,26 +1,33 @@
-"""Stage 0b — pretrain the tiny base so that it starts where R-4B's base starts: able to read.
+"""Stage 0b — pretrain the tiny base so that it starts where R-4B's base starts: able to read,
+compute and reason.
 
     model:
       base: tiny
-      pretrain: {steps: 600, tasks: [read, arithmetic]}       # then: r4b prepare / r4b run
+      pretrain: {steps: 3500, tasks: [read, arithmetic, think, direct]}   # then: r4b prepare / r4b run
 
-R-4B anneals a pretrained VLM (SigLIP2 + Qwen3-4B) that already reads text in images and does
-arithmetic. Our tiny base is random, and learning to read from the bi-mode mix alone is slow: with
-few reasoning traces it barely reads after 1,600 steps (perception accuracy 0.2-0.5, see
-docs/reproduction.md), so "thinking helps on hard math" cannot show. This stage gives it the two
-skills first, on data that carries no answer of any split item:
+R-4B anneals a pretrained VLM (SigLIP2 + Qwen3-4B) that already reads text in images, does
+arithmetic and, Qwen3 being a hybrid thinking model, either reasons in <think> blocks or answers
+directly. Our tiny base is random,
+and learning all that from the bi-mode mix alone is slow: with few reasoning traces it barely reads
+after 1,600 steps (perception accuracy 0.2-0.5), and with the reasoning traces a strong annotator
+leaves (4 % of the items) forced thinking stays useless (docs/reproduction.md). This stage gives it
+the skills first, on the train split only (no eval or RL item is ever seen):
 
 * read       one example per training image: "Read the numbers from top to bottom." ->
-             "A = 37\\nB = 4\\n...": every number, in order (an OCR task; the images are the
-             train split's, the questions are not).
+             "A = 37 red\\nB = 4 blue\\n...": every number with its colour, in order (an OCR task
+             written as every trace starts; the images are the train split's, the questions are not).
 * arithmetic text only: "Compute 37 + 25." -> "37 + 25 = 50 + 12 = 62", one operation written
              as the synthetic traces write it, on random operands drawn from an RNG of its own.
+* think      the first `question_items` training questions with their own trace, in the thinking
+             format (`<think>\\n{trace}\\n</think>\\n\\n{answer}`), every category and level;
+* direct     the same questions answered directly (`<think>\\n\\n</think>\\n\\n{answer}`).
 
-Examples train with the direct-answer template (an empty think block): the base learns skills,
-not when to think; curation and annealing decide that. Training is the annealing loop
-(`run_anneal`: packing, optimizer, checkpoints, resume, skip when done) with `model.pretrain.steps`
-steps; the model lands in `<run>/pretrain/model`, which `layout.base_model_dir` then names as the
-base for every later stage. Needs the synthetic data source (it must know every number drawn).
+Think examples train with the thinking template, the others with the direct one: like Qwen3-4B, a
+hybrid, the base can reason and can answer directly, and prefers neither (p(think) about 1/2);
+curation and annealing decide when it thinks. Training is the annealing loop (`run_anneal`: packing,
+optimizer, checkpoints, resume, skip when done) with `model.pretrain.steps` steps; the model lands
+in `<run>/pretrain/model`, which `layout.base_model_dir` then names as the base for every later
+stage. Needs the synthetic data source (it must know every number drawn).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class PretrainError(R4BError):
 
 def reading_records(cfg: RunConfig, train_records: list) -> list:
     """One transcription example per training image (same image references as the split)."""
-    from r4b_core.data.synthetic import LETTERS, draw_split
+    from r4b_core.data.synthetic import describe, draw_split
 
     items = draw_split("train", len(train_records), cfg.data.synthetic)   # deterministic: the same draw
     out = []
@@ -51,7 +58,7 @@ def reading_records(cfg: RunConfig, train_records: list) -> list:
             raise PretrainError(f"train split record {rec.id} does not match the synthetic generator's item "
                                 f"(was the data generated with another data.synthetic config?); delete "
                                 f"{layout.data_dir(cfg)} and rerun r4b prepare")
-        answer = "\n".join(f"{LETTERS[i]} = {n}" for i, n in enumerate(item.numbers))
+        answer = "\n".join(describe(item.numbers, item.colours))
         out.append(rec.model_copy(update={
             "id": f"{rec.id}-read", "question": READ_QUESTION, "answer": answer, "answer_type": "text",
             "category": "perception", "difficulty": 1, "reasoning": None, "label": "direct",
@@ -62,18 +69,33 @@ def reading_records(cfg: RunConfig, train_records: list) -> list:
 def arithmetic_records(cfg: RunConfig) -> list:
     """Single operations as trace lines, on operands from the math templates' ranges."""
     from r4b_core.data.schema import Record
-    from r4b_core.data.synthetic import draw_item
+    from r4b_core.data.synthetic import draw_item, levels_of
 
     syn = cfg.data.synthetic
     rng = random.Random(f"r4b-pretrain-arithmetic/{cfg.seed}")
     out = []
     for i in range(cfg.model.pretrain.arithmetic_items):
-        item = draw_item(rng, "math", rng.choice(syn.difficulties), syn.trace_style)
-        steps = item.reasoning.splitlines()[len(item.numbers):]    # skip the "A = 37" reading lines
+        item = draw_item(rng, "math", rng.choice(levels_of("math", syn.difficulties)), syn.trace_style)
+        steps = item.reasoning.splitlines()[len(item.numbers):]    # skip the "A = 37 red" description lines
         line = rng.choice(steps)
         out.append(Record(id=f"arithmetic-{i:05d}", question=f"Compute {line.split(' = ')[0]}.", answer=line,
                           answer_type="text", category="math", difficulty=1, source="synthetic-pretrain",
                           label="direct"))
+    return out
+
+
+def question_records(cfg: RunConfig, train_records: list, label: str) -> list:
+    """The first `question_items` training questions answered in one mode: "reasoning" (the thinking
+    format with the item's trace) or "direct" (an empty think block, then the answer). Both together
+    make a hybrid base that can do either and prefers neither; annealing teaches when to think."""
+    out = []
+    for rec in train_records[:cfg.model.pretrain.question_items]:
+        if label == "reasoning" and not (rec.reasoning or "").strip():
+            raise PretrainError(f"train split record {rec.id} has no reasoning trace for the think task; the "
+                                f"synthetic generator writes one for every item (was {layout.data_dir(cfg)} "
+                                f"generated by another version?)")
+        out.append(rec.model_copy(update={"id": f"{rec.id}-{'think' if label == 'reasoning' else 'direct'}",
+                                          "label": label, "source": f"{rec.source}/pretrain"}))
     return out
 
 
@@ -88,11 +110,15 @@ def run_pretrain(cfg: RunConfig, store, train_uri: str, init_uri: str) -> str:
                             f"transcribes the generated images); set model.pretrain.steps: 0 for your own data")
     out_uri = layout.base_model_dir(cfg)
     records = []
+    train = parse_jsonl(store.read_bytes(train_uri), train_uri).records if set(p.tasks) - {"arithmetic"} else []
     if "read" in p.tasks:
-        train = parse_jsonl(store.read_bytes(train_uri), train_uri).records
         records += reading_records(cfg, train)
     if "arithmetic" in p.tasks:
         records += arithmetic_records(cfg)
+    if "think" in p.tasks:
+        records += question_records(cfg, train, "reasoning")
+    if "direct" in p.tasks:
+        records += question_records(cfg, train, "direct")
     # Next to train.jsonl, so that the read examples' relative image references resolve (local or S3).
     data_uri = train_uri.rsplit("/", 1)[0] + "/pretrain.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +129,7 @@ def run_pretrain(cfg: RunConfig, store, train_uri: str, init_uri: str) -> str:
     pcfg = cfg.model_copy(deep=True)
     pcfg.anneal.steps = p.steps
     pcfg.anneal.compliance_samples = 0      # no think/no-think targets yet: nothing to check
-    pcfg.anneal.optim.warmup_steps = min(pcfg.anneal.optim.warmup_steps, max(1, p.steps // 10))
+    pcfg.anneal.optim = p.optim.model_copy(update={"warmup_steps": min(p.optim.warmup_steps, max(1, p.steps // 10))})
     manifest = run_anneal(pcfg, data_uri, init_uri, out_uri)
     loss = (manifest.get("metrics") or {}).get("loss")
     print(f"pretrain: base model {out_uri} ({', '.join(p.tasks)}; {p.steps} steps, final loss {loss})"

@@ -78,12 +78,38 @@ class ReproError(R4BError):
 # Runs per seed
 # ---------------------------------------------------------------------------------------------
 def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
-    """The run of one seed: `<name>-s<seed>`, run seed and data seed both = seed."""
+    """The run of one seed: `<name>-s<seed>`, run seed and data seed both = seed; its base is the
+    shared pretrained one when there is one (`shared_base`)."""
     out = cfg.model_copy(deep=True)
     out.name = f"{cfg.name}-s{seed}"
     out.seed = seed
     out.data.synthetic.seed = seed
+    base = shared_base(cfg)
+    if base is not None:
+        out.model.base = layout.base_model_dir(base)
     return out
+
+
+def shared_base(cfg: RunConfig) -> RunConfig | None:
+    """The run that pretrains the one base every seed starts from (`<name>-base`, seeded with
+    repro.base_seed), or None when each seed pretrains its own (or nothing is pretrained)."""
+    if cfg.repro.base_seed is None or cfg.model.base != "tiny" or not cfg.model.pretrain.steps:
+        return None
+    out = cfg.model_copy(deep=True)
+    out.name = f"{cfg.name}-base"
+    out.seed = out.data.synthetic.seed = cfg.repro.base_seed
+    return out
+
+
+def prepare_base(cfg: RunConfig) -> str | None:
+    """Data, tiny model and pretraining of the shared base (skipped when done); its model URI."""
+    from r4b_core.prepare import run_prepare
+
+    bcfg = shared_base(cfg)
+    if bcfg is None:
+        return None
+    print(f"repro: shared base {bcfg.run_uri()} (seed {bcfg.seed}) ...", flush=True)
+    return run_prepare(bcfg)["base_model"]
 
 
 def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
@@ -219,6 +245,7 @@ def _start(cfg: RunConfig, seed: int):
         torch.set_num_threads(scfg.repro.threads)
     store = Store.from_config(scfg.storage)
     clock = _Clock()
+    clock.run("shared base", prepare_base, cfg)
     inputs = clock.run("prepare", run_prepare, scfg, store)
     return scfg, store, clock, inputs
 
@@ -504,6 +531,8 @@ def run_repro(cfg: RunConfig, seeds: list[int] | None = None, tracker=None) -> d
     out_dir = layout.stage_dir(cfg, "repro")
     load_start = os.getloadavg()
     t0, c0 = time.perf_counter(), _cpu_seconds()
+    base_clock = _Clock()
+    base_clock.run("shared base", prepare_base, cfg)     # once, before any seed starts from it
     if cfg.repro.jobs > 1 and len(seeds) > 1:
         _run_children(cfg, seeds, out_dir, mlflow=tracker is not None)
         summaries = [json.loads(store.read_text(_seed_path(cfg, s))) for s in seeds]
@@ -512,6 +541,7 @@ def run_repro(cfg: RunConfig, seeds: list[int] | None = None, tracker=None) -> d
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     report = {
         "name": cfg.name, "seeds": seeds, "hard_difficulty": hard_level(cfg),
+        "base": seed_config(cfg, seeds[0]).model.base if shared_base(cfg) else None,
         "claims": combine_claims(summaries),
         "thresholds": {"atrophy_auto_vs_no_think": ATROPHY_AUTO_VS_NO_THINK, "atrophy_below_think": ATROPHY_BELOW_THINK,
                        "recovery_below_think": RECOVERY_BELOW_THINK, "recovery_gain": RECOVERY_GAIN,
@@ -521,6 +551,7 @@ def run_repro(cfg: RunConfig, seeds: list[int] | None = None, tracker=None) -> d
                        "curve_tail": CURVE_TAIL},
         "hyperparameters": hyperparameters(cfg),
         "timing": {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "jobs": cfg.repro.jobs,
+                   "shared_base": base_clock.phases.get("shared base"),
                    "cpu_count": os.cpu_count(), "loadavg_1m_start": round(load_start[0], 2),
                    "loadavg_1m_end": round(os.getloadavg()[0], 2),
                    "per_seed": {str(s["seed"]): s["timing"] for s in summaries}},
@@ -642,7 +673,10 @@ def render_markdown(report: dict) -> str:
              f"Seeds {report['seeds']}; hard math = math items of difficulty {report['hard_difficulty']}. "
              f"Wall {t['wall_s']} s, CPU {t['cpu_s']} s on {t['cpu_count']} cores "
              f"({t['jobs']} seed process(es) at a time; load average {t['loadavg_1m_start']} at start, "
-             f"{t['loadavg_1m_end']} at end).", "",
+             f"{t['loadavg_1m_end']} at end)."
+             + (f" Every seed starts from one pretrained base (`{report['base']}`, prepared in "
+                f"{t['shared_base']['wall_s']} s wall, {t['shared_base']['cpu_s']} s CPU when it was not done yet)."
+                if report.get("base") and t.get("shared_base") else ""), "",
              "## Claims", "", f"{_claim_count(report)}", "",
              "| claim | result | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " | spread over seeds |",
              "|---|---|" + "---|" * (len(report["seeds"]) + 1)]

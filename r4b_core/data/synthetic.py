@@ -5,23 +5,26 @@ glyph per ViT patch (64×64 image, 16×16 patches → a 4×4 grid of cells), plu
 
 * **perception** — read a number or a colour ("What is the second number?", "What colour is the
   first number?", "What is the red number?"). One look answers it; thinking does not help.
-* **math** — multi-step arithmetic over the numbers shown ("Let A, B, C be the numbers from top to
-  bottom. Compute A + B × C."). Level 1 is one operation on single digits (meant to be answerable
-  directly by a tiny model); level 3 is three operations on up to two-digit numbers (meant to need
-  the step-by-step trace).
+  Levels 1-4: digits of the number asked for (or how many numbers to tell apart by colour).
+* **math** — arithmetic over the numbers shown ("Let A, B, C be the numbers from top to bottom.
+  Compute A + B × C."), five levels on which the benefit of thinking rises step by step: one
+  single-digit operation (1), one operation on two-digit numbers with carries (2), two single-digit
+  operations (3), two operations on two-digit numbers (4), three operations (5).
 
-Every item carries a short programmatic trace (`reasoning`): the numbers read, then one
-operation per line, ending with the answer::
+Every item carries a programmatic trace (`reasoning`) that first describes the image, one line per
+number with its place (A = top), value and colour, then works the question out: one line per
+operation for math, the line that picks the number or colour asked for in perception::
 
-    A = 37
-    B = 25
-    C = 4
+    A = 37 red                      A = 37 red
+    B = 25 blue                     B = 4 green
+    C = 4 white                     second: B = 4
     37 + 25 = 50 + 12 = 62
     62 - 4 = 60 - 2 = 58
 
 A multi-digit + / - goes through its tens and units parts (`trace_style: split`, the default).
 Measured on a text-only proxy of the tiny model (Qwen3 LM, hidden 128, 2 layers, 0.4M params;
-1,000 math items, 1,500 steps of 64; greedy on 50 held-out items per level):
+1,000 math items, 1,500 steps of 64; greedy on 50 held-out items per level; levels as numbered
+before levels 2 and 3 were added, so "L2 / L3" here are today's levels 4 / 5):
 
     accuracy           direct L1 / L2 / L3     forced trace L1 / L2 / L3
     plain  traces      0.94 / 0.24 / 0.06      0.96 / 0.42 / 0.24
@@ -208,13 +211,23 @@ def _colours(rng: random.Random, k: int) -> tuple[str, ...]:
     return tuple(rng.sample(sorted(PALETTE), k))
 
 
+def describe(numbers: tuple[int, ...], colours: tuple[str, ...]) -> list[str]:
+    """The image described, one line per number, top to bottom: its place (A = top), value and
+    colour ("A = 37 red"). Every trace starts here: what a careful reader notes before answering."""
+    return [f"{LETTERS[i]} = {n} {c}" for i, (n, c) in enumerate(zip(numbers, colours))]
+
+
 # --- perception ------------------------------------------------------------------------------
-# Difficulty = how much there is to read: digits of the number asked for (1, 2, 3–4), or for
-# colour questions how many numbers the image holds (2, 3, 4).
+# Difficulty = how much there is to read: digits of the number asked for (1-4), or for colour
+# questions how many numbers the image holds (2, 3, 4, 4). Thinking describes the whole image,
+# then points at the number or colour asked for; one look answers without it.
+PERCEPTION_LEVELS = (1, 2, 3, 4)
+
+
 def _perception(rng: random.Random, level: int) -> Item:
     kind = rng.choices(("read", "colour_of", "read_by_colour"), weights=(2, 1, 1))[0]
     if kind == "colour_of":
-        count = {1: 2, 2: 3, 3: 4}[level]
+        count = {1: 2, 2: 3, 3: 4, 4: 4}[level]
         numbers = tuple(_rand_number(rng, rng.randint(1, 4)) for _ in range(count))
     else:
         count = rng.randint(1 if kind == "read" else 2, ROWS)
@@ -222,25 +235,26 @@ def _perception(rng: random.Random, level: int) -> Item:
     colours = _colours(rng, count)
     target = rng.randrange(count)
     if kind != "colour_of":
-        digits = level if level < 3 else rng.randint(3, 4)
-        numbers[target] = _rand_number(rng, digits)
+        numbers[target] = _rand_number(rng, level)
         numbers = tuple(numbers)
     var = LETTERS[target]
     if kind == "read":
         q = f"What is the {ORDINALS[target]} number?"
-        answer, atype, trace = str(numbers[target]), "integer", f"{var} = {numbers[target]}"
+        answer, atype, pick = str(numbers[target]), "integer", f"{ORDINALS[target]}: {var} = {numbers[target]}"
     elif kind == "colour_of":
         q = f"What colour is the {ORDINALS[target]} number?"
-        answer, atype, trace = colours[target], "text", f"{var} is {colours[target]}"
+        answer, atype, pick = colours[target], "text", f"{ORDINALS[target]}: {var} is {colours[target]}"
     else:
         q = f"What is the {colours[target]} number?"
-        answer, atype, trace = str(numbers[target]), "integer", f"{colours[target]}: {var} = {numbers[target]}"
-    return Item(numbers, colours, q, answer, atype, "perception", level, trace)
+        answer, atype, pick = str(numbers[target]), "integer", f"{colours[target]}: {var} = {numbers[target]}"
+    return Item(numbers, colours, q, answer, atype, "perception", level, "\n".join(describe(numbers, colours) + [pick]))
 
 
 # --- math ------------------------------------------------------------------------------------
 # Templates per level: an expression over A..D (standard precedence) and each variable's range.
-# Products are always single digit × single digit; additive operands grow with the level.
+# The benefit of thinking rises level by level: one single-digit operation (1), one operation on
+# two-digit numbers with carries (2), two single-digit operations (3), two operations on two-digit
+# numbers (4), three operations (5). Products are always single digit × single digit.
 _D1, _D2 = (0, 9), (10, 99)
 MATH_TEMPLATES: dict[int, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]] = {
     1: (
@@ -249,13 +263,26 @@ MATH_TEMPLATES: dict[int, tuple[tuple[str, tuple[tuple[int, int], ...]], ...]] =
         ("A × B", (_D1, _D1)),
     ),
     2: (
+        ("A + B", (_D2, _D2)),
+        ("A - B", (_D2, _D2)),
+        ("A + B", (_D2, _D1)),
+        ("A - B", (_D2, _D1)),
+    ),
+    3: (
+        ("A + B + C", (_D1, _D1, _D1)),
+        ("A × B + C", (_D1, _D1, _D1)),
+        ("A + B × C", (_D1, _D1, _D1)),
+        ("A × B - C", (_D1, _D1, _D1)),
+        ("A - B + C", (_D1, _D1, _D1)),
+    ),
+    4: (
         ("A + B + C", (_D2, _D1, _D2)),
         ("A + B × C", (_D2, _D1, _D1)),
         ("A × B + C", (_D1, _D1, _D2)),
         ("A × B - C", (_D1, _D1, _D1)),
         ("A + B - C", (_D2, _D2, _D2)),
     ),
-    3: (
+    5: (
         ("A + B + C + D", (_D2, _D2, _D2, _D2)),
         ("A × B + C × D", (_D1, _D1, _D1, _D1)),
         ("A × B + C - D", (_D1, _D1, _D2, _D2)),
@@ -317,9 +344,15 @@ def _math(rng: random.Random, level: int, style: str) -> Item:
             break
     names = ", ".join(LETTERS[: len(numbers)])
     question = f"Let {names} be the numbers from top to bottom. Compute {expr}."
-    reads = [f"{LETTERS[i]} = {n}" for i, n in enumerate(numbers)]
-    return Item(numbers, _colours(rng, len(numbers)), question, str(result), "integer", "math", level,
-                "\n".join(reads + steps))
+    colours = _colours(rng, len(numbers))
+    return Item(numbers, colours, question, str(result), "integer", "math", level,
+                "\n".join(describe(numbers, colours) + steps))
+
+
+def levels_of(category: str, difficulties: Iterable[int]) -> list[int]:
+    """The configured levels that `category` has (perception stops at 4, math at 5)."""
+    have = PERCEPTION_LEVELS if category == "perception" else MATH_TEMPLATES
+    return sorted(d for d in set(difficulties) if d in have)
 
 
 def draw_item(rng: random.Random, category: str, level: int, style: str = "split") -> Item:
@@ -337,7 +370,7 @@ def split_seed(seed: int, name: str) -> str:
 def _cells(cfg: SyntheticDataConfig) -> list[tuple[str, int]]:
     cats = [c for c in CATEGORIES if (c == "math" and cfg.math_fraction > 0) or
             (c == "perception" and cfg.math_fraction < 1)]
-    return [(c, d) for c in cats for d in sorted(set(cfg.difficulties))]
+    return [(c, d) for c in cats for d in levels_of(c, cfg.difficulties)]
 
 
 def _check(name: str, cfg: SyntheticDataConfig) -> None:
@@ -346,7 +379,11 @@ def _check(name: str, cfg: SyntheticDataConfig) -> None:
     bad = [d for d in cfg.difficulties if d not in MATH_TEMPLATES]
     if bad or not cfg.difficulties:
         raise SyntheticDataError(f"data.synthetic.difficulties={cfg.difficulties}: allowed levels are "
-                                 f"{sorted(MATH_TEMPLATES)} (a non-empty subset)")
+                                 f"{sorted(MATH_TEMPLATES)} (a non-empty subset; perception has levels "
+                                 f"{PERCEPTION_LEVELS[0]}-{PERCEPTION_LEVELS[-1]} of them)")
+    if cfg.math_fraction < 1 and not levels_of("perception", cfg.difficulties):
+        raise SyntheticDataError(f"data.synthetic.difficulties={cfg.difficulties} has no perception level "
+                                 f"(those are {list(PERCEPTION_LEVELS)}); add one or set math_fraction: 1")
 
 
 def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
@@ -361,7 +398,7 @@ def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
             category, level = cells[i % len(cells)]      # balanced: round-robin over the cells
         else:
             category = "math" if rng.random() < cfg.math_fraction else "perception"
-            level = rng.choice(cfg.difficulties)
+            level = rng.choice(levels_of(category, cfg.difficulties))
         for _ in range(_MAX_TRIES):
             item = draw_item(rng, category, level, cfg.trace_style)
             key = item.key()

@@ -31,12 +31,12 @@ def test_read_examples_transcribe_every_number_of_their_image(tmp_path):
         assert ex.images == rec.images and ex.question == READ_QUESTION and ex.label == "direct"
         lines = ex.answer.splitlines()
         assert [ln.split(" = ")[0] for ln in lines] == list("ABCD")[: len(lines)]
-        numbers = [int(ln.split(" = ")[1]) for ln in lines]
-        # every number a math trace reads, and a perception item's answer, is in the transcription
-        for m in re.finditer(r"^([A-D]) = (\d+)$", rec.reasoning or "", re.M):
-            assert numbers["ABCD".index(m.group(1))] == int(m.group(2)), (rec, ex.answer)
-        if rec.category == "perception" and rec.answer_type == "integer":
-            assert int(rec.answer) in numbers
+        numbers = [int(ln.split(" = ")[1].split()[0]) for ln in lines]
+        # the transcription is the description every trace starts with (number and colour)
+        assert (rec.reasoning or "").startswith(ex.answer + "\n")
+        if rec.category == "perception":
+            assert rec.answer in ([str(n) for n in numbers] if rec.answer_type == "integer"
+                                  else [ln.split()[-1] for ln in lines])
 
 
 def test_arithmetic_examples_are_correct_trace_lines(tmp_path):
@@ -56,22 +56,44 @@ def test_arithmetic_examples_are_correct_trace_lines(tmp_path):
     assert [r.answer for r in arithmetic_records(cfg)] == [r.answer for r in recs]    # seeded
 
 
+def test_think_and_direct_examples_answer_training_questions_both_ways(tmp_path):
+    from r4b_core import modes
+    from r4b_core.data.schema import read_jsonl
+    from r4b_core.data.synthetic import generate_all
+    from r4b_core.pretrain import question_records
+
+    cfg = _cfg(tmp_path, "model.pretrain.question_items=10")
+    train = read_jsonl(generate_all(cfg.data.synthetic, tmp_path / "data")["train"]).records
+    think, direct = question_records(cfg, train, "reasoning"), question_records(cfg, train, "direct")
+    assert [r.id for r in think] == [f"{r.id}-think" for r in train[:10]]
+    for rec, t, d in zip(train, think, direct):
+        assert t.images == d.images == rec.images and t.question == d.question == rec.question
+        assert t.sft_target().startswith(modes.GENERATION_PREFIX[modes.Mode.THINK] + rec.reasoning)
+        assert d.sft_target().startswith(modes.GENERATION_PREFIX[modes.Mode.NO_THINK] + rec.answer)
+
+
 def test_prepare_pretrains_once_and_later_stages_start_from_it(tmp_path):
     from r4b_core.prepare import init_model_hash, run_prepare
     from r4b_core.storage import Store
 
-    cfg = _cfg(tmp_path, "model.pretrain.steps=3", "model.pretrain.arithmetic_items=20", "anneal.micro_batch_size=2",
-               "anneal.log_every=1")
+    sets = ["model.pretrain.steps=3", "model.pretrain.arithmetic_items=20", "model.pretrain.question_items=10",
+            "model.pretrain.tasks=[read, arithmetic, think, direct]", "anneal.micro_batch_size=2", "anneal.log_every=1"]
+    cfg = _cfg(tmp_path, *sets)
     out = run_prepare(cfg)
     assert out["base_model"] == layout.base_model_dir(cfg) == layout.model_dir(cfg, "pretrain")
     store = Store.from_config(cfg.storage)
     manifest = store.read_manifest(out["base_model"])
     assert manifest["steps"] == 3 and manifest["metrics"]["loss"] > 0
-    assert manifest["data"]["used"] == 40 + 20       # one read example per training image + arithmetic
+    # one read example per training image + arithmetic + each question answered both ways
+    assert manifest["data"]["used"] == 40 + 20 + 2 * 10
+    assert manifest["data"]["think"] == 10
     assert store.is_complete(layout.init_model_dir(cfg), init_model_hash(cfg))
     again = store.read_manifest(out["base_model"])
     run_prepare(cfg)
     assert store.read_manifest(out["base_model"]) == again     # skipped: nothing rewritten
+    # pretraining has its own optimizer: new annealing settings leave the base as it is
+    run_prepare(_cfg(tmp_path, *sets, "anneal.optim.lr=1e-5", "anneal.optim.warmup_steps=3"))
+    assert store.read_manifest(out["base_model"]) == again
 
 
 def test_pretraining_needs_the_synthetic_source(tmp_path):

@@ -123,7 +123,11 @@ def test_traces_are_correct_steps_ending_with_the_answer(small):
                     else:
                         assert op == "×" or max(a, b) < 10, f"multi-digit step not split: {line}"
                 else:
-                    assert re.fullmatch(r"(\w+: )?[A-D] (=|is) \w+", line), line
+                    assert re.fullmatch(r"[A-D] = \d+ [a-z]+|\w+: [A-D] (=|is) \w+", line), line
+            # the description: every number of the image, top to bottom, with its colour
+            n = len(r.reasoning.splitlines()) - (1 if r.category == "perception" else _ops(r.reasoning))
+            assert all(re.fullmatch(r"[A-D] = \d+ [a-z]+", ln) for ln in lines[:n])
+            assert [ln[0] for ln in lines[:n]] == list("ABCD")[:n]
 
 
 def _ops(trace: str) -> int:
@@ -132,17 +136,19 @@ def _ops(trace: str) -> int:
 
 
 def test_difficulty_scales_steps_and_sizes():
-    items = syn.draw_split("train", 3000, SyntheticDataConfig(math_fraction=1.0))
-    by_level: dict[int, list] = {1: [], 2: [], 3: []}
+    items = syn.draw_split("train", 5000, SyntheticDataConfig(math_fraction=1.0, difficulties=[1, 2, 3, 4, 5]))
+    by_level: dict[int, list] = {k: [] for k in range(1, 6)}
     for it in items:
         by_level[it.difficulty].append(it)
+    ops = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3}
     for level, its in by_level.items():
-        assert its and all(_ops(it.reasoning) == level for it in its)
-        assert all(len(it.numbers) == level + 1 for it in its)
+        assert its and all(_ops(it.reasoning) == ops[level] for it in its)
+        assert all(len(it.numbers) == ops[level] + 1 for it in its)
     mean_answer = {k: round(float(np.mean([int(i.answer) for i in v])), 1) for k, v in by_level.items()}
     max_digits = {k: max(len(str(n)) for i in v for n in i.numbers) for k, v in by_level.items()}
-    assert mean_answer[1] < mean_answer[2] < mean_answer[3]
-    assert max_digits == {1: 1, 2: 2, 3: 2}
+    assert max_digits == {1: 1, 2: 2, 3: 1, 4: 2, 5: 2}
+    # level 2 is one operation on two-digit numbers: its + / - lines are split (tens and units)
+    assert all(re.search(r"= \d+ [-+] \d+ =", i.reasoning) for i in by_level[2])
     # trace length in tokens of the tiny tokenizer (digits split), trained on this corpus
     from r4b_core.models.tokenizer import train_tokenizer
 
@@ -152,7 +158,7 @@ def test_difficulty_scales_steps_and_sizes():
     max_len = {k: max(v) for k, v in lengths.items()}
     print(f"mean answer by level {mean_answer}, max operand digits {max_digits}, "
           f"trace tokens mean {mean_len} max {max_len}")
-    assert mean_len[1] < mean_len[2] < mean_len[3] <= 80 and max_len[3] <= 90
+    assert mean_len[1] < mean_len[2] < mean_len[3] < mean_len[4] < mean_len[5] <= 80 and max_len[5] <= 96
     # all answers are integers >= 0; no division anywhere
     assert all(int(i.answer) >= 0 for i in items) and not any("/" in i.question for i in items)
 
@@ -172,13 +178,16 @@ def test_plain_trace_style_draws_the_same_items():
 
 
 def test_perception_difficulty_is_how_much_to_read():
-    items = syn.draw_split("train", 3000, SyntheticDataConfig(math_fraction=0.0))
+    items = syn.draw_split("train", 3000, SyntheticDataConfig(math_fraction=0.0, difficulties=[1, 2, 3, 4, 5]))
+    assert {it.difficulty for it in items} == {1, 2, 3, 4}           # perception stops at level 4
     for it in items:
-        assert _ops(it.reasoning) == 0 and len(it.reasoning.splitlines()) == 1
+        lines = it.reasoning.splitlines()
+        assert _ops(it.reasoning) == 0 and len(lines) == len(it.numbers) + 1   # description, then the pick
+        assert lines[:-1] == syn.describe(it.numbers, it.colours)
         if it.answer_type == "integer":
-            assert len(it.answer) == it.difficulty or (it.difficulty == 3 and len(it.answer) == 4)
+            assert len(it.answer) == it.difficulty
         else:
-            assert it.answer in syn.PALETTE and len(it.numbers) == it.difficulty + 1
+            assert it.answer in syn.PALETTE and len(it.numbers) == min(it.difficulty + 1, 4)
 
 
 def test_deterministic_bytes(tmp_path, small):
@@ -250,8 +259,12 @@ def test_unsupported_sizes_are_rejected(tmp_path, size, patch):
 def test_bad_split_and_levels(tmp_path):
     with pytest.raises(syn.SyntheticDataError, match="unknown split 'test'; allowed: train, rl, eval"):
         syn.generate_split("test", 5, SMALL, tmp_path)
-    with pytest.raises(syn.SyntheticDataError, match=r"difficulties=\[1, 4\]: allowed levels are \[1, 2, 3\]"):
-        syn.draw_split("train", 5, SyntheticDataConfig(difficulties=[1, 4]))
+    with pytest.raises(syn.SyntheticDataError, match=r"difficulties=\[1, 6\]: allowed levels are \[1, 2, 3, 4, 5\]"):
+        syn.draw_split("train", 5, SyntheticDataConfig(difficulties=[1, 6]))
+    with pytest.raises(syn.SyntheticDataError, match=r"difficulties=\[5\] has no perception level"):
+        syn.draw_split("train", 5, SyntheticDataConfig(difficulties=[5]))
+    assert {i.category for i in syn.draw_split("train", 20, SyntheticDataConfig(difficulties=[5], math_fraction=1))} \
+        == {"math"}
 
 
 def test_default_sizes_are_fast(tmp_path):
