@@ -187,6 +187,9 @@ class SyntheticDataConfig(Section):
     eval_size: int = Field(240, ge=1)
     # -- share of items that are multi-step math (the rest are perception questions).
     math_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    # -- the math share of the rl split (BPO's prompts) when it differs; empty = math_fraction.
+    # R-4B's RL rewards math only (RECIPE.md), so its prompts are math: 1.0.
+    rl_math_fraction: float | None = Field(None, ge=0.0, le=1.0)
     difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
     seed: int = 0
     # -- how a multi-digit + / - step is written in the trace: "split" = tens and units apart

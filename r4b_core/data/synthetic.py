@@ -381,9 +381,14 @@ def _check(name: str, cfg: SyntheticDataConfig) -> None:
         raise SyntheticDataError(f"data.synthetic.difficulties={cfg.difficulties}: allowed levels are "
                                  f"{sorted(MATH_TEMPLATES)} (a non-empty subset; perception has levels "
                                  f"{PERCEPTION_LEVELS[0]}-{PERCEPTION_LEVELS[-1]} of them)")
-    if cfg.math_fraction < 1 and not levels_of("perception", cfg.difficulties):
+    if _math_fraction(name, cfg) < 1 and not levels_of("perception", cfg.difficulties):
         raise SyntheticDataError(f"data.synthetic.difficulties={cfg.difficulties} has no perception level "
-                                 f"(those are {list(PERCEPTION_LEVELS)}); add one or set math_fraction: 1")
+                                 f"(those are {list(PERCEPTION_LEVELS)}); add one or set math_fraction: 1 "
+                                 f"(and rl_math_fraction: 1 or empty)")
+
+
+def _math_fraction(name: str, cfg: SyntheticDataConfig) -> float:
+    return cfg.rl_math_fraction if name == "rl" and cfg.rl_math_fraction is not None else cfg.math_fraction
 
 
 def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
@@ -397,7 +402,7 @@ def draw_split(name: str, n: int, cfg: SyntheticDataConfig) -> list[Item]:
         if name == "eval":
             category, level = cells[i % len(cells)]      # balanced: round-robin over the cells
         else:
-            category = "math" if rng.random() < cfg.math_fraction else "perception"
+            category = "math" if rng.random() < _math_fraction(name, cfg) else "perception"
             level = rng.choice(levels_of(category, cfg.difficulties))
         for _ in range(_MAX_TRIES):
             item = draw_item(rng, category, level, cfg.trace_style)

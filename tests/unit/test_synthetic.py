@@ -225,6 +225,17 @@ def test_eval_is_balanced(eval_size):
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
+def test_rl_split_has_its_own_math_share():
+    cfg = SyntheticDataConfig(math_fraction=0.5, rl_math_fraction=1.0)
+    assert {i.category for i in syn.draw_split("rl", 60, cfg)} == {"math"}
+    assert Counter(i.category for i in syn.draw_split("train", 200, cfg))["perception"] > 60
+    assert syn.draw_split("eval", 16, cfg) == syn.draw_split("eval", 16, SyntheticDataConfig(math_fraction=0.5))
+    assert syn.draw_split("rl", 30, SyntheticDataConfig(math_fraction=0.3, rl_math_fraction=None)) \
+        == syn.draw_split("rl", 30, SyntheticDataConfig(math_fraction=0.3))
+    with pytest.raises(syn.SyntheticDataError, match=r"no perception level .*rl_math_fraction"):
+        syn.draw_split("rl", 5, SyntheticDataConfig(difficulties=[5], math_fraction=1, rl_math_fraction=0.5))
+
+
 def test_jsonl_validates_and_pngs_are_64px(small):
     out, paths = small
     for name, p in paths.items():
