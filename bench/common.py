@@ -105,11 +105,12 @@ def annealed_model(root: Path) -> tuple[Path, list]:
     from r4b_core.models.tiny import build_tiny_vlm
 
     raw = read_jsonl(generate_split("train", 24, SyntheticDataConfig(seed=0), root / "data")).records
-    # every item in both modes, except every third one, which is only ever answered with reasoning:
-    # auto mode then thinks on those and answers the others directly
+    # math only ever answered with reasoning, perception in both modes with the direct answer twice:
+    # auto mode then thinks on math and answers perception directly (a decision by content, which
+    # 160 steps learn; one by item did not), and forced thinking has a trace to follow everywhere
     sft = [r.model_copy(update={"id": f"{r.id}-{tag}", "label": label})
-           for i, r in enumerate(raw) for tag, label in (("t", "reasoning"), ("d", "direct"))
-           if label == "reasoning" or i % 3]
+           for r in raw for tag, label in (("t", "reasoning"), ("d", "direct"), ("d2", "direct"))
+           if label == "reasoning" or r.category == "perception"]
     write_jsonl(root / "data" / "sft.jsonl", sft)
     base = build_tiny_vlm(TinyModelConfig(), [t for r in raw for t in (r.question, r.reasoning or "", r.answer)],
                           root / "base", seed=0)

@@ -899,7 +899,8 @@ def test_mode_metrics_count_a_known_mix_of_requests(served):
     every r4b_* series moved by exactly what the mix and its usage say; and every metric the chart's
     Grafana dashboard queries is exported."""
     before, _ = _scrape(served)
-    # (mode, streamed, budget asked); records 0 and 3 are reasoning-only in training: auto thinks on them
+    # (mode, streamed, budget asked); records 1-3 are math, only ever trained with reasoning: auto thinks
+    # on them and answers record 0 (perception) directly (bench/common.annealed_model)
     mix = [("auto", False, None), ("auto", False, None), ("auto", True, None), ("auto", False, None),
            ("long", False, 2), ("long", True, None), ("long", False, None), ("short", False, None),
            ("short", True, 4)]

@@ -220,7 +220,9 @@ def test_anneal_step_alone_is_the_token_mean_loss_and_accumulation_changes_nothi
     assert after[1][0] == pytest.approx(after[2][0], rel=1e-6)
     assert after[1][1] == pytest.approx(after[2][1], rel=1e-4)  # the gradient, before Adam normalizes it
     for one, two in zip(after[1][2], after[2][2], strict=True):
-        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+        # within 1 % of Adam's first step (about lr = 1e-3 an element): where a gradient element is
+        # near Adam's eps, its normalized update magnifies float rounding of the summation order
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
 
 
 def _write_bad_data(path: Path, good: Path) -> None:
