@@ -3,7 +3,7 @@ compute and reason.
 
     model:
       base: tiny
-      pretrain: {steps: 3500, tasks: [read, arithmetic, think, direct]}   # then: r4b prepare / r4b run
+      pretrain: {steps: 3000, tasks: [read, arithmetic, think]}   # configs/repro.yaml; then r4b prepare
 
 R-4B anneals a pretrained VLM (SigLIP2 + Qwen3-4B) that already reads text in images, does
 arithmetic and, Qwen3 being a hybrid thinking model, either reasons in <think> blocks or answers
@@ -22,9 +22,10 @@ the skills first, on the train split only (no eval or RL item is ever seen):
              format (`<think>\\n{trace}\\n</think>\\n\\n{answer}`), every category and level;
 * direct     the same questions answered directly (`<think>\\n\\n</think>\\n\\n{answer}`).
 
-Think examples train with the thinking template, the others with the direct one: like Qwen3-4B, a
-hybrid, the base can reason and can answer directly, and prefers neither (p(think) about 1/2);
-curation and annealing decide when it thinks. Training is the annealing loop (`run_anneal`: packing,
+Think examples train with the thinking template, the others with the direct one: with both `think`
+and `direct` the base is a hybrid like Qwen3-4B, able to reason or to answer directly; curation and
+annealing decide when it thinks. configs/repro.yaml uses `think` alone: at 3,000 steps `direct`
+diluted hard-math thinking by half (docs/reproduction.md, e10). Training is the annealing loop (`run_anneal`: packing,
 optimizer, checkpoints, resume, skip when done) with `model.pretrain.steps` steps; the model lands
 in `<run>/pretrain/model`, which `layout.base_model_dir` then names as the base for every later
 stage. Needs the synthetic data source (it must know every number drawn).
@@ -87,7 +88,7 @@ def arithmetic_records(cfg: RunConfig) -> list:
 def question_records(cfg: RunConfig, train_records: list, label: str) -> list:
     """The first `question_items` training questions answered in one mode: "reasoning" (the thinking
     format with the item's trace) or "direct" (an empty think block, then the answer). Both together
-    make a hybrid base that can do either and prefers neither; annealing teaches when to think."""
+    make a hybrid base that can do either; annealing teaches when to think."""
     out = []
     for rec in train_records[:cfg.model.pretrain.question_items]:
         if label == "reasoning" and not (rec.reasoning or "").strip():
