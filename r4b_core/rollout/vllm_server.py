@@ -167,7 +167,7 @@ class VLLMServer:
         self.host = host
         self.port = port or free_port(host)
         # the chat template, the process's cwd and (without log_path) its log: made by the first
-        # command(), removed at a clean stop
+        # command(), removed at a clean stop when the log is elsewhere
         self.workdir = Path(tempfile.gettempdir()) / f"r4b-vllm-{uuid.uuid4().hex[:12]}"
         self.log_path = Path(log_path) if log_path else self.workdir / "server.log"
         self._keep_workdir = False
@@ -246,7 +246,8 @@ class VLLMServer:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the whole process group (API server + engine core + workers), then SIGKILL. The work
-        folder goes too, unless the server died or never came up: then its log is what explains why."""
+        folder goes too, unless it holds the log (no log_path given: callers print where it is) or the
+        server died or never came up (its error names the log)."""
         proc, self.proc = self.proc, None
         died = proc is not None and proc.poll() is not None
         if proc is not None:
@@ -270,7 +271,7 @@ class VLLMServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if proc is not None and not (died or self._keep_workdir):
+        if proc is not None and not (died or self._keep_workdir or self.log_path.parent == self.workdir):
             shutil.rmtree(self.workdir, ignore_errors=True)
         atexit.unregister(self.stop)
 
