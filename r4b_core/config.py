@@ -135,8 +135,11 @@ class PretrainConfig(Section):
         default_factory=lambda: ["read", "arithmetic"])
     # -- how many arithmetic examples (the read task has one per training image).
     arithmetic_items: int = Field(4000, ge=1)
-    # -- how many training questions (the first ones) the think and the direct task each answer.
+    # -- how many training questions (the first ones) the think task answers with their trace.
     question_items: int = Field(4000, ge=1)
+    # -- how many (the first ones) the direct task answers directly: enough to know the format, few
+    # enough not to dilute thinking (docs/reproduction.md, e10 and e15).
+    direct_items: int = Field(4000, ge=1)
     # -- pretraining's own optimizer and schedule (the annealing loop runs it, with anneal's packing
     # and batch size): the base does not change when only the annealing settings do.
     optim: OptimConfig = OptimConfig(lr=1e-3, min_lr=1e-4, vision_lr=1e-4, projector_lr=1e-4, warmup_steps=20)

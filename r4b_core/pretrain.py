@@ -3,32 +3,36 @@ compute and reason.
 
     model:
       base: tiny
-      pretrain: {steps: 3000, tasks: [read, arithmetic, think]}   # configs/repro.yaml; then r4b prepare
+      pretrain: {steps: 3000, tasks: [read, arithmetic, think, direct], direct_items: 2000}   # configs/repro.yaml
 
 R-4B anneals a pretrained VLM (SigLIP2 + Qwen3-4B) that already reads text in images, does
 arithmetic and, Qwen3 being a hybrid thinking model, either reasons in <think> blocks or answers
-directly. Our tiny base is random,
-and learning all that from the bi-mode mix alone is slow: with few reasoning traces it barely reads
-after 1,600 steps (perception accuracy 0.2-0.5), and with the reasoning traces a strong annotator
-leaves (4 % of the items) forced thinking stays useless (docs/reproduction.md). This stage gives it
+directly. Our tiny base is random, and learning all that from the bi-mode mix alone is slow: with
+few reasoning traces it barely reads after 1,600 steps (perception accuracy 0.2-0.5), and with the
+reasoning traces a strong annotator leaves (4 % of the items) forced thinking stays useless
+(docs/reproduction.md). This stage gives it
 the skills first, on the train split only (no eval or RL item is ever seen):
 
 * read       one example per training image: "Read the numbers from top to bottom." ->
              "A = 37 red\\nB = 4 blue\\n...": every number with its colour, in order (an OCR task
-             written as every trace starts; the images are the train split's, the questions are not).
+             written as math traces start; the images are the train split's, the questions are not).
 * arithmetic text only: "Compute 37 + 25." -> "37 + 25 = 50 + 12 = 62", one operation written
              as the synthetic traces write it, on random operands drawn from an RNG of its own.
 * think      the first `question_items` training questions with their own trace, in the thinking
              format (`<think>\\n{trace}\\n</think>\\n\\n{answer}`), every category and level;
-* direct     the same questions answered directly (`<think>\\n\\n</think>\\n\\n{answer}`).
+* direct     the first `direct_items` of them answered directly (`<think>\\n\\n</think>\\n\\n{answer}`).
 
 Think examples train with the thinking template, the others with the direct one: with both `think`
 and `direct` the base is a hybrid like Qwen3-4B, able to reason or to answer directly; curation and
-annealing decide when it thinks. configs/repro.yaml uses `think` alone: at 3,000 steps `direct`
-diluted hard-math thinking by half (docs/reproduction.md, e10). Training is the annealing loop (`run_anneal`: packing,
-optimizer, checkpoints, resume, skip when done) with `model.pretrain.steps` steps; the model lands
-in `<run>/pretrain/model`, which `layout.base_model_dir` then names as the base for every later
-stage. Needs the synthetic data source (it must know every number drawn).
+annealing decide when it thinks. A few direct answers are enough, and they matter: a think-only
+base has never answered directly, so annealing's direct targets (first loss 6.0) overwrite forced
+thinking on perception, which annealing never shows with a trace; 2,000 direct answers keep it (first
+loss 0.83), while 16,000 dilute thinking on hard math (docs/reproduction.md, e10, e14, e15).
+
+Training is the annealing loop (`run_anneal`: packing, optimizer, checkpoints, resume, skip when
+done) with `model.pretrain.steps` steps; the model lands in `<run>/pretrain/model`, which
+`layout.base_model_dir` then names as the base for every later stage. Needs the synthetic data
+source (it must know every number drawn).
 """
 
 from __future__ import annotations
@@ -86,11 +90,13 @@ def arithmetic_records(cfg: RunConfig) -> list:
 
 
 def question_records(cfg: RunConfig, train_records: list, label: str) -> list:
-    """The first `question_items` training questions answered in one mode: "reasoning" (the thinking
-    format with the item's trace) or "direct" (an empty think block, then the answer). Both together
-    make a hybrid base that can do either; annealing teaches when to think."""
+    """The first training questions answered in one mode: "reasoning" (the thinking format with the
+    item's trace; `question_items` of them) or "direct" (an empty think block, then the answer;
+    `direct_items`). Both together make a hybrid base that can do either; annealing teaches when to
+    think."""
+    p = cfg.model.pretrain
     out = []
-    for rec in train_records[:cfg.model.pretrain.question_items]:
+    for rec in train_records[:p.question_items if label == "reasoning" else p.direct_items]:
         if label == "reasoning" and not (rec.reasoning or "").strip():
             raise PretrainError(f"train split record {rec.id} has no reasoning trace for the think task; the "
                                 f"synthetic generator writes one for every item (was {layout.data_dir(cfg)} "

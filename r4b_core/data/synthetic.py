@@ -13,12 +13,13 @@ glyph per ViT patch (64×64 image, 16×16 patches → a 4×4 grid of cells), plu
 
 Every item carries a programmatic trace (`reasoning`) that first describes the image, one line per
 number with its place (A = top), value and colour, then works the question out: one line per
-operation for math, the line that picks the number or colour asked for in perception::
+operation for math; for perception a fuller description (row and length too), the question
+restated, and the line that picks the number or colour asked for::
 
-    A = 37 red                      A = 37 red
-    B = 25 blue                     B = 4 green
-    C = 4 white                     second: B = 4
-    37 + 25 = 50 + 12 = 62
+    A = 37 red                      A = 37 red, first row, 2 digits
+    B = 25 blue                     B = 4 green, second row, 1 digit
+    C = 4 white                     asked: what is the second number
+    37 + 25 = 50 + 12 = 62          second: B = 4
     62 - 4 = 60 - 2 = 58
 
 A multi-digit + / - goes through its tens and units parts (`trace_style: split`, the default).
@@ -213,8 +214,17 @@ def _colours(rng: random.Random, k: int) -> tuple[str, ...]:
 
 def describe(numbers: tuple[int, ...], colours: tuple[str, ...]) -> list[str]:
     """The image described, one line per number, top to bottom: its place (A = top), value and
-    colour ("A = 37 red"). Every trace starts here: what a careful reader notes before answering."""
+    colour ("A = 37 red"). Math traces start here: the values a careful solver notes first."""
     return [f"{LETTERS[i]} = {n} {c}" for i, (n, c) in enumerate(zip(numbers, colours))]
+
+
+def describe_in_full(numbers: tuple[int, ...], colours: tuple[str, ...]) -> list[str]:
+    """The image described as a careful reader does before answering a question about it: each
+    number with its colour, row and length ("A = 37 red, first row, 2 digits"). Perception traces
+    start here; they are long where the answer takes one look, as R-4B's forced thinking on OCRBench
+    is (394 tokens where auto mode spends 66)."""
+    return [f"{line}, {ORDINALS[i]} row, {len(str(n))} digit{'s' if len(str(n)) > 1 else ''}"
+            for i, (line, n) in enumerate(zip(describe(numbers, colours), numbers))]
 
 
 # --- perception ------------------------------------------------------------------------------
@@ -247,7 +257,9 @@ def _perception(rng: random.Random, level: int) -> Item:
     else:
         q = f"What is the {colours[target]} number?"
         answer, atype, pick = str(numbers[target]), "integer", f"{colours[target]}: {var} = {numbers[target]}"
-    return Item(numbers, colours, q, answer, atype, "perception", level, "\n".join(describe(numbers, colours) + [pick]))
+    asked = "asked: " + q[0].lower() + q[1:].rstrip("?")
+    return Item(numbers, colours, q, answer, atype, "perception", level,
+                "\n".join(describe_in_full(numbers, colours) + [asked, pick]))
 
 
 # --- math ------------------------------------------------------------------------------------

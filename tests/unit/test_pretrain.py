@@ -31,8 +31,10 @@ def test_read_examples_transcribe_every_number_of_their_image(tmp_path):
         lines = ex.answer.splitlines()
         assert [ln.split(" = ")[0] for ln in lines] == list("ABCD")[: len(lines)]
         numbers = [int(ln.split(" = ")[1].split()[0]) for ln in lines]
-        # the transcription is the description every trace starts with (number and colour)
-        assert (rec.reasoning or "").startswith(ex.answer + "\n")
+        # the transcription is the description every trace starts with (number and colour; perception
+        # traces add each number's row and length to its line)
+        trace = (rec.reasoning or "").splitlines()[:len(lines)]
+        assert trace == lines if rec.category == "math" else all(t.startswith(ln + ", ") for t, ln in zip(trace, lines))
         if rec.category == "perception":
             assert rec.answer in ([str(n) for n in numbers] if rec.answer_type == "integer"
                                   else [ln.split()[-1] for ln in lines])
@@ -61,10 +63,11 @@ def test_think_and_direct_examples_answer_training_questions_both_ways(tmp_path)
     from r4b_core.data.synthetic import generate_all
     from r4b_core.pretrain import question_records
 
-    cfg = _cfg(tmp_path, "model.pretrain.question_items=10")
+    cfg = _cfg(tmp_path, "model.pretrain.question_items=10", "model.pretrain.direct_items=4")
     train = read_jsonl(generate_all(cfg.data.synthetic, tmp_path / "data")["train"]).records
     think, direct = question_records(cfg, train, "reasoning"), question_records(cfg, train, "direct")
     assert [r.id for r in think] == [f"{r.id}-think" for r in train[:10]]
+    assert [r.id for r in direct] == [f"{r.id}-direct" for r in train[:4]]
     for rec, t, d in zip(train, think, direct):
         assert t.images == d.images == rec.images and t.question == d.question == rec.question
         assert t.sft_target().startswith(modes.GENERATION_PREFIX[modes.Mode.THINK] + rec.reasoning)
@@ -76,6 +79,7 @@ def test_prepare_pretrains_once_and_later_stages_start_from_it(tmp_path):
     from r4b_core.storage import Store
 
     sets = ["model.pretrain.steps=3", "model.pretrain.arithmetic_items=20", "model.pretrain.question_items=10",
+            "model.pretrain.direct_items=10",
             "model.pretrain.tasks=[read, arithmetic, think, direct]", "anneal.micro_batch_size=2", "anneal.log_every=1"]
     cfg = _cfg(tmp_path, *sets)
     out = run_prepare(cfg)

@@ -123,10 +123,13 @@ def test_traces_are_correct_steps_ending_with_the_answer(small):
                     else:
                         assert op == "×" or max(a, b) < 10, f"multi-digit step not split: {line}"
                 else:
-                    assert re.fullmatch(r"[A-D] = \d+ [a-z]+|\w+: [A-D] (=|is) \w+", line), line
-            # the description: every number of the image, top to bottom, with its colour
-            n = len(r.reasoning.splitlines()) - (1 if r.category == "perception" else _ops(r.reasoning))
-            assert all(re.fullmatch(r"[A-D] = \d+ [a-z]+", ln) for ln in lines[:n])
+                    assert re.fullmatch(r"[A-D] = \d+ [a-z]+(, [a-z]+ row, \d digits?)?|\w+: [A-D] (=|is) \w+"
+                                        r"|asked: what .+", line), line
+            # the description: every number of the image, top to bottom, with its colour (perception:
+            # and its row and length)
+            n = len(r.reasoning.splitlines()) - (2 if r.category == "perception" else _ops(r.reasoning))
+            full = r", [a-z]+ row, \d digits?" if r.category == "perception" else ""
+            assert all(re.fullmatch(r"[A-D] = \d+ [a-z]+" + full, ln) for ln in lines[:n])
             assert [ln[0] for ln in lines[:n]] == list("ABCD")[:n]
 
 
@@ -177,13 +180,20 @@ def test_plain_trace_style_draws_the_same_items():
     assert changed and all(len(a) > len(b) for a, b in changed)
 
 
+def test_perception_trace_describes_colour_row_and_length():
+    assert syn.describe_in_full((37, 4), ("red", "green")) == [
+        "A = 37 red, first row, 2 digits", "B = 4 green, second row, 1 digit"]
+
+
 def test_perception_difficulty_is_how_much_to_read():
     items = syn.draw_split("train", 3000, SyntheticDataConfig(math_fraction=0.0, difficulties=[1, 2, 3, 4, 5]))
     assert {it.difficulty for it in items} == {1, 2, 3, 4}           # perception stops at level 4
     for it in items:
         lines = it.reasoning.splitlines()
-        assert _ops(it.reasoning) == 0 and len(lines) == len(it.numbers) + 1   # description, then the pick
-        assert lines[:-1] == syn.describe(it.numbers, it.colours)
+        assert _ops(it.reasoning) == 0 and len(lines) == len(it.numbers) + 2   # description, question, pick
+        assert lines[:-2] == syn.describe_in_full(it.numbers, it.colours)
+        assert lines[-2] == "asked: " + it.question[0].lower() + it.question[1:-1]
+        assert lines[-1].endswith(f"= {it.answer}" if it.answer_type == "integer" else f"is {it.answer}")
         if it.answer_type == "integer":
             assert len(it.answer) == it.difficulty
         else:
