@@ -108,8 +108,8 @@ def collect_summary(cfg: RunConfig) -> dict:
 
 def paper_story(before: dict, after: dict) -> list[dict]:
     """R-4B's effect in a few numbers, annealed model (before) vs BPO (after): auto mode's accuracy
-    on the hardest math against forced thinking's, where auto mode thinks (hard math vs easy items:
-    perception and the easiest math level), and what auto mode pays in tokens."""
+    on the hardest math against forced thinking's, where auto mode thinks (hardest math, easiest
+    math, perception), and what auto mode pays in tokens."""
     def cell_levels(rep):
         return sorted(int(c.split("/")[1]) for c in rep.get("cells", {}) if c.startswith("math/"))
 
@@ -117,15 +117,12 @@ def paper_story(before: dict, after: dict) -> list[dict]:
     if not levels:
         return []
     hard, easiest = f"math/{levels[-1]}", f"math/{levels[0]}"
-    easy = [c for c in before.get("cells", {}) if c.startswith("perception/")] + [easiest]
 
     def get(rep, cell, mode, key):
         return ((rep.get("cells", {}).get(cell) or {}).get("modes", {}).get(mode) or {}).get(key)
 
-    def pooled_think_rate(rep):
-        pairs = [((rep.get("cells", {}).get(c) or {}).get("modes", {}).get("auto") or {}) for c in easy]
-        n = sum(p.get("n") or 0 for p in pairs)
-        return sum((p.get("think_rate") or 0.0) * (p.get("n") or 0) for p in pairs) / n if n else None
+    def perception_think_rate(rep):
+        return (((rep.get("by_category") or {}).get("perception") or {}).get("modes", {}).get("auto") or {}).get("think_rate")
 
     def token_ratio(rep):
         auto, think = ((rep.get("modes", {}).get(m) or {}).get("mean_tokens") for m in ("auto", "think"))
@@ -135,7 +132,8 @@ def paper_story(before: dict, after: dict) -> list[dict]:
             (f"forced-think accuracy, {hard}", lambda r: get(r, hard, "think", "accuracy")),
             (f"forced-no-think accuracy, {hard}", lambda r: get(r, hard, "no_think", "accuracy")),
             (f"auto think-rate, {hard}", lambda r: get(r, hard, "auto", "think_rate")),
-            (f"auto think-rate, easy items ({', '.join(sorted(easy))})", pooled_think_rate),
+            (f"auto think-rate, easiest math ({easiest})", lambda r: get(r, easiest, "auto", "think_rate")),
+            ("auto think-rate, perception (every level)", perception_think_rate),
             ("auto tokens / forced-think tokens, whole eval", token_ratio)]
     return [{"metric": name, "before": pick(before), "after": pick(after)} for name, pick in rows]
 

@@ -29,7 +29,7 @@ def run(tmp_path_factory, repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml", [
         f"storage.root={root}/runs", "tracking.uri=null",
         "data.synthetic.train_size=64", "data.synthetic.rl_size=4", "data.synthetic.eval_size=24",
-        "curate.num_samples=4", "curate.annotator_train_steps=20", "curate.batch_size=32",
+        "curate.annotator=base", "curate.num_samples=4", "curate.annotator_train_steps=20", "curate.batch_size=32",
         "curate.max_new_tokens=16", "anneal.micro_batch_size=4", "anneal.optim.warmup_steps=5",
         "eval.max_new_tokens=24", "eval.batch_size=24", "model.pretrain.steps=0",
     ])

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 MICRO = [
     "data.synthetic.train_size=48", "data.synthetic.rl_size=8", "data.synthetic.eval_size=12",
-    "curate.num_samples=2", "curate.annotator_train_steps=2", "curate.max_new_tokens=8",
+    "curate.annotator=base", "curate.num_samples=2", "curate.annotator_train_steps=2", "curate.max_new_tokens=8",
     "anneal.steps=4", "anneal.optim.warmup_steps=1",
     "anneal.compliance_samples=2", "anneal.checkpoint_every=2", "anneal.log_every=2",
     "bpo.steps=1", "bpo.prompts_per_step=2", "bpo.group_size=2", "bpo.micro_batch_size=8", "bpo.engine=hf",

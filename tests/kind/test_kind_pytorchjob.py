@@ -156,7 +156,7 @@ def test_tiny_anneal_runs_as_a_pytorchjob_and_reaches_mlflow(platform, tmp_path)
         cfg_data["tracking"] = {"uri": None, "experiment": "r4b-kind", "registered_model": "r4b-kind"}
         cfg_data["data"]["synthetic"].update(train_size=160, rl_size=16, eval_size=16)
         cfg_data["model"]["pretrain"] = {"steps": 2, "arithmetic_items": 16}
-        cfg_data["curate"].update(num_samples=2, annotator_train_steps=10, max_new_tokens=16)
+        cfg_data["curate"].update(annotator="base", num_samples=2, annotator_train_steps=10, max_new_tokens=16)
         cfg_data["anneal"].update(steps=6, checkpoint_every=3, log_every=1, compliance_samples=4,
                                   distributed={"nnodes": 2, "nproc_per_node": 1, "backend": "gloo"})
         cfg_data["launcher"] = {"kind": "pytorchjob", "namespace": NAMESPACE, "image": IMAGE, "memory": "3Gi",

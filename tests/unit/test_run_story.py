@@ -32,8 +32,9 @@ def test_story_rows_before_and_after_bpo_hand_computed():
     assert story["forced-think accuracy, math/3"] == (1.0, 1.0)
     assert story["forced-no-think accuracy, math/3"] == (0.0, 0.0)
     assert story["auto think-rate, math/3"] == (0.0, 1.0)
-    # easy items: perception/1 (auto thinks) and math/1 (auto does not), pooled by items
-    assert story["auto think-rate, easy items (math/1, perception/1)"] == (0.5, 0.5)
+    # the easy items: auto does not think on math/1 and does on perception/1
+    assert story["auto think-rate, easiest math (math/1)"] == (0.0, 0.0)
+    assert story["auto think-rate, perception (every level)"] == (1.0, 1.0)
     # auto tokens (2+2+2+20)/4 = 6.5 before, (40+40+2+20)/4 = 25.5 after; forced think (40+40+20+20)/4 = 30
     before, after = story["auto tokens / forced-think tokens, whole eval"]
     assert before == pytest.approx(6.5 / 30) and after == pytest.approx(25.5 / 30)
