@@ -618,11 +618,13 @@ def _mechanism_figure(plt, mech: dict):
                     label="annealed, forced think")
         for x, (arm, _) in zip(xs, pts):
             ax.annotate(arm, (x, 1.0), fontsize=7, ha="center")
-        ax.set_xscale("log")
-        ax.set_xlabel("annealed p(think) on hard math (log)")
+        # symlog, not log: the arm that anneals without traces has p(think) 0, and it is the one
+        # where only BPO can find thinking
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("annealed p(think) on hard math (symlog: linear below 0.001)")
         ax.set_ylim(-0.05, 1.1)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right" if key == "accuracy" else "center right")
     return fig
 
 
