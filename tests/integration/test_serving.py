@@ -669,9 +669,14 @@ def test_thinking_budget_closes_the_block_with_think_end_and_the_answer_follows(
                 assert prompt.endswith(modes.generation_prefix(modes.Mode.NO_THINK)) and msg.reasoning_content is None
                 continue
             text = tok.decode(ids)
-            assert text.count(modes.THINK_END) == 1 and budget - 1 <= spent, where   # -1: its own "\n" began the closing string
-            assert text.split(modes.THINK_END)[0].strip() == msg.reasoning_content, where
-            assert text.split(modes.THINK_END)[1].replace(modes.IM_END, "").strip() == msg.content, where
+            # the server closes the block once, at the budget, and the answer follows, parsed as
+            # modes.parse_response does (the tiny model may go on describing the image after the cut and
+            # open a second think block: junk that the parser drops from the answer)
+            reasoning, closed, answer = text.partition(modes.THINK_END)
+            assert closed and budget - 1 <= spent, where   # -1: its own "\n" began the closing string
+            assert not answer.startswith(modes.THINK_CLOSE), where
+            assert reasoning.strip() == msg.reasoning_content, where
+            assert modes.parse_response(text, mode).answer == msg.content, where
             if budget == 4:   # streaming: the same tokens, split the same way
                 reasoning, content, usage = _streamed(served, record, asked, extra, max_tokens)
                 parsed = modes.parse_response(reasoning + modes.THINK_CLOSE + content, mode)
